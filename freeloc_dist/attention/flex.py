@@ -1,0 +1,176 @@
+"""flex_attention backend: one softmax per query frame over keys re-rotated to carry their offsets.
+
+Inductor's CPU flex kernel cannot return log-sum-exp, so this backend does not merge groups. It
+folds each pair's offset into the key instead: query frame a sits at temporal position 0 and key
+frame b is rotated to -offset(a, b), so <q, k> carries exactly offset(a, b) and all attended keys
+of a query frame share one softmax. Keys are laid out in fixed "slots" (one key frame each, padded
+to a multiple of the block size); which slots a query frame uses, and the stripe bands inside them,
+are a BlockMask built once per plan. The same compiled kernel runs on CPU (the test suite) and CUDA.
+
+Shapes: F frames, n tokens per frame, S slots, n_pad = n rounded up to the block size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from ..plan import DENSE, NONE, SINK, STRIPE, LayerPlan
+from ..rope import TemporalRope
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotPlan:
+    """Per-plan slot layout. slot_frames [F, S] key frame per slot (-1 unused), banded [S]."""
+
+    slot_frames: torch.Tensor
+    banded: torch.Tensor
+    block: int
+    n_pad: int
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=64)
+def slot_plan(plan: LayerPlan) -> SlotPlan:
+    num_frames, n = plan.num_frames, plan.tokens_per_frame
+    block = min(128, max(16, _next_pow2(n)))
+    n_pad = -(-n // block) * block
+    tiers = plan.tiers
+    a = torch.arange(num_frames)[:, None]
+    if plan.tsa is None:  # every key frame, in order; no bands
+        slot_frames = torch.arange(num_frames).expand(num_frames, num_frames).clone()
+        slot_frames[tiers[a, slot_frames] == NONE] = -1
+        banded = torch.zeros(num_frames, dtype=torch.bool)
+    else:
+        d1 = plan.tsa.dense_frames
+        reach = min(plan.tsa.stripe_frames, num_frames - 1)
+        rel = torch.arange(-reach, reach + 1)[None, :]  # relative slots
+        rel_banded = rel[0].abs() > d1
+        b = a + rel
+        inside = (b >= 0) & (b < num_frames)
+        tier = torch.where(inside, tiers[a, b.clamp(0, num_frames - 1)], NONE)
+        # Sinks beyond the dense band are served by their own unbanded slot, not by a banded one.
+        ok = inside & (tier != NONE) & ~((tier == SINK) & rel_banded[None, :])
+        rel_frames = torch.where(ok, b, -1)
+        sinks = sorted(set(s for s in plan.tsa.sink_frames if s < num_frames))
+        sink_cols = []
+        for s in sinks:
+            served = (a[:, 0] - s).abs() <= d1  # already in a dense relative slot
+            sink_cols.append(torch.where(served, -1, s))
+        slot_frames = torch.cat([torch.stack(sink_cols, 1) if sinks else rel_frames[:, :0], rel_frames], 1)
+        banded = torch.cat([torch.zeros(len(sinks), dtype=torch.bool), rel_banded])
+        # A "banded" slot whose band spans the whole frame (stripe_width >= n) is a full slot.
+        banded = banded & (plan.stripe_width < n)
+    _check_cover(plan, slot_frames, banded)
+    return SlotPlan(slot_frames=slot_frames, banded=banded, block=block, n_pad=n_pad)
+
+
+def _check_cover(plan: LayerPlan, slot_frames, banded) -> None:
+    """Invariant: each attended frame pair is served exactly once, banded exactly when STRIPE."""
+    num_frames = plan.num_frames
+    count = torch.zeros(num_frames, num_frames, dtype=torch.long)
+    for a in range(num_frames):
+        for j, b in enumerate(slot_frames[a].tolist()):
+            if b >= 0:
+                count[a, b] += 1
+                assert bool(banded[j]) == (int(plan.tiers[a, b]) == STRIPE and plan.stripe_width < plan.tokens_per_frame)
+    assert torch.equal(count, (plan.tiers != NONE).long()), "slot layout does not cover the plan"
+
+
+@functools.lru_cache(maxsize=64)
+def block_masks(plan: LayerPlan, frames_per_call: int, device: str) -> tuple[BlockMask, ...]:
+    """One BlockMask per chunk of `frames_per_call` query frames (the last chunk padded)."""
+    sp = slot_plan(plan)
+    n, blk, n_pad, width = plan.tokens_per_frame, sp.block, sp.n_pad, plan.stripe_width
+    num_slots = sp.slot_frames.shape[1]
+    blocks_per_slot = n_pad // blk
+    nqb = -(-n // blk)
+    q0 = torch.arange(nqb) * blk  # first spatial index of each q block
+    q1 = torch.clamp(q0 + blk, max=n)  # one past the last
+    kb = torch.arange(num_slots * blocks_per_slot)
+    slot_of = kb // blocks_per_slot
+    k0 = (kb % blocks_per_slot) * blk
+    k1 = torch.clamp(k0 + blk, max=n)
+    real = k0 < n  # block holds at least one real (unpadded) key
+    unpadded = (k0 + blk) <= n
+    band = sp.banded[slot_of]
+    # [nqb, nkb]: reachable by the band at all, and entirely inside it
+    near = (k0[None] - (q1[:, None] - 1) < width) & (q0[:, None] - (k1[None] - 1) < width)
+    inside = torch.maximum(q1[:, None] - 1 - k0[None], k1[None] - 1 - q0[:, None]) < width
+    any_ = real[None] & (~band[None] | near)
+    full = unpadded[None] & (~band[None] | inside)
+    valid = sp.slot_frames[:, slot_of] >= 0  # [F, nkb]
+    any_f = valid[:, None, :] & any_[None]  # [F, nqb, nkb]
+    full_f = valid[:, None, :] & full[None]
+    partial_f = any_f & ~full_f
+
+    banded_slots = sp.banded.to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        s_k = kv_idx % n_pad
+        return (s_k < n) & (~banded_slots[kv_idx // n_pad] | ((q_idx - s_k).abs() < width))
+
+    masks = []
+    num_frames = plan.num_frames
+    for c0 in range(0, num_frames, frames_per_call):
+        rows = [min(c0 + i, num_frames - 1) for i in range(frames_per_call)]
+        masks.append(
+            BlockMask.from_kv_blocks(
+                *_to_indices(partial_f[rows], device),
+                *_to_indices(full_f[rows], device),
+                BLOCK_SIZE=(blk, blk),
+                mask_mod=mask_mod,
+                seq_lengths=(n, num_slots * n_pad),
+            )
+        )
+    return tuple(masks)
+
+
+def _to_indices(sel: torch.Tensor, device):
+    """Bool[B, nqb, nkb] -> (num_blocks Int32[B, 1, nqb], indices Int32[B, 1, nqb, nkb]) as flex wants."""
+    num = sel.sum(-1).to(torch.int32)
+    order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num[:, None].to(device), order[:, None].contiguous().to(device)
+
+
+def flex_freeloc_attention(q0, k0, v, plan: LayerPlan, t_rope: TemporalRope, *, kv_budget_bytes=256 << 20):
+    """q0, k0 (temporal position 0), v: [B, h, L, d] -> out [B, h, L, d]."""
+    sp = slot_plan(plan)
+    bsz, heads, _, dim = q0.shape
+    num_frames, n, n_pad = plan.num_frames, plan.tokens_per_frame, sp.n_pad
+    num_slots = sp.slot_frames.shape[1]
+    per_frame = 2 * num_slots * n_pad * bsz * heads * dim * q0.element_size()
+    frames_per_call = max(1, min(num_frames, kv_budget_bytes // per_frame))
+    masks = block_masks(plan, frames_per_call, str(q0.device))
+
+    pad = (0, 0, 0, n_pad - n)
+    q_f = q0.unflatten(2, (num_frames, n))  # [B, h, F, n, d]
+    k_f = torch.nn.functional.pad(k0.unflatten(2, (num_frames, n)), pad)  # [B, h, F, n_pad, d]
+    v_f = torch.nn.functional.pad(v.unflatten(2, (num_frames, n)), pad)
+    out = torch.empty_like(q_f)
+    flex = _compiled_flex()
+    for chunk, c0 in enumerate(range(0, num_frames, frames_per_call)):
+        rows = torch.tensor([min(c0 + i, num_frames - 1) for i in range(frames_per_call)])
+        frames = sp.slot_frames[rows]  # [C, S]
+        key_pos = -plan.offsets[rows[:, None], frames.clamp(min=0)]  # key at -offset, query at 0
+        idx = frames.clamp(min=0).flatten().to(q0.device)
+        k_c = t_rope.rotate(k_f[:, :, idx].unflatten(2, frames.shape), key_pos[..., None])  # [B,h,C,S,n_pad,d]
+        v_c = v_f[:, :, idx].unflatten(2, frames.shape)
+        # Fold (B, h) into heads and query frames into the batch, which the BlockMask indexes.
+        to_batch = lambda x: x.permute(2, 0, 1, 3, 4, 5).flatten(1, 2).flatten(2, 3).contiguous()
+        q_c = q_f[:, :, rows].permute(2, 0, 1, 3, 4).flatten(1, 2).contiguous()  # [C, B*h, n, d]
+        o = flex(q_c, to_batch(k_c), to_batch(v_c), block_mask=masks[chunk])  # [C, B*h, n, d]
+        keep = min(frames_per_call, num_frames - c0)
+        out[:, :, c0 : c0 + keep] = o[:keep].unflatten(1, (bsz, heads)).permute(1, 2, 0, 3, 4)
+    return out.flatten(2, 3)

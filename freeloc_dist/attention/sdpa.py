@@ -1,0 +1,71 @@
+"""Grouped-softmax backend (DESIGN 6): per query frame, each run of keys sharing one temporal offset
+is an ordinary attention returning (out, lse); runs merge exactly by log-sum-exp.
+
+Memory stays O(n x keys of one group): the L x L score matrix is never formed. Banded (stripe) runs
+are further split into spatial query chunks, each against only the key columns its band can reach,
+so work tracks the attended pairs rather than whole frames.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..plan import LayerPlan
+from ..rope import TemporalRope
+from .lse import attend, merge_into
+
+
+@functools.lru_cache(maxsize=64)
+def _band_chunks(n: int, width: int, chunk: int):
+    """Spatial query chunks [r0, r1) and the key span [c0, c1) their band |s_q - s_k| < width reaches."""
+    out = []
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        c0, c1 = max(0, r0 - width + 1), min(n, r1 + width - 1)
+        s_q = torch.arange(r0, r1)[:, None]
+        s_k = torch.arange(c0, c1)[None, :]
+        bias = torch.zeros(r1 - r0, c1 - c0).masked_fill((s_q - s_k).abs() >= width, float("-inf"))
+        out.append((r0, r1, c0, c1, bias))
+    return tuple(out)
+
+
+def grouped_attention(
+    q_nat, k_nat, q0, k0, v, plan: LayerPlan, t_rope: TemporalRope, *, query_frames=None, key_frame_base=0,
+    impl="auto", band_chunk=None,
+):
+    """FreeLOC attention of query frames against the keys the plan assigns them.
+
+    q_*: [B, h, Lq, d] for `query_frames` (global frame indices, default all); k_*, v: [B, h, Lk, d]
+    holding global key frames starting at `key_frame_base`. Returns (out [B, h, Lq, d], lse [B, h, Lq]).
+    """
+    n = plan.tokens_per_frame
+    query_frames = range(plan.num_frames) if query_frames is None else query_frames
+    out_all = torch.zeros(q0.shape, dtype=torch.float32, device=q0.device)
+    lse_all = torch.full(q0.shape[:-1], float("-inf"), dtype=torch.float32, device=q0.device)
+    width = plan.stripe_width
+    chunks = _band_chunks(n, width, band_chunk or max(16, width))
+    for qi, a in enumerate(query_frames):
+        rows = slice(qi * n, (qi + 1) * n)
+        out_acc, lse_acc = out_all[:, :, rows], lse_all[:, :, rows]
+        for g in plan.groups[a]:
+            fs, fe = g.frame_start - key_frame_base, g.frame_end - key_frame_base
+            if g.offset is None:
+                q_g, k_g = q_nat[:, :, rows], k_nat[:, :, fs * n : fe * n]
+            else:
+                q_g, k_g = t_rope.rotate(q0[:, :, rows], g.offset), k0[:, :, fs * n : fe * n]
+            v_g = v[:, :, fs * n : fe * n]
+            if not g.banded:
+                merge_into(out_acc, lse_acc, *attend(q_g, k_g, v_g, impl=impl))
+                continue
+            frames = fe - fs
+            k_f = k_g.unflatten(2, (frames, n))
+            v_f = v_g.unflatten(2, (frames, n))
+            for r0, r1, c0, c1, bias in chunks:
+                k_c = k_f[:, :, :, c0:c1].flatten(2, 3)
+                v_c = v_f[:, :, :, c0:c1].flatten(2, 3)
+                bias_c = bias.to(q0.device, q0.dtype).repeat(1, frames)
+                o, l = attend(q_g[:, :, r0:r1], k_c, v_c, bias_c, impl=impl)
+                merge_into(out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1], o, l)
+    return out_all.to(q0.dtype), lse_all

@@ -1,0 +1,388 @@
+"""Planning: shapes and settings in, frozen tables out.
+
+Everything FreeLOC decides before touching a tensor lives here: the VRPR relative-position map phi
+(DESIGN 4), the TSA tiers (DESIGN 5), and per-layer frame tables that the attention kernels read.
+Plans depend only on (kind, grid, trained_frames, settings) and are cached, so a render builds each
+one once per shape, never per step.
+
+Legend: F latent frames, n tokens per frame (H*W after patching), R = trained_frames - 1,
+d = |f_query - f_key| a temporal distance, L = F*n tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import torch
+
+KINDS = ("full", "vrpr", "tsa")
+
+# Published settings for Wan2.1 (T=21) from the FreeLOC paper, keyed by (T, F).
+PAPER_VRPR = {
+    (21, 41): ((12, 20), (2, 8)),
+    (21, 81): ((10, 14), (2, 8)),
+}
+
+# Tier codes of a (query frame, key frame) pair in a TSA layer.
+NONE, DENSE, STRIPE, SINK = 0, 1, 2, 3
+
+
+class PlanError(ValueError):
+    """A FreeLOC setting that breaks a property of DESIGN 4/5."""
+
+
+# --------------------------------------------------------------------------------------------- VRPR
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VRPRParams:
+    """windows[k] < d <= windows[k+1] uses groups[k]; the last tier is open-ended. clip None = R."""
+
+    windows: tuple[int, ...]
+    groups: tuple[int, ...]
+    clip: int | None = None
+
+    @classmethod
+    def from_mapping(cls, m) -> "VRPRParams":
+        if isinstance(m, VRPRParams):
+            return m
+        unknown = set(m) - {"windows", "groups", "clip"}
+        if unknown:
+            raise PlanError(f"vrpr: unknown key(s) {sorted(unknown)}; allowed: windows, groups, clip")
+        for key in ("windows", "groups"):
+            if key not in m:
+                raise PlanError(f"vrpr.{key}: missing")
+            vals = m[key]
+            if not isinstance(vals, (list, tuple)) or not all(_is_int(v) for v in vals):
+                raise PlanError(f"vrpr.{key}={vals!r}: must be a list of integers")
+        clip = m.get("clip")
+        if clip is not None and not _is_int(clip):
+            raise PlanError(f"vrpr.clip={clip!r}: must be an integer")
+        return cls(windows=tuple(m["windows"]), groups=tuple(m["groups"]), clip=clip)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def phi_unclipped(d: int, p: VRPRParams) -> int:
+    """phi before the final min(., clip): identity up to W1, then floor(d/G_k) + c_k per tier."""
+    w = p.windows
+    if d <= w[0]:
+        return d
+    value_at_start = w[0]  # phi at the lower edge of the current tier
+    for k, g in enumerate(p.groups):
+        lo = w[k]
+        hi = w[k + 1] if k + 1 < len(w) else None
+        c = value_at_start - lo // g  # makes the tier continuous at its lower edge
+        if hi is None or d <= hi:
+            return d // g + c
+        value_at_start = hi // g + c
+    raise AssertionError("unreachable: last tier is open-ended")
+
+
+def _check_vrpr(p: VRPRParams, num_frames: int, trained_frames: int) -> None:
+    """Validate the shape of the params and the DESIGN 4 properties on every d in [0, F)."""
+    r = trained_frames - 1
+    w, g = p.windows, p.groups
+    if not w:
+        raise PlanError("vrpr.windows: needs at least W1")
+    if len(g) != len(w):
+        raise PlanError(f"vrpr.groups={list(g)}: needs one group per window (got {len(g)} for {len(w)} windows)")
+    if any(x < 1 for x in w) or any(b <= a for a, b in zip(w, w[1:])):
+        raise PlanError(f"vrpr.windows={list(w)}: must be positive and strictly increasing")
+    if any(x < 1 for x in g):
+        raise PlanError(f"vrpr.groups={list(g)}: must be >= 1")
+    clip = r if p.clip is None else p.clip
+    if clip > r:
+        raise PlanError(f"vrpr.clip={clip}: exceeds the trained range R={r}")
+    if w[0] > clip:
+        raise PlanError(f"vrpr.windows[0]={w[0]}: W1 must be <= clip={clip} so that phi(d)=d for d<=W1")
+    table = [min(phi_unclipped(d, p), clip) for d in range(num_frames)]
+    for d in range(1, num_frames):
+        step = table[d] - table[d - 1]
+        if step not in (0, 1):
+            raise PlanError(f"vrpr {list(w)}/{list(g)}: phi({d})-phi({d - 1})={step}, must be 0 or 1")
+
+
+def derive_vrpr(num_frames: int, trained_frames: int) -> VRPRParams | None:
+    """Tiers for F latent frames of a model trained on T; None when nothing is out of range.
+
+    Rule (documented in README): tier groups double (..., G/2, G); every tier but the last spans m
+    phi-levels. Search the coarsest group G = 2, 4, 8, ... in order, and for each G the most tiers
+    first (groups starting at 2), then the largest W1 (exact local motion), then the largest m; take
+    the first candidate whose unclipped phi(F-1) fits in R. W1 never drops below min(8, R//2), so
+    local motion keeps exact positions.
+    """
+    r = trained_frames - 1
+    d_max = num_frames - 1
+    if d_max <= r:
+        return None
+    if (trained_frames, num_frames) in PAPER_VRPR:
+        w, g = PAPER_VRPR[(trained_frames, num_frames)]
+        return VRPRParams(windows=w, groups=g)
+    w1_min = max(1, min(8, r // 2))
+    for coarsest_exp in range(1, 64):
+        for num_tiers in range(coarsest_exp, 0, -1):
+            groups = tuple(2 ** (coarsest_exp - num_tiers + 1 + k) for k in range(num_tiers))
+            for w1 in range(r, w1_min - 1, -1):
+                for m in range(r, 0 if num_tiers > 1 else -1, -1):
+                    windows = [w1]
+                    for g in groups[:-1]:
+                        windows.append(windows[-1] + g * m)
+                    p = VRPRParams(windows=tuple(windows), groups=groups)
+                    if phi_unclipped(d_max, p) <= r:
+                        return p
+    raise PlanError(f"cannot derive VRPR tiers for F={num_frames}, T={trained_frames}")
+
+
+def resolve_vrpr(num_frames: int, trained_frames: int, vrpr=None) -> VRPRParams | None:
+    """User override (validated) or derived params; None when F <= T."""
+    if trained_frames < 2:
+        raise PlanError(f"trained_frames={trained_frames}: must be >= 2")
+    if num_frames <= trained_frames:
+        return None
+    if vrpr is None:
+        p = derive_vrpr(num_frames, trained_frames)
+    else:
+        p = VRPRParams.from_mapping(vrpr)
+    _check_vrpr(p, num_frames, trained_frames)
+    return p
+
+
+@functools.lru_cache(maxsize=256)
+def _phi_table(num_frames: int, trained_frames: int, p: VRPRParams | None) -> tuple[int, ...]:
+    if p is None:
+        return tuple(range(num_frames))
+    clip = trained_frames - 1 if p.clip is None else p.clip
+    return tuple(min(phi_unclipped(d, p), clip) for d in range(num_frames))
+
+
+def phi_table(num_frames: int, trained_frames: int, vrpr=None) -> torch.Tensor:
+    """phi(d) for d in [0, F) as Long[F]."""
+    p = resolve_vrpr(num_frames, trained_frames, vrpr)
+    return torch.tensor(_phi_table(num_frames, trained_frames, p), dtype=torch.long)
+
+
+def relative_positions(num_frames: int, trained_frames: int, vrpr=None) -> torch.Tensor:
+    """Long[F, F]: signed re-encoded temporal offset of query frame a and key frame b (a - b if F <= T)."""
+    phi = phi_table(num_frames, trained_frames, vrpr)
+    f = torch.arange(num_frames)
+    diff = f[:, None] - f[None, :]
+    return torch.sign(diff) * phi[diff.abs()]
+
+
+# ---------------------------------------------------------------------------------------------- TSA
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TSAParams:
+    dense_frames: int = 8  # D1
+    stripe_frames: int = 24  # D2
+    stripe_width: int | None = None  # Ds in tokens; None = DESIGN 5 formula for the actual n
+    sink_frames: tuple[int, ...] = (0,)
+
+    @classmethod
+    def from_mapping(cls, m) -> "TSAParams":
+        if m is None:
+            return cls()
+        if isinstance(m, TSAParams):
+            return m
+        allowed = {"dense_frames", "stripe_frames", "stripe_width", "sink_frames"}
+        unknown = set(m) - allowed
+        if unknown:
+            raise PlanError(f"tsa: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        kwargs = {}
+        for key in ("dense_frames", "stripe_frames", "stripe_width"):
+            if key in m and m[key] is not None:
+                if not _is_int(m[key]):
+                    raise PlanError(f"tsa.{key}={m[key]!r}: must be an integer")
+                kwargs[key] = m[key]
+        if "sink_frames" in m:
+            sinks = m["sink_frames"]
+            if not isinstance(sinks, (list, tuple)) or not all(_is_int(s) for s in sinks):
+                raise PlanError(f"tsa.sink_frames={sinks!r}: must be a list of integers")
+            kwargs["sink_frames"] = tuple(sinks)
+        return cls(**kwargs)
+
+    def check(self) -> None:
+        if self.dense_frames < 0:
+            raise PlanError(f"tsa.dense_frames={self.dense_frames}: must be >= 0")
+        if self.stripe_frames < self.dense_frames:
+            raise PlanError(f"tsa.stripe_frames={self.stripe_frames}: must be >= dense_frames={self.dense_frames}")
+        if self.stripe_width is not None and self.stripe_width < 1:
+            raise PlanError(f"tsa.stripe_width={self.stripe_width}: must be >= 1")
+        if any(s < 0 for s in self.sink_frames):
+            raise PlanError(f"tsa.sink_frames={list(self.sink_frames)}: frame indices must be >= 0")
+
+
+def default_stripe_width(tokens_per_frame: int, dense_frames: int, stripe_frames: int) -> int:
+    """Ds = floor((floor((D2-D1)/(D1/2)) / (D2-D1)) * n / 2), in exact integer arithmetic (195 at n=1560)."""
+    span = stripe_frames - dense_frames
+    if span == 0 or dense_frames == 0:
+        return tokens_per_frame
+    k = (2 * span) // dense_frames
+    return max(1, (k * tokens_per_frame) // (2 * span))
+
+
+# --------------------------------------------------------------------------------------- layer plan
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Keys [frame_start, frame_end) of one query frame that share one temporal-offset rule.
+
+    offset None: the natural offset a - b (original RoPE on both sides); otherwise the fixed signed
+    offset. banded: attended only where |s(i) - s(j)| < stripe_width.
+    """
+
+    frame_start: int
+    frame_end: int
+    offset: int | None
+    banded: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """Frozen per-(kind, grid) plan. offsets/tiers are Long[F, F] frame tables."""
+
+    kind: str
+    grid: tuple[int, int, int]
+    trained_frames: int
+    offsets: torch.Tensor  # [F, F] signed temporal offset used for the pair
+    tiers: torch.Tensor  # [F, F] NONE / DENSE / STRIPE / SINK
+    stripe_width: int  # Ds in tokens (n when no stripes)
+    groups: tuple[tuple[Group, ...], ...]  # per query frame, disjoint runs of key frames
+    vrpr: VRPRParams | None
+    tsa: TSAParams | None
+
+    @property
+    def num_frames(self) -> int:
+        return self.grid[0]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[1] * self.grid[2]
+
+    @property
+    def is_stock(self) -> bool:
+        """True when the layer equals stock attention (kind full, or F <= T)."""
+        return self.kind == "full"
+
+    def density(self) -> float:
+        """Fraction of (query, key) token pairs attended."""
+        n, ds = self.tokens_per_frame, self.stripe_width
+        s = torch.arange(n)
+        band_pairs = float(((s[:, None] - s[None, :]).abs() < ds).sum())
+        full = float((self.tiers == DENSE).sum() + (self.tiers == SINK).sum()) * n * n
+        striped = float((self.tiers == STRIPE).sum()) * band_pairs
+        return (full + striped) / float(self.num_frames * n) ** 2
+
+
+def layer_plan(kind: str, grid: Sequence[int], trained_frames: int, vrpr=None, tsa=None) -> LayerPlan:
+    """Cached plan of one layer kind on a (F, H, W) token grid; vrpr/tsa are mappings or params."""
+    vrpr_params = None if vrpr is None else VRPRParams.from_mapping(vrpr)
+    tsa_params = TSAParams.from_mapping(tsa)
+    return _layer_plan(kind, tuple(int(g) for g in grid), int(trained_frames), vrpr_params, tsa_params)
+
+
+@functools.lru_cache(maxsize=128)
+def _layer_plan(kind, grid, trained_frames, vrpr, tsa) -> LayerPlan:
+    if kind not in KINDS:
+        raise PlanError(f"layer kind {kind!r}: must be one of {', '.join(KINDS)}")
+    num_frames, h, w = grid
+    if min(grid) < 1:
+        raise PlanError(f"grid {grid}: every dimension must be >= 1")
+    n = h * w
+    vrpr_params = resolve_vrpr(num_frames, trained_frames, vrpr)
+    tsa_params = tsa
+    tsa_params.check()
+    f = torch.arange(num_frames)
+    natural = f[:, None] - f[None, :]
+    if vrpr_params is None:  # F <= T: nothing out of distribution, every layer is stock
+        kind = "full"
+    if kind == "full":
+        offsets = natural
+        tiers = torch.full((num_frames, num_frames), DENSE, dtype=torch.long)
+        stripe_width = n
+    else:
+        offsets = relative_positions(num_frames, trained_frames, vrpr_params)
+        if kind == "vrpr":
+            tiers = torch.full((num_frames, num_frames), DENSE, dtype=torch.long)
+            stripe_width = n
+        else:
+            d = natural.abs()
+            tiers = torch.where(d <= tsa_params.dense_frames, DENSE, NONE)
+            tiers = torch.where((d > tsa_params.dense_frames) & (d <= tsa_params.stripe_frames), STRIPE, tiers)
+            sinks = [s for s in tsa_params.sink_frames if s < num_frames]
+            if sinks:
+                is_sink = torch.zeros(num_frames, dtype=torch.bool)
+                is_sink[sinks] = True
+                tiers = torch.where(is_sink[None, :], SINK, tiers)
+            stripe_width = tsa_params.stripe_width or default_stripe_width(
+                n, tsa_params.dense_frames, tsa_params.stripe_frames
+            )
+            stripe_width = min(stripe_width, n)
+            if stripe_width >= n:  # a band as wide as the frame is no band
+                tiers = torch.where(tiers == STRIPE, DENSE, tiers)
+    groups = tuple(_groups_of_row(offsets[a], natural[a], tiers[a]) for a in range(num_frames))
+    return LayerPlan(
+        kind=kind,
+        grid=grid,
+        trained_frames=trained_frames,
+        offsets=offsets,
+        tiers=tiers,
+        stripe_width=stripe_width,
+        groups=groups,
+        vrpr=vrpr_params if kind != "full" else None,
+        tsa=tsa_params if kind == "tsa" else None,
+    )
+
+
+def _groups_of_row(offsets_row, natural_row, tiers_row) -> tuple[Group, ...]:
+    """Split one query frame's attended key frames into runs sharing (offset rule, banded)."""
+    groups: list[Group] = []
+    current = None  # (offset, banded)
+    start = 0
+    row = list(zip(offsets_row.tolist(), natural_row.tolist(), tiers_row.tolist()))
+    for b, (off, nat, tier) in enumerate(row + [(0, 0, NONE)]):
+        key = None
+        if tier != NONE:
+            key = (None if off == nat else off, tier == STRIPE)
+        if key != current:
+            if current is not None:
+                groups.append(Group(start, b, current[0], current[1]))
+            current, start = key, b
+    return tuple(groups)
+
+
+# ------------------------------------------------------------------------------- token-level tables
+def token_plan(kind: str, grid: Sequence[int], trained_frames: int, vrpr=None, tsa=None):
+    """(mask Bool[L, L], offset Long[L, L]) of one layer on a small grid, frame-major token order."""
+    plan = layer_plan(kind, grid, trained_frames, vrpr, tsa)
+    return expand_to_tokens(plan)
+
+
+def expand_to_tokens(plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    num_frames, n = plan.num_frames, plan.tokens_per_frame
+    f = torch.arange(num_frames).repeat_interleave(n)  # [L]
+    s = torch.arange(n).repeat(num_frames)  # [L]
+    tier = plan.tiers[f[:, None], f[None, :]]
+    band = (s[:, None] - s[None, :]).abs() < plan.stripe_width
+    mask = (tier == DENSE) | (tier == SINK) | ((tier == STRIPE) & band)
+    offset = plan.offsets[f[:, None], f[None, :]]
+    return mask, offset
+
+
+__all__ = [
+    "KINDS",
+    "PlanError",
+    "VRPRParams",
+    "TSAParams",
+    "LayerPlan",
+    "Group",
+    "derive_vrpr",
+    "resolve_vrpr",
+    "phi_table",
+    "relative_positions",
+    "default_stripe_width",
+    "layer_plan",
+    "token_plan",
+    "expand_to_tokens",
+]

@@ -1,0 +1,129 @@
+"""FreeLOC profiles (DESIGN 3, 9): which kind each self-attention layer runs, and the tier settings.
+
+A profile is YAML under configs/profiles/; it is loaded by path or given as the parsed mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import yaml
+
+from .plan import KINDS, PlanError, TSAParams, VRPRParams
+
+
+class ProfileError(ValueError):
+    """A profile that does not describe a valid layer assignment."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Profile:
+    model: str
+    trained_frames: int
+    kinds: tuple[str, ...]  # kind of layer i
+    source: str
+    vrpr: Mapping[str, Any] | None = None  # raw override mapping (validated against F at plan time)
+    tsa: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. probing scores
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kinds)
+
+    def layers(self) -> dict[str, list[int]]:
+        return {k: [i for i, kind in enumerate(self.kinds) if kind == k] for k in KINDS}
+
+    def to_mapping(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model": self.model,
+            "trained_frames": self.trained_frames,
+            "source": self.source,
+            "layers": self.layers(),
+        }
+        if self.vrpr is not None:
+            out["vrpr"] = dict(self.vrpr)
+        if self.tsa is not None:
+            out["tsa"] = dict(self.tsa)
+        out.update(self.extra)
+        return out
+
+
+_REQUIRED = ("model", "trained_frames", "layers", "source")
+_OPTIONAL = ("vrpr", "tsa")
+
+
+def parse_profile(m: Mapping[str, Any], *, where: str = "profile", allow_extra: bool = True) -> Profile:
+    if not isinstance(m, Mapping):
+        raise ProfileError(f"{where}: must be a mapping, got {type(m).__name__}")
+    for key in _REQUIRED:
+        if key not in m:
+            raise ProfileError(f"{where}.{key}: missing")
+    if not isinstance(m["model"], str):
+        raise ProfileError(f"{where}.model={m['model']!r}: must be a string")
+    if not isinstance(m["source"], str):
+        raise ProfileError(f"{where}.source={m['source']!r}: must be a string")
+    t = m["trained_frames"]
+    if not isinstance(t, int) or isinstance(t, bool) or t < 2:
+        raise ProfileError(f"{where}.trained_frames={t!r}: must be an integer >= 2")
+    layers = m["layers"]
+    if not isinstance(layers, Mapping):
+        raise ProfileError(f"{where}.layers: must be a mapping of kind -> list of layer indices")
+    unknown = set(layers) - set(KINDS)
+    if unknown:
+        raise ProfileError(f"{where}.layers: unknown kind(s) {sorted(unknown)}; kinds are {', '.join(KINDS)}")
+    owner: dict[int, str] = {}
+    for kind, idx in layers.items():
+        idx = [] if idx is None else idx
+        if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+            raise ProfileError(f"{where}.layers.{kind}: must be a list of integers")
+        for i in idx:
+            if i < 0:
+                raise ProfileError(f"{where}.layers.{kind}: layer index {i} is negative")
+            if i in owner:
+                raise ProfileError(f"{where}.layers: layer {i} listed twice ({owner[i]} and {kind})")
+            owner[i] = kind
+    num_layers = max(owner) + 1 if owner else 0
+    missing = [i for i in range(num_layers) if i not in owner]
+    if missing or not owner:
+        raise ProfileError(f"{where}.layers: every layer 0..{num_layers - 1} must be listed once; missing {missing}")
+    extra = {k: v for k, v in m.items() if k not in _REQUIRED + _OPTIONAL}
+    if extra and not allow_extra:
+        raise ProfileError(f"{where}: unknown key(s) {sorted(extra)}")
+    try:
+        vrpr = m.get("vrpr")
+        if vrpr is not None:
+            VRPRParams.from_mapping(vrpr)
+        tsa = m.get("tsa")
+        TSAParams.from_mapping(tsa).check()
+    except PlanError as e:
+        raise ProfileError(f"{where}: {e}") from None
+    return Profile(
+        model=m["model"],
+        trained_frames=t,
+        kinds=tuple(owner[i] for i in range(num_layers)),
+        source=m["source"],
+        vrpr=vrpr,
+        tsa=tsa,
+        extra=extra,
+    )
+
+
+def load_profile(profile) -> Profile:
+    """A Profile from a Profile, a parsed mapping, or a path to a YAML file."""
+    if isinstance(profile, Profile):
+        return profile
+    if isinstance(profile, Mapping):
+        return parse_profile(profile)
+    if isinstance(profile, (str, os.PathLike)):
+        path = os.fspath(profile)
+        if not os.path.isfile(path):
+            raise ProfileError(f"profile {path}: file not found")
+        with open(path) as fh:
+            try:
+                data = yaml.safe_load(fh)
+            except yaml.YAMLError as e:
+                raise ProfileError(f"profile {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        return parse_profile(data, where=f"profile {path}")
+    raise ProfileError(f"profile: expected a path, mapping or Profile, got {type(profile).__name__}")

@@ -1,0 +1,84 @@
+"""Wan's 3-D RoPE, split so the temporal part can carry any (re-encoded) offset.
+
+Wan rotates interleaved channel pairs of each head; the first `t_dim` channels carry the temporal
+position, the rest the spatial (h, w) positions. FreeLOC only ever changes the temporal part, so we
+keep diffusers' spatial rotation and apply the temporal one ourselves, at integer positions that may
+be negative (a re-encoded offset o is scored as query at temporal position o, key at 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class TemporalRope:
+    """Temporal rotation of the first t_dim channels: angle(pos, m) = pos * theta^(-2m / t_dim)."""
+
+    t_dim: int
+    theta: float = 10000.0
+
+    def inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.t_dim, 2, dtype=torch.float64) / self.t_dim))
+
+    def cos_sin(self, positions: torch.Tensor, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [*positions.shape, t_dim // 2] for integer positions (computed in float64)."""
+        angles = positions.to(torch.float64)[..., None] * self.inv_freq()
+        return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+
+    def rotate(self, x: torch.Tensor, positions) -> torch.Tensor:
+        """Rotate x[..., :t_dim] to temporal `positions` (an int, or integers broadcastable to x.shape[:-1])."""
+        pos = torch.as_tensor(positions)
+        work = torch.promote_types(x.dtype, torch.float32)  # never rotate in half precision
+        cos, sin = self.cos_sin(pos, x.device, work)  # [*pos.shape, t_dim/2]
+        xt = x[..., : self.t_dim].to(work)
+        x1, x2 = xt[..., 0::2], xt[..., 1::2]
+        out = x.clone()
+        out[..., 0 : self.t_dim : 2] = (x1 * cos - x2 * sin).to(x.dtype)
+        out[..., 1 : self.t_dim : 2] = (x1 * sin + x2 * cos).to(x.dtype)
+        return out
+
+
+def temporal_rope_of(transformer) -> TemporalRope:
+    """TemporalRope matching a diffusers WanTransformer3DModel's rope, checked against its tables."""
+    rope = transformer.rope
+    t = TemporalRope(t_dim=rope.t_dim)
+    positions = torch.arange(min(8, rope.max_seq_len))
+    cos, _ = t.cos_sin(positions, "cpu")
+    theirs = rope.freqs_cos[: len(positions), : rope.t_dim : 2].double().cpu()
+    if not torch.allclose(cos.double(), theirs, atol=1e-6):
+        raise ValueError("transformer.rope uses a temporal frequency base other than 10000; not supported")
+    return t
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair rotation as Wan applies it: x [B, L, h, d], cos/sin [1, L, 1, d] (repeated pairs)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out
+
+
+def split_rotations(q, k, rotary_emb, t_rope: TemporalRope, frames: torch.Tensor | None = None):
+    """From un-rotated q, k [B, L, h, d] and Wan's (cos, sin): (q_nat, k_nat, q0, k0).
+
+    q0, k0 carry the spatial rotation only (temporal position 0), ready to be given any temporal
+    offset by TemporalRope.rotate. If `frames` (Long[L], each token's frame) is given, q_nat, k_nat
+    carry the original positions (stock RoPE), made by rotating q0, k0 to their own frame; else
+    they are None. Tables are cast to float32 once: the stock path multiplies in float64, which at
+    small head counts costs more than the attention itself.
+    """
+    cos, sin = rotary_emb
+    work = torch.promote_types(q.dtype, torch.float32)
+    cos0, sin0 = cos.to(work), sin.to(work)
+    cos0[..., : t_rope.t_dim] = 1.0
+    sin0[..., : t_rope.t_dim] = 0.0
+    q0, k0 = apply_rotary(q, cos0, sin0), apply_rotary(k, cos0, sin0)
+    if frames is None:
+        return None, None, q0, k0
+    pos = frames.to(q.device)[:, None]  # [L, 1]: broadcast over heads of x [B, L, h, d]
+    return t_rope.rotate(q0, pos), t_rope.rotate(k0, pos), q0, k0

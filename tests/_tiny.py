@@ -1,0 +1,34 @@
+"""Small random models and tensors shared by the core tests."""
+
+import torch
+from diffusers import WanTransformer3DModel
+
+
+def tiny_transformer(num_layers=2, heads=3, head_dim=12, seed=0):
+    """A random Wan transformer: head_dim 12 gives RoPE t/h/w dims 4/4/4."""
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=num_layers,
+        rope_max_seq_len=64,
+    )
+    return model.eval()
+
+
+def transformer_inputs(num_frames, height=4, width=6, seed=1):
+    """Latents [1, 4, F, height, width] (grid F x height/2 x width/2), timestep, text states."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, num_frames, height, width, generator=g)
+    text = torch.randn(1, 7, 16, generator=g)
+    return dict(hidden_states=latents, timestep=torch.tensor([500]), encoder_hidden_states=text, return_dict=False)
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
