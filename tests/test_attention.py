@@ -85,3 +85,55 @@ def test_flex_slots_cover_each_pair_once_with_far_sinks():
     plan = layer_plan("tsa", (30, 2, 3), 5, tsa={"dense_frames": 2, "stripe_frames": 6, "sink_frames": [0, 13]})
     sp = slot_plan(plan)
     assert sp.slot_frames.shape[0] == 30
+
+
+def _frames_slice(x, frames, n):
+    idx = torch.cat([torch.arange(f * n, (f + 1) * n) for f in frames])
+    return x[:, :, idx]
+
+
+@pytest.mark.parametrize("kind", ["vrpr", "tsa", "full"])
+def test_partial_key_buffers_merge_to_the_whole(kind):
+    # Ring attention's view: queries of frames 5..9 against three uneven blocks of key frames.
+    num_frames, n = 4 * T + 3, GRID_HW[0] * GRID_HW[1]
+    q0, k0, v, q_nat, k_nat = _inputs(num_frames)
+    plan = _plan(kind, num_frames)
+    ref = reference_attention(q0, k0, v, plan, T_ROPE)
+    query_frames = tuple(range(5, 10))
+    out = torch.zeros(_frames_slice(q0, query_frames, n).shape)
+    lse = torch.full(out.shape[:-1], float("-inf"))
+    for block in (range(0, 6), range(6, 8), range(8, num_frames)):
+        o, l = grouped_attention(
+            _frames_slice(q_nat, query_frames, n), _frames_slice(k_nat, block, n),
+            _frames_slice(q0, query_frames, n), _frames_slice(k0, block, n), _frames_slice(v, block, n),
+            plan, T_ROPE, query_frames=query_frames, key_frames=tuple(block),
+        )
+        merge_into(out, lse, o, l)
+    assert rel_err(out, _frames_slice(ref, query_frames, n)) < TOL
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_window_plus_sink_buffer(backend):
+    # Neighbour exchange's view: frames 12..14 need keys within D2=3 of them plus the sink frame 0.
+    num_frames, n = 4 * T + 3, GRID_HW[0] * GRID_HW[1]
+    q0, k0, v, q_nat, k_nat = _inputs(num_frames)
+    plan = _plan("tsa", num_frames)
+    ref = reference_attention(q0, k0, v, plan, T_ROPE)
+    query_frames, key_frames = (12, 13, 14), (0, *range(9, 18))
+    sub = lambda x, frames: _frames_slice(x, frames, n)
+    if backend == "sdpa":
+        out, _ = grouped_attention(
+            sub(q_nat, query_frames), sub(k_nat, key_frames), sub(q0, query_frames), sub(k0, key_frames),
+            sub(v, key_frames), plan, T_ROPE, query_frames=query_frames, key_frames=key_frames,
+        )
+    else:
+        out = flex_freeloc_attention(
+            sub(q0, query_frames), sub(k0, key_frames), sub(v, key_frames), plan, T_ROPE,
+            query_frames=query_frames, key_frames=key_frames,
+        )
+        with pytest.raises(ValueError, match="lacks frames"):
+            flex_freeloc_attention(
+                sub(q0, query_frames), sub(k0, key_frames[1:]), sub(v, key_frames[1:]), plan, T_ROPE,
+                query_frames=query_frames, key_frames=key_frames[1:],
+            )
+    assert rel_err(out, sub(ref, query_frames)) < TOL

@@ -89,7 +89,7 @@ def _check_cover(plan: LayerPlan, slot_frames, banded) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def block_masks(plan: LayerPlan, frames_per_call: int, device: str) -> tuple[BlockMask, ...]:
+def block_masks(plan: LayerPlan, query_frames: tuple[int, ...], frames_per_call: int, device: str):
     """One BlockMask per chunk of `frames_per_call` query frames (the last chunk padded)."""
     sp = slot_plan(plan)
     n, blk, n_pad, width = plan.tokens_per_frame, sp.block, sp.n_pad, plan.stripe_width
@@ -122,9 +122,7 @@ def block_masks(plan: LayerPlan, frames_per_call: int, device: str) -> tuple[Blo
         return (s_k < n) & (~banded_slots[kv_idx // n_pad] | ((q_idx - s_k).abs() < width))
 
     masks = []
-    num_frames = plan.num_frames
-    for c0 in range(0, num_frames, frames_per_call):
-        rows = [min(c0 + i, num_frames - 1) for i in range(frames_per_call)]
+    for rows in _chunks(query_frames, frames_per_call):
         masks.append(
             BlockMask.from_kv_blocks(
                 *_to_indices(partial_f[rows], device),
@@ -137,6 +135,13 @@ def block_masks(plan: LayerPlan, frames_per_call: int, device: str) -> tuple[Blo
     return tuple(masks)
 
 
+def _chunks(query_frames, size):
+    """Query frames in chunks of `size`; the last one padded by repeating its last frame."""
+    for c0 in range(0, len(query_frames), size):
+        rows = list(query_frames[c0 : c0 + size])
+        yield rows + [rows[-1]] * (size - len(rows))
+
+
 def _to_indices(sel: torch.Tensor, device):
     """Bool[B, nqb, nkb] -> (num_blocks Int32[B, 1, nqb], indices Int32[B, 1, nqb, nkb]) as flex wants."""
     num = sel.sum(-1).to(torch.int32)
@@ -144,33 +149,47 @@ def _to_indices(sel: torch.Tensor, device):
     return num[:, None].to(device), order[:, None].contiguous().to(device)
 
 
-def flex_freeloc_attention(q0, k0, v, plan: LayerPlan, t_rope: TemporalRope, *, kv_budget_bytes=256 << 20):
-    """q0, k0 (temporal position 0), v: [B, h, L, d] -> out [B, h, L, d]."""
+def flex_freeloc_attention(
+    q0, k0, v, plan: LayerPlan, t_rope: TemporalRope, *, query_frames=None, key_frames=None,
+    kv_budget_bytes=256 << 20,
+):
+    """q0 [B, h, Lq, d] of `query_frames`; k0 (temporal position 0), v [B, h, Lk, d] holding the
+    global frames `key_frames` (all by default; must include every frame those queries attend).
+    Returns out [B, h, Lq, d]."""
     sp = slot_plan(plan)
     bsz, heads, _, dim = q0.shape
     num_frames, n, n_pad = plan.num_frames, plan.tokens_per_frame, sp.n_pad
+    query_frames = tuple(range(num_frames)) if query_frames is None else tuple(query_frames)
+    key_frames = tuple(range(num_frames)) if key_frames is None else tuple(key_frames)
+    buffer_of = torch.full((num_frames,), -1, dtype=torch.long)
+    buffer_of[list(key_frames)] = torch.arange(len(key_frames))
+    needed = sp.slot_frames[list(query_frames)]
+    if bool((buffer_of[needed.clamp(min=0)][needed >= 0] < 0).any()):
+        raise ValueError("flex attention: the key buffer lacks frames these queries attend")
     num_slots = sp.slot_frames.shape[1]
     per_frame = 2 * num_slots * n_pad * bsz * heads * dim * q0.element_size()
-    frames_per_call = max(1, min(num_frames, kv_budget_bytes // per_frame))
-    masks = block_masks(plan, frames_per_call, str(q0.device))
+    frames_per_call = max(1, min(len(query_frames), kv_budget_bytes // per_frame))
+    masks = block_masks(plan, query_frames, frames_per_call, str(q0.device))
 
     pad = (0, 0, 0, n_pad - n)
-    q_f = q0.unflatten(2, (num_frames, n))  # [B, h, F, n, d]
-    k_f = torch.nn.functional.pad(k0.unflatten(2, (num_frames, n)), pad)  # [B, h, F, n_pad, d]
-    v_f = torch.nn.functional.pad(v.unflatten(2, (num_frames, n)), pad)
+    q_f = q0.unflatten(2, (len(query_frames), n))  # [B, h, Fq, n, d]
+    k_f = torch.nn.functional.pad(k0.unflatten(2, (len(key_frames), n)), pad)  # [B, h, Fk, n_pad, d]
+    v_f = torch.nn.functional.pad(v.unflatten(2, (len(key_frames), n)), pad)
     out = torch.empty_like(q_f)
     flex = _compiled_flex()
-    for chunk, c0 in enumerate(range(0, num_frames, frames_per_call)):
-        rows = torch.tensor([min(c0 + i, num_frames - 1) for i in range(frames_per_call)])
-        frames = sp.slot_frames[rows]  # [C, S]
-        key_pos = -plan.offsets[rows[:, None], frames.clamp(min=0)]  # key at -offset, query at 0
-        idx = frames.clamp(min=0).flatten().to(q0.device)
+    row_of = {f: i for i, f in enumerate(query_frames)}
+    for chunk, rows in enumerate(_chunks(query_frames, frames_per_call)):
+        rows_t = torch.tensor(rows)
+        frames = sp.slot_frames[rows_t]  # [C, S] global key frame per slot, -1 unused
+        key_pos = -plan.offsets[rows_t[:, None], frames.clamp(min=0)]  # key at -offset, query at 0
+        idx = buffer_of[frames.clamp(min=0)].clamp(min=0).flatten().to(q0.device)
         k_c = t_rope.rotate(k_f[:, :, idx].unflatten(2, frames.shape), key_pos[..., None])  # [B,h,C,S,n_pad,d]
         v_c = v_f[:, :, idx].unflatten(2, frames.shape)
         # Fold (B, h) into heads and query frames into the batch, which the BlockMask indexes.
         to_batch = lambda x: x.permute(2, 0, 1, 3, 4, 5).flatten(1, 2).flatten(2, 3).contiguous()
-        q_c = q_f[:, :, rows].permute(2, 0, 1, 3, 4).flatten(1, 2).contiguous()  # [C, B*h, n, d]
+        q_rows = torch.tensor([row_of[f] for f in rows], device=q0.device)
+        q_c = q_f[:, :, q_rows].permute(2, 0, 1, 3, 4).flatten(1, 2).contiguous()  # [C, B*h, n, d]
         o = flex(q_c, to_batch(k_c), to_batch(v_c), block_mask=masks[chunk])  # [C, B*h, n, d]
-        keep = min(frames_per_call, num_frames - c0)
-        out[:, :, c0 : c0 + keep] = o[:keep].unflatten(1, (bsz, heads)).permute(1, 2, 0, 3, 4)
+        o = o.unflatten(1, (bsz, heads)).permute(1, 2, 0, 3, 4)  # [B, h, C, n, d]
+        out[:, :, q_rows] = o  # padded rows repeat the last frame: same values, harmless
     return out.flatten(2, 3)

@@ -36,9 +36,13 @@ def attend(q, k, v, bias=None, scale=None, impl: str = "auto"):
 
 
 def merge_into(out_acc, lse_acc, out, lse):
-    """Merge a partial (out, lse) into float32 accumulators in place (exact log-sum-exp weighting)."""
+    """Merge a partial (out, lse) into float32 accumulators in place (exact log-sum-exp weighting).
+
+    Rows where both sides are empty (lse -inf) stay (0, -inf) instead of turning into NaN.
+    """
     new_lse = torch.logaddexp(lse_acc, lse)
-    w_old = torch.exp(lse_acc - new_lse)[..., None]
-    w_new = torch.exp(lse - new_lse)[..., None]
+    safe = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
+    w_old = torch.exp(lse_acc - safe)[..., None]
+    w_new = torch.exp(lse - safe)[..., None]
     out_acc.mul_(w_old).add_(out.float() * w_new)
     lse_acc.copy_(new_lse)

@@ -31,32 +31,60 @@ def _band_chunks(n: int, width: int, chunk: int):
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=256)
+def schedule(plan: LayerPlan, query_frames: tuple[int, ...], key_frames: tuple[int, ...]):
+    """Per query frame: runs (offset, slot_start, slot_end, banded) over the key buffer.
+
+    `key_frames` lists the global frame held at each frame slot of the key buffer; plan groups are
+    cut where the buffer is not contiguous and dropped where a frame is absent (ring blocks,
+    neighbour windows), so partial results over several buffers merge to the full attention.
+    """
+    where = {f: i for i, f in enumerate(key_frames)}
+    out = []
+    for a in query_frames:
+        runs = []
+        for g in plan.groups[a]:
+            start = None
+            for b in range(g.frame_start, g.frame_end + 1):
+                slot = where.get(b) if b < g.frame_end else None
+                if start is not None and (slot is None or slot != prev + 1):
+                    runs.append((g.offset, start, prev + 1, g.banded))
+                    start = None
+                if slot is not None and start is None:
+                    start = slot
+                prev = slot
+        out.append(tuple(runs))
+    return tuple(out)
+
+
 def grouped_attention(
-    q_nat, k_nat, q0, k0, v, plan: LayerPlan, t_rope: TemporalRope, *, query_frames=None, key_frame_base=0,
+    q_nat, k_nat, q0, k0, v, plan: LayerPlan, t_rope: TemporalRope, *, query_frames=None, key_frames=None,
     impl="auto", band_chunk=None,
 ):
-    """FreeLOC attention of query frames against the keys the plan assigns them.
+    """FreeLOC attention of some query frames against the keys of some key frames.
 
     q_*: [B, h, Lq, d] for `query_frames` (global frame indices, default all); k_*, v: [B, h, Lk, d]
-    holding global key frames starting at `key_frame_base`. Returns (out [B, h, Lq, d], lse [B, h, Lq]).
+    holding the global frames `key_frames` (default all) in that order. q_nat/k_nat carry natural
+    RoPE positions, q0/k0 temporal position 0. Returns (out [B, h, Lq, d], lse Float32[B, h, Lq]);
+    rows with no key in this buffer get out 0 and lse -inf, so buffers can be merged afterwards.
     """
     n = plan.tokens_per_frame
-    query_frames = range(plan.num_frames) if query_frames is None else query_frames
+    query_frames = tuple(range(plan.num_frames)) if query_frames is None else tuple(query_frames)
+    key_frames = tuple(range(plan.num_frames)) if key_frames is None else tuple(key_frames)
     out_all = torch.zeros(q0.shape, dtype=torch.float32, device=q0.device)
     lse_all = torch.full(q0.shape[:-1], float("-inf"), dtype=torch.float32, device=q0.device)
     width = plan.stripe_width
     chunks = _band_chunks(n, width, band_chunk or max(16, width))
-    for qi, a in enumerate(query_frames):
+    for qi, runs in enumerate(schedule(plan, query_frames, key_frames)):
         rows = slice(qi * n, (qi + 1) * n)
         out_acc, lse_acc = out_all[:, :, rows], lse_all[:, :, rows]
-        for g in plan.groups[a]:
-            fs, fe = g.frame_start - key_frame_base, g.frame_end - key_frame_base
-            if g.offset is None:
+        for offset, fs, fe, banded in runs:
+            if offset is None:
                 q_g, k_g = q_nat[:, :, rows], k_nat[:, :, fs * n : fe * n]
             else:
-                q_g, k_g = t_rope.rotate(q0[:, :, rows], g.offset), k0[:, :, fs * n : fe * n]
+                q_g, k_g = t_rope.rotate(q0[:, :, rows], offset), k0[:, :, fs * n : fe * n]
             v_g = v[:, :, fs * n : fe * n]
-            if not g.banded:
+            if not banded:
                 merge_into(out_acc, lse_acc, *attend(q_g, k_g, v_g, impl=impl))
                 continue
             frames = fe - fs
