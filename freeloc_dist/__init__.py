@@ -1,7 +1,20 @@
-"""freeloc_dist: training-free long-video rendering with FreeLOC on diffusers' Wan, across many GPUs."""
+"""freeloc_dist: training-free long-video rendering with FreeLOC on diffusers' Wan, across many GPUs.
 
-from .install import apply_freeloc
-from .profile import Profile, load_profile
+Imports are lazy so that `freeloc_dist.config` (used to reject bad input early) does not pay for
+importing diffusers.
+"""
 
 __version__ = "0.1.0"
 __all__ = ["apply_freeloc", "load_profile", "Profile", "__version__"]
+
+
+def __getattr__(name):
+    if name == "apply_freeloc":
+        from .install import apply_freeloc
+
+        return apply_freeloc
+    if name in ("load_profile", "Profile"):
+        from . import profile
+
+        return getattr(profile, name)
+    raise AttributeError(f"module 'freeloc_dist' has no attribute {name!r}")

@@ -238,7 +238,7 @@ class Group:
     banded: bool
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # identity hash: plans are cached singletons, keys of caches
 class LayerPlan:
     """Frozen per-(kind, grid) plan. offsets/tiers are Long[F, F] frame tables."""
 

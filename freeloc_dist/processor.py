@@ -22,6 +22,7 @@ class FreeLOCState:
         self.t_rope = t_rope
         self.attention = attention  # (q, k, v, rotary_emb, plan, t_rope) -> out, all [B, L, h, d]
         self.grid: tuple[int, int, int] | None = None
+        self.route_stock = False  # True under sequence parallelism: stock layers need all frames too
 
     def plan(self, kind: str) -> LayerPlan:
         if self.grid is None:
@@ -40,7 +41,7 @@ class FreeLOCAttnProcessor:
         if encoder_hidden_states is not None or rotary_emb is None or attention_mask is not None:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         plan = self.state.plan(self.kind)
-        if plan.is_stock:
+        if plan.is_stock and not self.state.route_stock:
             return self.stock(attn, hidden_states, None, None, rotary_emb)
         if getattr(attn, "fused_projections", False):
             q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)

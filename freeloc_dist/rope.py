@@ -74,7 +74,7 @@ def split_rotations(q, k, rotary_emb, t_rope: TemporalRope, frames: torch.Tensor
     """
     cos, sin = rotary_emb
     work = torch.promote_types(q.dtype, torch.float32)
-    cos0, sin0 = cos.to(work), sin.to(work)
+    cos0, sin0 = cos.to(work, copy=True), sin.to(work, copy=True)  # never edit the shared table
     cos0[..., : t_rope.t_dim] = 1.0
     sin0[..., : t_rope.t_dim] = 0.0
     q0, k0 = apply_rotary(q, cos0, sin0), apply_rotary(k, cos0, sin0)

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ..plan import LayerPlan
-from ..rope import TemporalRope, split_rotations
+from ..rope import TemporalRope, apply_rotary, split_rotations
 from .flex import flex_freeloc_attention
 from .reference import reference_attention
 from .sdpa import grouped_attention
@@ -25,8 +25,16 @@ class Backend:
     description: str
 
 
+def _stock(q, k, v, rotary_emb):
+    """Stock Wan attention (natural RoPE, all keys), for stock plans reached through parallel paths."""
+    q, k = (apply_rotary(x, *rotary_emb).transpose(1, 2) for x in (q, k))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v.transpose(1, 2)).transpose(1, 2)
+
+
 def _sdpa(impl):
     def run(q, k, v, rotary_emb, plan: LayerPlan, t_rope: TemporalRope):
+        if plan.is_stock:
+            return _stock(q, k, v, rotary_emb)
         frames = torch.arange(plan.num_frames).repeat_interleave(plan.tokens_per_frame)
         q_nat, k_nat, q0, k0 = (x.transpose(1, 2) for x in split_rotations(q, k, rotary_emb, t_rope, frames))
         out, _ = grouped_attention(q_nat, k_nat, q0, k0, v.transpose(1, 2), plan, t_rope, impl=impl)
@@ -36,6 +44,8 @@ def _sdpa(impl):
 
 
 def _flex(q, k, v, rotary_emb, plan, t_rope):
+    if plan.is_stock:
+        return _stock(q, k, v, rotary_emb)
     q0, k0 = (x.transpose(1, 2) for x in split_rotations(q, k, rotary_emb, t_rope)[2:])
     return flex_freeloc_attention(q0, k0, v.transpose(1, 2), plan, t_rope).transpose(1, 2)
 

@@ -1,0 +1,230 @@
+"""The typed configuration of one render, read from configs/*.yaml and validated before any heavy work.
+
+One tree of frozen, keyword-only dataclasses (RenderConfig at the root). `load_render_config` reads a YAML
+file, applies overrides (dotted keys such as "video.frames", as the command line gives them), and validates
+every field against the dataclass type hints plus the small table of value checks below. Every user error
+is a `ConfigError` whose message is one line naming the field by its dotted path, e.g.
+`config error: video.frames=64: must be 4k+1 (e.g. 61 or 65)`. Relative paths written in a config file
+resolve against the repository root, so a config means the same thing from any working directory.
+This module does not need torch, so it is cheap to validate a config before any heavy import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Backend = Literal["sdpa", "flex"]
+
+
+class ConfigError(ValueError):
+    """A user error in a config file, an override or a command-line flag. The message is one line."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    path: Path  # local diffusers-format directory (model_index.json, transformer/, vae/, ...)
+    dtype: Dtype = "bfloat16"  # transformer and text encoder; the VAE always runs in float32
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoConfig:
+    height: int
+    width: int
+    frames: int  # output video frames; Wan's VAE needs 4k+1 (k+1 latent frames)
+    fps: int = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    steps: int = 50
+    guidance_scale: float = 5.0  # <= 1 runs the conditional pass only
+    shift: float = 3.0  # flow-matching sigma shift
+    seed: int = 0
+    negative_prompt: str = ""
+    max_text_tokens: int = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class RenderConfig:
+    model: ModelConfig
+    video: VideoConfig
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    profile: Path | None = None  # FreeLOC profile YAML; None renders with stock attention
+    attention_backend: Backend = "sdpa"
+    prompt: str = ""
+    output: Path = Path("outputs/render.mp4")
+
+    @property
+    def latent_frames(self) -> int:
+        return latent_frames(self.video.frames)
+
+
+def latent_frames(frames: int) -> int:
+    """Latent frames of a Wan video of `frames` output frames (4k+1 -> k+1)."""
+    return (frames - 1) // 4 + 1
+
+
+def frames_for_seconds(seconds: float, fps: int) -> int:
+    """The valid frame count (4k+1, at least 1) nearest to `seconds` of video at `fps`."""
+    return 4 * max(0, round((seconds * fps - 1) / 4)) + 1
+
+
+def _frames_message(v: int) -> str:
+    low = 4 * ((v - 1) // 4) + 1
+    return f"must be 4k+1 (e.g. {low} or {low + 4})" if low >= 1 else "must be 4k+1 (e.g. 1 or 5)"
+
+
+def _positive_multiple_of_16(v: int) -> bool:
+    return v > 0 and v % 16 == 0
+
+
+# Value checks by dotted path: (predicate, message or message(value)). Types are checked from the hints.
+_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[Any], str]]] = {
+    "video.height": (_positive_multiple_of_16, "must be a positive multiple of 16"),
+    "video.width": (_positive_multiple_of_16, "must be a positive multiple of 16"),
+    "video.frames": (lambda v: v >= 1 and v % 4 == 1, _frames_message),
+    "video.fps": (lambda v: v >= 1, "must be >= 1"),
+    "sampling.steps": (lambda v: v >= 1, "must be >= 1"),
+    "sampling.guidance_scale": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
+    "sampling.shift": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
+    "sampling.seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)"),
+    "sampling.max_text_tokens": (lambda v: v >= 1, "must be >= 1"),
+    "output": (lambda v: v.suffix.lower() == ".mp4", "must be an .mp4 path"),
+}
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fail(where: str, value: Any, message: str) -> typing.NoReturn:
+    raise ConfigError(f"config error: {where}={_show(value)}: {message}")
+
+
+def _convert(where: str, hint: Any, value: Any) -> Any:
+    """Check `value` against a type hint and return it converted (int -> float, str -> Path)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _convert(where, inner, value)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices or not isinstance(value, str):
+            _fail(where, value, f"must be one of: {', '.join(choices)}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(where, hint, value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            _fail(where, value, "expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(where, value, f"expected an integer, got {type(value).__name__}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(where, value, f"expected a number, got {type(value).__name__}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            _fail(where, value, f"expected a string, got {type(value).__name__}")
+        return value
+    if hint is Path:
+        if not isinstance(value, (str, Path)) or not str(value):
+            _fail(where, value, "expected a path")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else REPO_ROOT / path
+    raise AssertionError(f"unsupported config type {hint!r} at {where}")
+
+
+def _build(where: str, cls: type, raw: Any) -> Any:
+    """Validate a mapping against dataclass `cls`; `where` is its dotted path ("" at the root)."""
+    prefix = f"{where}." if where else ""
+    if not isinstance(raw, Mapping):
+        _fail(where or "<root>", raw, "expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(
+                f"config error: {prefix}{key}: unknown key (expected one of: {', '.join(fields)})"
+            )
+    values = {}
+    for name, f in fields.items():
+        path = prefix + name
+        if name not in raw:
+            no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if no_default:
+                raise ConfigError(f"config error: {path}: missing required field")
+            continue
+        value = _convert(path, hints[name], raw[name])
+        check = _CHECKS.get(path)
+        if check is not None and value is not None and not check[0](value):
+            message = check[1](value) if callable(check[1]) else check[1]
+            _fail(path, raw[name], message)
+        values[name] = value
+    return cls(**values)
+
+
+def _apply_override(raw: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"config error: {'.'.join(parents[: i + 1])}: is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_render_config(raw: Any, overrides: Mapping[str, Any] | None = None) -> RenderConfig:
+    """Validate an already-parsed mapping (plus dotted-key overrides) into a RenderConfig."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("config error: the top level of a config must be a mapping")
+    merged = _deep_copy(raw)
+    for dotted, value in (overrides or {}).items():
+        _apply_override(merged, dotted, value)
+    return _build("", RenderConfig, merged)
+
+
+def load_render_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RenderConfig:
+    """Read a YAML render config and validate it, with dotted-key overrides applied on top."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config error: {path}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"config error: {path}: cannot read ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "syntax error"
+        raise ConfigError(f"config error: {path}: invalid YAML{at}: {problem}") from None
+    if raw is None:
+        raw = {}
+    return parse_render_config(raw, overrides)
+
+
+def _deep_copy(raw: Mapping) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}

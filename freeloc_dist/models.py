@@ -1,0 +1,123 @@
+"""Loading the components of a Wan text-to-video model from a local diffusers-format directory.
+
+The directory layout is the one `diffusers` writes for WanPipeline: model_index.json and the subfolders
+transformer/ (WanTransformer3DModel), vae/ (AutoencoderKLWan), text_encoder/ (transformers UMT5EncoderModel),
+tokenizer/ (anything AutoTokenizer reads) and scheduler/ (the diffusers scheduler class that
+scheduler_config.json names). Nothing here ever downloads: every from_pretrained call is local_files_only,
+and `check_model_dir` verifies the layout first so a wrong path fails in milliseconds with a ConfigError that
+names the missing file, not minutes later inside a loader. The tiny test model (freeloc_dist.tiny) is saved
+in the same layout and loaded through this same code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from freeloc_dist.config import ConfigError
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# subfolder -> the config file that must exist in it
+_REQUIRED_CONFIGS = {
+    "transformer": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "tokenizer_config.json",
+    "scheduler": "scheduler_config.json",
+}
+_WEIGHT_SUBFOLDERS = ("transformer", "vae", "text_encoder")
+
+
+@dataclass
+class WanComponents:
+    transformer: Any  # diffusers WanTransformer3DModel
+    vae: Any  # diffusers AutoencoderKLWan (float32)
+    text_encoder: Any  # transformers UMT5EncoderModel
+    tokenizer: Any  # transformers tokenizer
+    scheduler: Any  # diffusers flow-matching scheduler (a template: sampling copies it per render)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in TORCH_DTYPES:
+        raise ConfigError(f"config error: model.dtype={dtype!r}: must be one of: {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[dtype]
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(p.name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
+               for p in folder.iterdir())
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """Verify the diffusers layout of `model_dir` without loading anything; returns it as a Path."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ConfigError(f"config error: model.path={str(root)!r}: model directory not found")
+    required = [root / "model_index.json"] + [root / sub / name for sub, name in _REQUIRED_CONFIGS.items()]
+    for path in required:
+        if not path.is_file():
+            raise ConfigError(f"config error: model.path={str(root)!r}: missing {path.relative_to(root)}")
+    for sub in _WEIGHT_SUBFOLDERS:
+        if not _has_weights(root / sub):
+            raise ConfigError(f"config error: model.path={str(root)!r}: no weights in {sub}/")
+    return root
+
+
+def _scheduler_class(config_path: Path):
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    try:
+        name = json.loads(config_path.read_text())["_class_name"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"config error: {config_path}: no _class_name in the scheduler config") from None
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ConfigError(f"config error: {config_path}: {name!r} is not a diffusers scheduler")
+    return cls
+
+
+def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16",
+                    device: str | torch.device = "cpu") -> WanComponents:
+    """Load transformer, VAE, text encoder, tokenizer and scheduler from a local diffusers directory.
+
+    The transformer and text encoder are loaded in `dtype`; the VAE stays in float32 (its decode is cheap
+    next to sampling and lower precision visibly bands the output).
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    root = check_model_dir(model_dir)
+    dtype = resolve_dtype(dtype)
+    scheduler_cls = _scheduler_class(root / "scheduler" / "scheduler_config.json")
+
+    def load(what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:  # unreadable or truncated weights: a user error, not a bug
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"config error: model.path={str(root)!r}: cannot load {what}/: {first}") from e
+
+    transformer = load("transformer", WanTransformer3DModel.from_pretrained, root, subfolder="transformer",
+                       torch_dtype=dtype, local_files_only=True)
+    vae = load("vae", AutoencoderKLWan.from_pretrained, root, subfolder="vae",
+               torch_dtype=torch.float32, local_files_only=True)
+    text_encoder = load("text_encoder", UMT5EncoderModel.from_pretrained, root / "text_encoder",
+                        dtype=dtype, local_files_only=True)
+    tokenizer = load("tokenizer", AutoTokenizer.from_pretrained, root / "tokenizer", local_files_only=True)
+    scheduler = load("scheduler", scheduler_cls.from_pretrained, root, subfolder="scheduler",
+                     local_files_only=True)
+    return WanComponents(
+        transformer=transformer.to(device).eval(),
+        vae=vae.to(device).eval(),
+        text_encoder=text_encoder.to(device).eval(),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+    )

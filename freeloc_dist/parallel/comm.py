@@ -1,0 +1,101 @@
+"""The only module that calls torch.distributed collectives; every call counts the bytes it receives.
+
+Counting received bytes (excluding data a rank keeps) matches DESIGN 7's per-rank figures:
+ring 2(P-1)s, Ulysses 4(P-1)/P s, neighbour exchange <= 2(2 D2 + sinks) frames of one tensor.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+import torch.distributed as dist
+
+
+class Comm:
+    def __init__(self, dims):
+        self.dims = dims
+        self.bytes = collections.Counter()  # tag -> bytes received by this rank
+        self.calls = collections.Counter()
+
+    def reset(self):
+        self.bytes.clear()
+        self.calls.clear()
+
+    def _count(self, tag, num_bytes):
+        self.bytes[tag] += int(num_bytes)
+        self.calls[tag] += 1
+
+    # -- sp axis ------------------------------------------------------------------------------
+    def all_to_all(self, chunks: list[torch.Tensor], out_shapes: list[tuple], tag: str) -> list[torch.Tensor]:
+        """chunks[j] goes to sp rank j; returns the tensors received from each sp rank (given shapes)."""
+        me = self.dims.sp_rank
+        send = torch.cat([c.reshape(-1) for c in chunks])
+        out = torch.empty(sum(_numel(s) for s in out_shapes), dtype=send.dtype, device=send.device)
+        dist.all_to_all_single(
+            out, send, [_numel(s) for s in out_shapes], [c.numel() for c in chunks], group=self.dims.sp_group
+        )
+        self._count(tag, sum(_numel(s) for j, s in enumerate(out_shapes) if j != me) * send.element_size())
+        return [t.view(s) for t, s in zip(out.split([_numel(s) for s in out_shapes]), out_shapes)]
+
+    def exchange(self, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, tuple, torch.dtype]], tag: str):
+        """Batched point-to-point on the sp axis: sends (sp_rank, tensor), recvs (sp_rank, shape, dtype).
+
+        Returns (received tensors, a wait() callable): compute on local data between the two.
+        """
+        device = self.dims.device
+        bufs = [torch.empty(shape, dtype=dtype, device=device) for _, shape, dtype in recvs]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.dims.sp_global_rank(r)) for r, t in sends]
+        ops += [dist.P2POp(dist.irecv, b, self.dims.sp_global_rank(r)) for (r, _, _), b in zip(recvs, bufs)]
+        reqs = dist.batch_isend_irecv(ops) if ops else []
+        self._count(tag, sum(b.numel() * b.element_size() for b in bufs))
+
+        def wait():
+            for req in reqs:
+                req.wait()
+            return bufs
+
+        return bufs, wait
+
+    def gather_frames(self, local: torch.Tensor, sizes: list[int], dim: int, tag: str) -> torch.Tensor:
+        """All-gather shards of uneven size along `dim` over the sp axis (used for final latents)."""
+        if self.dims.sp_degree == 1:
+            return local
+        shape = list(local.shape)
+        parts = []
+        for s in sizes:
+            shape[dim] = s
+            parts.append(torch.empty(shape, dtype=local.dtype, device=local.device))
+        max_shape = list(local.shape)
+        max_shape[dim] = max(sizes)
+        padded = torch.zeros(max_shape, dtype=local.dtype, device=local.device)
+        padded.narrow(dim, 0, local.shape[dim]).copy_(local)
+        gathered = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(gathered, padded, group=self.dims.sp_group)
+        me = self.dims.sp_rank
+        self._count(tag, sum(g.numel() for j, g in enumerate(gathered) if j != me) * local.element_size())
+        return torch.cat([g.narrow(dim, 0, s) for g, s in zip(gathered, sizes)], dim=dim)
+
+    # -- cfg axis -----------------------------------------------------------------------------
+    def cfg_all_gather(self, local: torch.Tensor, tag: str = "cfg") -> list[torch.Tensor]:
+        """[tensor of cfg rank 0, tensor of cfg rank 1]."""
+        parts = [torch.empty_like(local) for _ in range(self.dims.cfg_degree)]
+        dist.all_gather(parts, local.contiguous(), group=self.dims.cfg_group)
+        self._count(tag, local.numel() * local.element_size() * (self.dims.cfg_degree - 1))
+        return parts
+
+    # -- world --------------------------------------------------------------------------------
+    def all_ok(self, ok: bool) -> bool:
+        """True iff every rank reports ok: a rank that failed makes all ranks stop together."""
+        if not self.dims.distributed:
+            return ok
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=self.dims.device)
+        dist.all_reduce(flag)
+        return int(flag.item()) == 0
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,98 @@
+"""Process groups, made once at start-up: world = cfg_degree x sp_degree (DESIGN 7).
+
+Rank layout: rank = cfg_rank * sp_degree + sp_rank, so the ranks of one sequence-parallel group are
+contiguous (on one node when sp_degree <= GPUs per node) and a CFG pair spans the two halves.
+Nothing else in the package calls new_group; layers get groups from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class ParallelDims:
+    world_size: int
+    rank: int
+    cfg_degree: int
+    sp_degree: int
+    device: torch.device
+    backend: str | None  # None: single process, no process group
+    _sp_group: object = None
+    _cfg_group: object = None
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp_degree
+
+    @property
+    def cfg_rank(self) -> int:
+        return self.rank // self.sp_degree
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def sp_group(self):
+        assert self.sp_degree > 1, "sp axis is disabled (sp_degree 1)"
+        return self._sp_group
+
+    @property
+    def cfg_group(self):
+        assert self.cfg_degree > 1, "cfg axis is disabled (cfg_degree 1)"
+        return self._cfg_group
+
+    def sp_global_rank(self, sp_rank: int) -> int:
+        """Global rank of a peer in this rank's sp group (p2p ops take global ranks)."""
+        return self.cfg_rank * self.sp_degree + sp_rank
+
+    def cfg_global_rank(self, cfg_rank: int) -> int:
+        return cfg_rank * self.sp_degree + self.sp_rank
+
+
+def check_degrees(world_size: int, cfg_degree: int) -> int:
+    """sp_degree for a world size and cfg degree, or ValueError naming the problem."""
+    if cfg_degree not in (1, 2):
+        raise ValueError(f"parallel.cfg_degree={cfg_degree}: must be 1 or 2")
+    if world_size % cfg_degree:
+        raise ValueError(f"parallel.cfg_degree={cfg_degree}: does not divide the world size {world_size}")
+    return world_size // cfg_degree
+
+
+def init_parallel(*, cfg_degree: int = 1, timeout_s: float = 600.0) -> ParallelDims:
+    """Read torchrun's environment, init the default group and the cfg/sp groups once."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    sp_degree = check_degrees(world_size, cfg_degree)
+    if torch.cuda.is_available():
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if world_size == 1:
+        return ParallelDims(1, 0, 1, 1, device, None)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    dims = ParallelDims(world_size, rank, cfg_degree, sp_degree, device, backend)
+    # Every rank must create every group, in the same order.
+    for c in range(cfg_degree):
+        g = dist.new_group([c * sp_degree + s for s in range(sp_degree)])
+        if c == dims.cfg_rank:
+            dims._sp_group = g
+    for s in range(sp_degree):
+        g = dist.new_group([c * sp_degree + s for c in range(cfg_degree)])
+        if s == dims.sp_rank:
+            dims._cfg_group = g
+    return dims
+
+
+def destroy_parallel(dims: ParallelDims | None) -> None:
+    if dims is not None and dims.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,154 @@
+"""Sequence-parallel attention strategies, one function each; all share one signature.
+
+(q, k, v [B, Ls, h, d] of this rank's frames, un-rotated; ctx) -> out [B, Ls, h, d], where ctx
+carries the layer plan, the shards, Wan's rotary tables and the Comm. Exactness against a single
+process is the contract: every strategy computes the same softmax over the same keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..attention import get_backend
+from ..attention.flex import flex_freeloc_attention
+from ..attention.lse import merge_into
+from ..attention.sdpa import grouped_attention
+from ..plan import LayerPlan
+from ..rope import TemporalRope, split_rotations
+from .comm import Comm
+from .shards import FrameShards, exchange_plan
+
+
+@dataclasses.dataclass
+class SPContext:
+    plan: LayerPlan
+    shards: FrameShards
+    sp_rank: int
+    rotary_global: tuple[torch.Tensor, torch.Tensor]  # Wan (cos, sin) [1, L, 1, d] for the whole video
+    t_rope: TemporalRope
+    comm: Comm
+    backend: str
+    tag: str  # byte-counter tag (the layer kind)
+
+    @property
+    def own(self) -> tuple[int, int]:
+        return self.shards.ranges[self.sp_rank]
+
+    def token_slice(self, start_frame, end_frame):
+        n = self.plan.tokens_per_frame
+        return slice(start_frame * n, end_frame * n)
+
+
+def _local_rotations(q, k, ctx: SPContext, natural=True):
+    s, e = ctx.own
+    n = ctx.plan.tokens_per_frame
+    cos, sin = ctx.rotary_global
+    sl = ctx.token_slice(s, e)
+    frames = torch.arange(s, e).repeat_interleave(n) if natural else None
+    return split_rotations(q, k, (cos[:, sl], sin[:, sl]), ctx.t_rope, frames)
+
+
+def _heads_first(*xs):
+    return [None if x is None else x.transpose(1, 2) for x in xs]
+
+
+# ----------------------------------------------------------------------------------- Ulysses
+def ulysses(q, k, v, ctx: SPContext):
+    """All-to-all over heads: every rank attends the whole sequence for heads / P heads."""
+    num_ranks = len(ctx.shards.ranges)
+    bsz, _, heads, dim = q.shape
+    hp = heads // num_ranks
+    n = ctx.plan.tokens_per_frame
+    qkv = torch.stack([q, k, v])  # [3, B, Ls, h, d]
+    chunks = [qkv[:, :, :, j * hp : (j + 1) * hp] for j in range(num_ranks)]
+    shapes = [(3, bsz, size * n, hp, dim) for size in ctx.shards.sizes]
+    parts = ctx.comm.all_to_all(chunks, shapes, ctx.tag)
+    q_all, k_all, v_all = torch.cat(parts, dim=2).unbind(0)  # [B, L, hp, d]
+    out = get_backend(ctx.backend).run(q_all, k_all, v_all, ctx.rotary_global, ctx.plan, ctx.t_rope)
+    me = ctx.sp_rank
+    back = [out[:, ctx.token_slice(*ctx.shards.ranges[j])] for j in range(num_ranks)]
+    own_tokens = ctx.shards.sizes[me] * n
+    got = ctx.comm.all_to_all(back, [(bsz, own_tokens, hp, dim)] * num_ranks, ctx.tag)
+    return torch.cat(got, dim=2)  # heads back in rank order
+
+
+# -------------------------------------------------------------------------------------- ring
+def ring(q, k, v, ctx: SPContext):
+    """K/V blocks rotate around the sp ring; partial results merge by log-sum-exp.
+
+    Uses the grouped kernel (it returns lse); the flex backend cannot on CPU, so ring is sdpa only.
+    """
+    num_ranks = len(ctx.shards.ranges)
+    me = ctx.sp_rank
+    n = ctx.plan.tokens_per_frame
+    q_nat, k_nat, q0, k0 = _heads_first(*_local_rotations(q, k, ctx))
+    vt = v.transpose(1, 2)
+    own = tuple(range(*ctx.own))
+    out = torch.zeros(q0.shape, dtype=torch.float32, device=q0.device)
+    lse = torch.full(q0.shape[:-1], float("-inf"), device=q0.device)
+    block_owner, block = me, (k0, vt)
+    for step in range(num_ranks):
+        wait = None
+        if step < num_ranks - 1:  # post the next transfer, then compute on the block we hold
+            src = (block_owner - 1) % num_ranks
+            shape = lambda r: (*k0.shape[:2], ctx.shards.sizes[r] * n, k0.shape[-1])
+            _, wait = ctx.comm.exchange(
+                [((me + 1) % num_ranks, torch.stack(block))],
+                [((me - 1) % num_ranks, (2, *shape(src)), k0.dtype)],
+                ctx.tag,
+            )
+        s, e = ctx.shards.ranges[block_owner]
+        frames = torch.arange(s, e).repeat_interleave(n).to(q0.device)
+        kb0, vb = block
+        kb_nat = ctx.t_rope.rotate(kb0, frames)
+        o, l = grouped_attention(
+            q_nat, kb_nat, q0, kb0, vb, ctx.plan, ctx.t_rope, query_frames=own, key_frames=tuple(range(s, e))
+        )
+        merge_into(out, lse, o, l)
+        if wait is not None:
+            block = tuple(wait()[0].unbind(0))
+            block_owner = src
+    return out.to(q.dtype).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------- neighbour
+def neighbour(q, k, v, ctx: SPContext):
+    """TSA: receive exactly the key frames this rank's queries attend, from the ranks that own them."""
+    me = ctx.sp_rank
+    n = ctx.plan.tokens_per_frame
+    ex = exchange_plan(ctx.plan, ctx.shards)
+    s, e = ctx.own
+    q_nat, k_nat, q0, k0 = _heads_first(*_local_rotations(q, k, ctx))
+    vt = v.transpose(1, 2)
+    kv_frames = torch.stack([k0, vt]).unflatten(3, (e - s, n))  # [2, B, h, Fs, n, d]
+    sends = [(dst, kv_frames[:, :, :, [f - s for f in frames]].flatten(3, 4)) for dst, frames in ex.sends[me]]
+    recvs = [(src, (2, *k0.shape[:2], len(frames) * n, k0.shape[-1]), k0.dtype) for src, frames in ex.recvs[me]]
+    _, wait = ctx.comm.exchange(sends, recvs, ctx.tag)
+    own = tuple(range(s, e))
+    remote_frames = tuple(f for _, frames in ex.recvs[me] for f in frames)
+    if ctx.backend == "flex":
+        received = wait()
+        key_frames = own + remote_frames
+        k_buf = torch.cat([k0] + [b[0] for b in received], dim=2)
+        v_buf = torch.cat([vt] + [b[1] for b in received], dim=2)
+        out = flex_freeloc_attention(q0, k_buf, v_buf, ctx.plan, ctx.t_rope, query_frames=own, key_frames=key_frames)
+        return out.transpose(1, 2)
+    # Local keys first, while the neighbours' frames are in flight.
+    out, lse = grouped_attention(q_nat, k_nat, q0, k0, vt, ctx.plan, ctx.t_rope, query_frames=own, key_frames=own)
+    out = out.float()
+    received = wait()
+    if received:
+        k_rem = torch.cat([b[0] for b in received], dim=2)
+        v_rem = torch.cat([b[1] for b in received], dim=2)
+        frames = torch.tensor(remote_frames, device=q0.device).repeat_interleave(n)
+        o, l = grouped_attention(
+            q_nat, ctx.t_rope.rotate(k_rem, frames), q0, k_rem, v_rem, ctx.plan, ctx.t_rope,
+            query_frames=own, key_frames=remote_frames,
+        )
+        merge_into(out, lse, o, l)
+    return out.to(q.dtype).transpose(1, 2)
+
+
+STRATEGIES = {"ulysses": ulysses, "ring": ring, "neighbour": neighbour}

@@ -1,0 +1,193 @@
+"""The sampling loop of a Wan text-to-video render: prompt encoding, flow-matching denoising with
+classifier-free guidance, and VAE decoding to uint8 frames.
+
+The loop holds the *global* latents of the whole video. The only place the transformer is called is
+`predict_noise(transformer, latents, t, cond, uncond, guidance)`; `sample` takes it as a parameter so that a
+sequence-parallel engine can pass its own (sharded, CFG-parallel) implementation with the same contract:
+global latents in, guided flow prediction (float32, same shape) out.
+
+Shapes (legend): B batch (always 1 here), C latent channels (vae z_dim), F latent frames, H/W latent height
+and width (pixels / vae spatial factor), L text tokens, D text width, T output frames.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from freeloc_dist.config import RenderConfig
+
+PredictFn = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
+StepCallback = Callable[[int, int, float], None]  # (step done, total steps, seconds since start)
+
+
+@dataclass(frozen=True)
+class LatentGeometry:
+    channels: int  # C
+    frames: int  # F
+    height: int  # H (latent cells)
+    width: int  # W (latent cells)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (1, self.channels, self.frames, self.height, self.width)
+
+
+def vae_scale_factors(vae) -> tuple[int, int]:
+    """(temporal, spatial) compression of a Wan VAE, from its config."""
+    cfg = vae.config
+    temporal = getattr(cfg, "scale_factor_temporal", None) or 2 ** sum(cfg.temperal_downsample)
+    spatial = getattr(cfg, "scale_factor_spatial", None) or 2 ** (len(cfg.dim_mult) - 1)
+    return int(temporal), int(spatial)
+
+
+def latent_geometry(vae, transformer, frames: int, height: int, width: int) -> LatentGeometry:
+    temporal, spatial = vae_scale_factors(vae)
+    _, patch_h, patch_w = transformer.config.patch_size
+    if (frames - 1) % temporal:
+        raise ValueError(f"frames={frames} must be {temporal}k+1 for this VAE")
+    if height % (spatial * patch_h) or width % (spatial * patch_w):
+        raise ValueError(f"height/width {height}x{width} must be multiples of {spatial * patch_h}x{spatial * patch_w}")
+    return LatentGeometry(vae.config.z_dim, (frames - 1) // temporal + 1, height // spatial, width // spatial)
+
+
+def initial_noise(geometry: LatentGeometry, seed: int, device: torch.device | str) -> torch.Tensor:
+    """Gaussian noise [B, C, F, H, W] for the whole video, drawn on CPU in float32 so it is the same on any
+    device and any number of ranks (a sequence-parallel rank slices this tensor)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(geometry.shape, generator=gen, dtype=torch.float32).to(device)
+
+
+@torch.inference_mode()
+def encode_prompt(text_encoder, tokenizer, prompt: str, max_tokens: int) -> torch.Tensor:
+    """UMT5 last hidden state [1, L=max_tokens, D]; positions past the prompt's real length are zero."""
+    enc = tokenizer([prompt], padding="max_length", max_length=max_tokens, truncation=True,
+                    add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    device = text_encoder.device
+    ids = enc["input_ids"].to(device)  # [1, L]
+    mask = enc["attention_mask"].to(device)  # [1, L]
+    hidden = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [1, L, D]
+    return hidden * mask[..., None].to(hidden.dtype)
+
+
+def scheduler_for_render(scheduler, shift: float):
+    """A fresh scheduler (no step state carried between renders) with the flow shift set."""
+    config = dict(scheduler.config)
+    overrides: dict[str, Any] = {}
+    if "flow_shift" in config and config.get("use_flow_sigmas", False):
+        overrides["flow_shift"] = shift  # UniPC/DPM-style schedulers with flow sigmas (Wan's own)
+    elif "shift" in config:
+        # FlowMatchEuler-style: a static shift, as Wan uses; dynamic (resolution-dependent) shifting off
+        overrides["shift"] = shift
+        if config.get("use_dynamic_shifting"):
+            overrides["use_dynamic_shifting"] = False
+    else:
+        import warnings
+
+        warnings.warn(f"sampling.shift has no effect on {type(scheduler).__name__}", stacklevel=2)
+    return type(scheduler).from_config(config, **overrides)
+
+
+def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                  uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    """Guided flow prediction for latents [B, C, F, H, W] at timestep t; float32, same shape.
+
+    With guidance <= 1 (or no negative embedding) only the conditional pass runs.
+    """
+    x = latents.to(transformer.dtype)
+    timestep = t.reshape(1).expand(x.shape[0]).to(x.device)  # [B]
+    pos = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
+    if uncond is None or guidance <= 1.0:
+        return pos.float()
+    neg = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False)[0]
+    return neg.float() + guidance * (pos.float() - neg.float())
+
+
+@torch.inference_mode()
+def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
+           steps: int, guidance: float, predict: PredictFn = predict_noise,
+           on_step: StepCallback | None = None) -> torch.Tensor:
+    """Denoise `latents` [B, C, F, H, W] (float32) over `steps` scheduler steps; returns the final latents."""
+    scheduler.set_timesteps(steps, device=latents.device)
+    timesteps = scheduler.timesteps
+    start = time.perf_counter()
+    for i, t in enumerate(timesteps):
+        flow = predict(transformer, latents, t, cond, uncond, guidance)  # [B, C, F, H, W] float32
+        latents = scheduler.step(flow, t, latents, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i + 1, len(timesteps), time.perf_counter() - start)
+    return latents
+
+
+def _to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[B=1, 3, T, Hp, Wp] in [-1, 1] -> uint8 numpy [T, Hp, Wp, 3]."""
+    x = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, Hp, Wp]
+    return x.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _denormalise(vae, latents: torch.Tensor) -> torch.Tensor:
+    cfg = vae.config
+    mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=latents.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=latents.device).view(1, -1, 1, 1, 1)
+    return latents.float() * std + mean
+
+
+@torch.inference_mode()
+def decode_video(vae, latents: torch.Tensor) -> np.ndarray:
+    """Decode latents [1, C, F, H, W] to uint8 frames [T, Hp, Wp, 3], T = 4(F-1)+1.
+
+    Wan's VAE decoder is causal in time: it runs one latent frame at a time with a feature cache. We drive
+    that loop ourselves so each chunk is converted to uint8 on the host as soon as it is decoded; the full
+    float video never exists on the device (961 frames at 832x480 would be 4.6 GB in float32). Falls back to
+    the VAE's own decode for models without that structure.
+    """
+    z = _denormalise(vae, latents).to(vae.dtype)
+    streaming = (all(hasattr(vae, a) for a in ("clear_cache", "post_quant_conv", "decoder"))
+                 and getattr(vae.config, "patch_size", None) is None and not getattr(vae, "use_tiling", False))
+    if streaming:
+        vae.clear_cache()  # creates the feature cache (_feat_map)
+        streaming = hasattr(vae, "_feat_map")
+    if not streaming:
+        return _to_uint8(vae.decode(z, return_dict=False)[0])
+    chunks = []
+    try:
+        x = vae.post_quant_conv(z)  # [1, C, F, H, W]
+        for f in range(x.shape[2]):
+            vae._conv_idx = [0]
+            out = vae.decoder(x[:, :, f:f + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                              first_chunk=(f == 0))  # [1, 3, 1 or 4, Hp, Wp]
+            chunks.append(_to_uint8(out))
+    finally:
+        vae.clear_cache()
+    return np.concatenate(chunks, axis=0)
+
+
+@dataclass
+class RenderResult:
+    latents: torch.Tensor  # [1, C, F, H, W] float32, final (normalised) latents
+    frames: np.ndarray | None  # uint8 [T, Hp, Wp, 3], None if not decoded
+
+
+def render(components, cfg: RenderConfig, *, decode: bool = True, predict: PredictFn = predict_noise,
+           on_step: StepCallback | None = None) -> RenderResult:
+    """Run one text-to-video render of `cfg` with loaded components (see freeloc_dist.models)."""
+    transformer = components.transformer
+    device = next(transformer.parameters()).device
+    s = cfg.sampling
+    geometry = latent_geometry(components.vae, transformer, cfg.video.frames, cfg.video.height, cfg.video.width)
+    use_cfg = s.guidance_scale > 1.0
+    cond = encode_prompt(components.text_encoder, components.tokenizer, cfg.prompt, s.max_text_tokens)
+    uncond = (encode_prompt(components.text_encoder, components.tokenizer, s.negative_prompt, s.max_text_tokens)
+              if use_cfg else None)
+    cond = cond.to(device=device, dtype=transformer.dtype)
+    uncond = uncond.to(device=device, dtype=transformer.dtype) if uncond is not None else None
+    latents = initial_noise(geometry, s.seed, device)
+    scheduler = scheduler_for_render(components.scheduler, s.shift)
+    latents = sample(transformer, scheduler, latents, cond, uncond, steps=s.steps, guidance=s.guidance_scale,
+                     predict=predict, on_step=on_step)
+    frames = decode_video(components.vae, latents) if decode else None
+    return RenderResult(latents=latents, frames=frames)

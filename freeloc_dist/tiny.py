@@ -1,0 +1,135 @@
+"""A tiny random Wan2.1 text-to-video model, built offline, for tests and the embedded default config.
+
+Same classes and layout as the real Wan2.1-T2V-Diffusers checkpoints, only small: a 3-layer
+WanTransformer3DModel (2 heads x head_dim 12, so Wan's RoPE split is t/h/w = 4/4/4), an AutoencoderKLWan
+with 4 latent channels and the real 4x temporal / 8x spatial compression, a 2-layer UMT5 encoder, a byte-level
+tokenizer built with the `tokenizers` library (no vocabulary download), and Wan's UniPC flow-matching
+scheduler. `save_tiny_model` writes it in diffusers format (assets/tiny-wan/ is made this way, by
+launch/make_tiny.py), and it is loaded back through freeloc_dist.models like any real checkpoint.
+Weights depend only on `seed`. The outputs are noise, but every code path of a real render runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from freeloc_dist.models import WanComponents
+
+TINY_TEXT_DIM = 32
+TINY_Z_DIM = 4
+TINY_NUM_LAYERS = 3
+
+_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5/UMT5
+
+
+def build_tiny_tokenizer():
+    """A byte-level tokenizer: one token per UTF-8 byte, plus pad/eos/unk; appends </s> like UMT5's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_SPECIAL_TOKENS + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def build_tiny_components(seed: int = 0) -> WanComponents:
+    """Build the tiny model in memory (float32, CPU, eval mode). Deterministic for a seed."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tiny_tokenizer()
+    # Module constructors draw their initial weights from the global RNG; fork it so building the tiny
+    # model neither depends on nor disturbs the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,  # RoPE split t/h/w = 12 - 2*4 / 4 / 4
+            in_channels=TINY_Z_DIM,
+            out_channels=TINY_Z_DIM,
+            text_dim=TINY_TEXT_DIM,
+            freq_dim=32,
+            ffn_dim=48,
+            num_layers=TINY_NUM_LAYERS,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+        )
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLWan(
+            base_dim=8,
+            z_dim=TINY_Z_DIM,
+            dim_mult=[1, 2, 2, 2],  # three downsamples: 8x spatial
+            num_res_blocks=1,
+            attn_scales=[],
+            temperal_downsample=[False, True, True],  # two temporal downsamples: 4x
+            # non-trivial statistics so that decode's un-normalisation is exercised
+            latents_mean=[0.1, -0.2, 0.05, 0.0],
+            latents_std=[1.5, 0.8, 1.2, 1.0],
+        )
+        torch.manual_seed(seed + 2)
+        text_encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=TINY_TEXT_DIM,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        ))
+    # Wan2.1's own scheduler settings (flow sigmas, flow prediction, shift 3.0).
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+        solver_order=2,
+    )
+    return WanComponents(
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+    )
+
+
+def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny model to `out_dir` in diffusers format (loadable by freeloc_dist.models)."""
+    import diffusers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = build_tiny_components(seed)
+    parts.transformer.save_pretrained(out / "transformer")
+    parts.vae.save_pretrained(out / "vae")
+    parts.text_encoder.save_pretrained(out / "text_encoder")
+    parts.tokenizer.save_pretrained(out / "tokenizer")
+    parts.scheduler.save_pretrained(out / "scheduler")
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", type(parts.tokenizer).__name__],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out

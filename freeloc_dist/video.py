@@ -1,0 +1,76 @@
+"""Writing render outputs (mp4 video, latents) atomically.
+
+Every output is written to a temporary file in the destination folder and moved over the final name with
+os.replace only once complete, so a crash, a kill or a full disk never leaves a partial file under the name
+a rendering queue is waiting for. Video goes through the ffmpeg binary that ships with imageio-ffmpeg
+(H.264, yuv420p: plays everywhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `final` (same suffix); on success move it to `final`, else delete it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}")
+    os.close(fd)
+    tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file the usual permissions
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: int) -> Path:
+    """Write uint8 frames [T, H, W, 3] to an H.264 mp4 at `path` (atomically)."""
+    import imageio_ffmpeg
+
+    frames = np.ascontiguousarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    num_frames, height, width, _ = frames.shape
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        writer = imageio_ffmpeg.write_frames(
+            str(tmp), (width, height), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
+            macro_block_size=1, ffmpeg_log_level="error", output_params=["-f", "mp4"],
+        )
+        writer.send(None)  # start ffmpeg
+        try:
+            for i in range(num_frames):
+                writer.send(frames[i])
+        finally:
+            writer.close()
+    return path
+
+
+def read_mp4_frame_count(path: str | Path) -> int:
+    """Number of frames in a video file (decodes it; for tests and checks)."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.count_frames_and_secs(str(path))[0]
+
+
+def save_latents(path: str | Path, latents) -> Path:
+    """Save a latents tensor as a safetensors file holding one tensor named `latents` (atomically)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file({"latents": latents.detach().to("cpu").contiguous()}, str(tmp))
+    return path

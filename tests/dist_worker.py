@@ -1,0 +1,99 @@
+"""One rank of a multi-process test, launched by test_parallel.py through torchrun (gloo on CPU).
+
+Computes the guided prediction and a short sampling run of tiny Wan transformers under sequence/CFG
+parallelism and saves rank 0's results; test_parallel.py compares them with a single process.
+"""
+
+import argparse
+import faulthandler
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _tiny import tiny_transformer  # noqa: E402
+
+from freeloc_dist import apply_freeloc  # noqa: E402
+from freeloc_dist.parallel import destroy_parallel, init_parallel, parallelize  # noqa: E402
+
+PROFILE = {
+    "model": "tiny-random",
+    "trained_frames": 4,
+    "source": "test",
+    "layers": {"tsa": [0], "vrpr": [1], "full": [2]},
+    "tsa": {"dense_frames": 1, "stripe_frames": 2, "stripe_width": 3, "sink_frames": [0]},
+}
+GUIDANCE = 3.0
+
+
+def case_inputs(num_frames, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, 4, num_frames, 4, 6, generator=g)
+    cond = torch.randn(1, 7, 16, generator=g)
+    uncond = torch.randn(1, 7, 16, generator=g)
+    return latents, cond, uncond
+
+
+def build(heads, backend="sdpa"):
+    model = tiny_transformer(num_layers=3, heads=heads, head_dim=12, seed=0)
+    return apply_freeloc(model, PROFILE, backend=backend)
+
+
+def strategies_for(heads, sp_degree):
+    names = ["auto", "ring", "neighbour"]
+    if heads % sp_degree == 0:
+        names.append("ulysses")
+    return names
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--frames", type=int, required=True)
+    ap.add_argument("--cfg", type=int, default=1)
+    ap.add_argument("--heads", default="6,5")
+    ap.add_argument("--backend", default="sdpa")
+    ap.add_argument("--fail-rank", type=int, default=-1)
+    ap.add_argument("--timeout", type=float, default=600)
+    args = ap.parse_args()
+    faulthandler.dump_traceback_later(args.timeout, exit=True)  # a hang prints every stack, then exits
+    dims = init_parallel(cfg_degree=args.cfg, timeout_s=args.timeout)
+    try:
+        if dims.rank == args.fail_rank:
+            raise RuntimeError(f"rank {dims.rank} fails on purpose")
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from freeloc_dist.sampling import sample
+
+        latents, cond, uncond = case_inputs(args.frames)
+        results = {}
+        for heads in [int(h) for h in args.heads.split(",")]:
+            for strategy in strategies_for(heads, dims.sp_degree):
+                model = build(heads, args.backend)
+                engine = parallelize(model, dims, backend=args.backend, strategy=strategy)
+                results[f"pred/h{heads}/{strategy}"] = engine.predict(
+                    model, latents, torch.tensor(700.0), cond, uncond, GUIDANCE
+                )
+                if strategy == "auto":
+                    chosen = {k: engine.strategy_for(model.freeloc_state.plan(k), 12) for k in ("tsa", "vrpr", "full")}
+                    results[f"strategy/h{heads}"] = chosen
+                    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+                    results[f"latents/h{heads}"] = sample(
+                        model, scheduler, latents.clone(), cond, uncond, steps=2, guidance=GUIDANCE,
+                        predict=engine.predict,
+                    )
+                    engine.comm.reset()
+                    engine.predict(model, latents, torch.tensor(700.0), cond, None, 1.0)
+                    results[f"bytes/h{heads}"] = dict(engine.comm.bytes)
+        if dims.rank == 0:
+            torch.save(results, args.out)
+    finally:
+        destroy_parallel(dims)
+
+
+if __name__ == "__main__":
+    main()
