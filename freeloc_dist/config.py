@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Backend = Literal["sdpa", "flex"]
+Strategy = Literal["auto", "ulysses", "ring", "neighbour"]
 
 
 class ConfigError(ValueError):
@@ -56,12 +57,22 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Multi-process settings; world size comes from torchrun (WORLD_SIZE), sp = world / cfg_degree."""
+
+    cfg_degree: int = 1  # 2: conditional and unconditional passes run on two rank groups
+    strategy: Strategy = "auto"  # auto: per layer kind, the cheapest by bytes moved (DESIGN 7)
+    timeout_s: float = 600.0  # a collective waiting longer than this fails every rank
+
+
+@dataclass(frozen=True, kw_only=True)
 class RenderConfig:
     model: ModelConfig
     video: VideoConfig
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     profile: Path | None = None  # FreeLOC profile YAML; None renders with stock attention
     attention_backend: Backend = "sdpa"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     prompt: str = ""
     output: Path = Path("outputs/render.mp4")
 
@@ -101,6 +112,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[An
     "sampling.seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)"),
     "sampling.max_text_tokens": (lambda v: v >= 1, "must be >= 1"),
     "output": (lambda v: v.suffix.lower() == ".mp4", "must be an .mp4 path"),
+    "parallel.cfg_degree": (lambda v: v in (1, 2), "must be 1 or 2"),
+    "parallel.timeout_s": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
 }
 
 

@@ -50,6 +50,24 @@ def strategies_for(heads, sp_degree):
 
 
 @torch.no_grad()
+def tsa_bytes(dims, num_frames):
+    """Bytes a TSA layer receives under neighbour exchange, measured and predicted, at F and 2F."""
+    from freeloc_dist.parallel.shards import received_elements
+
+    profile = {**PROFILE, "layers": {"tsa": [0, 1, 2]}}
+    out = {}
+    for frames in (num_frames, 2 * num_frames):
+        latents, cond, _ = case_inputs(frames)
+        model = apply_freeloc(tiny_transformer(num_layers=3, heads=6), profile)
+        engine = parallelize(model, dims, strategy="neighbour")
+        engine.predict(model, latents, torch.tensor(700.0), cond, None, 1.0)
+        plan = model.freeloc_state.plan("tsa")
+        predicted = received_elements("neighbour", plan, engine.shards, 6, 12)[dims.sp_rank] * 4 * 3  # fp32, 3 layers
+        out[frames] = {"measured": engine.comm.bytes["tsa"], "predicted": predicted}
+    return out
+
+
+@torch.no_grad()
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -58,6 +76,7 @@ def main():
     ap.add_argument("--heads", default="6,5")
     ap.add_argument("--backend", default="sdpa")
     ap.add_argument("--fail-rank", type=int, default=-1)
+    ap.add_argument("--case", choices=["equivalence", "bytes"], default="equivalence")
     ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args()
     faulthandler.dump_traceback_later(args.timeout, exit=True)  # a hang prints every stack, then exits
@@ -65,6 +84,9 @@ def main():
     try:
         if dims.rank == args.fail_rank:
             raise RuntimeError(f"rank {dims.rank} fails on purpose")
+        if args.case == "bytes":
+            torch.save(tsa_bytes(dims, args.frames), f"{args.out}.rank{dims.rank}")
+            return
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from freeloc_dist.sampling import sample

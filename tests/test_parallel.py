@@ -7,6 +7,7 @@ float32 reductions (log-sum-exp merges across ranks, head-split matmuls).
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -60,3 +61,64 @@ def test_parallel_equals_single_process(tmp_path, nproc, cfg, frames):
             chosen = results[f"strategy/h{heads}"]
             assert chosen["vrpr"] == ("ulysses" if heads % sp == 0 else "ring")
             assert set(results[f"bytes/h{heads}"]) >= {"tsa", "vrpr", "full", "gather"}
+
+
+def test_tsa_bytes_match_the_plan_and_do_not_grow_with_length(tmp_path):
+    out = tmp_path / "bytes"
+    proc = launch(3, out, "--frames", "12", "--case", "bytes")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in range(3):
+        per_length = torch.load(f"{out}.rank{rank}")
+        for frames, counts in per_length.items():
+            assert counts["measured"] == counts["predicted"] > 0, (rank, frames, counts)
+        assert per_length[12]["measured"] == per_length[24]["measured"], (rank, per_length)
+
+
+def test_a_failing_rank_stops_every_rank(tmp_path):
+    timeout = 30
+    start = time.perf_counter()
+    proc = launch(2, tmp_path / "x.pt", "--frames", "9", "--fail-rank", "1", "--timeout", str(timeout))
+    assert proc.returncode != 0
+    assert "rank 1 fails on purpose" in proc.stderr
+    assert time.perf_counter() - start < timeout + 30
+
+
+def test_cli_rejects_bad_input_on_every_rank(tmp_path):
+    # Each rank alone, as torchrun starts it: the error must come before any rendezvous (no peer needed).
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "generate.py"), "--config", "configs/tiny.yaml",
+           "--frames", "64", "--out", str(tmp_path / "x.mp4")]
+    for rank in (0, 1):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == f"[rank {rank}] error: config error: video.frames=64: must be 4k+1 (e.g. 61 or 65)"
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_cli_rejects_more_ranks_than_frames(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "8", "RANK": "3", "LOCAL_RANK": "3"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"), "--config",
+                           "configs/tiny.yaml", "--frames", "9"], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT, env=env)
+    assert proc.returncode == 2
+    assert "8 ranks give 8 sequence-parallel ranks but the video has only 3 latent frames" in proc.stderr
+
+
+def test_torchrun_render_equals_single_process(tmp_path):
+    """Issue 3's acceptance check: the CLI under torchrun writes the latents of a plain run."""
+    from safetensors.torch import load_file
+
+    base = [os.path.join(ROOT, "launch", "generate.py"), "--config", "configs/tiny.yaml", "--frames", "33",
+            "--steps", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "a.mp4"), "--save-latents",
+                             str(tmp_path / "a.safetensors")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            *base, "--out", str(tmp_path / "b.mp4"), "--save-latents", str(tmp_path / "b.safetensors"),
+                            "--report-comm"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    a, b = (load_file(tmp_path / f"{x}.safetensors")["latents"] for x in "ab")
+    assert rel_err(b, a) < TOL
+    assert "rank 1:" in multi.stderr and "tsa=" in multi.stderr
