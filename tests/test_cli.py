@@ -66,7 +66,9 @@ FLAG_ERRORS = [
     ("negative-seconds", ["--seconds", "-1"], {}, "--seconds"),
     ("bad-backend", ["--backend", "xformers"], {}, "--backend"),
     ("missing-profile-flag", ["--profile", "missing.yaml"], {}, "missing.yaml"),
-    ("world-size", [], {"WORLD_SIZE": "2"}, "sequence parallelism"),
+    ("world-size", [], {"WORLD_SIZE": "two"}, "WORLD_SIZE"),
+    ("cfg-degree", ["--cfg-degree", "3"], {}, "--cfg-degree"),
+    ("strategy", ["--strategy", "xdit"], {}, "--strategy"),
 ]
 
 
