@@ -150,7 +150,8 @@ def _log(message: str) -> None:
 def run(argv: list[str] | None = None) -> Path | None:
     global _RANK_PREFIX
     args = _parse_args(argv)
-    if os.environ.get("WORLD_SIZE", "1") != "1":
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
         _RANK_PREFIX = f"[rank {os.environ.get('RANK', '?')}] "
     cfg = _load_config(args)
     profile = _check_inputs(cfg, args)
