@@ -220,13 +220,7 @@ def _render(cfg, args, profile, dims) -> Path | None:
 
 def _report_comm(engine, dims, transformer, steps: int) -> None:
     """Bytes received per rank, per layer kind, per sampling step (and per layer of that kind)."""
-    import torch.distributed as dist
-
-    counts = dict(engine.comm.bytes) if engine is not None else {}
-    gathered = [counts]
-    if dims.distributed:
-        gathered = [None] * dims.world_size
-        dist.all_gather_object(gathered, counts)
+    gathered = engine.comm.gather_counts() if engine is not None else [{}]
     if dims.rank != 0:
         return
     state = getattr(transformer, "freeloc_state", None)

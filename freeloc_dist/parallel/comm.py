@@ -85,13 +85,13 @@ class Comm:
         return parts
 
     # -- world --------------------------------------------------------------------------------
-    def all_ok(self, ok: bool) -> bool:
-        """True iff every rank reports ok: a rank that failed makes all ranks stop together."""
+    def gather_counts(self) -> list[dict]:
+        """Every rank's byte counters, on every rank (for reports; not itself counted)."""
         if not self.dims.distributed:
-            return ok
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=self.dims.device)
-        dist.all_reduce(flag)
-        return int(flag.item()) == 0
+            return [dict(self.bytes)]
+        out = [None] * self.dims.world_size
+        dist.all_gather_object(out, dict(self.bytes))
+        return out
 
 
 def _numel(shape) -> int:
