@@ -25,7 +25,7 @@ class TemporalRope:
 
     def cos_sin(self, positions: torch.Tensor, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [*positions.shape, t_dim // 2] for integer positions (computed in float64)."""
-        angles = positions.to(torch.float64)[..., None] * self.inv_freq()
+        angles = positions.to(torch.float64)[..., None] * self.inv_freq().to(positions.device)
         return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
 
     def rotate(self, x: torch.Tensor, positions) -> torch.Tensor:
@@ -33,12 +33,9 @@ class TemporalRope:
         pos = torch.as_tensor(positions)
         work = torch.promote_types(x.dtype, torch.float32)  # never rotate in half precision
         cos, sin = self.cos_sin(pos, x.device, work)  # [*pos.shape, t_dim/2]
-        xt = x[..., : self.t_dim].to(work)
-        x1, x2 = xt[..., 0::2], xt[..., 1::2]
-        out = x.clone()
-        out[..., 0 : self.t_dim : 2] = (x1 * cos - x2 * sin).to(x.dtype)
-        out[..., 1 : self.t_dim : 2] = (x1 * sin + x2 * cos).to(x.dtype)
-        return out
+        x1, x2 = x[..., : self.t_dim].to(work).unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        return torch.cat((rotated.to(x.dtype), x[..., self.t_dim :]), dim=-1)
 
 
 def temporal_rope_of(transformer) -> TemporalRope:

@@ -14,7 +14,7 @@ import torch
 
 from ..plan import LayerPlan
 from ..rope import TemporalRope
-from .lse import attend, merge_into
+from .lse import attend, merge_all
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,13 +71,17 @@ def grouped_attention(
     n = plan.tokens_per_frame
     query_frames = tuple(range(plan.num_frames)) if query_frames is None else tuple(query_frames)
     key_frames = tuple(range(plan.num_frames)) if key_frames is None else tuple(key_frames)
+    # One copy each into [B, h, L, d] row-major, so every slice below is a cheap contiguous view.
+    q_nat, k_nat, q0, k0, v = (None if x is None else x.contiguous() for x in (q_nat, k_nat, q0, k0, v))
     out_all = torch.zeros(q0.shape, dtype=torch.float32, device=q0.device)
     lse_all = torch.full(q0.shape[:-1], float("-inf"), dtype=torch.float32, device=q0.device)
     width = plan.stripe_width
     chunks = _band_chunks(n, width, band_chunk or max(16, width))
     for qi, runs in enumerate(schedule(plan, query_frames, key_frames)):
+        if not runs:
+            continue
         rows = slice(qi * n, (qi + 1) * n)
-        out_acc, lse_acc = out_all[:, :, rows], lse_all[:, :, rows]
+        outs, lses = [], []
         for offset, fs, fe, banded in runs:
             if offset is None:
                 q_g, k_g = q_nat[:, :, rows], k_nat[:, :, fs * n : fe * n]
@@ -85,15 +89,25 @@ def grouped_attention(
                 q_g, k_g = t_rope.rotate(q0[:, :, rows], offset), k0[:, :, fs * n : fe * n]
             v_g = v[:, :, fs * n : fe * n]
             if not banded:
-                merge_into(out_acc, lse_acc, *attend(q_g, k_g, v_g, impl=impl))
-                continue
-            frames = fe - fs
-            k_f = k_g.unflatten(2, (frames, n))
-            v_f = v_g.unflatten(2, (frames, n))
-            for r0, r1, c0, c1, bias in chunks:
-                k_c = k_f[:, :, :, c0:c1].flatten(2, 3)
-                v_c = v_f[:, :, :, c0:c1].flatten(2, 3)
-                bias_c = bias.to(q0.device, q0.dtype).repeat(1, frames)
-                o, l = attend(q_g[:, :, r0:r1], k_c, v_c, bias_c, impl=impl)
-                merge_into(out_acc[:, :, r0:r1], lse_acc[:, :, r0:r1], o, l)
+                o, l = attend(q_g, k_g, v_g, impl=impl)
+            else:
+                o, l = _banded(q_g, k_g, v_g, fe - fs, n, chunks, impl)
+            outs.append(o)
+            lses.append(l)
+        out_all[:, :, rows], lse_all[:, :, rows] = merge_all(outs, lses)
     return out_all.to(q0.dtype), lse_all
+
+
+def _banded(q_g, k_g, v_g, frames, n, chunks, impl):
+    """One striped run: spatial query chunks, each against the key columns its band reaches."""
+    k_f = k_g.unflatten(2, (frames, n))
+    v_f = v_g.unflatten(2, (frames, n))
+    outs, lses = [], []
+    for r0, r1, c0, c1, bias in chunks:
+        k_c = k_f[:, :, :, c0:c1].flatten(2, 3)
+        v_c = v_f[:, :, :, c0:c1].flatten(2, 3)
+        bias_c = bias.to(q_g.device, q_g.dtype).repeat(1, frames)
+        o, l = attend(q_g[:, :, r0:r1], k_c, v_c, bias_c, impl=impl)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
