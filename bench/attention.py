@@ -3,7 +3,9 @@
 Prints a table; not a test. Targets (issue 2): vrpr <= 1.25x dense; tsa <= 1.3 x density x dense.
 Default grid: Wan2.1's T=21 at F = 4T = 84 latent frames, 16 x 16 tokens per frame, 12 heads x 64.
 
-    python bench/attention.py [--frames 84] [--height 16 --width 16] [--heads 12] [--head-dim 64]
+    python bench/attention.py [--frames 84] [--height 16 --width 16] [--heads 12] [--head-dim 64] [--threads N]
+
+On a shared machine, --threads 1 gives steadier ratios (every variant runs under the same conditions).
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ def main():
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--backends", default="sdpa,flex")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     grid = (args.frames, args.height, args.width)
     size = args.frames * args.height * args.width

@@ -43,7 +43,7 @@ def build(heads, backend="sdpa"):
 
 
 def strategies_for(heads, sp_degree):
-    names = ["auto", "ring", "neighbour"]
+    names = ["auto", "ring", "neighbour", "hybrid"]
     if heads % sp_degree == 0:
         names.append("ulysses")
     return names
@@ -100,6 +100,14 @@ def main():
                 results[f"pred/h{heads}/{strategy}"] = engine.predict(
                     model, latents, torch.tensor(700.0), cond, uncond, GUIDANCE
                 )
+                if dims.sp_degree > 1:  # bytes of the one vrpr layer vs the byte model (fp32; CFG passes)
+                    from freeloc_dist.parallel.shards import received_elements
+
+                    passes = 1 if dims.cfg_degree == 2 else 2
+                    plan = model.freeloc_state.plan("vrpr")
+                    used = engine.strategy_for(plan, 12)
+                    predicted = received_elements(used, plan, engine.shards, heads, 12)[dims.sp_rank] * 4 * passes
+                    results[f"vrpr_bytes/h{heads}/{strategy}"] = (engine.comm.bytes["vrpr"], predicted)
                 if strategy == "auto":
                     chosen = {k: engine.strategy_for(model.freeloc_state.plan(k), 12) for k in ("tsa", "vrpr", "full")}
                     results[f"strategy/h{heads}"] = chosen

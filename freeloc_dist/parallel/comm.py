@@ -27,13 +27,19 @@ class Comm:
         self.calls[tag] += 1
 
     # -- sp axis ------------------------------------------------------------------------------
-    def all_to_all(self, chunks: list[torch.Tensor], out_shapes: list[tuple], tag: str) -> list[torch.Tensor]:
-        """chunks[j] goes to sp rank j; returns the tensors received from each sp rank (given shapes)."""
-        me = self.dims.sp_rank
+    def all_to_all(
+        self, chunks: list[torch.Tensor], out_shapes: list[tuple], tag: str, sub_group_size: int | None = None
+    ) -> list[torch.Tensor]:
+        """chunks[j] goes to rank j of the sp group (or of this rank's sub-group of `sub_group_size`
+        consecutive sp ranks); returns the tensors received from each of them (given shapes)."""
+        if sub_group_size is None or sub_group_size == self.dims.sp_degree:
+            group, me = self.dims.sp_group, self.dims.sp_rank
+        else:
+            group, me = self.dims.sub_sp_group(sub_group_size), self.dims.sp_rank % sub_group_size
         send = torch.cat([c.reshape(-1) for c in chunks])
         out = torch.empty(sum(_numel(s) for s in out_shapes), dtype=send.dtype, device=send.device)
         dist.all_to_all_single(
-            out, send, [_numel(s) for s in out_shapes], [c.numel() for c in chunks], group=self.dims.sp_group
+            out, send, [_numel(s) for s in out_shapes], [c.numel() for c in chunks], group=group
         )
         self._count(tag, sum(_numel(s) for j, s in enumerate(out_shapes) if j != me) * send.element_size())
         return [t.view(s) for t, s in zip(out.split([_numel(s) for s in out_shapes]), out_shapes)]
@@ -85,6 +91,14 @@ class Comm:
         return parts
 
     # -- world --------------------------------------------------------------------------------
+    def any_flag(self, flag: bool) -> bool:
+        """True on every rank iff any rank passes True (e.g. a preemption signal seen by one rank)."""
+        if not self.dims.distributed:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.dims.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def gather_counts(self) -> list[dict]:
         """Every rank's byte counters, on every rank (for reports; not itself counted)."""
         if not self.dims.distributed:

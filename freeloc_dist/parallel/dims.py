@@ -25,6 +25,7 @@ class ParallelDims:
     backend: str | None  # None: single process, no process group
     _sp_group: object = None
     _cfg_group: object = None
+    _sub_sp_groups: dict = dataclasses.field(default_factory=dict)  # size -> this rank's sub-group
 
     @property
     def sp_rank(self) -> int:
@@ -47,6 +48,24 @@ class ParallelDims:
     def cfg_group(self):
         assert self.cfg_degree > 1, "cfg axis is disabled (cfg_degree 1)"
         return self._cfg_group
+
+    def sub_sp_group(self, size: int):
+        """This rank's group of `size` consecutive sp ranks (Ulysses inside a Ulysses x ring hybrid).
+
+        Created on first request for a size, at install time, by every rank together (new_group is
+        collective over the world); never from a forward.
+        """
+        assert self.sp_degree % size == 0, (size, self.sp_degree)
+        if size not in self._sub_sp_groups:
+            mine = None
+            for c in range(self.cfg_degree):
+                for g in range(self.sp_degree // size):
+                    ranks = [c * self.sp_degree + g * size + j for j in range(size)]
+                    group = dist.new_group(ranks)
+                    if self.rank in ranks:
+                        mine = group
+            self._sub_sp_groups[size] = mine
+        return self._sub_sp_groups[size]
 
     def sp_global_rank(self, sp_rank: int) -> int:
         """Global rank of a peer in this rank's sp group (p2p ops take global ranks)."""

@@ -20,7 +20,7 @@ from ..processor import grid_of
 from .comm import Comm
 from .dims import ParallelDims
 from .shards import FrameShards, frame_shards, received_elements
-from .strategies import STRATEGIES, SPContext
+from .strategies import STRATEGIES, SPContext, ulysses_degree
 
 
 def stock_profile(num_layers: int) -> dict:
@@ -49,7 +49,14 @@ class SequenceParallel:
             state = transformer.freeloc_state
         self.state = state
         self.heads = transformer.blocks[0].attn1.heads
+        u = ulysses_degree(self.heads, dims.sp_degree)
+        # Dense layers: Ulysses if the heads divide, else Ulysses x ring, else ring.
+        self.dense_strategy = "ulysses" if u == dims.sp_degree else ("hybrid" if u > 1 else "ring")
         if dims.sp_degree > 1:
+            if strategy == "ulysses" and u != dims.sp_degree:
+                raise ValueError(f"ulysses needs heads ({self.heads}) divisible by sp degree ({dims.sp_degree})")
+            if u < dims.sp_degree and (strategy == "hybrid" or (strategy == "auto" and u > 1)):
+                dims.sub_sp_group(u)  # every rank creates the sub-groups now, not in a forward
             state.attention = self._attention
             state.route_stock = True  # stock layers must see the whole sequence too
             transformer.rope.register_forward_hook(self._rope_rows)
@@ -97,10 +104,8 @@ class SequenceParallel:
     def strategy_for(self, plan: LayerPlan, head_dim: int) -> str:
         """Cheapest strategy by bytes received (worst rank), among those that apply."""
         if self.strategy != "auto":
-            if self.strategy == "ulysses" and self.heads % self.dims.sp_degree:
-                raise ValueError(f"ulysses needs heads ({self.heads}) divisible by sp degree ({self.dims.sp_degree})")
             return self.strategy
-        candidates = ["ulysses" if self.heads % self.dims.sp_degree == 0 else "ring"]
+        candidates = [self.dense_strategy]
         if plan.kind == "tsa":
             candidates.append("neighbour")
         cost = {c: max(received_elements(c, plan, self.shards, self.heads, head_dim)) for c in candidates}

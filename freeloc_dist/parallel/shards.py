@@ -89,6 +89,18 @@ def received_elements(strategy: str, plan: LayerPlan, shards: FrameShards, heads
         return [2 * ex.frames_received(r) * frame for r in range(num_ranks)]
     if strategy == "ring":
         return [2 * (shards.num_frames - sizes[r]) * frame for r in range(num_ranks)]
+    if strategy == "hybrid":
+        from .strategies import ulysses_degree
+
+        u = ulysses_degree(heads, num_ranks)
+        per_head_group = frame // u
+        out = []
+        for r in range(num_ranks):
+            first = r - r % u
+            group = sum(sizes[first : first + u])
+            ulysses_part = 3 * (group - sizes[r]) + sizes[r] * (u - 1)
+            out.append((ulysses_part + 2 * (shards.num_frames - group)) * per_head_group)
+        return out
     if strategy == "ulysses":
         # q, k, v in: other ranks' tokens of my heads; out back: my tokens of other ranks' heads.
         per_head_group = frame // num_ranks

@@ -41,8 +41,8 @@ class SPContext:
         return slice(start_frame * n, end_frame * n)
 
 
-def _local_rotations(q, k, ctx: SPContext, natural=True):
-    s, e = ctx.own
+def _local_rotations(q, k, ctx: SPContext, frames_range=None, natural=True):
+    s, e = ctx.own if frames_range is None else frames_range
     n = ctx.plan.tokens_per_frame
     cos, sin = ctx.rotary_global
     sl = ctx.token_slice(s, e)
@@ -55,54 +55,69 @@ def _heads_first(*xs):
 
 
 # ----------------------------------------------------------------------------------- Ulysses
-def ulysses(q, k, v, ctx: SPContext):
-    """All-to-all over heads: every rank attends the whole sequence for heads / P heads."""
-    num_ranks = len(ctx.shards.ranges)
+def _heads_to_frames(q, k, v, ctx: SPContext, size: int):
+    """All-to-all inside a group of `size` consecutive sp ranks: my frames x all heads ->
+    the group's frames x heads / size. Returns (q, k, v [B, Lg, h/size, d], group frame range)."""
     bsz, _, heads, dim = q.shape
-    hp = heads // num_ranks
-    n = ctx.plan.tokens_per_frame
+    hp, n = heads // size, ctx.plan.tokens_per_frame
+    first = ctx.sp_rank - ctx.sp_rank % size
+    members = range(first, first + size)
     qkv = torch.stack([q, k, v])  # [3, B, Ls, h, d]
-    chunks = [qkv[:, :, :, j * hp : (j + 1) * hp] for j in range(num_ranks)]
-    shapes = [(3, bsz, size * n, hp, dim) for size in ctx.shards.sizes]
-    parts = ctx.comm.all_to_all(chunks, shapes, ctx.tag)
-    q_all, k_all, v_all = torch.cat(parts, dim=2).unbind(0)  # [B, L, hp, d]
-    out = get_backend(ctx.backend).run(q_all, k_all, v_all, ctx.rotary_global, ctx.plan, ctx.t_rope)
-    me = ctx.sp_rank
-    back = [out[:, ctx.token_slice(*ctx.shards.ranges[j])] for j in range(num_ranks)]
-    own_tokens = ctx.shards.sizes[me] * n
-    got = ctx.comm.all_to_all(back, [(bsz, own_tokens, hp, dim)] * num_ranks, ctx.tag)
+    chunks = [qkv[:, :, :, j * hp : (j + 1) * hp] for j in range(size)]
+    shapes = [(3, bsz, ctx.shards.sizes[m] * n, hp, dim) for m in members]
+    parts = ctx.comm.all_to_all(chunks, shapes, ctx.tag, sub_group_size=size)
+    q_g, k_g, v_g = torch.cat(parts, dim=2).unbind(0)
+    return q_g, k_g, v_g, (ctx.shards.ranges[first][0], ctx.shards.ranges[first + size - 1][1])
+
+
+def _frames_to_heads(out_g, ctx: SPContext, size: int):
+    """Inverse of _heads_to_frames: the group's frames x heads / size -> my frames x all heads."""
+    bsz, _, hp, dim = out_g.shape
+    n = ctx.plan.tokens_per_frame
+    first = ctx.sp_rank - ctx.sp_rank % size
+    base = ctx.shards.ranges[first][0]
+    back = [out_g[:, ctx.token_slice(s - base, e - base)] for s, e in ctx.shards.ranges[first : first + size]]
+    own_tokens = ctx.shards.sizes[ctx.sp_rank] * n
+    got = ctx.comm.all_to_all(back, [(bsz, own_tokens, hp, dim)] * size, ctx.tag, sub_group_size=size)
     return torch.cat(got, dim=2)  # heads back in rank order
 
 
-# -------------------------------------------------------------------------------------- ring
-def ring(q, k, v, ctx: SPContext):
-    """K/V blocks rotate around the sp ring; partial results merge by log-sum-exp.
+def ulysses(q, k, v, ctx: SPContext):
+    """All-to-all over heads: every rank attends the whole sequence for heads / P heads."""
+    size = len(ctx.shards.ranges)
+    q_all, k_all, v_all, _ = _heads_to_frames(q, k, v, ctx, size)
+    out = get_backend(ctx.backend).run(q_all, k_all, v_all, ctx.rotary_global, ctx.plan, ctx.t_rope)
+    return _frames_to_heads(out, ctx, size)
 
-    Uses the grouped kernel (it returns lse); the flex backend cannot on CPU, so ring is sdpa only.
+
+# -------------------------------------------------------------------------------------- ring
+def _ring_core(q, k, v, ctx: SPContext, ranges, me: int, peer):
+    """Ring over len(ranges) members; member i holds frames ranges[i]; peer(i) is its sp rank.
+
+    K/V blocks rotate around the ring and partial results merge by log-sum-exp. Uses the grouped
+    kernel (it returns lse); the flex backend cannot on CPU, so ring work is sdpa only.
     """
-    num_ranks = len(ctx.shards.ranges)
-    me = ctx.sp_rank
+    num = len(ranges)
     n = ctx.plan.tokens_per_frame
-    q_nat, k_nat, q0, k0 = _heads_first(*_local_rotations(q, k, ctx))
+    q_nat, k_nat, q0, k0 = _heads_first(*_local_rotations(q, k, ctx, ranges[me]))
     vt = v.transpose(1, 2)
-    own = tuple(range(*ctx.own))
+    own = tuple(range(*ranges[me]))
     out = torch.zeros(q0.shape, dtype=torch.float32, device=q0.device)
     lse = torch.full(q0.shape[:-1], float("-inf"), device=q0.device)
     block_owner, block = me, (k0, vt)
-    for step in range(num_ranks):
+    for step in range(num):
         wait = None
-        if step < num_ranks - 1:  # post the next transfer, then compute on the block we hold
-            src = (block_owner - 1) % num_ranks
-            shape = lambda r: (*k0.shape[:2], ctx.shards.sizes[r] * n, k0.shape[-1])
+        if step < num - 1:  # post the next transfer, then compute on the block we hold
+            src = (block_owner - 1) % num
+            size = ranges[src][1] - ranges[src][0]
             _, wait = ctx.comm.exchange(
-                [((me + 1) % num_ranks, torch.stack(block))],
-                [((me - 1) % num_ranks, (2, *shape(src)), k0.dtype)],
+                [(peer((me + 1) % num), torch.stack(block))],
+                [(peer((me - 1) % num), (2, *k0.shape[:2], size * n, k0.shape[-1]), k0.dtype)],
                 ctx.tag,
             )
-        s, e = ctx.shards.ranges[block_owner]
-        frames = torch.arange(s, e).repeat_interleave(n).to(q0.device)
+        s, e = ranges[block_owner]
         kb0, vb = block
-        kb_nat = ctx.t_rope.rotate(kb0, frames)
+        kb_nat = ctx.t_rope.rotate(kb0, torch.arange(s, e, device=q0.device).repeat_interleave(n))
         o, l = grouped_attention(
             q_nat, kb_nat, q0, kb0, vb, ctx.plan, ctx.t_rope, query_frames=own, key_frames=tuple(range(s, e))
         )
@@ -111,6 +126,32 @@ def ring(q, k, v, ctx: SPContext):
             block = tuple(wait()[0].unbind(0))
             block_owner = src
     return out.to(q.dtype).transpose(1, 2)
+
+
+def ring(q, k, v, ctx: SPContext):
+    """K/V blocks of every sp rank rotate around the sp ring."""
+    return _ring_core(q, k, v, ctx, ctx.shards.ranges, ctx.sp_rank, lambda i: i)
+
+
+def ulysses_degree(heads: int, sp_degree: int) -> int:
+    """Largest u dividing both the sp degree and the head count (1: no Ulysses possible)."""
+    return max(u for u in range(1, sp_degree + 1) if sp_degree % u == 0 and heads % u == 0)
+
+
+def hybrid(q, k, v, ctx: SPContext):
+    """Ulysses inside groups of U consecutive ranks, ring across the P/U groups (U = ulysses_degree).
+
+    For heads not divisible by P (Wan2.1-1.3B's 12 heads on 8 GPUs: U=4, 2 ring steps) this moves
+    about a third of plain ring's bytes.
+    """
+    num_ranks = len(ctx.shards.ranges)
+    size = ulysses_degree(q.shape[2], num_ranks)
+    q_g, k_g, v_g, _ = _heads_to_frames(q, k, v, ctx, size)
+    groups = [(ctx.shards.ranges[g * size][0], ctx.shards.ranges[g * size + size - 1][1])
+              for g in range(num_ranks // size)]
+    member = ctx.sp_rank % size
+    out_g = _ring_core(q_g, k_g, v_g, ctx, groups, ctx.sp_rank // size, lambda g: g * size + member)
+    return _frames_to_heads(out_g, ctx, size)
 
 
 # ------------------------------------------------------------------------------- neighbour
@@ -151,4 +192,4 @@ def neighbour(q, k, v, ctx: SPContext):
     return out.to(q.dtype).transpose(1, 2)
 
 
-STRATEGIES = {"ulysses": ulysses, "ring": ring, "neighbour": neighbour}
+STRATEGIES = {"ulysses": ulysses, "ring": ring, "hybrid": hybrid, "neighbour": neighbour}
