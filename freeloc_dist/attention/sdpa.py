@@ -18,21 +18,17 @@ from .lse import attend, merge_all
 
 
 @functools.lru_cache(maxsize=64)
-def _band_layout(n: int, width: int, chunk: int, frames: int):
-    """Key columns and bias for striped runs, all spatial query chunks batched in one call.
-
-    Query chunk i covers spatial rows [i*chunk, (i+1)*chunk); its band |s_q - s_k| < width reaches
-    columns [i*chunk - width + 1, (i+1)*chunk + width - 1), the same span for every chunk (clamped
-    columns are masked). Returns (columns Long[nc, span], bias Float[nc, chunk, frames*span]).
-    """
-    nc = -(-n // chunk)
-    span = chunk + 2 * (width - 1)
-    cols = torch.arange(nc)[:, None] * chunk - (width - 1) + torch.arange(span)[None, :]  # [nc, span]
-    rows = torch.arange(nc)[:, None] * chunk + torch.arange(chunk)[None, :]  # [nc, chunk]
-    ok = ((rows[:, :, None] - cols[:, None, :]).abs() < width) & (cols[:, None, :] >= 0) & (cols[:, None, :] < n)
-    ok |= (rows >= n)[:, :, None] & (cols[:, None, :] >= 0) & (cols[:, None, :] < n)  # padded rows: discarded
-    bias = torch.zeros(ok.shape).masked_fill(~ok, float("-inf")).repeat(1, 1, frames)
-    return cols.clamp(0, n - 1), bias
+def _band_chunks(n: int, width: int, chunk: int):
+    """Spatial query chunks [r0, r1) and the key span [c0, c1) their band |s_q - s_k| < width reaches."""
+    out = []
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        c0, c1 = max(0, r0 - width + 1), min(n, r1 + width - 1)
+        s_q = torch.arange(r0, r1)[:, None]
+        s_k = torch.arange(c0, c1)[None, :]
+        bias = torch.zeros(r1 - r0, c1 - c0).masked_fill((s_q - s_k).abs() >= width, float("-inf"))
+        out.append((r0, r1, c0, c1, bias))
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=256)
@@ -80,7 +76,7 @@ def grouped_attention(
     out_all = torch.zeros(q0.shape, dtype=torch.float32, device=q0.device)
     lse_all = torch.full(q0.shape[:-1], float("-inf"), dtype=torch.float32, device=q0.device)
     width = plan.stripe_width
-    chunk = band_chunk or max(8, width // 2)  # waste (chunk + 2 width) / 2 width vs copies span / chunk
+    chunks = _band_chunks(n, width, band_chunk or max(16, width))
     for qi, runs in enumerate(schedule(plan, query_frames, key_frames)):
         if not runs:
             continue
@@ -95,28 +91,23 @@ def grouped_attention(
             if not banded:
                 o, l = attend(q_g, k_g, v_g, impl=impl)
             else:
-                o, l = _banded(q_g, k_g, v_g, fe - fs, n, width, chunk, impl)
+                o, l = _banded(q_g, k_g, v_g, fe - fs, n, chunks, impl)
             outs.append(o)
             lses.append(l)
         out_all[:, :, rows], lse_all[:, :, rows] = merge_all(outs, lses)
     return out_all.to(q0.dtype), lse_all
 
 
-def _banded(q_g, k_g, v_g, frames, n, width, chunk, impl):
-    """One striped run: every spatial query chunk against the key columns its band reaches, batched."""
-    cols, bias = _band_layout(n, width, chunk, frames)
-    nc, span = cols.shape
-    bsz, heads, _, dim = q_g.shape
-    q_c = torch.nn.functional.pad(q_g, (0, 0, 0, nc * chunk - n)).unflatten(2, (nc, chunk))  # [B, h, nc, c, d]
-    q_c = q_c.transpose(1, 2).reshape(bsz * nc, heads, chunk, dim)
-    idx = cols.flatten().to(q_g.device)
-
-    def gather(x):  # [B, h, frames*n, d] -> [B*nc, h, frames*span, d]
-        x = x.unflatten(2, (frames, n))[:, :, :, idx].unflatten(3, (nc, span))  # [B, h, G, nc, span, d]
-        return x.permute(0, 3, 1, 2, 4, 5).reshape(bsz * nc, heads, frames * span, dim)
-
-    b = bias.to(q_g.device, q_g.dtype)[None].expand(bsz, -1, -1, -1).reshape(bsz * nc, 1, chunk, frames * span)
-    o, l = attend(q_c, gather(k_g), gather(v_g), b, impl=impl)
-    o = o.reshape(bsz, nc, heads, chunk, dim).transpose(1, 2).flatten(2, 3)[:, :, :n]
-    l = l.reshape(bsz, nc, heads, chunk).transpose(1, 2).flatten(2, 3)[:, :, :n]
-    return o, l
+def _banded(q_g, k_g, v_g, frames, n, chunks, impl):
+    """One striped run: spatial query chunks, each against the key columns its band reaches."""
+    k_f = k_g.unflatten(2, (frames, n))
+    v_f = v_g.unflatten(2, (frames, n))
+    outs, lses = [], []
+    for r0, r1, c0, c1, bias in chunks:
+        k_c = k_f[:, :, :, c0:c1].flatten(2, 3)
+        v_c = v_f[:, :, :, c0:c1].flatten(2, 3)
+        bias_c = bias.to(q_g.device, q_g.dtype).repeat(1, frames)
+        o, l = attend(q_g[:, :, r0:r1], k_c, v_c, bias_c, impl=impl)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
