@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Backend = Literal["sdpa", "flex"]
-Strategy = Literal["auto", "ulysses", "ring", "neighbour"]
+Strategy = Literal["auto", "ulysses", "ring", "hybrid", "neighbour"]
 
 
 class ConfigError(ValueError):
@@ -66,6 +66,14 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Resumable renders (freeloc_dist.checkpoint). A preemption signal always writes a checkpoint."""
+
+    every: int = 0  # also write one every `every` sampling steps (0: only on SIGTERM / SIGUSR1)
+    path: Path | None = None  # default: next to the output, `.<output name>.ckpt`
+
+
+@dataclass(frozen=True, kw_only=True)
 class RenderConfig:
     model: ModelConfig
     video: VideoConfig
@@ -73,6 +81,7 @@ class RenderConfig:
     profile: Path | None = None  # FreeLOC profile YAML; None renders with stock attention
     attention_backend: Backend = "sdpa"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     prompt: str = ""
     output: Path = Path("outputs/render.mp4")
 
@@ -114,6 +123,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[An
     "output": (lambda v: v.suffix.lower() == ".mp4", "must be an .mp4 path"),
     "parallel.cfg_degree": (lambda v: v in (1, 2), "must be 1 or 2"),
     "parallel.timeout_s": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
+    "checkpoint.every": (lambda v: v >= 0, "must be >= 0 (0: checkpoint only on preemption)"),
 }
 
 

@@ -12,9 +12,10 @@ and width (pixels / vae spatial factor), L text tokens, D text width, T output f
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from freeloc_dist.config import RenderConfig
 
 PredictFn = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
 StepCallback = Callable[[int, int, float], None]  # (step done, total steps, seconds since start)
+AfterStep = Callable[[int, torch.Tensor, Any], None]  # (steps done, latents, scheduler)
+NoiseFn = Callable[["LatentGeometry", int, Any], torch.Tensor]  # (geometry, seed, device) -> [B, C, F, H, W]
 
 
 @dataclass(frozen=True)
@@ -110,16 +113,29 @@ def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: tor
 @torch.inference_mode()
 def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
            steps: int, guidance: float, predict: PredictFn = predict_noise,
-           on_step: StepCallback | None = None) -> torch.Tensor:
-    """Denoise `latents` [B, C, F, H, W] (float32) over `steps` scheduler steps; returns the final latents."""
+           on_step: StepCallback | None = None, start_step: int = 0, scheduler_state: dict | None = None,
+           after_step: AfterStep | None = None) -> torch.Tensor:
+    """Denoise `latents` [B, C, F, H, W] (float32) over `steps` scheduler steps; returns the final latents.
+
+    Resuming: `latents` are those after `start_step` steps and `scheduler_state` the scheduler's state then
+    (freeloc_dist.checkpoint); the remaining steps give the same result as an uninterrupted loop.
+    `after_step(step, latents, scheduler)` runs after every step (checkpointing, preemption); it may raise
+    to stop the loop."""
     scheduler.set_timesteps(steps, device=latents.device)
+    if scheduler_state is not None:
+        from freeloc_dist.checkpoint import load_scheduler_state
+
+        load_scheduler_state(scheduler, scheduler_state, latents.device)
     timesteps = scheduler.timesteps
     start = time.perf_counter()
-    for i, t in enumerate(timesteps):
+    for i in range(start_step, len(timesteps)):
+        t = timesteps[i]
         flow = predict(transformer, latents, t, cond, uncond, guidance)  # [B, C, F, H, W] float32
         latents = scheduler.step(flow, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps), time.perf_counter() - start)
+        if after_step is not None:
+            after_step(i + 1, latents, scheduler)
     return latents
 
 
@@ -136,34 +152,76 @@ def _denormalise(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents.float() * std + mean
 
 
-@torch.inference_mode()
-def decode_video(vae, latents: torch.Tensor) -> np.ndarray:
-    """Decode latents [1, C, F, H, W] to uint8 frames [T, Hp, Wp, 3], T = 4(F-1)+1.
+def _streaming_vae(vae) -> bool:
+    return (all(hasattr(vae, a) for a in ("clear_cache", "post_quant_conv", "decoder"))
+            and getattr(vae.config, "patch_size", None) is None and not getattr(vae, "use_tiling", False))
+
+
+def decode_warmup_frames(vae) -> int:
+    """Latent frames a decode must start early to reproduce frame `start` exactly (Wan VAE's receptive field).
+
+    Each causal temporal conv (kernel k) caches k-1 frames of its input; a chain of them reaches back the sum
+    of those, counted in latent frames (halved after each temporal upsampling). Starting that many frames
+    early with an empty cache gives bitwise the frames of a decode from frame 0 (tests/test_decode.py).
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+
+    reach, rate, seen = 0.0, 1, set()
+    for module in vae.decoder.modules():
+        if isinstance(module, WanResample) and module.mode == "upsample3d":
+            reach += (module.time_conv.kernel_size[0] - 1) / rate
+            seen.add(id(module.time_conv))
+            rate *= 2
+        elif isinstance(module, WanCausalConv3d) and id(module) not in seen:
+            reach += (module.kernel_size[0] - 1) / rate
+    return math.ceil(reach)
+
+
+def iter_decode(vae, latents: torch.Tensor, start: int = 0, end: int | None = None) -> Iterator[np.ndarray]:
+    """Decode latent frames [start, end) of latents [1, C, F, H, W] to uint8 frame chunks [t, Hp, Wp, 3]
+    (1 frame for latent frame 0, then 4 per latent frame; T = 4(F-1)+1 for the whole video).
 
     Wan's VAE decoder is causal in time: it runs one latent frame at a time with a feature cache. We drive
-    that loop ourselves so each chunk is converted to uint8 on the host as soon as it is decoded; the full
-    float video never exists on the device (961 frames at 832x480 would be 4.6 GB in float32). Falls back to
-    the VAE's own decode for models without that structure.
+    that loop ourselves and hand each chunk out as uint8 as soon as it is decoded, so decode memory is the
+    VAE's activations for one latent frame plus its cache, whatever F is (961 frames at 832x480 would be
+    4.6 GB as one float tensor). A consumer that writes each chunk (freeloc_dist.video.write_mp4) never
+    holds the video. A range that starts later runs `decode_warmup_frames` earlier frames first (discarded),
+    so any split of [0, F) into ranges decodes to exactly the frames of one pass. Falls back to the VAE's own
+    decode (one chunk, whole video only) for models without that structure.
     """
-    z = _denormalise(vae, latents).to(vae.dtype)
-    streaming = (all(hasattr(vae, a) for a in ("clear_cache", "post_quant_conv", "decoder"))
-                 and getattr(vae.config, "patch_size", None) is None and not getattr(vae, "use_tiling", False))
-    if streaming:
-        vae.clear_cache()  # creates the feature cache (_feat_map)
-        streaming = hasattr(vae, "_feat_map")
-    if not streaming:
-        return _to_uint8(vae.decode(z, return_dict=False)[0])
-    chunks = []
+    num_frames = latents.shape[2]
+    end = num_frames if end is None else end
+    assert 0 <= start < end <= num_frames, (start, end, num_frames)
+    with torch.inference_mode():
+        streaming = _streaming_vae(vae)
+        if streaming:
+            vae.clear_cache()  # creates the feature cache (_feat_map)
+            streaming = hasattr(vae, "_feat_map")
+        if not streaming:
+            assert (start, end) == (0, num_frames), "this VAE decodes whole videos only"
+            yield _to_uint8(vae.decode(_denormalise(vae, latents).to(vae.dtype), return_dict=False)[0])
+            return
+        first = max(0, start - decode_warmup_frames(vae)) if start > 0 else 0
+        z = _denormalise(vae, latents[:, :, first:end]).to(vae.dtype)
+        x = vae.post_quant_conv(z)  # [1, C, end - first, H, W]
     try:
-        x = vae.post_quant_conv(z)  # [1, C, F, H, W]
-        for f in range(x.shape[2]):
-            vae._conv_idx = [0]
-            out = vae.decoder(x[:, :, f:f + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                              first_chunk=(f == 0))  # [1, 3, 1 or 4, Hp, Wp]
-            chunks.append(_to_uint8(out))
+        for f in range(first, end):
+            with torch.inference_mode():
+                vae._conv_idx = [0]
+                out = vae.decoder(x[:, :, f - first:f - first + 1], feat_cache=vae._feat_map,
+                                  feat_idx=vae._conv_idx, first_chunk=(f == 0))  # [1, 3, 1 or 4, Hp, Wp]
+                chunk = _to_uint8(out) if f >= start else None
+                del out
+            if chunk is not None:
+                yield chunk
     finally:
         vae.clear_cache()
-    return np.concatenate(chunks, axis=0)
+
+
+def decode_video(vae, latents: torch.Tensor) -> np.ndarray:
+    """Decode latents [1, C, F, H, W] to uint8 frames [T, Hp, Wp, 3], T = 4(F-1)+1, held in memory.
+    For long videos stream `iter_decode` into `write_mp4` instead."""
+    return np.concatenate(list(iter_decode(vae, latents)), axis=0)
 
 
 @dataclass
@@ -173,8 +231,13 @@ class RenderResult:
 
 
 def render(components, cfg: RenderConfig, *, decode: bool = True, predict: PredictFn = predict_noise,
-           on_step: StepCallback | None = None) -> RenderResult:
-    """Run one text-to-video render of `cfg` with loaded components (see freeloc_dist.models)."""
+           on_step: StepCallback | None = None, noise: NoiseFn = initial_noise, resume=None,
+           after_step: AfterStep | None = None) -> RenderResult:
+    """Run one text-to-video render of `cfg` with loaded components (see freeloc_dist.models).
+
+    `noise(geometry, seed, device)` draws the initial latents (FreeNoise replaces it, freeloc_dist.methods).
+    `resume`: a freeloc_dist.checkpoint.Checkpoint of this render to continue from; `after_step` as in
+    `sample`."""
     transformer = components.transformer
     device = next(transformer.parameters()).device
     s = cfg.sampling
@@ -185,9 +248,19 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
               if use_cfg else None)
     cond = cond.to(device=device, dtype=transformer.dtype)
     uncond = uncond.to(device=device, dtype=transformer.dtype) if uncond is not None else None
-    latents = initial_noise(geometry, s.seed, device)
     scheduler = scheduler_for_render(components.scheduler, s.shift)
+    start_step, state = 0, None
+    if resume is not None:
+        if tuple(resume.latents.shape) != geometry.shape or resume.total_steps != s.steps:
+            raise ValueError(f"checkpoint latents {tuple(resume.latents.shape)} / {resume.total_steps} steps do "
+                             f"not match this render ({geometry.shape}, {s.steps} steps)")
+        latents = resume.latents.to(device=device, dtype=torch.float32)
+        start_step, state = resume.step, resume.scheduler
+        torch.set_rng_state(resume.rng)
+    else:
+        latents = noise(geometry, s.seed, device)
     latents = sample(transformer, scheduler, latents, cond, uncond, steps=s.steps, guidance=s.guidance_scale,
-                     predict=predict, on_step=on_step)
+                     predict=predict, on_step=on_step, start_step=start_step, scheduler_state=state,
+                     after_step=after_step)
     frames = decode_video(components.vae, latents) if decode else None
     return RenderResult(latents=latents, frames=frames)

@@ -12,7 +12,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -36,26 +36,49 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: int) -> Path:
-    """Write uint8 frames [T, H, W, 3] to an H.264 mp4 at `path` (atomically)."""
+def write_mp4(path: str | Path, frames: np.ndarray | Iterable[np.ndarray], fps: int) -> Path:
+    """Write uint8 frames to an H.264 mp4 at `path` (atomically).
+
+    `frames` is one array [T, H, W, 3] or an iterable of chunks [t, H, W, 3] (e.g. sampling.iter_decode),
+    which are sent to ffmpeg as they arrive, so the video is never held in memory."""
     import imageio_ffmpeg
 
-    frames = np.ascontiguousarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
-    num_frames, height, width, _ = frames.shape
+    chunks = iter([frames]) if isinstance(frames, np.ndarray) else iter(frames)
     path = Path(path)
     with atomic_path(path) as tmp:
-        writer = imageio_ffmpeg.write_frames(
-            str(tmp), (width, height), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
-            macro_block_size=1, ffmpeg_log_level="error", output_params=["-f", "mp4"],
-        )
-        writer.send(None)  # start ffmpeg
+        writer, size = None, None
         try:
-            for i in range(num_frames):
-                writer.send(frames[i])
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk)
+                if chunk.dtype != np.uint8 or chunk.ndim != 4 or chunk.shape[-1] != 3:
+                    raise ValueError(f"expected uint8 frames [T, H, W, 3], got {chunk.dtype} {chunk.shape}")
+                if writer is None:
+                    size = chunk.shape[1:3]
+                    writer = imageio_ffmpeg.write_frames(
+                        str(tmp), (size[1], size[0]), fps=fps, codec="libx264", pix_fmt_in="rgb24",
+                        pix_fmt_out="yuv420p", macro_block_size=1, ffmpeg_log_level="error",
+                        output_params=["-f", "mp4"],
+                    )
+                    writer.send(None)  # start ffmpeg
+                elif chunk.shape[1:3] != size:
+                    raise ValueError(f"frame size changed from {size} to {chunk.shape[1:3]}")
+                for i in range(chunk.shape[0]):
+                    writer.send(chunk[i])
+            if writer is None:
+                raise ValueError("no frames to write")
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
+    return path
+
+
+def write_json(path: str | Path, data) -> Path:
+    """Write `data` as indented JSON (atomically)."""
+    import json
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path
 
 

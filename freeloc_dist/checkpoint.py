@@ -1,0 +1,170 @@
+"""Resumable sampling: checkpoints of the denoising loop, and the preemption signal handler.
+
+A checkpoint holds everything the loop needs to continue bit-for-bit: the global latents after step k, the
+scheduler's mutable state (multistep schedulers such as UniPC keep previous model outputs), the torch CPU
+RNG state, and a fingerprint of everything that determines the result (model, profile, video, sampling,
+prompt). Resuming a checkpoint whose fingerprint differs is a user error rather than a silent mix of two
+renders. Under torchrun every rank holds the same global latents and scheduler state, so rank 0 alone writes
+the file and every rank reads it on resume (a shared filesystem is assumed). Files are written atomically
+(temporary name, then rename), so a kill during the write leaves the previous checkpoint intact.
+
+`PreemptionFlag` turns SIGTERM / SIGUSR1 (Slurm's preemption and time-limit warnings) into a flag that the
+loop checks between steps; the ranks agree on it with one all-reduce per step so they all stop together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from freeloc_dist.config import RenderConfig
+
+FORMAT_VERSION = 1
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed (corrupt, or from a different render); message is one line."""
+
+
+def checkpoint_path(cfg: RenderConfig) -> Path:
+    """Default checkpoint file: hidden, next to the output (`outputs/.fox.mp4.ckpt`)."""
+    if cfg.checkpoint.path is not None:
+        return cfg.checkpoint.path
+    return cfg.output.parent / f".{cfg.output.name}.ckpt"
+
+
+def fingerprint(cfg: RenderConfig) -> str:
+    """Hash of every setting that changes the latents (not output names, parallel layout or checkpointing:
+    a render may resume on a different number of ranks)."""
+    profile = None
+    if cfg.profile is not None and cfg.profile.is_file():
+        profile = hashlib.sha256(cfg.profile.read_bytes()).hexdigest()
+    key = {
+        "model": [str(cfg.model.path), cfg.model.dtype],
+        "profile": profile,
+        "attention_backend": cfg.attention_backend,
+        "video": [cfg.video.height, cfg.video.width, cfg.video.frames],
+        "sampling": dataclasses.asdict(cfg.sampling),
+        "prompt": cfg.prompt,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- scheduler state
+_SKIP = {"_internal_dict", "config"}
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Scheduler attributes as types torch.load(weights_only=True) accepts."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if torch.is_tensor(value):
+        return value.detach().to("cpu").clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v, where) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v, where) for k, v in value.items()}
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(value.copy())}
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot checkpoint scheduler attribute {where} of type {type(value).__name__}")
+
+
+def _restore(value: Any, device) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        if set(value) == {"__ndarray__"}:
+            return value["__ndarray__"].numpy()
+        return {k: _restore(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_restore(v, device) for v in value)
+    return value
+
+
+def scheduler_state(scheduler) -> dict:
+    """The mutable state of a diffusers scheduler (everything but its config)."""
+    return {k: _plain(v, k) for k, v in vars(scheduler).items() if k not in _SKIP}
+
+
+def load_scheduler_state(scheduler, state: dict, device) -> None:
+    """Restore `scheduler_state` output onto a scheduler built from the same config."""
+    for k, v in state.items():
+        setattr(scheduler, k, _restore(v, device))
+
+
+# ---------------------------------------------------------------------------------------- files
+@dataclasses.dataclass
+class Checkpoint:
+    step: int  # scheduler steps completed
+    total_steps: int
+    latents: torch.Tensor  # [B, C, F, H, W] float32, after `step` steps
+    scheduler: dict
+    rng: torch.Tensor
+    fingerprint: str
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
+    from freeloc_dist.video import atomic_path
+
+    payload = {
+        "format": FORMAT_VERSION,
+        "step": ckpt.step,
+        "total_steps": ckpt.total_steps,
+        "latents": ckpt.latents.detach().to("cpu").contiguous(),
+        "scheduler": ckpt.scheduler,
+        "rng": ckpt.rng,
+        "fingerprint": ckpt.fingerprint,
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, expected_fingerprint: str) -> Checkpoint:
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, unpickling refused
+        raise CheckpointError(f"checkpoint {path}: cannot read ({type(e).__name__}); delete it to start over") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: not a freeloc_dist checkpoint (format {FORMAT_VERSION})")
+    if payload["fingerprint"] != expected_fingerprint:
+        raise CheckpointError(f"checkpoint {path}: written by a different render (model, profile, video, "
+                              f"sampling or prompt differ); delete it or drop --resume")
+    return Checkpoint(step=int(payload["step"]), total_steps=int(payload["total_steps"]),
+                      latents=payload["latents"], scheduler=payload["scheduler"], rng=payload["rng"],
+                      fingerprint=payload["fingerprint"])
+
+
+# ---------------------------------------------------------------------------------------- signals
+class PreemptionFlag:
+    """Context manager: while active, SIGTERM/SIGUSR1 set `.raised` instead of killing the process."""
+
+    def __init__(self):
+        self.raised: int | None = None  # the signal number received
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        self.raised = signum
+
+    def __enter__(self) -> "PreemptionFlag":
+        for sig in PREEMPT_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

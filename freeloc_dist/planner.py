@@ -1,0 +1,229 @@
+"""The dry-run planner: what a render will cost per rank, from shapes and configs alone (no weights).
+
+Inputs: the render config, the transformer's config.json (a built-in copy for the published Wan2.1 models
+when the weights are not on this machine), the FreeLOC profile, the world size. Outputs, per rank:
+tokens; memory (weights, activations, K/V buffers, latents); attention FLOPs by layer kind (TSA from its
+plan's density); bytes received per step (the engine's own byte model, freeloc_dist.parallel.shards) and a
+time estimate at a stated peak throughput. Frame tables only (freeloc_dist.plan.layer_plan), so it is
+instant even at F=481. Every number is an estimate with the formula next to it; the time is a lower bound
+(compute at the stated peak, communication not overlapped is not added).
+
+Model of memory (inference, one layer live at a time, every rank holds all weights):
+  weights      = transformer params x dtype bytes + text encoder params x dtype bytes (both on every rank)
+  activations  = local tokens x (8 d + ffn) x dtype bytes  (residual, norm, q, k, v, attention out, FFN hidden)
+  K/V buffers  = K and V frames a rank receives for its worst layer (neighbour: all needed frames at once;
+                 Ulysses / hybrid: what it receives; ring: two blocks in flight)
+  latents      = global latents, prediction and scheduler history, float32 (every rank holds the video)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from freeloc_dist.config import RenderConfig
+
+GiB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# The published diffusers transformer configs, for planning without the weights present.
+KNOWN_TRANSFORMERS = {
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": {"num_layers": 30, "num_attention_heads": 12, "attention_head_dim": 128,
+                                         "ffn_dim": 8960, "in_channels": 16, "out_channels": 16, "text_dim": 4096,
+                                         "freq_dim": 256, "patch_size": [1, 2, 2]},
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": {"num_layers": 40, "num_attention_heads": 40, "attention_head_dim": 128,
+                                        "ffn_dim": 13824, "in_channels": 16, "out_channels": 16, "text_dim": 4096,
+                                        "freq_dim": 256, "patch_size": [1, 2, 2]},
+}
+UMT5_XXL_PARAMS = 5.68e9  # Wan's text encoder (encoder only), when text_encoder/config.json is absent
+VAE_SPATIAL, VAE_TEMPORAL = 8, 4
+
+
+class PlanError(ValueError):
+    """The render cannot be planned or does not fit; one line."""
+
+
+@dataclasses.dataclass
+class RenderPlan:
+    world_size: int
+    cfg_degree: int
+    sp_degree: int
+    latent_frames: int
+    tokens_per_frame: int
+    tokens: int
+    tokens_per_rank: int  # worst rank
+    layers_by_kind: dict[str, int]
+    density_by_kind: dict[str, float]
+    strategy_by_kind: dict[str, str]
+    memory_bytes: dict[str, float]  # per rank
+    attention_flops_by_kind: dict[str, float]  # per rank per step
+    linear_flops: float  # per rank per step
+    bytes_per_step: dict[str, float]  # received per rank per step, by layer kind (+ gather, cfg)
+    steps: int
+    peak_tflops: float
+    device_memory_gb: float
+
+    @property
+    def memory_total(self) -> float:
+        return sum(self.memory_bytes.values())
+
+    @property
+    def flops_per_step(self) -> float:
+        return sum(self.attention_flops_by_kind.values()) + self.linear_flops
+
+    @property
+    def seconds(self) -> float:
+        return self.flops_per_step * self.steps / (self.peak_tflops * 1e12)
+
+
+def transformer_params(t: Mapping[str, Any]) -> float:
+    """Parameter count of a WanTransformer3DModel from its config (biases and norms included)."""
+    d = t["num_attention_heads"] * t["attention_head_dim"]
+    ffn, layers = t["ffn_dim"], t["num_layers"]
+    patch = math.prod(t.get("patch_size", [1, 2, 2]))
+    block = (4 * d * d + 4 * d + 2 * d) * 2 + d * 2  # self + cross attention (q k v o, qk norms), cross norm
+    block += 2 * d * ffn + ffn + d + 6 * d  # FFN, modulation table
+    rest = t["in_channels"] * patch * d + d  # patch embedding
+    rest += t.get("text_dim", 4096) * d + d + d * d + d  # text embedder
+    rest += t.get("freq_dim", 256) * d + d + d * d + d + d * 6 * d + 6 * d  # time embedder + projection
+    rest += d * t["out_channels"] * patch + t["out_channels"] * patch + 2 * d  # head
+    return layers * block + rest
+
+
+def text_encoder_params(te: Mapping[str, Any] | None) -> float:
+    if not te:
+        return UMT5_XXL_PARAMS
+    d, ff, layers = te["d_model"], te["d_ff"], te["num_layers"]
+    inner = te.get("num_heads", 1) * te.get("d_kv", d // max(1, te.get("num_heads", 1)))
+    return te["vocab_size"] * d + layers * (4 * d * inner + 3 * d * ff + 2 * d) + d
+
+
+def _strategy(kind: str, forced: str, plan, shards, heads: int, head_dim: int, sp: int) -> str:
+    """The engine's choice (SequenceParallel.strategy_for): cheapest by bytes received, worst rank."""
+    from freeloc_dist.parallel.shards import received_elements
+    from freeloc_dist.parallel.strategies import ulysses_degree
+
+    if sp == 1:
+        return "local"
+    if forced != "auto":
+        return forced
+    u = ulysses_degree(heads, sp)
+    dense = "ulysses" if u == sp else ("hybrid" if u > 1 else "ring")
+    candidates = [dense] + (["neighbour"] if kind == "tsa" else [])
+    cost = {c: max(received_elements(c, plan, shards, heads, head_dim)) for c in candidates}
+    return min(candidates, key=lambda c: (cost[c], c != "neighbour"))
+
+
+def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=None, *, world_size: int,
+                text_encoder_cfg: Mapping[str, Any] | None = None, device_memory_gb: float = 80.0,
+                peak_tflops: float = 400.0) -> RenderPlan:
+    """Plan one render on `world_size` ranks. Raises PlanError if it cannot run or does not fit."""
+    from freeloc_dist.parallel.shards import frame_shards, received_elements
+    from freeloc_dist.plan import layer_plan
+
+    t = transformer_cfg
+    heads, head_dim, layers = t["num_attention_heads"], t["attention_head_dim"], t["num_layers"]
+    d, ffn = heads * head_dim, t["ffn_dim"]
+    _, ph, pw = t.get("patch_size", [1, 2, 2])
+    cfg_degree = cfg.parallel.cfg_degree
+    if world_size % cfg_degree:
+        raise PlanError(f"parallel.cfg_degree={cfg_degree}: does not divide the world size {world_size}")
+    sp = world_size // cfg_degree
+    num_frames = cfg.latent_frames
+    if sp > num_frames:
+        raise PlanError(f"{world_size} ranks give {sp} sequence-parallel ranks but the video has only "
+                        f"{num_frames} latent frames")
+    h, w = cfg.video.height // (VAE_SPATIAL * ph), cfg.video.width // (VAE_SPATIAL * pw)
+    n = h * w
+    shards = frame_shards(num_frames, sp)
+    local_frames = max(shards.sizes)
+    act_bytes = DTYPE_BYTES[cfg.model.dtype]
+    use_cfg = cfg.sampling.guidance_scale > 1.0
+    passes = (2 if use_cfg else 1) // (cfg_degree if use_cfg else 1)  # transformer passes per rank per step
+    text_len = cfg.sampling.max_text_tokens
+
+    kinds = list(profile.kinds) if profile is not None else ["full"] * layers
+    if len(kinds) != layers:
+        raise PlanError(f"the profile lists {len(kinds)} layers, the model has {layers}")
+    trained = profile.trained_frames if profile is not None else 1 << 30
+    layers_by_kind: dict[str, int] = {}
+    density, strategy, attn_flops, comm = {}, {}, {}, {}
+    kv_buffer = 0.0
+    for kind in sorted(set(kinds)):
+        count = kinds.count(kind)
+        layers_by_kind[kind] = count
+        plan = layer_plan(kind, (num_frames, h, w), trained,
+                          vrpr=profile.vrpr if profile is not None else None,
+                          tsa=profile.tsa if profile is not None else None)
+        dens = plan.density()
+        density[kind] = dens
+        # QK^T and PV: 2 x 2 x Lq x Lk x d multiply-adds at the attended density, for this rank's queries
+        attn_flops[kind] = 4.0 * (local_frames * n) * (num_frames * n) * d * dens * count * passes
+        strat = _strategy(plan.kind, cfg.parallel.strategy, plan, shards, heads, head_dim, sp)
+        strategy[kind] = strat
+        if strat != "local":
+            received = max(received_elements(strat, plan, shards, heads, head_dim))
+            comm[kind] = float(received) * act_bytes * count * passes
+            buffer = (4 * local_frames * n * d if strat == "ring" else received) * act_bytes
+            kv_buffer = max(kv_buffer, float(buffer))
+    local_tokens = local_frames * n
+    # Linear layers per pass: self q k v o (4 d^2), cross q o (2 d^2), FFN (2 d ffn) per token; cross k v per
+    # text token; 2 flops per multiply-add. Cross-attention scores: 4 x tokens x text_len x d.
+    per_pass = layers * (2.0 * local_tokens * (6 * d * d + 2 * d * ffn) + 2.0 * text_len * 2 * d * d
+                         + 4.0 * local_tokens * text_len * d)
+    linear = per_pass * passes
+    latent_elems = t["out_channels"] * num_frames * (h * ph) * (w * pw)
+    if sp > 1:
+        # the prediction's other frames, float32 (Comm.gather_frames), for the rank with the smallest shard
+        comm["gather"] = float(t["out_channels"] * (num_frames - min(shards.sizes)) * (h * ph) * (w * pw)) * 4
+    if cfg_degree == 2 and use_cfg:
+        comm["cfg"] = float(t["out_channels"] * local_frames * (h * ph) * (w * pw)) * 4
+    memory = {
+        "weights: transformer": transformer_params(t) * DTYPE_BYTES[cfg.model.dtype],
+        "weights: text encoder": text_encoder_params(text_encoder_cfg) * DTYPE_BYTES[cfg.model.dtype],
+        "activations": float(local_tokens) * (8 * d + ffn) * act_bytes,
+        "K/V buffers": kv_buffer,
+        "latents": float(latent_elems) * 4 * 5,  # latents, prediction, 2 scheduler history, noise
+    }
+    result = RenderPlan(world_size=world_size, cfg_degree=cfg_degree, sp_degree=sp, latent_frames=num_frames,
+                        tokens_per_frame=n, tokens=num_frames * n, tokens_per_rank=local_tokens,
+                        layers_by_kind=layers_by_kind, density_by_kind=density, strategy_by_kind=strategy,
+                        memory_bytes=memory, attention_flops_by_kind=attn_flops, linear_flops=linear,
+                        bytes_per_step=comm, steps=cfg.sampling.steps, peak_tflops=peak_tflops,
+                        device_memory_gb=device_memory_gb)
+    if result.memory_total > device_memory_gb * GiB:
+        worst = max(memory, key=memory.get)
+        raise PlanError(f"does not fit: {result.memory_total / GiB:.1f} GiB per rank needed, "
+                        f"{device_memory_gb:g} GiB available (largest: {worst} {memory[worst] / GiB:.1f} GiB); "
+                        f"use more ranks, fewer frames or a smaller size")
+    return result
+
+
+def _si(x: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {prefix}{unit}"
+    return f"{x:.0f} {unit}"
+
+
+def format_plan(p: RenderPlan) -> str:
+    from freeloc_dist.progress import format_seconds
+
+    lines = [
+        f"plan: world {p.world_size} = cfg {p.cfg_degree} x sp {p.sp_degree}; {p.latent_frames} latent frames x "
+        f"{p.tokens_per_frame} tokens = {p.tokens:,} tokens ({p.tokens_per_rank:,} on the largest rank)",
+        "layers: " + ", ".join(f"{k} {c} (density {p.density_by_kind[k]:.3f}, {p.strategy_by_kind[k]})"
+                                for k, c in p.layers_by_kind.items()),
+        "memory per rank:",
+        *[f"  {name:<24}{v / GiB:9.2f} GiB" for name, v in p.memory_bytes.items()],
+        f"  {'total':<24}{p.memory_total / GiB:9.2f} GiB of {p.device_memory_gb:g} GiB",
+        "compute per rank per step:",
+        *[f"  attention {k:<14}{_si(v, 'FLOP'):>14}" for k, v in p.attention_flops_by_kind.items()],
+        f"  {'linear + cross-attn':<24}{_si(p.linear_flops, 'FLOP'):>14}",
+        "bytes received per rank per step:" + ("" if p.bytes_per_step else " none (one rank)"),
+        *[f"  {k:<24}{_si(v, 'B'):>14}" for k, v in p.bytes_per_step.items()],
+        f"time: >= {format_seconds(p.seconds)} for {p.steps} steps at {p.peak_tflops:g} TFLOP/s per rank "
+        f"(compute only, at the stated peak; {p.seconds / p.steps:.1f} s/step)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""The bad-input matrix: every user error (config, flag, prompts file, model directory, profile, checkpoint,
+plan that cannot fit) is one stderr line `error: ...` naming the problem, exit code 2, the same on every
+rank, and nothing is written under an output name. Run in-process through generate.main (each case fails
+before any weights load); two cases go through a real subprocess per rank."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from freeloc_dist.config import REPO_ROOT
+
+GENERATE = REPO_ROOT / "launch" / "generate.py"
+TINY = yaml.safe_load((REPO_ROOT / "configs" / "tiny.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def generate():
+    spec = importlib.util.spec_from_file_location("generate_under_test", GENERATE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_config(tmp_path, edit=lambda c: None):
+    raw = yaml.safe_load(yaml.safe_dump(TINY))
+    raw["output"] = str(tmp_path / "out" / "v.mp4")
+    edit(raw)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def prompts(tmp_path, *lines):
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def broken_model(tmp_path, remove):
+    model = tmp_path / "model"
+    shutil.copytree(REPO_ROOT / "assets" / "tiny-wan", model)
+    target = model / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return model
+
+
+def bad_profile(tmp_path):
+    p = yaml.safe_load((REPO_ROOT / "configs" / "profiles" / "tiny.yaml").read_text())
+    p["layers"]["tsa"] = p["layers"]["tsa"] + p["layers"]["vrpr"][:1]  # a layer listed twice
+    path = tmp_path / "bad-profile.yaml"
+    path.write_text(yaml.safe_dump(p))
+    return path
+
+
+# (id, make(tmp_path) -> extra argv, config edit, text the error line must contain)
+CASES = [
+    ("config-unknown-key", lambda t: [], lambda c: c["sampling"].update(stepz=3), "sampling.stepz"),
+    ("config-checkpoint-every", lambda t: [], lambda c: c.update(checkpoint={"every": -1}), "checkpoint.every=-1"),
+    ("config-checkpoint-key", lambda t: [], lambda c: c.update(checkpoint={"evry": 2}), "checkpoint.evry"),
+    ("config-output-suffix", lambda t: [], lambda c: c.update(output="x.avi"), "output="),
+    ("flag-checkpoint-every", lambda t: ["--checkpoint-every", "-2"], None, "--checkpoint-every=-2"),
+    ("flag-checkpoint-every-type", lambda t: ["--checkpoint-every", "x"], None, "--checkpoint-every"),
+    ("flag-out-dir-alone", lambda t: ["--out-dir", "d"], None, "--out-dir"),
+    ("flag-world-size-alone", lambda t: ["--world-size", "2"], None, "--world-size"),
+    ("flag-peak-tflops", lambda t: ["--dry-run", "--peak-tflops", "0"], None, "--peak-tflops"),
+    ("flag-out-with-prompts", lambda t: ["--prompts", prompts(t, "a cat"), "--out", "x.mp4"], None, "--out"),
+    ("prompts-missing", lambda t: ["--prompts", t / "nope.txt"], None, "nope.txt"),
+    ("prompts-empty", lambda t: ["--prompts", prompts(t, "# only a comment")], None, "no prompts"),
+    ("prompts-json", lambda t: ["--prompts", prompts(t, "a cat", '{"prompt": "x",')], None, "p.txt:2: invalid JSON"),
+    ("prompts-unknown-key", lambda t: ["--prompts", prompts(t, '{"prompt": "x", "sede": 1}')], None, "p.txt:1: sede"),
+    ("prompts-no-prompt", lambda t: ["--prompts", prompts(t, '{"seed": 1}')], None, "p.txt:1: prompt"),
+    ("prompts-seed-type", lambda t: ["--prompts", prompts(t, '{"prompt": "x", "seed": "1"}')], None, "p.txt:1: seed="),
+    ("prompts-frames", lambda t: ["--prompts", prompts(t, "a", '{"prompt": "x", "frames": 64}')], None,
+     "p.txt:2: config error: video.frames=64"),
+    ("prompts-escape", lambda t: ["--prompts", prompts(t, '{"prompt": "x", "output": "../../etc/x.mp4"}')], None,
+     "p.txt:1: output="),
+    ("prompts-absolute", lambda t: ["--prompts", prompts(t, '{"prompt": "x", "output": "/tmp/x.mp4"}')], None,
+     "p.txt:1: output="),
+    ("prompts-duplicate", lambda t: ["--prompts", prompts(t, "a cat", "A cat!")], None, "p.txt:2: output"),
+    ("model-no-index", lambda t: ["--profile", "none"], "model_index.json", "missing model_index.json"),
+    ("model-no-vae-config", lambda t: ["--profile", "none"], "vae/config.json", "missing vae/config.json"),
+    ("model-no-weights", lambda t: ["--profile", "none"], "transformer/diffusion_pytorch_model.safetensors",
+     "no weights in transformer/"),
+    ("model-no-tokenizer", lambda t: ["--profile", "none"], "tokenizer", "missing tokenizer/tokenizer_config.json"),
+    ("profile-invalid", lambda t: ["--profile", bad_profile(t)], None, "profile"),
+    ("dry-run-does-not-fit", lambda t: ["--dry-run", "--gpu-memory-gb", "0.000001"], None, "does not fit"),
+    ("dry-run-world", lambda t: ["--dry-run", "--world-size", "64"], None, "64 ranks give 64 sequence-parallel"),
+]
+
+
+@pytest.mark.parametrize("make,edit,needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2(generate, tmp_path, monkeypatch, capsys, make, edit, needle):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.chdir(tmp_path)
+    if isinstance(edit, str):  # a model directory with that file removed
+        model = broken_model(tmp_path, edit)
+        cfg = write_config(tmp_path, lambda c: c["model"].update(path=str(model)))
+    else:
+        cfg = write_config(tmp_path, edit or (lambda c: None))
+    code = generate.main(["--config", str(cfg), *map(str, make(tmp_path))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert needle in err[0], err[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_prompts_error_is_identical_on_every_rank(tmp_path):
+    """As torchrun starts each rank: the same line, prefixed by the rank, before any rendezvous."""
+    cfg = write_config(tmp_path)
+    bad = prompts(tmp_path, "a cat", '{"prompt": "x", "output": "../escape.mp4"}')
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29997"}
+    lines = []
+    for rank in (0, 1):
+        proc = subprocess.run([sys.executable, str(GENERATE), "--config", str(cfg), "--prompts", str(bad)],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"[rank {rank}] error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        lines.append(proc.stderr.split("] ", 1)[1])
+    assert lines[0] == lines[1] and "p.txt:2: output='../escape.mp4'" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,66 @@
+"""The dry-run planner: shapes in, per-rank costs out, no weights loaded."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from freeloc_dist.config import REPO_ROOT, load_render_config
+from freeloc_dist.planner import KNOWN_TRANSFORMERS, PlanError, plan_render, transformer_params
+from freeloc_dist.profile import load_profile
+
+WAN13 = KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-T2V-1.3B-Diffusers"]
+PROFILE13 = load_profile(REPO_ROOT / "configs" / "profiles" / "wan2.1-t2v-1.3b.yaml")
+
+
+def cfg13(frames, **over):
+    return load_render_config(REPO_ROOT / "configs" / "wan2.1-t2v-1.3b.yaml", {"video.frames": frames, **over})
+
+
+def test_param_count_matches_the_built_model(tiny_model_dir):
+    from diffusers import WanTransformer3DModel
+
+    t = json.loads((tiny_model_dir / "transformer" / "config.json").read_text())
+    model = WanTransformer3DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
+    assert transformer_params(t) == sum(p.numel() for p in model.parameters())
+    assert 1.3e9 < transformer_params(WAN13) < 1.5e9
+
+
+def test_minute_scale_plan_on_eight_ranks():
+    p = plan_render(cfg13(961), WAN13, PROFILE13, world_size=8)
+    assert p.tokens == 241 * 1560 == 375_960 and p.tokens_per_rank == 31 * 1560
+    assert p.layers_by_kind == {"tsa": 17, "vrpr": 13}
+    assert p.strategy_by_kind == {"tsa": "neighbour", "vrpr": "hybrid"}  # 12 heads: Ulysses 4 x ring 2
+    assert 0 < p.density_by_kind["tsa"] < 0.2 and p.density_by_kind["vrpr"] == 1.0
+    per_layer = {k: p.attention_flops_by_kind[k] / p.layers_by_kind[k] for k in p.layers_by_kind}
+    assert per_layer["tsa"] < 0.2 * per_layer["vrpr"]
+    assert p.seconds > 0 and p.memory_total < 80 * 1024**3
+
+
+def test_tsa_bytes_do_not_grow_with_length_but_dense_do():
+    a = plan_render(cfg13(961), WAN13, PROFILE13, world_size=8)
+    b = plan_render(cfg13(1921), WAN13, PROFILE13, world_size=8)
+    assert b.bytes_per_step["tsa"] == a.bytes_per_step["tsa"]
+    assert b.bytes_per_step["vrpr"] > 1.5 * a.bytes_per_step["vrpr"]
+
+
+def test_more_ranks_less_activation_memory_and_refusal():
+    one = plan_render(cfg13(961), WAN13, PROFILE13, world_size=1)
+    eight = plan_render(cfg13(961), WAN13, PROFILE13, world_size=8)
+    assert eight.memory_bytes["activations"] < one.memory_bytes["activations"] / 7
+    with pytest.raises(PlanError, match="does not fit: .* GiB per rank needed, 20 GiB available"):
+        plan_render(cfg13(961), WAN13, PROFILE13, world_size=1, device_memory_gb=20)
+
+
+def test_cli_dry_run_needs_no_weights(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "generate.py"), "--config",
+                           "configs/wan2.1-t2v-1.3b.yaml", "--frames", "961", "--dry-run", "--world-size", "8",
+                           "--out", str(tmp_path / "x.mp4")], capture_output=True, text=True, cwd=REPO_ROOT,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "375,960 tokens" in proc.stdout and "bytes received per rank per step" in proc.stdout
+    assert "weights: transformer" in proc.stdout and "time: >=" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
