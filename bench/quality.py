@@ -1,0 +1,123 @@
+"""Quality table of the miniature long-video testbed: methods x lengths x weight-free metrics.
+
+    python bench/quality.py                       # 8 prompt-seed pairs, all methods, 1x / 4x / 12x
+    python bench/quality.py --pairs 2 --lengths 4 --methods direct freeloc   # a quick look
+
+Renders each held-out world's prompt (world seeds from EVAL_SEED_BASE, never seen in training) with every
+method through the production loader and sampling loop, scores every video with
+freeloc_dist.testbed.metrics, and prints a markdown table of mean +- standard deviation over the pairs
+(a `ground truth` row scores the world's own render at the same length). Raw per-video numbers go to
+--json. Lengths are multiples of the model's trained latent frames T: F = k T latent frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from freeloc_dist.config import REPO_ROOT, load_render_config  # noqa: E402
+from freeloc_dist.methods import METHODS, get_method  # noqa: E402
+from freeloc_dist.models import load_components  # noqa: E402
+from freeloc_dist.profile import load_profile  # noqa: E402
+from freeloc_dist.sampling import render  # noqa: E402
+from freeloc_dist.testbed import metrics as tm  # noqa: E402
+from freeloc_dist.testbed import world as tw  # noqa: E402
+from freeloc_dist.testbed.train import EVAL_SEED_BASE  # noqa: E402
+from freeloc_dist.video import write_mp4  # noqa: E402
+
+SHOWN = ("subject", "background", "imaging", "smoothness", "dynamic", "freeze_loop", "overall")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, default=REPO_ROOT / "configs/toy.yaml")
+    p.add_argument("--pairs", type=int, default=8, help="prompt-seed pairs (held-out worlds)")
+    p.add_argument("--first-pair", type=int, default=0, help="run pairs [first, pairs) only (to split a run)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="print the table of these --json files (from split runs) and exit")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1, 4, 12], help="multiples of T")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--steps", type=int, default=None, help="override sampling.steps")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=REPO_ROOT / "outputs/quality.json")
+    p.add_argument("--videos", type=Path, default=None, help="also write every video here as mp4")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.merge:
+        rows = [r for path in a.merge for r in json.loads(path.read_text())]
+        rows.sort(key=lambda r: (r["length"], r["pair"]))
+        print(table(rows, load_profile(load_render_config(a.config).profile).trained_frames,
+                    len({r["pair"] for r in rows})))
+        return 0
+
+    base = load_render_config(a.config)
+    if base.profile is None:
+        raise SystemExit("the config names no FreeLOC profile")
+    trained = load_profile(base.profile).trained_frames
+    parts = load_components(base.model.path, base.model.dtype)
+    worlds = {i: tw.sample_world(EVAL_SEED_BASE + i) for i in range(a.first_pair, a.pairs)}
+    rows: list[dict] = []
+    start = time.perf_counter()
+    for k in a.lengths:
+        frames = 4 * (k * trained - 1) + 1
+        for i, w in worlds.items():
+            colours = tm.colours_of_prompt(w.prompt)
+            gt = tw.render(w, frames, base.video.height)
+            rows.append(dict(method="ground truth", length=k, pair=i, prompt=w.prompt,
+                             **tm.video_metrics(gt, colours)))
+            for name in a.methods:
+                method = get_method(name, trained_frames=trained, profile=base.profile,
+                                    backend=base.attention_backend)
+                over = {"prompt": w.prompt, "video.frames": frames, "sampling.seed": i}
+                if a.steps:
+                    over["sampling.steps"] = a.steps
+                cfg = load_render_config(a.config, over)
+                undo = method.install(parts.transformer, k * trained)
+                try:
+                    out = render(parts, cfg, predict=method.predict, noise=method.noise)
+                finally:
+                    undo()
+                m = tm.video_metrics(out.frames, colours)
+                rows.append(dict(method=name, length=k, pair=i, prompt=w.prompt, **m))
+                if a.videos is not None:
+                    write_mp4(a.videos / f"{k}x_{name}_{i}.mp4", out.frames, base.video.fps)
+                print(f"[{time.perf_counter() - start:6.0f}s] {k}x pair {i} {name:15s} "
+                      + " ".join(f"{key}={m[key]:.3f}" for key in SHOWN), flush=True)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(rows, indent=1) + "\n")
+    print()
+    print(table(rows, trained, len(worlds)))
+    return 0
+
+
+def table(rows: list[dict], trained: int, pairs: int) -> str:
+    """Markdown: one row per (length, method), mean +- std over pairs per metric."""
+    lines = [f"T = {trained} latent frames; mean +- std over {pairs} prompt-seed pairs; "
+             "freeze_loop: lower is better, dynamic: % of frame side per frame, others in [0, 1], higher is better.",
+             "",
+             "| length | method | " + " | ".join(SHOWN) + " |",
+             "|---|---|" + "---|" * len(SHOWN)]
+    keys = []
+    for r in rows:
+        if (r["length"], r["method"]) not in keys:
+            keys.append((r["length"], r["method"]))
+    for k, name in keys:
+        sel = [r for r in rows if r["length"] == k and r["method"] == name]
+        cells = []
+        for m in SHOWN:
+            v = np.array([r[m] for r in sel])
+            cells.append(f"{v.mean():.2f} +- {v.std():.2f}" if m == "dynamic" else f"{v.mean():.3f} +- {v.std():.3f}")
+        lines.append(f"| {k}x | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

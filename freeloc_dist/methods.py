@@ -1,0 +1,200 @@
+"""Long-video sampling methods in one engine: FreeLOC variants and the baselines it is compared with.
+
+A method changes at most three things of a render, each through an existing seam of the sampling loop
+(freeloc_dist.sampling): the model (an install that returns its own undo: FreeLOC processors, RIFLEx's
+RoPE frequency), the prediction function (`predict=`: global latents in, guided flow out; sliding-window
+and FreeNoise fusion live here) and the initial noise (FreeNoise's rescheduling). Methods only need the
+model's trained length T (latent frames); every method reduces to direct sampling when F <= T.
+
+- direct: stock attention over all F frames.
+- sliding: windows of T frames, stride `stride` (default T // 2, at least 1), the last window aligned to
+  the end; the predictions of overlapping windows are averaged (uniform overlap fusion).
+- freenoise: FreeNoise (Qiu et al. 2024): noise of the first window, then every next block of `stride`
+  frames reuses the first window's frame noises in a shuffled order (noise rescheduling), plus window
+  fusion weighted by closeness to each window's centre.
+- riflex: RIFLEx (Zhao et al. 2025): the temporal RoPE component whose period is closest to T (the
+  intrinsic frequency) is lowered to 0.9 * 2 pi / F, so it stays inside one period over the whole video.
+- freeloc, freeloc-all, freeloc-random: FreeLOC with a profile (the probed or published one), with TSA (both
+  fixes: re-encoded positions and tiered sparse attention) on every layer, and with a random assignment of
+  the same number of TSA/VRPR layers (the paper's ablation).
+
+Shapes (legend): B batch, C latent channels, F latent frames, H/W latent cells.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from freeloc_dist.sampling import LatentGeometry, PredictFn, initial_noise, predict_noise
+
+METHODS = ("direct", "sliding", "freenoise", "riflex", "freeloc", "freeloc-all", "freeloc-random")
+
+Undo = Callable[[], None]
+
+
+@dataclass
+class Method:
+    name: str
+    install: Callable[[Any, int], Undo] = lambda transformer, num_frames: (lambda: None)
+    predict: PredictFn = predict_noise
+    noise: Callable[[LatentGeometry, int, Any], torch.Tensor] = initial_noise
+    notes: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- windows
+
+def window_starts(num_frames: int, window: int, stride: int) -> list[int]:
+    """Start frames of windows of `window` frames covering [0, F); the last window ends at F."""
+    if not 1 <= stride <= window:
+        raise ValueError(f"window stride {stride} must be in [1, window={window}] so windows cover every frame")
+    if num_frames <= window:
+        return [0]
+    starts = list(range(0, num_frames - window + 1, stride))
+    if starts[-1] != num_frames - window:
+        starts.append(num_frames - window)
+    return starts
+
+
+def window_weights(window: int, shape: str) -> torch.Tensor:
+    """Per-frame fusion weights [window]: uniform, or peaked at the centre (triangular, never zero)."""
+    if shape == "uniform":
+        return torch.ones(window)
+    i = torch.arange(window, dtype=torch.float32)
+    return torch.minimum(i + 1, window - i)
+
+
+def windowed_predict(window: int, stride: int, weights: str = "uniform", inner: PredictFn = predict_noise) -> PredictFn:
+    """A predict function running `inner` on temporal windows and fusing the overlaps by weighted mean."""
+
+    def predict(transformer, latents, t, cond, uncond, guidance):
+        num_frames = latents.shape[2]
+        if num_frames <= window:
+            return inner(transformer, latents, t, cond, uncond, guidance)
+        w = window_weights(window, weights).to(latents.device).view(1, 1, -1, 1, 1)
+        total = torch.zeros(latents.shape, dtype=torch.float32, device=latents.device)
+        norm = torch.zeros((1, 1, num_frames, 1, 1), dtype=torch.float32, device=latents.device)
+        for s in window_starts(num_frames, window, stride):
+            flow = inner(transformer, latents[:, :, s:s + window], t, cond, uncond, guidance)  # [B, C, w, H, W]
+            total[:, :, s:s + window] += w * flow
+            norm[:, :, s:s + window] += w
+        return total / norm
+
+    return predict
+
+
+def freenoise_noise(window: int, stride: int) -> Callable[[LatentGeometry, int, Any], torch.Tensor]:
+    """FreeNoise's rescheduled initial noise: the first window's frame noises, reused shuffled per block."""
+
+    def noise(geometry: LatentGeometry, seed: int, device) -> torch.Tensor:
+        base = initial_noise(geometry, seed, "cpu")  # [1, C, F, H, W]; frames >= window are replaced
+        if geometry.frames <= window:
+            return base.to(device)
+        gen = torch.Generator().manual_seed(seed + 1)
+        out = base.clone()
+        for start in range(window, geometry.frames, stride):
+            n = min(stride, geometry.frames - start)
+            perm = torch.randperm(window, generator=gen)[:n]
+            out[:, :, start:start + n] = base[:, :, perm]
+        return out.to(device)
+
+    return noise
+
+
+# ----------------------------------------------------------------------------------------------- RIFLEx
+
+def riflex_frequency(t_dim: int, trained_frames: int, theta: float = 10000.0) -> int:
+    """Index k of the temporal RoPE frequency whose period 2 pi / w_k is closest to T (intrinsic)."""
+    w = 1.0 / theta ** (torch.arange(0, t_dim, 2, dtype=torch.float64) / t_dim)
+    return int(torch.argmin((2 * math.pi / w - trained_frames).abs()))
+
+
+def install_riflex(transformer, num_frames: int, trained_frames: int) -> Undo:
+    """Lower the intrinsic temporal frequency in the rope tables (diffusers' WanRotaryPosEmbed buffers)."""
+    if num_frames <= trained_frames:
+        return lambda: None
+    rope = transformer.rope
+    k = riflex_frequency(rope.t_dim, trained_frames)
+    old_cos, old_sin = rope.freqs_cos.clone(), rope.freqs_sin.clone()
+    omega = 0.9 * 2 * math.pi / num_frames
+    pos = torch.arange(rope.freqs_cos.shape[0], dtype=torch.float64)
+    cos, sin = torch.cos(pos * omega), torch.sin(pos * omega)
+    for col in (2 * k, 2 * k + 1):  # interleaved pairs: columns 2k, 2k+1 hold frequency k
+        rope.freqs_cos[:, col] = cos.to(rope.freqs_cos.dtype)
+        rope.freqs_sin[:, col] = sin.to(rope.freqs_sin.dtype)
+
+    def undo():
+        rope.freqs_cos.copy_(old_cos)
+        rope.freqs_sin.copy_(old_sin)
+
+    return undo
+
+
+# ----------------------------------------------------------------------------------------------- FreeLOC
+
+def install_freeloc_profile(transformer, profile, backend: str = "sdpa") -> Undo:
+    from freeloc_dist.install import _HOOK_ATTR, apply_freeloc
+
+    old = [block.attn1.processor for block in transformer.blocks]
+    apply_freeloc(transformer, profile, backend)
+
+    def undo():
+        for block, proc in zip(transformer.blocks, old):
+            block.attn1.set_processor(proc)
+        hook = getattr(transformer, _HOOK_ATTR, None)
+        if hook is not None:
+            hook.remove()
+            delattr(transformer, _HOOK_ATTR)
+        if hasattr(transformer, "freeloc_state"):
+            del transformer.freeloc_state
+
+    return undo
+
+
+def profile_variant(profile, variant: str, seed: int = 0) -> dict:
+    """The profile mapping as given ("freeloc"), TSA on every layer ("freeloc-all"), or the same numbers
+    of TSA/VRPR/full layers assigned at random ("freeloc-random")."""
+    from freeloc_dist.profile import load_profile
+
+    prof = load_profile(profile)
+    m = prof.to_mapping()
+    n = prof.num_layers
+    if variant == "freeloc-all":
+        m["layers"] = {"tsa": list(range(n)), "vrpr": [], "full": []}
+        m["source"] = f"all layers tsa (ablation of {prof.model})"
+    elif variant == "freeloc-random":
+        kinds = list(prof.kinds)
+        random.Random(seed).shuffle(kinds)
+        m["layers"] = {k: [i for i, kind in enumerate(kinds) if kind == k] for k in ("tsa", "vrpr", "full")}
+        m["source"] = f"random assignment, seed {seed} (ablation of {prof.model})"
+    elif variant != "freeloc":
+        raise ValueError(f"unknown FreeLOC variant {variant!r}")
+    return m
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+def get_method(name: str, *, trained_frames: int, profile=None, stride: int | None = None,
+               backend: str = "sdpa", seed: int = 0) -> Method:
+    """Build a method by name (see METHODS); FreeLOC methods need `profile`."""
+    t = trained_frames
+    stride = stride or max(1, t // 2)
+    if name == "direct":
+        return Method(name)
+    if name == "sliding":
+        return Method(name, predict=windowed_predict(t, stride, "uniform"), notes=dict(window=t, stride=stride))
+    if name == "freenoise":
+        return Method(name, predict=windowed_predict(t, stride, "centre"), noise=freenoise_noise(t, stride),
+                      notes=dict(window=t, stride=stride))
+    if name == "riflex":
+        return Method(name, install=lambda tr, f: install_riflex(tr, f, t))
+    if name in ("freeloc", "freeloc-all", "freeloc-random"):
+        if profile is None:
+            raise ValueError(f"method {name!r} needs a FreeLOC profile")
+        m = profile_variant(profile, name, seed)
+        return Method(name, install=lambda tr, f: install_freeloc_profile(tr, m, backend), notes=dict(profile=m))
+    raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")

@@ -1,0 +1,43 @@
+"""Train the testbed's toy Wan on the procedural world (see freeloc_dist/testbed/train.py).
+
+    python launch/train_toy.py --out runs/toy-wan --minutes 70
+    python launch/train_toy.py --decoder-only runs/toy-wan --out runs/toy-vae --minutes 45   # beside it
+    cp -r runs/toy-wan/. assets/toy-wan/ && cp -r runs/toy-vae/vae/. assets/toy-wan/vae/   # ship it
+
+Runs on one CPU thread by default; the checkpoint is rewritten every few minutes, so it is usable mid-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from freeloc_dist.testbed.train import TrainConfig, train  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("runs/toy-wan"))
+    p.add_argument("--minutes", type=float, default=70.0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--decoder-only", type=Path, default=None, metavar="INIT_DIR",
+                   help="train only the VAE decoder, starting from INIT_DIR/vae; writes OUT/vae")
+    a = p.parse_args(argv)
+    if a.decoder_only is not None:
+        from freeloc_dist.testbed.train import train_decoder
+
+        train_decoder(a.decoder_only, a.out, a.minutes, threads=a.threads, seed=a.seed + 1)
+        return 0
+    train(TrainConfig(out_dir=a.out, minutes=a.minutes, batch=a.batch, threads=a.threads, seed=a.seed,
+                      max_steps=a.max_steps))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
