@@ -10,7 +10,8 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 . .venv/bin/activate
 
 if ! python -c "import torch" 2>/dev/null; then
-    if pip install -q --no-index "torch==${TORCH_VERSION}" 2>/dev/null; then
+    if pip install -q --no-deps --no-index "torch==${TORCH_VERSION}" 2>/dev/null; then
+        pip install -q "torch==${TORCH_VERSION}"  # its pure-python dependencies; torch itself is satisfied
         echo "setup: torch ${TORCH_VERSION} from a local wheel" >&2
     elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         pip install -q "torch==${TORCH_VERSION}"
