@@ -121,3 +121,27 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
         tokenizer=tokenizer,
         scheduler=scheduler,
     )
+
+
+def save_components(parts: WanComponents, out_dir: str | Path) -> Path:
+    """Write the components in diffusers format (loadable by freeloc_dist.models.load_components)."""
+    import diffusers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts.transformer.save_pretrained(out / "transformer")
+    parts.vae.save_pretrained(out / "vae")
+    parts.text_encoder.save_pretrained(out / "text_encoder")
+    parts.tokenizer.save_pretrained(out / "tokenizer")
+    parts.scheduler.save_pretrained(out / "scheduler")
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", type(parts.tokenizer).__name__],
+        "scheduler": ["diffusers", type(parts.scheduler).__name__],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out

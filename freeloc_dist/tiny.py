@@ -11,12 +11,11 @@ Weights depend only on `seed`. The outputs are noise, but every code path of a r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from freeloc_dist.models import WanComponents
+from freeloc_dist.models import WanComponents, save_components
 
 TINY_TEXT_DIM = 32
 TINY_Z_DIM = 4
@@ -112,24 +111,4 @@ def build_tiny_components(seed: int = 0) -> WanComponents:
 
 def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny model to `out_dir` in diffusers format (loadable by freeloc_dist.models)."""
-    import diffusers
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    parts = build_tiny_components(seed)
-    parts.transformer.save_pretrained(out / "transformer")
-    parts.vae.save_pretrained(out / "vae")
-    parts.text_encoder.save_pretrained(out / "text_encoder")
-    parts.tokenizer.save_pretrained(out / "tokenizer")
-    parts.scheduler.save_pretrained(out / "scheduler")
-    index = {
-        "_class_name": "WanPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", type(parts.tokenizer).__name__],
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return out
+    return save_components(build_tiny_components(seed), out_dir)

@@ -19,13 +19,12 @@ Shapes (legend): B batch, T video frames, P pixels, C latent channels, F latent 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from freeloc_dist.models import WanComponents
+from freeloc_dist.models import WanComponents, save_components  # noqa: F401 (re-exported)
 
 TRAINED_FRAMES = 5  # latent frames per training clip (17 video frames)
 VIDEO_SIZE = 64  # pixels per side
@@ -107,25 +106,3 @@ def build_toy_components(seed: int = 0, latents_mean=None, latents_std=None) -> 
                          tokenizer=base.tokenizer, scheduler=base.scheduler)
 
 
-def save_components(parts: WanComponents, out_dir: str | Path) -> Path:
-    """Write the components in diffusers format (loadable by freeloc_dist.models.load_components)."""
-    import diffusers
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    parts.transformer.save_pretrained(out / "transformer")
-    parts.vae.save_pretrained(out / "vae")
-    parts.text_encoder.save_pretrained(out / "text_encoder")
-    parts.tokenizer.save_pretrained(out / "tokenizer")
-    parts.scheduler.save_pretrained(out / "scheduler")
-    index = {
-        "_class_name": "WanPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", type(parts.tokenizer).__name__],
-        "scheduler": ["diffusers", type(parts.scheduler).__name__],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return out
