@@ -152,6 +152,11 @@ def _denormalise(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents.float() * std + mean
 
 
+def can_decode_ranges(vae) -> bool:
+    """Whether `iter_decode` can decode part of a video (Wan's causal VAE without tiling or patching)."""
+    return _streaming_vae(vae)
+
+
 def _streaming_vae(vae) -> bool:
     return (all(hasattr(vae, a) for a in ("clear_cache", "post_quant_conv", "decoder"))
             and getattr(vae.config, "patch_size", None) is None and not getattr(vae, "use_tiling", False))

@@ -382,7 +382,9 @@ def _run_jobs(configs, args, session, dims, flag, resume, log) -> int:
 def _render_one(cfg, args, session, dims, flag, resume, log, label) -> Path:
     from freeloc_dist.checkpoint import Checkpoint, checkpoint_path, fingerprint, save_checkpoint, scheduler_state
     from freeloc_dist.progress import Progress
-    from freeloc_dist.sampling import iter_decode, render
+    from freeloc_dist.parallel.comm import Comm
+    from freeloc_dist.parallel.decode import DecodeStopped, decode_ranges, iter_decode_spread
+    from freeloc_dist.sampling import can_decode_ranges, render
     from freeloc_dist.video import save_latents, write_json, write_mp4
 
     import torch
@@ -414,21 +416,38 @@ def _render_one(cfg, args, session, dims, flag, resume, log, label) -> Path:
     sample_s = time.perf_counter() - sample_start
     if args.report_comm:
         _report_comm(session.engine, dims, session.parts.transformer, s.steps)
-    if not lead:
-        return cfg.output
-    if args.save_latents is not None:
+    if lead and args.save_latents is not None:
         save_latents(args.save_latents, result.latents)
         log(f"latents: {args.save_latents}")
     decode_start = time.perf_counter()
+    comm = session.engine.comm if session.engine is not None else Comm(dims)
+    stopped = Preempted(s.steps, ckpt_path if every else "none (set --checkpoint-every)")
 
     def chunks():
-        for chunk in iter_decode(session.parts.vae, result.latents):
-            if flag.raised is not None:  # sampling is done and checkpointed (if enabled): stop now
-                raise Preempted(s.steps, ckpt_path if every else "none (set --checkpoint-every)")
-            yield chunk
+        # every rank decodes a range of latent frames; rank 0 receives the others' frames and writes them
+        try:
+            for chunk in iter_decode_spread(session.parts.vae, result.latents, comm,
+                                            stop=lambda: flag.raised is not None):
+                if not dims.distributed and flag.raised is not None:  # alone: stop at once
+                    raise stopped
+                yield chunk
+        except DecodeStopped:  # a signal on some rank during decode: every rank stops here together
+            raise stopped from None
 
-    write_mp4(cfg.output, chunks(), fps=v.fps)
+    if lead:
+        write_mp4(cfg.output, chunks(), fps=v.fps)
+    else:
+        for _ in chunks():
+            pass
     decode_s = time.perf_counter() - decode_start
+    if not lead:
+        return cfg.output
+    received = comm.bytes.get("decode", 0)
+    ranks = sum(e > s for s, e in decode_ranges(cfg.latent_frames, dims.world_size))
+    ranks = ranks if can_decode_ranges(session.parts.vae) else 1
+    log(f"{label}decoded on {ranks} rank{'s' if ranks > 1 else ''}"
+        f" and written in {decode_s:.1f}s" + (f" ({received / 2**20:.1f} MiB of frames from other ranks)"
+                                              if received else ""))
     timings = {"load_s": session.load_s, "sample_s": sample_s, "decode_and_write_s": decode_s,
                "render_s": time.perf_counter() - start,
                "s_per_step": sample_s / max(1, s.steps - (resume.step if resume else 0))}

@@ -116,3 +116,53 @@ def test_decode_ranges_with_warmup_equal_one_pass(tiny_model_dir):
     for start, end in [(0, 3), (3, warmup + 2), (warmup + 2, num_frames)]:
         part = np.concatenate(list(iter_decode(vae, z, start, end)))
         assert np.array_equal(part, whole[max(0, 4 * start - 3):4 * end - 3]), (start, end)
+
+
+def _spread(model_dir, out, nproc, frames, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           str(REPO_ROOT / "tests" / "decode_worker.py"), "--model", str(model_dir), "--out", str(out),
+           "--frames", str(frames), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize("nproc, frames", [(2, 7), (3, 7), (3, 2)], ids=["2ranks", "3ranks-uneven", "more-ranks-than-frames"])
+def test_decode_spread_over_ranks_equals_one_pass(tiny_model_dir, tmp_path, nproc, frames):
+    """Each rank decodes a range of latent frames, rank 0 writes them in order: bitwise the frames of one
+    single-process pass (uint8, so exact), and rank 0 receives exactly the other ranks' frames."""
+    from freeloc_dist.models import load_components
+    from freeloc_dist.parallel.decode import decode_ranges, video_frames_of
+    from freeloc_dist.sampling import decode_video
+
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from decode_worker import latents
+
+    proc = _spread(tiny_model_dir, tmp_path / "v.npy", nproc, frames)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "v.npy")
+    want = decode_video(load_components(tiny_model_dir, "float32", "cpu").vae, latents(frames))
+    assert got.shape == want.shape == (4 * (frames - 1) + 1, 64, 64, 3)
+    assert np.array_equal(got, want)
+    ranges = decode_ranges(frames, nproc)
+    others = sum(video_frames_of(s, e) for s, e in ranges[1:])
+    assert torch.load(tmp_path / "v.npy.bytes") == ({"decode": others * 64 * 64 * 3} if others else {})
+
+
+def test_decode_stop_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path):
+    proc = _spread(tiny_model_dir, tmp_path / "v.npy", 3, 7, "--stop-rank", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("v.npy.stopped*")) == [f"v.npy.stopped{r}" for r in range(3)]
+    assert not (tmp_path / "v.npy").exists()
+
+
+def test_decode_ranges_cover_the_video_once():
+    from freeloc_dist.parallel.decode import decode_ranges, video_frames_of
+
+    for frames in range(1, 30):
+        for world in range(1, 10):
+            ranges = decode_ranges(frames, world)
+            assert len(ranges) == world and ranges[0][0] == 0 and ranges[-1][1] == frames
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            sizes = [e - s for s, e in ranges if e > s]
+            assert max(sizes) - min(sizes) <= 1
+            assert sum(video_frames_of(s, e) for s, e in ranges) == 4 * (frames - 1) + 1

@@ -126,3 +126,8 @@ def test_torchrun_render_equals_single_process(tmp_path):
     a, b = (load_file(tmp_path / f"{x}.safetensors")["latents"] for x in "ab")
     assert rel_err(b, a) < TOL
     assert "rank 1:" in multi.stderr and "tsa=" in multi.stderr
+    # the decode was spread over both ranks (parallel/decode.py) and wrote the whole video
+    from freeloc_dist.video import read_mp4_frame_count
+
+    assert read_mp4_frame_count(tmp_path / "b.mp4") == read_mp4_frame_count(tmp_path / "a.mp4") == 33
+    assert "decoded on 2 ranks" in multi.stderr

@@ -99,6 +99,17 @@ class Comm:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def send(self, tensor: torch.Tensor, dst: int, tag: str) -> None:
+        """Blocking send of `tensor` to global rank `dst` (on the process group's device)."""
+        dist.send(tensor.to(self.dims.device).contiguous(), dst)
+
+    def recv(self, shape: tuple, dtype: torch.dtype, src: int, tag: str) -> torch.Tensor:
+        """Blocking receive of a tensor of known shape and dtype from global rank `src` (returned on CPU)."""
+        buf = torch.empty(shape, dtype=dtype, device=self.dims.device)
+        dist.recv(buf, src)
+        self._count(tag, buf.numel() * buf.element_size())
+        return buf.cpu()
+
     def gather_counts(self) -> list[dict]:
         """Every rank's byte counters, on every rank (for reports; not itself counted)."""
         if not self.dims.distributed:
