@@ -17,7 +17,6 @@ code 2.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,21 +24,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # runnable from a checkout without installing the package
 
-EXIT_USAGE = 2
+from freeloc_dist.cli import EXIT_USAGE, OneLineParser, UserError, log, main_with_exit_codes  # noqa: E402,F401
+
 _PROBE_TIMEOUT_S = 7 * 24 * 3600.0  # ranks meet only at the end; a long probe must not time out the group
 
 
-class UserError(Exception):
-    """An error in what the user asked for; printed as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(message)
-
-
 def _parse_args(argv):
-    p = _Parser(description="Probe each layer of a Wan model and write a FreeLOC profile.")
+    p = OneLineParser(description="Probe each layer of a Wan model and write a FreeLOC profile.")
     p.add_argument("--config", required=True, type=Path, help="render config YAML (model, resolution, sampler)")
     p.add_argument("--out", required=True, type=Path, help="profile to write, e.g. configs/profiles/NAME.yaml")
     p.add_argument("--probe-config", type=Path, help="probing settings YAML (default configs/probing.yaml)")
@@ -55,8 +46,7 @@ def _parse_args(argv):
     return p.parse_args(argv)
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+_log = log
 
 
 def _load(args):
@@ -309,22 +299,15 @@ def run(argv=None) -> Path | None:
         destroy_parallel(dims)
 
 
-def _is_user_error(e: BaseException) -> bool:
-    config = sys.modules.get("freeloc_dist.config")
-    return isinstance(e, UserError) or (config is not None and isinstance(e, config.ConfigError))
-
-
-def main(argv=None) -> int:
-    try:
-        out = run(argv)
-    except Exception as e:
-        if not _is_user_error(e):
-            raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+def _run_and_print(argv=None) -> int:
+    out = run(argv)
     if out is not None:
         print(out)
     return 0
+
+
+def main(argv=None) -> int:
+    return main_with_exit_codes(_run_and_print, argv)
 
 
 if __name__ == "__main__":
