@@ -44,7 +44,7 @@ from .attention import get_backend
 from .attention.sdpa import grouped_attention
 from .config import REPO_ROOT, ConfigError
 from .plan import DENSE, NONE, Group, LayerPlan, layer_plan
-from .processor import grid_of
+from .processor import grid_of, project_out, project_qkv
 from .profile import parse_profile
 from .rope import apply_rotary, split_rotations, temporal_rope_of
 from .sampling import predict_noise
@@ -361,13 +361,7 @@ class ProbeAttnProcessor:
         if encoder_hidden_states is not None or rotary_emb is None or attention_mask is not None:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         st = self.state
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q = attn.norm_q(q).unflatten(2, (attn.heads, -1))  # [B, L, h, d]
-        k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
-        v = v.unflatten(2, (attn.heads, -1))
+        q, k, v = project_qkv(attn, hidden_states)  # [B, L, h, d]
         num_frames, h, w = st.grid
         frames = torch.arange(num_frames).repeat_interleave(h * w)  # [L]
         active = st.perturb is not None and st.perturb[0] == self.layer
@@ -396,8 +390,7 @@ class ProbeAttnProcessor:
                 out = out.transpose(1, 2)
             else:
                 out = st.attention(q, k, v, rotary_emb, plan, st.t_rope)
-        out = out.flatten(2, 3).type_as(q)
-        return attn.to_out[1](attn.to_out[0](out))
+        return project_out(attn, out, q.dtype)
 
 
 def _rel_change(y, y0) -> float:

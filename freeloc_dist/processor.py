@@ -43,16 +43,24 @@ class FreeLOCAttnProcessor:
         plan = self.state.plan(self.kind)
         if plan.is_stock and not self.state.route_stock:
             return self.stock(attn, hidden_states, None, None, rotary_emb)
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q = attn.norm_q(q).unflatten(2, (attn.heads, -1))  # [B, L, h, d]
-        k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
-        v = v.unflatten(2, (attn.heads, -1))
-        out = self.state.attention(q, k, v, rotary_emb, plan, self.state.t_rope)
-        out = out.flatten(2, 3).type_as(q)
-        return attn.to_out[1](attn.to_out[0](out))
+        q, k, v = project_qkv(attn, hidden_states)
+        return project_out(attn, self.state.attention(q, k, v, rotary_emb, plan, self.state.t_rope), q.dtype)
+
+
+def project_qkv(attn, hidden_states: torch.Tensor):
+    """Wan self-attention's q, k, v [B, L, h, d] (q and k normalised, not yet rotated), as WanAttnProcessor."""
+    if getattr(attn, "fused_projections", False):
+        q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
+    k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
+    return q, k, v.unflatten(2, (attn.heads, -1))
+
+
+def project_out(attn, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The output projection of attention out [B, L, h, d]."""
+    return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(dtype)))
 
 
 def grid_of(transformer, hidden_states: torch.Tensor) -> tuple[int, int, int]:
