@@ -9,6 +9,7 @@ import pytest
 import torch
 from _tiny import rel_err
 
+from freeloc_dist.attention import sdpa
 from freeloc_dist.attention.flex import flex_freeloc_attention, slot_plan
 from freeloc_dist.attention.lse import attend, merge_into
 from freeloc_dist.attention.reference import reference_attention
@@ -48,6 +49,25 @@ def test_grouped_sdpa_matches_reference(kind, num_frames, impl, band_chunk):
     out, lse = grouped_attention(q_nat, k_nat, q0, k0, v, plan, T_ROPE, impl=impl, band_chunk=band_chunk)
     assert rel_err(out, ref) < TOL
     assert torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("impl", ["flash", "math"])
+@pytest.mark.parametrize("kind, num_frames", CASES)
+def test_grouped_sdpa_tiled_query_frames(kind, num_frames, impl, monkeypatch):
+    # At n = 12 no frame reaches the flash kernel's tall-query threshold; lower it so full-frame runs
+    # are tiled over 3 query frames (shared keys, per-frame edge batches, shared sink keys).
+    monkeypatch.setattr(sdpa, "FLASH_TALL_QUERY", 3 * GRID_HW[0] * GRID_HW[1])
+    sdpa.batched_schedule.cache_clear()
+    try:
+        q0, k0, v, q_nat, k_nat = _inputs(num_frames)
+        plan = _plan(kind, num_frames)
+        frames = tuple(range(num_frames))
+        if num_frames > 2 * T:
+            assert any(b.q_frames > 1 for b in sdpa.batched_schedule(plan, frames, frames))
+        out, _ = grouped_attention(q_nat, k_nat, q0, k0, v, plan, T_ROPE, impl=impl)
+        assert rel_err(out, reference_attention(q0, k0, v, plan, T_ROPE)) < TOL
+    finally:
+        sdpa.batched_schedule.cache_clear()
 
 
 @pytest.mark.parametrize("kind, num_frames", CASES)

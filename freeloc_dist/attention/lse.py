@@ -21,13 +21,18 @@ def attend_math(q, k, v, bias=None, scale=None):
     return torch.matmul(p, v.float()).to(q.dtype), lse
 
 
+def uses_flash(impl: str, device) -> bool:
+    """Whether `attend` runs the fused CPU flash kernel (else the matmul path) for impl on device."""
+    return impl == "flash" or (impl == "auto" and torch.device(device).type == "cpu" and _FLASH_CPU is not None)
+
+
 def attend(q, k, v, bias=None, scale=None, impl: str = "auto"):
     """(out, lse) of softmax(q k^T * scale + bias) v. bias is additive (0 / -inf), [Lq, Lk].
 
     On CPU the fused flash kernel returns lse directly; elsewhere the matmul path runs (it is the
     same code the CPU suite runs with impl="math"). Every query row must attend at least one key.
     """
-    if impl == "flash" or (impl == "auto" and q.device.type == "cpu" and _FLASH_CPU is not None):
+    if uses_flash(impl, q.device):
         out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
         return out, lse.float()
     if impl in ("auto", "math"):
@@ -44,7 +49,7 @@ def merge_into(out_acc, lse_acc, out, lse):
     safe = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
     w_old = torch.exp(lse_acc - safe)[..., None]
     w_new = torch.exp(lse - safe)[..., None]
-    out_acc.mul_(w_old).add_(out.float() * w_new)
+    out_acc.mul_(w_old).addcmul_(out.float(), w_new)
     lse_acc.copy_(new_lse)
 
 

@@ -1,34 +1,70 @@
-"""Grouped-softmax backend (DESIGN 6): per query frame, each run of keys sharing one temporal offset
-is an ordinary attention returning (out, lse); runs merge exactly by log-sum-exp.
+"""Grouped-softmax backend (DESIGN 6): each run of keys sharing one temporal offset is an ordinary
+attention returning (out, lse); runs merge exactly by log-sum-exp.
 
-Memory stays O(n x keys of one group): the L x L score matrix is never formed. Banded (stripe) runs
-are further split into spatial query chunks, each against only the key columns its band can reach,
-so work tracks the attended pairs rather than whole frames.
+Runs are batched across query frames: every query frame whose run has the same (offset, banded,
+length) and whose key frames are a fixed stride further than its neighbour's goes into the batch
+dimension of one kernel call, with the keys as an overlapping strided view of the key buffer (no
+copy). Most frames of a long video share their relative run pattern, so a layer is a few hundred
+large calls instead of one small call per (query frame, run).
+
+Banded (stripe) runs are further split into spatial query chunks, each against only the key
+columns its band can reach, so work tracks the attended pairs rather than whole frames. Memory
+stays O(one call): the L x L score matrix is never formed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 
 from ..plan import LayerPlan
 from ..rope import TemporalRope
-from .lse import attend, merge_all
+from .lse import attend, merge_into, uses_flash
+
+# Elements of the largest tensor one call materialises: its [batch, B*h, rows, keys] scores on the
+# matmul path, its output on the flash path (which only holds a block of scores). Batches are cut
+# to stay near one unbatched full-frame group, so batching does not raise peak memory.
+CALL_BUDGET = 1 << 24
+
+# torch's CPU flash kernel takes 256-row query blocks from 768 query rows on (at most 64 below),
+# which is ~10% faster per pair; full-frame runs of small frames are tiled over query frames to
+# reach it (see _tiled). At Wan's n = 1560 one frame already has enough rows.
+FLASH_TALL_QUERY = 768
+
+
+@dataclasses.dataclass(frozen=True)
+class RunBatch:
+    """Item i < count: query slots [q_start + i * q_step, ... + q_frames) against key slots
+    [k_start + i * k_step, ... + frames), all at one offset rule."""
+
+    offset: int | None
+    banded: bool
+    frames: int
+    q_start: int
+    count: int
+    k_start: int
+    k_step: int
+    q_step: int = 1
+    q_frames: int = 1
 
 
 @functools.lru_cache(maxsize=64)
-def _band_chunks(n: int, width: int, chunk: int):
+def _band_chunks(n: int, width: int, chunk: int) -> tuple[tuple[int, int, int, int], ...]:
     """Spatial query chunks [r0, r1) and the key span [c0, c1) their band |s_q - s_k| < width reaches."""
-    out = []
-    for r0 in range(0, n, chunk):
-        r1 = min(n, r0 + chunk)
-        c0, c1 = max(0, r0 - width + 1), min(n, r1 + width - 1)
-        s_q = torch.arange(r0, r1)[:, None]
-        s_k = torch.arange(c0, c1)[None, :]
-        bias = torch.zeros(r1 - r0, c1 - c0).masked_fill((s_q - s_k).abs() >= width, float("-inf"))
-        out.append((r0, r1, c0, c1, bias))
-    return tuple(out)
+    return tuple(
+        (r0, min(n, r0 + chunk), max(0, r0 - width + 1), min(n, r0 + chunk + width - 1)) for r0 in range(0, n, chunk)
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _band_bias(n: int, width: int, chunk: int, index: int, frames: int, device, dtype) -> torch.Tensor:
+    """Additive 0/-inf mask [rows, frames * cols] of one band chunk tiled over `frames` key frames."""
+    r0, r1, c0, c1 = _band_chunks(n, width, chunk)[index]
+    far = (torch.arange(r0, r1)[:, None] - torch.arange(c0, c1)[None, :]).abs() >= width
+    bias = torch.zeros(r1 - r0, c1 - c0).masked_fill(far, float("-inf"))
+    return bias.repeat(1, frames).to(device, dtype)
 
 
 @functools.lru_cache(maxsize=256)
@@ -57,6 +93,85 @@ def schedule(plan: LayerPlan, query_frames: tuple[int, ...], key_frames: tuple[i
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=256)
+def batched_schedule(plan: LayerPlan, query_frames: tuple[int, ...], key_frames: tuple[int, ...]):
+    """The runs of `schedule`, batched over consecutive query slots whose key starts step evenly."""
+    by_kind: dict[tuple, list[tuple[int, int]]] = {}
+    for qi, runs in enumerate(schedule(plan, query_frames, key_frames)):
+        for offset, fs, fe, banded in runs:
+            by_kind.setdefault((offset, banded, fe - fs), []).append((qi, fs))
+    batches = []
+    for (offset, banded, frames), items in by_kind.items():
+        i = 0
+        while i < len(items):  # greedy: extend while the query slot is +1 and the key slot +step
+            q_start, k_start = items[i]
+            count, step = 1, None
+            while i + count < len(items):
+                qi, fs = items[i + count]
+                if qi != q_start + count or fs < k_start or (step is not None and fs != k_start + count * step):
+                    break  # (strided views cannot step backwards)
+                step = fs - k_start if step is None else step
+                count += 1
+            batch = RunBatch(offset, banded, frames, q_start, count, k_start, step or 0)
+            batches.extend(_tiled(batch, -(-FLASH_TALL_QUERY // plan.tokens_per_frame)))
+            i += count
+    return tuple(batches)
+
+
+def _tiled(b: RunBatch, p: int) -> list[RunBatch]:
+    """Split a full-frame batch so p consecutive query frames share one call over their common keys.
+
+    With k_step 0 the items already share all keys. With k_step 1, item i's keys [k, k + frames)
+    shift by one frame per query frame, so frames u < p of a tile share [k0 + p - 1, k0 + frames);
+    each frame's remaining p - 1 key frames (before and after that span) become small batches of
+    their own. Exact: every (query, key) pair stays in exactly one call.
+    """
+    if p <= 1 or b.banded or b.k_step not in (0, 1) or b.count < p or b.frames < 2 * p * b.k_step:
+        return [b]
+    tiles, rest = divmod(b.count, p)
+    shared = b.frames - (p - 1) * b.k_step
+    out = [dataclasses.replace(b, frames=shared, count=tiles, k_start=b.k_start + (p - 1) * b.k_step,
+                               k_step=p * b.k_step, q_step=p, q_frames=p)]
+    for u in range(p if b.k_step else 0):
+        edge = dict(count=tiles, k_step=p, q_start=b.q_start + u, q_step=p)
+        if p - 1 - u:
+            out.append(dataclasses.replace(b, frames=p - 1 - u, k_start=b.k_start + u, **edge))
+        if u:
+            out.append(dataclasses.replace(b, frames=u, k_start=b.k_start + b.frames, **edge))
+    if rest:
+        out.append(dataclasses.replace(b, count=rest, q_start=b.q_start + tiles * p,
+                                       k_start=b.k_start + tiles * p * b.k_step))
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _phase(t_rope: TemporalRope, offset: int, device, dtype) -> torch.Tensor:
+    """e^(i * offset * inv_freq): the temporal rotation to `offset` as complex factors [t_dim / 2]."""
+    cos, sin = t_rope.cos_sin(torch.tensor(offset), device, dtype)
+    return torch.complex(cos, sin)
+
+
+def _rotate(x: torch.Tensor, t_rope: TemporalRope, offset: int) -> torch.Tensor:
+    """TemporalRope.rotate(x, offset) as one copy and one in-place complex multiply of the temporal
+    channels (rotate's elementwise chain costs several passes; queries are rotated once per run)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return t_rope.rotate(x, offset)
+    out = x.clone(memory_format=torch.contiguous_format)
+    pairs = torch.view_as_complex(out[..., : t_rope.t_dim].unflatten(-1, (-1, 2)))
+    pairs.mul_(_phase(t_rope, offset, x.device, x.dtype))
+    return out
+
+
+def _frame_windows(x: torch.Tensor, start: int, step: int, frames: int, count: int) -> torch.Tensor:
+    """[count, BH, frames * m, d] strided view of x [BH, F, m, d] (tokens evenly strided across
+    frames, channels contiguous): item i holds frames [start + i * step, ... + frames). Items may
+    overlap in memory when only read (key windows)."""
+    bh, _, m, d = x.shape
+    assert x.stride(1) == m * x.stride(2) and x.stride(3) == 1, "frames must be evenly strided"
+    base = x.storage_offset() + start * x.stride(1)
+    return x.as_strided((count, bh, frames * m, d), (step * x.stride(1), x.stride(0), x.stride(2), 1), base)
+
+
 def grouped_attention(
     q_nat, k_nat, q0, k0, v, plan: LayerPlan, t_rope: TemporalRope, *, query_frames=None, key_frames=None,
     impl="auto", band_chunk=None,
@@ -71,43 +186,59 @@ def grouped_attention(
     n = plan.tokens_per_frame
     query_frames = tuple(range(plan.num_frames)) if query_frames is None else tuple(query_frames)
     key_frames = tuple(range(plan.num_frames)) if key_frames is None else tuple(key_frames)
-    # One copy each into [B, h, L, d] row-major, so every slice below is a cheap contiguous view.
-    q_nat, k_nat, q0, k0, v = (None if x is None else x.contiguous() for x in (q_nat, k_nat, q0, k0, v))
-    out_all = torch.zeros(q0.shape, dtype=torch.float32, device=q0.device)
-    lse_all = torch.full(q0.shape[:-1], float("-inf"), dtype=torch.float32, device=q0.device)
-    width = plan.stripe_width
-    chunks = _band_chunks(n, width, band_chunk or max(16, width))
-    for qi, runs in enumerate(schedule(plan, query_frames, key_frames)):
-        if not runs:
-            continue
-        rows = slice(qi * n, (qi + 1) * n)
-        outs, lses = [], []
-        for offset, fs, fe, banded in runs:
-            if offset is None:
-                q_g, k_g = q_nat[:, :, rows], k_nat[:, :, fs * n : fe * n]
-            else:
-                q_g, k_g = t_rope.rotate(q0[:, :, rows], offset), k0[:, :, fs * n : fe * n]
-            v_g = v[:, :, fs * n : fe * n]
-            if not banded:
-                o, l = attend(q_g, k_g, v_g, impl=impl)
-            else:
-                o, l = _banded(q_g, k_g, v_g, fe - fs, n, chunks, impl)
-            outs.append(o)
-            lses.append(l)
-        out_all[:, :, rows], lse_all[:, :, rows] = merge_all(outs, lses)
-    return out_all.to(q0.dtype), lse_all
+    batch, heads, _, d = q0.shape
+    bh = batch * heads
 
+    def frames_view(x, num):
+        """[B, h, num * n, d] -> [B*h, num, n, d]: a view when B = 1, even of the usual transposed
+        [B, L, h, d] (the kernels take strided tokens), so the inputs are not copied."""
+        if x is None:
+            return None
+        return (x if x.stride(-1) == 1 else x.contiguous()).reshape(bh, num, n, d)
 
-def _banded(q_g, k_g, v_g, frames, n, chunks, impl):
-    """One striped run: spatial query chunks, each against the key columns its band reaches."""
-    k_f = k_g.unflatten(2, (frames, n))
-    v_f = v_g.unflatten(2, (frames, n))
-    outs, lses = [], []
-    for r0, r1, c0, c1, bias in chunks:
-        k_c = k_f[:, :, :, c0:c1].flatten(2, 3)
-        v_c = v_f[:, :, :, c0:c1].flatten(2, 3)
-        bias_c = bias.to(q_g.device, q_g.dtype).repeat(1, frames)
-        o, l = attend(q_g[:, :, r0:r1], k_c, v_c, bias_c, impl=impl)
-        outs.append(o)
-        lses.append(l)
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    q_nat, q0 = (frames_view(x, len(query_frames)) for x in (q_nat, q0))
+    k_nat, k0, v = (frames_view(x, len(key_frames)) for x in (k_nat, k0, v))
+    out_all = torch.zeros((bh, len(query_frames), n, d), dtype=torch.float32, device=q0.device)
+    lse_all = torch.full((bh, len(query_frames), n), float("-inf"), dtype=torch.float32, device=q0.device)
+
+    def run(b: RunBatch, rows: slice | None, keys, values, bias):
+        """Attend the batch's query frames (only rows `rows` of each, if given) to their key windows; merge."""
+        q_src = q_nat if b.offset is None else q0
+        q_rows = b.q_frames * n if rows is None else rows.stop - rows.start
+        per_row = d if uses_flash(impl, q0.device) else b.frames * keys.shape[2]
+        per_call = max(1, CALL_BUDGET // (bh * q_rows * per_row))
+        for s in range(0, b.count, per_call):
+            c = min(per_call, b.count - s)
+            q_at = b.q_start + s * b.q_step
+            if rows is None:  # whole frames: q_frames consecutive frames per item
+                q = _frame_windows(q_src, q_at, b.q_step, b.q_frames, c)
+                acc = _frame_windows(out_all, q_at, b.q_step, b.q_frames, c)
+                lse_acc = _frame_windows(lse_all.unsqueeze(-1), q_at, b.q_step, b.q_frames, c).squeeze(-1)
+            else:
+                frames = slice(q_at, q_at + c)
+                q = q_src[:, frames, rows].transpose(0, 1)  # [c, BH, rows, d] view
+                acc, lse_acc = out_all[:, frames, rows].transpose(0, 1), lse_all[:, frames, rows].transpose(0, 1)
+            if b.offset is not None:
+                q = _rotate(q, t_rope, b.offset)
+            k_at = b.k_start + s * b.k_step
+            k_win = _frame_windows(keys, k_at, b.k_step, b.frames, c)
+            v_win = _frame_windows(values, k_at, b.k_step, b.frames, c)
+            merge_into(acc, lse_acc, *attend(q, k_win, v_win, bias, impl=impl))
+
+    batches = batched_schedule(plan, query_frames, key_frames)
+    for b in batches:
+        if not b.banded:
+            run(b, None, k_nat if b.offset is None else k0, v, None)
+    banded = [b for b in batches if b.banded]
+    chunk = band_chunk or max(16, plan.stripe_width)
+    natural = {b.offset is None for b in banded}  # which keys the banded runs read: k_nat and/or k0
+    for index, (r0, r1, c0, c1) in enumerate(_band_chunks(n, plan.stripe_width, chunk) if banded else ()):
+        # Key columns this chunk's band reaches, of every key frame: one copy per chunk, then
+        # every banded batch reads them through strided frame windows.
+        k_cols = {nat: (k_nat if nat else k0)[:, :, c0:c1].contiguous() for nat in natural}
+        v_cols = v[:, :, c0:c1].contiguous()
+        for b in banded:
+            bias = _band_bias(n, plan.stripe_width, chunk, index, b.frames, q0.device, q0.dtype)
+            run(b, slice(r0, r1), k_cols[b.offset is None], v_cols, bias)
+    out = out_all.view(batch, heads, len(query_frames) * n, d).to(q0.dtype)
+    return out, lse_all.view(batch, heads, len(query_frames) * n)
