@@ -51,15 +51,3 @@ def merge_into(out_acc, lse_acc, out, lse):
     w_new = torch.exp(lse - safe)[..., None]
     out_acc.mul_(w_old).addcmul_(out.float(), w_new)
     lse_acc.copy_(new_lse)
-
-
-def merge_all(outs, lses):
-    """Merge full-row partials [(out [..., Lq, d], lse [..., Lq])] in one pass -> (out float32, lse)."""
-    lse_stack = torch.stack(lses)  # [G, ..., Lq]
-    total = torch.logsumexp(lse_stack, dim=0)
-    safe = torch.where(torch.isinf(total), torch.zeros_like(total), total)
-    weights = torch.exp(lse_stack - safe)[..., None]  # [G, ..., Lq, 1]; 0 for empty partials
-    out = torch.zeros(outs[0].shape, dtype=torch.float32, device=outs[0].device)
-    for o, w in zip(outs, weights):
-        out.add_(o.float() * w)
-    return out, total
