@@ -38,7 +38,7 @@ SHOWN = ("subject", "background", "imaging", "smoothness", "dynamic", "freeze_lo
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", type=Path, default=REPO_ROOT / "configs/toy.yaml")
+    p.add_argument("--config", type=Path, default=REPO_ROOT / "configs/tiny.yaml")
     p.add_argument("--pairs", type=int, default=8, help="prompt-seed pairs (held-out worlds)")
     p.add_argument("--first-pair", type=int, default=0, help="run pairs [first, pairs) only (to split a run)")
     p.add_argument("--merge", type=Path, nargs="+", default=None,

@@ -2,7 +2,7 @@
 
     python launch/make_tiny.py --out assets/tiny-wan [--seed 0]
 
-assets/tiny-wan/ in the repository was made with the defaults; it is the model of configs/tiny.yaml.
+assets/tiny-wan/ in the repository was made with the defaults; it is the model of configs/tiny-random.yaml.
 """
 
 import argparse

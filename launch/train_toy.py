@@ -1,7 +1,7 @@
 """Train the testbed's toy Wan on the procedural world (see freeloc_dist/testbed/train.py).
 
-    python launch/train_toy.py --out runs/toy-wan --minutes 70
-    python launch/train_toy.py --decoder-only runs/toy-wan --out runs/toy-vae --minutes 45   # beside it
+    python launch/train_toy.py --out runs/toy-wan --minutes 75 --decoder-every 0
+    python launch/train_toy.py --decoder-only assets/toy-wan --out runs/toy-vae --minutes 75   # beside it
     cp -r runs/toy-wan/. assets/toy-wan/ && cp -r runs/toy-vae/vae/. assets/toy-wan/vae/   # ship it
 
 Runs on one CPU thread by default; the checkpoint is rewritten every few minutes, so it is usable mid-run.
@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--decoder-every", type=int, default=6,
+                   help="a decoder step every N transformer steps (0: none, train it with --decoder-only)")
     p.add_argument("--decoder-only", type=Path, default=None, metavar="INIT_DIR",
                    help="train only the VAE decoder, starting from INIT_DIR/vae; writes OUT/vae")
     a = p.parse_args(argv)
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
         train_decoder(a.decoder_only, a.out, a.minutes, threads=a.threads, seed=a.seed + 1)
         return 0
     train(TrainConfig(out_dir=a.out, minutes=a.minutes, batch=a.batch, threads=a.threads, seed=a.seed,
-                      max_steps=a.max_steps))
+                      max_steps=a.max_steps, decoder_every=a.decoder_every))
     return 0
 
 

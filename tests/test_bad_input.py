@@ -15,7 +15,7 @@ import yaml
 from freeloc_dist.config import REPO_ROOT
 
 GENERATE = REPO_ROOT / "launch" / "generate.py"
-TINY = yaml.safe_load((REPO_ROOT / "configs" / "tiny.yaml").read_text())
+TINY = yaml.safe_load((REPO_ROOT / "configs" / "tiny-random.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def broken_model(tmp_path, remove):
 
 
 def bad_profile(tmp_path):
-    p = yaml.safe_load((REPO_ROOT / "configs" / "profiles" / "tiny.yaml").read_text())
+    p = yaml.safe_load((REPO_ROOT / "configs" / "profiles" / "tiny-random.yaml").read_text())
     p["layers"]["tsa"] = p["layers"]["tsa"] + p["layers"]["vrpr"][:1]  # a layer listed twice
     path = tmp_path / "bad-profile.yaml"
     path.write_text(yaml.safe_dump(p))

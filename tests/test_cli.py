@@ -12,7 +12,7 @@ import yaml
 from freeloc_dist.config import REPO_ROOT
 
 GENERATE = REPO_ROOT / "launch" / "generate.py"
-TINY = yaml.safe_load((REPO_ROOT / "configs" / "tiny.yaml").read_text())
+TINY = yaml.safe_load((REPO_ROOT / "configs" / "tiny-random.yaml").read_text())
 
 
 def run(args, cwd=REPO_ROOT, env_extra=None, timeout=120):
@@ -104,12 +104,12 @@ def test_small_render(tmp_path, tiny_model_dir):
     assert load_file(tmp_path / "lat.safetensors")["latents"].shape == (1, 4, 4, 4, 6)
 
 
-@pytest.mark.skipif(not (REPO_ROOT / "configs" / "profiles" / "tiny.yaml").exists(), reason="no tiny profile yet")
+@pytest.mark.skipif(not (REPO_ROOT / "configs" / "profiles" / "tiny-random.yaml").exists(), reason="no tiny profile yet")
 def test_default_tiny_config_with_freeloc(tmp_path):
     """The embedded default, FreeLOC on (F=20 latent frames > the tiny profile's trained length)."""
     from freeloc_dist.video import read_mp4_frame_count
 
-    proc = run(["--config", "configs/tiny.yaml", "--steps", 2, "--out", tmp_path / "t.mp4"])
+    proc = run(["--config", "configs/tiny-random.yaml", "--steps", 2, "--out", tmp_path / "t.mp4"])
     assert proc.returncode == 0, proc.stderr
     assert "FreeLOC: " in proc.stderr and "off" not in proc.stderr
     assert read_mp4_frame_count(tmp_path / "t.mp4") == 77

@@ -160,16 +160,20 @@ def test_load_yaml_file(tmp_path):
         load_render_config(path, {})
 
 
-@pytest.mark.parametrize("name", ["tiny", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-random", "wan2.1-t2v-1.3b", "wan2.1-t2v-14b"])
 def test_shipped_configs_load(name):
     cfg = load_render_config(REPO_ROOT / "configs" / f"{name}.yaml", {})
     assert cfg.video.height % 16 == 0 and cfg.video.width % 16 == 0 and cfg.video.frames % 4 == 1
     assert cfg.profile is not None and cfg.profile.parent == REPO_ROOT / "configs" / "profiles"
 
 
-def test_tiny_config_is_4x_trained_length():
-    cfg = load_render_config(REPO_ROOT / "configs" / "tiny.yaml", {})
-    assert cfg.latent_frames == 20 and cfg.model.path == REPO_ROOT / "assets" / "tiny-wan"
+@pytest.mark.parametrize("name, model", [("tiny", "toy-wan"), ("tiny-random", "tiny-wan")])
+def test_tiny_configs_render_4x_their_profiles_trained_length(name, model):
+    from freeloc_dist.profile import load_profile
+
+    cfg = load_render_config(REPO_ROOT / "configs" / f"{name}.yaml", {})
+    assert cfg.latent_frames == 4 * load_profile(cfg.profile).trained_frames
+    assert cfg.model.path == REPO_ROOT / "assets" / model
 
 
 def test_frames_for_seconds():

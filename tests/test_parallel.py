@@ -90,7 +90,7 @@ def test_a_failing_rank_stops_every_rank(tmp_path):
 def test_cli_rejects_bad_input_on_every_rank(tmp_path):
     # Each rank alone, as torchrun starts it: the error must come before any rendezvous (no peer needed).
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "generate.py"), "--config", "configs/tiny.yaml",
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "generate.py"), "--config", "configs/tiny-random.yaml",
            "--frames", "64", "--out", str(tmp_path / "x.mp4")]
     for rank in (0, 1):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
@@ -103,7 +103,7 @@ def test_cli_rejects_bad_input_on_every_rank(tmp_path):
 def test_cli_rejects_more_ranks_than_frames(tmp_path):
     env = {**os.environ, "WORLD_SIZE": "8", "RANK": "3", "LOCAL_RANK": "3"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"), "--config",
-                           "configs/tiny.yaml", "--frames", "9"], capture_output=True, text=True, timeout=60,
+                           "configs/tiny-random.yaml", "--frames", "9"], capture_output=True, text=True, timeout=60,
                           cwd=ROOT, env=env)
     assert proc.returncode == 2
     assert "8 ranks give 8 sequence-parallel ranks but the video has only 3 latent frames" in proc.stderr
@@ -113,7 +113,7 @@ def test_torchrun_render_equals_single_process(tmp_path):
     """Issue 3's acceptance check: the CLI under torchrun writes the latents of a plain run."""
     from safetensors.torch import load_file
 
-    base = [os.path.join(ROOT, "launch", "generate.py"), "--config", "configs/tiny.yaml", "--frames", "33",
+    base = [os.path.join(ROOT, "launch", "generate.py"), "--config", "configs/tiny-random.yaml", "--frames", "33",
             "--steps", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "a.mp4"), "--save-latents",

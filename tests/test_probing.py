@@ -245,7 +245,7 @@ def _script(name):
 def test_probe_cli_writes_a_profile_that_drives_generate(tmp_path, tiny_model_dir, monkeypatch, capsys):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    raw = yaml.safe_load((REPO_ROOT / "configs" / "tiny.yaml").read_text())
+    raw = yaml.safe_load((REPO_ROOT / "configs" / "tiny-random.yaml").read_text())
     raw["model"]["path"] = str(tiny_model_dir)
     raw["video"].update(height=32, width=32)
     config = tmp_path / "c.yaml"

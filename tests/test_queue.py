@@ -48,7 +48,7 @@ def test_queue_skips_existing_reports_failure_and_goes_on(tmp_path):
     queue = tmp_path / "q.txt"
     queue.write_text('{"prompt": "a cat", "seed": 3}\n{"prompt": "a dog", "output": "dogs/dog.mp4"}\na red fox\n')
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, str(GENERATE), "--config", "configs/tiny.yaml", "--profile", "none",
+    proc = subprocess.run([sys.executable, str(GENERATE), "--config", "configs/tiny-random.yaml", "--profile", "none",
                            "--frames", "5", "--height", "32", "--width", "32", "--steps", "2", "--prompts", str(queue),
                            "--out-dir", str(out), "--resume"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=240, env={**env, "OMP_NUM_THREADS": "1"})

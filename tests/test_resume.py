@@ -32,7 +32,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def base_args(tmp_path, name):
-    return ["--config", "configs/tiny.yaml", "--profile", "none", "--frames", "9", "--height", "32", "--width", "48",
+    return ["--config", "configs/tiny-random.yaml", "--profile", "none", "--frames", "9", "--height", "32", "--width", "48",
             "--steps", str(STEPS), "--seed", "5", "--out", str(tmp_path / f"{name}.mp4"),
             "--save-latents", str(tmp_path / f"{name}.safetensors")]
 

@@ -1,8 +1,9 @@
 """The shipped testbed checkpoint (assets/toy-wan) loads through the production loader and renders, at its
-trained length, videos in which the prompted objects are found far more often than objects not prompted.
+trained length (33 frames), videos in which the prompted objects are found far more often than objects not
+prompted.
 
-The bar is set to what the current (69-minute CPU) checkpoint does: prompted colours are detected as one
-object of the right size in ~25% of frames, non-prompted colours in ~4% (bench/quality.py for the rest)."""
+The bar is set below what the shipped (75-minute CPU) checkpoint does: bench/quality.py finds each prompted
+object once in 62% of frames at 1x (10 steps; 8 held-out worlds), objects of other colours rarely."""
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from freeloc_dist.testbed import metrics as M
 from freeloc_dist.testbed import world as tw
 from freeloc_dist.testbed.train import EVAL_SEED_BASE
 
-CONFIG = REPO_ROOT / "configs/toy.yaml"
+CONFIG = REPO_ROOT / "configs/tiny.yaml"
 
 
 @pytest.mark.skipif(not (REPO_ROOT / "assets/toy-wan/model_index.json").is_file(), reason="no toy checkpoint")
@@ -25,11 +26,11 @@ def test_toy_checkpoint_renders_prompted_objects_at_trained_length():
     prompted, other = [], []
     for i in range(4):
         w = tw.sample_world(EVAL_SEED_BASE + i)
-        cfg = load_render_config(CONFIG, {"prompt": w.prompt, "video.frames": 17, "sampling.seed": i})
+        cfg = load_render_config(CONFIG, {"prompt": w.prompt, "video.frames": 33, "sampling.seed": i})
         frames = render(parts, cfg).frames
-        assert frames.shape == (17, 64, 64, 3)
+        assert frames.shape == (33, 64, 64, 3)
         colours = M.colours_of_prompt(w.prompt)
         prompted.extend(M.analyse(frames, colours)["found"].mean(0))
         other.extend(M.analyse(frames, [c for c in tw.COLOURS if c not in colours])["found"].mean(0))
     found, found_other = sum(prompted) / len(prompted), sum(other) / len(other)
-    assert found > 0.15 and found > 3 * found_other, (found, found_other)
+    assert found > 0.4 and found > 3 * found_other, (found, found_other)

@@ -26,7 +26,7 @@ import torch
 
 from freeloc_dist.models import WanComponents, save_components  # noqa: F401 (re-exported)
 
-TRAINED_FRAMES = 5  # latent frames per training clip (17 video frames)
+TRAINED_FRAMES = 9  # latent frames per training clip (33 video frames)
 VIDEO_SIZE = 64  # pixels per side
 Z_DIM = 12  # 3 colours x 2x2 quarter-resolution pixels per latent cell
 POOL = 4  # spatial average pooling before packing (8x = POOL x 2)

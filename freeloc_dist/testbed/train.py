@@ -1,8 +1,8 @@
 """Training of the toy Wan (freeloc_dist.testbed.model) on clips of the procedural world.
 
 One process, one loop, a wall-clock budget: every iteration takes a flow-matching step of the transformer
-on TRAINED_FRAMES-latent-frame clips, and every `decoder_every`-th iteration a reconstruction step of the
-VAE decoder. Clips are drawn fresh from random world seeds (never from the evaluation seeds, which start at
+on TRAINED_FRAMES-latent-frame clips, and every `decoder_every`-th iteration (0: never; the shipped model
+trains its decoder in a second process with `train_decoder`) a reconstruction step of the VAE decoder. Clips are drawn fresh from random world seeds (never from the evaluation seeds, which start at
 EVAL_SEED_BASE). Text embeddings of every possible prompt are computed once with the frozen text encoder.
 The loss goes to a log file; the model (EMA transformer weights) is saved in diffusers format every
 `save_minutes` and at the end, so an interrupted run leaves a usable checkpoint.
@@ -92,6 +92,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     frames = 4 * (tm.TRAINED_FRAMES - 1) + 1
     out_dir = Path(cfg.out_dir)
     log_path = out_dir.with_suffix(".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     start = last_save = time.perf_counter()
     budget = cfg.minutes * 60
     loss_avg = dec_avg = None
@@ -133,7 +134,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 pe.lerp_(p, 1 - d)
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
 
-        if step % cfg.decoder_every == 0:
+        if cfg.decoder_every and step % cfg.decoder_every == 0:
             video, _ = clip_batch(rng, cfg.decoder_batch, 4 * (cfg.decoder_frames - 1) + 1)
             target = (torch.as_tensor(video).float() / 127.5 - 1).permute(0, 4, 1, 2, 3)  # [b, 3, T, P, P]
             z = tm.pack_latents(video)
@@ -174,11 +175,15 @@ def train_decoder(init_dir: Path, out_dir: Path, minutes: float, *, batch: int =
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 10**6)
     vae = AutoencoderKLWan.from_pretrained(init_dir, subfolder="vae", local_files_only=True).train()
+    # the statistics of the current world (the transformer's run computes the same ones)
+    mean, std_list = latent_statistics()
+    vae.register_to_config(latents_mean=mean, latents_std=std_list)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     out_dir = Path(out_dir)
     log_path = out_dir.with_suffix(".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     start = last_save = time.perf_counter()
     budget = minutes * 60
     avg = None

@@ -27,7 +27,7 @@ PALETTE: dict[str, tuple[float, float, float]] = {
 }
 COLOURS = tuple(PALETTE)
 SHAPES = ("circle", "square")
-RADIUS_FRACTION = 0.11  # object half-size as a fraction of the frame side (7 px at 64 px)
+RADIUS_FRACTION = 0.14  # object half-size as a fraction of the frame side (9 px at 64 px)
 SPEED_RANGE = (0.012, 0.035)  # object speed per video frame, as a fraction of the frame side
 
 
