@@ -5,7 +5,9 @@
 
 Each run launches torchrun with P processes (one thread each); every rank decodes its range and rank 0
 writes the mp4 (the frames of other ranks arrive over gloo). Prints seconds from the start of decode to
-the closed mp4, per P, and the speed-up. On a machine with fewer cores than P the ranks share cores and
+the closed mp4, per P, and the speed-up. Every rank but 0 also decodes up to `decode_warmup_frames`
+(the VAE's causal receptive field) before its range, so the speed-up is bounded by
+F / (F/P + warm-up). On a machine with fewer cores than P the ranks share cores and
 the figure says nothing.
 """
 
