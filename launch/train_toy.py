@@ -28,6 +28,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--decoder-every", type=int, default=6,
                    help="a decoder step every N transformer steps (0: none, train it with --decoder-only)")
+    p.add_argument("--trained-frames", type=int, default=None, help="latent frames per clip (default: model.py's)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default: model.py's)")
+    p.add_argument("--head-dim", type=int, default=None,
+                   help="attention head dim (default: model.py's); the temporal RoPE gets head_dim - 4 (head_dim // 6)")
     p.add_argument("--decoder-only", type=Path, default=None, metavar="INIT_DIR",
                    help="train only the VAE decoder, starting from INIT_DIR/vae; writes OUT/vae")
     a = p.parse_args(argv)
@@ -36,8 +40,12 @@ def main(argv=None) -> int:
 
         train_decoder(a.decoder_only, a.out, a.minutes, threads=a.threads, seed=a.seed + 1)
         return 0
+    overrides = {k: v for k, v in (("num_attention_heads", a.heads), ("attention_head_dim", a.head_dim))
+                 if v is not None}
+    extra = {"trained_frames": a.trained_frames} if a.trained_frames is not None else {}
     train(TrainConfig(out_dir=a.out, minutes=a.minutes, batch=a.batch, threads=a.threads, seed=a.seed,
-                      max_steps=a.max_steps, decoder_every=a.decoder_every))
+                      max_steps=a.max_steps, decoder_every=a.decoder_every, transformer_overrides=overrides or None,
+                      **extra))
     return 0
 
 

@@ -88,8 +88,10 @@ def decode_frames(vae, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs, dim=2)
 
 
-def build_toy_components(seed: int = 0, latents_mean=None, latents_std=None) -> WanComponents:
-    """The untrained toy model (float32, CPU). The text encoder is fixed by TEXT_SEED, never trained."""
+def build_toy_components(seed: int = 0, latents_mean=None, latents_std=None,
+                         transformer_overrides: dict | None = None) -> WanComponents:
+    """The untrained toy model (float32, CPU). The text encoder is fixed by TEXT_SEED, never trained.
+    `transformer_overrides` replace entries of TRANSFORMER_CONFIG (e.g. num_attention_heads, attention_head_dim)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     from freeloc_dist.tiny import build_tiny_components
@@ -97,7 +99,7 @@ def build_toy_components(seed: int = 0, latents_mean=None, latents_std=None) -> 
     base = build_tiny_components(TEXT_SEED)  # text encoder, tokenizer, scheduler
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+        transformer = WanTransformer3DModel(**{**TRANSFORMER_CONFIG, **(transformer_overrides or {})})
         torch.manual_seed(seed + 1)
         vae = AutoencoderKLWan(**VAE_CONFIG,
                                latents_mean=list(latents_mean if latents_mean is not None else [0.0] * Z_DIM),

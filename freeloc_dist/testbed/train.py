@@ -56,6 +56,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     max_steps: int | None = None  # for smoke runs
+    trained_frames: int = tm.TRAINED_FRAMES  # latent frames per clip
+    transformer_overrides: dict | None = None  # entries of tm.TRANSFORMER_CONFIG to change (experiments)
 
 
 def clip_batch(rng: np.random.Generator, n: int, frames: int, stride: int = 1) -> tuple[np.ndarray, list[str]]:
@@ -77,7 +79,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     mean, std = latent_statistics()
-    parts = tm.build_toy_components(cfg.seed, mean, std)
+    parts = tm.build_toy_components(cfg.seed, mean, std, cfg.transformer_overrides)
     transformer, vae = parts.transformer.train(), parts.vae.train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
 
@@ -89,7 +91,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     dec_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     dec_opt = torch.optim.AdamW(dec_params, lr=cfg.decoder_lr, weight_decay=0.0)
-    frames = 4 * (tm.TRAINED_FRAMES - 1) + 1
+    frames = 4 * (cfg.trained_frames - 1) + 1
     out_dir = Path(cfg.out_dir)
     log_path = out_dir.with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
