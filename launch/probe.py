@@ -1,8 +1,11 @@
 """Probe each self-attention layer of a Wan model and write a FreeLOC profile (freeloc_dist.probing).
 
-    python launch/probe.py --config configs/tiny.yaml --out configs/profiles/tiny-probed.yaml
+    python launch/probe.py --config CONFIG --out PROFILE
         [--probe-config configs/probing.yaml] [--prompt TEXT ...] [--frames N] [--trained-frames T]
         [--steps N] [--seed N] [--query-samples M] [--height H] [--width W] [--model-id ID]
+
+    python launch/probe.py --config configs/tiny.yaml --out configs/profiles/toy-probed.yaml --steps 10 \
+        --prompt "a red circle and a blue square" --prompt "a green square"    # the toy (README)
 
 The render config gives the model, resolution, sampler and (through its profile) the trained length T;
 configs/probing.yaml gives the probe settings and the decision rule; flags override both. For each
