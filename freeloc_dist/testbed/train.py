@@ -137,18 +137,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
 
         if cfg.decoder_every and step % cfg.decoder_every == 0:
-            video, _ = clip_batch(rng, cfg.decoder_batch, 4 * (cfg.decoder_frames - 1) + 1)
-            target = (torch.as_tensor(video).float() / 127.5 - 1).permute(0, 4, 1, 2, 3)  # [b, 3, T, P, P]
-            z = tm.pack_latents(video)
-            # small latent noise: sampled latents are never exact, the decoder should not care
-            z = z + 0.03 * torch.randn_like(z) * torch.tensor(std).view(1, -1, 1, 1, 1)
-            out = tm.decode_frames(vae, z)
-            dec_loss = (out - target).abs().mean() + ((out - target) ** 2).mean()
-            dec_opt.zero_grad(set_to_none=True)
-            dec_loss.backward()
-            torch.nn.utils.clip_grad_norm_(dec_params, 1.0)
-            dec_opt.step()
-            dec_avg = dec_loss.item() if dec_avg is None else 0.95 * dec_avg + 0.05 * dec_loss.item()
+            dec_loss = decoder_step(vae, dec_params, dec_opt, rng, cfg.decoder_batch, cfg.decoder_frames,
+                                    torch.tensor(std).view(1, -1, 1, 1, 1), object_weight=1.0)
+            dec_avg = dec_loss if dec_avg is None else 0.95 * dec_avg + 0.05 * dec_loss
 
         if step % 25 == 0 or step == 1:
             line = (f"step {step} t {elapsed / 60:.1f}min loss {loss.item():.4f} avg {loss_avg:.4f} "
@@ -163,6 +154,27 @@ def train(cfg: TrainConfig, log=print) -> Path:
     with open(log_path, "a") as fh:
         fh.write(f"done: {step - 1} steps in {(time.perf_counter() - start) / 60:.1f} min\n")
     return out_dir
+
+
+def decoder_step(vae, params, opt, rng, batch: int, latent_frames: int, std: torch.Tensor, *,
+                 object_weight: float) -> float:
+    """One reconstruction step of the VAE decoder on fresh clips; returns the loss.
+
+    Loss: L1 + L2 per pixel, pixels of saturated (object) colour weighted `object_weight` times. The latents
+    get a little noise (x `std` [1, C, 1, 1, 1]): sampled latents are never exact, the decoder should not care."""
+    video, _ = clip_batch(rng, batch, 4 * (latent_frames - 1) + 1)
+    target = (torch.as_tensor(video).float() / 127.5 - 1).permute(0, 4, 1, 2, 3)  # [b, 3, T, P, P]
+    z = tm.pack_latents(video)
+    z = z + 0.03 * torch.randn_like(z) * std
+    err = tm.decode_frames(vae, z) - target
+    sat = target.amax(1, keepdim=True) - target.amin(1, keepdim=True)  # [b, 1, T, P, P], 0..2
+    weight = 1 + (object_weight - 1) * (sat > 0.4).float()
+    loss = ((err.abs() + err**2) * weight).mean() / weight.mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
 
 
 def train_decoder(init_dir: Path, out_dir: Path, minutes: float, *, batch: int = 2, lr: float = 1e-3,
@@ -196,23 +208,11 @@ def train_decoder(init_dir: Path, out_dir: Path, minutes: float, *, batch: int =
         frac = min(elapsed / budget, 1.0)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-        video, _ = clip_batch(rng, batch, 9)
-        target = (torch.as_tensor(video).float() / 127.5 - 1).permute(0, 4, 1, 2, 3)  # [b, 3, T, P, P]
-        z = tm.pack_latents(video)
-        z = z + 0.03 * torch.randn_like(z) * std
-        out = tm.decode_frames(vae, z)
         # objects cover ~8% of a frame: weight their pixels up, or the decoder learns only the background
-        sat = target.amax(1, keepdim=True) - target.amin(1, keepdim=True)  # [b, 1, T, P, P], 0..2
-        weight = 1 + 9 * (sat > 0.4).float()
-        err = out - target
-        loss = ((err.abs() + err**2) * weight).mean() / weight.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
+        loss = decoder_step(vae, params, opt, rng, batch, 3, std, object_weight=10.0)
+        avg = loss if avg is None else 0.95 * avg + 0.05 * loss
         if step % 25 == 0 or step == 1:
-            line = f"step {step} t {elapsed / 60:.1f}min loss {loss.item():.4f} avg {avg:.4f}"
+            line = f"step {step} t {elapsed / 60:.1f}min loss {loss:.4f} avg {avg:.4f}"
             log(line)
             with open(log_path, "a") as fh:
                 fh.write(line + "\n")
