@@ -3,6 +3,7 @@
 stopped render leaves nothing under the output name."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,7 +151,7 @@ def slow(self, *a, **k):
     time.sleep(0.4)
     return real(self, *a, **k)
 engine.SequenceParallel.predict = slow
-print(f"TEST_PID {os.environ['RANK']} {os.getpid()}", file=sys.stderr, flush=True)
+os.write(2, f"TEST_PID {os.environ['RANK']} {os.getpid()}\\n".encode())  # one write: ranks share stderr
 sys.argv = [sys.argv[1]] + sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -170,10 +171,10 @@ def test_sigterm_on_one_rank_stops_every_rank_and_resumes(tmp_path, reference):
     seen, pids = [], {}
     for line in proc.stderr:
         seen.append(line)
-        if line.startswith("TEST_PID "):
-            _, rank, pid = line.split()
+        # Both ranks write to one pipe, so a marker may share a line with the other rank's output.
+        for rank, pid in re.findall(r"TEST_PID (\d+) (\d+)", line):
             pids[rank] = int(pid)
-        if "step 2/" in line:
+        if "step 2/" in line and "1" in pids:
             os.kill(pids["1"], signal.SIGTERM)
             break
     rest = proc.communicate(timeout=240)[1]
