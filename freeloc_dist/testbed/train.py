@@ -67,6 +67,19 @@ def clip_batch(rng: np.random.Generator, n: int, frames: int, stride: int = 1) -
             [w.prompt for w in worlds])
 
 
+def keyframe_latents(vae_config, keyframes: np.ndarray, frames: int) -> torch.Tensor:
+    """Normalised latents [B, C, F, H, W] of stride-4 renders uint8 [B, F, P, P, 3] of `frames` video frames.
+
+    The latent keeps only frames 0, 4, 8, ..., so pack_latents of the stride-4 render repeated is the same."""
+    return tm.normalise(vae_config, tm.pack_latents(np.repeat(keyframes, 4, axis=1)[:, :frames]))
+
+
+def noised(x0: torch.Tensor, s: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flow objective at noise levels s [B]: (x_s, target e - x0)."""
+    s = s.view(-1, *[1] * (x0.dim() - 1))
+    return (1 - s) * x0 + s * noise, noise - x0
+
+
 def latent_statistics(num_clips: int = 256, seed: int = 12345) -> tuple[list[float], list[float]]:
     rng = np.random.default_rng(seed)
     video, _ = clip_batch(rng, num_clips, 1)
@@ -115,17 +128,15 @@ def train(cfg: TrainConfig, log=print) -> Path:
         for g in opt.param_groups:
             g["lr"] = cfg.lr * scale
 
-        # only the frames the latent keeps (0, 4, 8, ...): pack_latents of a stride-4 video is the same
         keyframes, texts = clip_batch(rng, cfg.batch, frames, stride=4)
-        x0 = tm.normalise(vae.config, tm.pack_latents(np.repeat(keyframes, 4, axis=1)[:, :frames]))
+        x0 = keyframe_latents(vae.config, keyframes, frames)
         texts = ["" if rng.random() < cfg.cfg_dropout else t for t in texts]
         cond = torch.stack([table[t] for t in texts])  # [B, L, D]
         u = torch.rand(cfg.batch)
         s = cfg.shift * u / (1 + (cfg.shift - 1) * u)  # [B]
-        noise = torch.randn_like(x0)
-        xs = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * noise
+        xs, target = noised(x0, s, torch.randn_like(x0))
         pred = transformer(hidden_states=xs, timestep=s * 1000, encoder_hidden_states=cond, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)

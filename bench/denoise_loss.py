@@ -1,0 +1,116 @@
+"""Denoising loss of the testbed's toy vs video length, per method: long-video degradation at the model level.
+
+    python bench/denoise_loss.py                                  # 8 held-out worlds, 1x / 4x / 12x
+    python bench/denoise_loss.py --model runs/x/toy-wan --profile runs/x/profile.yaml   # another checkpoint
+
+The quality table (bench/quality.py) scores sampled videos; this scores the model's one-step predictions,
+which need no sampler and no decoder. For each held-out world (seeds from EVAL_SEED_BASE, never seen in
+training) and length F = k T latent frames, the world's ground-truth latents are noised at fixed levels s
+(x_s = (1 - s) x0 + s e) and each method predicts the flow with the conditional pass only (guidance 1);
+the number is the training objective, the mean squared error against e - x0. The noise of a pair is drawn
+once for the longest length and sliced, so the first T frames have the same content and the same noise at
+every length: the `first T` column compares exactly the same frames with more or less video after them.
+Mean +- std over worlds; `x 1x` is the mean over s of a row divided by that of direct at 1x.
+
+Methods act through their install (FreeLOC variants, RIFLEx) and their prediction function (sliding
+window and FreeNoise window fusion); FreeNoise's noise rescheduling only changes sampling and has no
+part here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from freeloc_dist.config import REPO_ROOT, load_render_config  # noqa: E402
+from freeloc_dist.methods import METHODS, get_method  # noqa: E402
+from freeloc_dist.models import load_components  # noqa: E402
+from freeloc_dist.profile import load_profile  # noqa: E402
+from freeloc_dist.sampling import encode_prompt  # noqa: E402
+from freeloc_dist.testbed import model as tm  # noqa: E402
+from freeloc_dist.testbed import world as tw  # noqa: E402
+from freeloc_dist.testbed.train import EVAL_SEED_BASE, keyframe_latents, noised  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, default=REPO_ROOT / "configs/tiny.yaml")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: the config's)")
+    p.add_argument("--profile", type=Path, default=None, help="FreeLOC profile (default: the config's)")
+    p.add_argument("--pairs", type=int, default=8, help="held-out worlds")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1, 4, 12], help="multiples of T")
+    p.add_argument("--noise", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.97], help="noise levels s")
+    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "freenoise"], choices=METHODS)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    cfg = load_render_config(a.config)
+    profile = a.profile or cfg.profile
+    trained = load_profile(profile).trained_frames
+    parts = load_components(a.model or cfg.model.path, cfg.model.dtype)
+    transformer = parts.transformer.eval()
+    longest = max(a.lengths) * trained
+    frames_longest = 4 * (longest - 1) + 1
+    worlds = [tw.sample_world(EVAL_SEED_BASE + i) for i in range(a.pairs)]
+    with torch.no_grad():
+        x0_all = [keyframe_latents(parts.vae.config, tw.render(w, frames_longest, tm.VIDEO_SIZE, 4)[None],
+                                   frames_longest) for w in worlds]  # [1, C, F_max, H, W] each
+        conds = [encode_prompt(parts.text_encoder, parts.tokenizer, w.prompt, tm.MAX_TEXT_TOKENS)[0][None]
+                 for w in worlds]
+    noises = [[torch.randn(x.shape, generator=torch.Generator().manual_seed(1000 * i + j))
+               for j in range(len(a.noise))] for i, x in enumerate(x0_all)]
+
+    start = time.perf_counter()
+    results: dict[tuple[int, str], np.ndarray] = {}  # (k, method) -> [pairs, levels, 2] (all frames, first T)
+    for k in a.lengths:
+        f = k * trained
+        for name in a.methods:
+            method = get_method(name, trained_frames=trained, profile=profile, backend=cfg.attention_backend)
+            undo = method.install(transformer, f)
+            out = np.zeros((a.pairs, len(a.noise), 2))
+            try:
+                for i in range(a.pairs):
+                    x0 = x0_all[i][:, :, :f]
+                    for j, s in enumerate(a.noise):
+                        xs, target = noised(x0, torch.tensor([s]), noises[i][j][:, :, :f])
+                        with torch.no_grad():
+                            pred = method.predict(transformer, xs, torch.tensor([s * 1000.0]), conds[i], None, 1.0)
+                        err = ((pred - target) ** 2).mean(dim=(0, 1, 3, 4))  # [F]
+                        out[i, j] = err.mean().item(), err[:trained].mean().item()
+            finally:
+                undo()
+            results[(k, name)] = out
+            print(f"[{time.perf_counter() - start:5.0f}s] {k}x {name:15s} mean loss {out[..., 0].mean():.4f}",
+                  file=sys.stderr, flush=True)
+    print(table(results, a.noise, trained, a.pairs))
+    return 0
+
+
+def table(results: dict, levels: list[float], trained: int, pairs: int) -> str:
+    ref_key = min(k for k, _ in results), "direct"
+    ref = results[ref_key][..., 0].mean() if ref_key in results else None
+    lines = [f"Flow-matching loss on held-out worlds, T = {trained} latent frames, mean +- std over {pairs} worlds "
+             "(lower is better).", "",
+             "| length | method | " + " | ".join(f"s={s:g}" for s in levels) + " | mean | first T | x 1x |",
+             "|---|---|" + "---|" * (len(levels) + 3)]
+    for (k, name), out in results.items():
+        cells = [f"{out[:, j, 0].mean():.3f} +- {out[:, j, 0].std():.3f}" for j in range(len(levels))]
+        per_world = out[..., 0].mean(1)
+        first = out[..., 1].mean(1)
+        ratio = f"{per_world.mean() / ref:.2f}" if ref else "-"
+        lines.append(f"| {k}x | {name} | " + " | ".join(cells)
+                     + f" | {per_world.mean():.3f} +- {per_world.std():.3f} | {first.mean():.3f} +- {first.std():.3f}"
+                     + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
