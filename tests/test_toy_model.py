@@ -1,9 +1,9 @@
 """The shipped testbed checkpoint (assets/toy-wan) loads through the production loader and renders, at its
-trained length (33 frames), videos in which the prompted objects are found far more often than objects not
-prompted.
+trained length (T = 13 latent frames, 49 video frames), videos in which the prompted objects are found far
+more often than objects not prompted.
 
-The bar is set below what the shipped (75-minute CPU) checkpoint does: bench/quality.py finds each prompted
-object once in 62% of frames at 1x (10 steps; 8 held-out worlds), objects of other colours rarely."""
+The bar is set below what the shipped (55-minute CPU) checkpoint does: bench/quality.py finds each prompted
+object once in 56% of frames at 1x (10 steps; 8 held-out worlds), objects of other colours rarely."""
 
 import pytest
 import torch
@@ -12,6 +12,7 @@ from freeloc_dist.config import REPO_ROOT, load_render_config
 from freeloc_dist.models import load_components
 from freeloc_dist.sampling import render
 from freeloc_dist.testbed import metrics as M
+from freeloc_dist.testbed.model import TRAINED_FRAMES
 from freeloc_dist.testbed import world as tw
 from freeloc_dist.testbed.train import EVAL_SEED_BASE
 
@@ -23,12 +24,13 @@ def test_toy_checkpoint_renders_prompted_objects_at_trained_length():
     torch.set_num_threads(1)
     cfg0 = load_render_config(CONFIG)
     parts = load_components(cfg0.model.path, cfg0.model.dtype)
+    frames_at_t = 4 * (TRAINED_FRAMES - 1) + 1
     prompted, other = [], []
     for i in range(4):
         w = tw.sample_world(EVAL_SEED_BASE + i)
-        cfg = load_render_config(CONFIG, {"prompt": w.prompt, "video.frames": 33, "sampling.seed": i})
+        cfg = load_render_config(CONFIG, {"prompt": w.prompt, "video.frames": frames_at_t, "sampling.seed": i})
         frames = render(parts, cfg).frames
-        assert frames.shape == (33, 64, 64, 3)
+        assert frames.shape == (frames_at_t, 64, 64, 3)
         colours = M.colours_of_prompt(w.prompt)
         prompted.extend(M.analyse(frames, colours)["found"].mean(0))
         other.extend(M.analyse(frames, [c for c in tw.COLOURS if c not in colours])["found"].mean(0))

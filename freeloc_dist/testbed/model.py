@@ -9,9 +9,9 @@ the per-channel statistics stored in the VAE config (latents_mean / latents_std,
 them), so the sampling loop's un-normalisation applies unchanged. The decoder must therefore upsample
 4x, sharpen shapes and interpolate the three frames between two latent frames, through Wan's causal cache.
 
-Transformer: WanTransformer3DModel, patch 1x2x2, 4 heads x head_dim 24 (temporal RoPE dims 8, i.e. four
-temporal frequencies), 6 layers, trained with Wan's flow-matching objective on clips of TRAINED_FRAMES
-latent frames. Text: a frozen random 2-layer UMT5 and byte-level tokenizer (freeloc_dist.tiny); the
+Transformer: WanTransformer3DModel, patch 1x2x2, 2 heads x head_dim 48 (temporal RoPE dims 16, i.e. eight
+temporal frequencies, 1 to 0.0003 rad per frame; Wan2.1 has 22, 1 to 0.00015), 6 layers, trained with Wan's
+flow-matching objective on clips of TRAINED_FRAMES latent frames. Text: a frozen random 2-layer UMT5 and byte-level tokenizer (freeloc_dist.tiny); the
 transformer's cross-attention learns to read it.
 
 Shapes (legend): B batch, T video frames, P pixels, C latent channels, F latent frames, H/W latent cells.
@@ -26,7 +26,7 @@ import torch
 
 from freeloc_dist.models import WanComponents, save_components  # noqa: F401 (re-exported)
 
-TRAINED_FRAMES = 9  # latent frames per training clip (33 video frames)
+TRAINED_FRAMES = 13  # latent frames per training clip (49 video frames)
 VIDEO_SIZE = 64  # pixels per side
 Z_DIM = 12  # 3 colours x 2x2 quarter-resolution pixels per latent cell
 POOL = 4  # spatial average pooling before packing (8x = POOL x 2)
@@ -35,8 +35,8 @@ TEXT_SEED = 1234
 
 TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2),
-    num_attention_heads=4,
-    attention_head_dim=24,  # RoPE split t/h/w = 8 / 8 / 8
+    num_attention_heads=2,
+    attention_head_dim=48,  # RoPE split t/h/w = 16 / 16 / 16
     in_channels=Z_DIM,
     out_channels=Z_DIM,
     text_dim=32,  # freeloc_dist.tiny's UMT5 width
