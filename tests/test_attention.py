@@ -157,3 +157,34 @@ def test_window_plus_sink_buffer(backend):
                 query_frames=query_frames, key_frames=key_frames[1:],
             )
     assert rel_err(out, sub(ref, query_frames)) < TOL
+
+
+@pytest.mark.parametrize("with_frames", [True, False])
+def test_split_rotations_complex_and_elementwise_paths_agree(with_frames):
+    """float32 inputs take the complex-multiply path, half precision the elementwise one: same rotations.
+    With natural frames q_nat/k_nat are stock RoPE (Wan's table applied as is). Tolerance 1e-6: both are
+    one or two float32 rotations of the same values (measured 0 to ~1e-7)."""
+    from freeloc_dist.rope import _split_rotations_elementwise, apply_rotary, split_rotations
+
+    num_frames, n, heads, dim = 5, GRID_HW[0] * GRID_HW[1], 3, 12
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, num_frames * n, heads, dim, generator=g) for _ in range(2))
+    frames = torch.arange(num_frames).repeat_interleave(n)
+    # A Wan-like table: temporal angles frame * inv_freq, then spatial angles; pairs repeated.
+    angles = torch.cat([frames[:, None].double() * T_ROPE.inv_freq(),
+                        torch.rand(len(frames), (dim - T_ROPE.t_dim) // 2, generator=g, dtype=torch.float64) * 6], 1)
+    angles = angles.repeat_interleave(2, -1)[None, :, None]  # [1, L, 1, d]
+    cos, sin = angles.cos().float(), angles.sin().float()
+    fr = frames if with_frames else None
+    fast = split_rotations(q, k, (cos, sin), T_ROPE, fr)
+    slow = _split_rotations_elementwise(q, k, cos, sin, T_ROPE, fr)
+    assert (fast[0] is None) == (not with_frames)
+    for a, b in zip(fast, slow):
+        if a is not None:
+            assert a.dtype == torch.float32 and rel_err(a, b) < 1e-6
+    if with_frames:
+        assert rel_err(fast[0], apply_rotary(q, cos, sin)) < 1e-6 and rel_err(fast[1], apply_rotary(k, cos, sin)) < 1e-6
+    half = split_rotations(q.bfloat16(), k.bfloat16(), (cos, sin), T_ROPE, fr)  # the elementwise path
+    for a, b in zip(half, fast):
+        if a is not None:
+            assert rel_err(a.float(), b) < 1e-2  # bf16 inputs: 8 mantissa bits

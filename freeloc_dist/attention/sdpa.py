@@ -21,7 +21,7 @@ import torch
 
 from ..plan import LayerPlan
 from ..rope import TemporalRope
-from .lse import attend, merge_into, uses_flash
+from .lse import attend, uses_flash
 
 # Elements of the largest tensor one call materialises: its [batch, B*h, rows, keys] scores on the
 # matmul path, its output on the flash path (which only holds a block of scores). Batches are cut
@@ -50,12 +50,23 @@ class RunBatch:
     q_frames: int = 1
 
 
+# Band key spans are widened (with masked columns) to a multiple of this many keys: the CPU flash
+# kernel runs rows of scores in 16-float vectors, and a ragged span of ~100 keys costs ~15% more
+# than the aligned one (94 -> 96 keys at Ds = 32); longer spans barely notice either way.
+KEY_ALIGN = 16
+
+
 @functools.lru_cache(maxsize=64)
 def _band_chunks(n: int, width: int, chunk: int) -> tuple[tuple[int, int, int, int], ...]:
-    """Spatial query chunks [r0, r1) and the key span [c0, c1) their band |s_q - s_k| < width reaches."""
-    return tuple(
-        (r0, min(n, r0 + chunk), max(0, r0 - width + 1), min(n, r0 + chunk + width - 1)) for r0 in range(0, n, chunk)
-    )
+    """Spatial query chunks [r0, r1) and the key span [c0, c1) their band |s_q - s_k| < width
+    reaches, widened within [0, n) to a multiple of KEY_ALIGN."""
+    out = []
+    for r0 in range(0, n, chunk):
+        r1, c0, c1 = min(n, r0 + chunk), max(0, r0 - width + 1), min(n, r0 + chunk + width - 1)
+        span = min(n, -(-(c1 - c0) // KEY_ALIGN) * KEY_ALIGN)
+        c1 = min(n, c0 + span)
+        out.append((r0, r1, c1 - span, c1))
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=256)
@@ -71,26 +82,34 @@ def _band_bias(n: int, width: int, chunk: int, index: int, frames: int, device, 
 def schedule(plan: LayerPlan, query_frames: tuple[int, ...], key_frames: tuple[int, ...]):
     """Per query frame: runs (offset, slot_start, slot_end, banded) over the key buffer.
 
-    `key_frames` lists the global frame held at each frame slot of the key buffer; plan groups are
-    cut where the buffer is not contiguous and dropped where a frame is absent (ring blocks,
-    neighbour windows), so partial results over several buffers merge to the full attention.
+    `key_frames` lists the global frame held at each frame slot of the key buffer; a run is a span
+    of consecutive slots sharing one rule (see _key_frames_of), so plan groups are cut where the
+    buffer is not contiguous and dropped where a frame is absent (ring blocks, neighbour windows),
+    and partial results over several buffers merge to the full attention.
     """
     where = {f: i for i, f in enumerate(key_frames)}
     out = []
     for a in query_frames:
         runs = []
-        for g in plan.groups[a]:
-            start = None
-            for b in range(g.frame_start, g.frame_end + 1):
-                slot = where.get(b) if b < g.frame_end else None
-                if start is not None and (slot is None or slot != prev + 1):
-                    runs.append((g.offset, start, prev + 1, g.banded))
-                    start = None
-                if slot is not None and start is None:
-                    start = slot
-                prev = slot
+        for b, offset, banded in _key_frames_of(plan, a):
+            slot = where.get(b)
+            if slot is None:
+                continue
+            if runs and runs[-1][0] == offset and runs[-1][3] == banded and runs[-1][2] == slot:
+                runs[-1] = (offset, runs[-1][1], slot + 1, banded)
+            else:
+                runs.append((offset, slot, slot + 1, banded))
         out.append(tuple(runs))
     return tuple(out)
+
+
+def _key_frames_of(plan: LayerPlan, a: int):
+    """(key frame, offset rule, banded) of query frame a, in key order. Banded natural frames get
+    their fixed offset a - b (the same rotation): they join a neighbouring run of equal offset where
+    there is one (d = 10 and 11 at W1 = 10), and no band chunk needs a copy of the natural key columns."""
+    for g in plan.groups[a]:
+        for b in range(g.frame_start, g.frame_end):
+            yield b, (a - b if g.banded and g.offset is None else g.offset), g.banded
 
 
 @functools.lru_cache(maxsize=256)
@@ -99,9 +118,12 @@ def batched_schedule(plan: LayerPlan, query_frames: tuple[int, ...], key_frames:
     by_kind: dict[tuple, list[tuple[int, int]]] = {}
     for qi, runs in enumerate(schedule(plan, query_frames, key_frames)):
         for offset, fs, fe, banded in runs:
-            by_kind.setdefault((offset, banded, fe - fs), []).append((qi, fs))
+            # Keyed by side too: natural-offset runs before and after a query frame share
+            # (offset, banded, frames), and interleaved in one list they would break every batch.
+            side = key_frames[fs] > query_frames[qi]
+            by_kind.setdefault((offset, banded, fe - fs, side), []).append((qi, fs))
     batches = []
-    for (offset, banded, frames), items in by_kind.items():
+    for (offset, banded, frames, _), items in by_kind.items():
         i = 0
         while i < len(items):  # greedy: extend while the query slot is +1 and the key slot +step
             q_start, k_start = items[i]
@@ -151,15 +173,32 @@ def _phase(t_rope: TemporalRope, offset: int, device, dtype) -> torch.Tensor:
     return torch.complex(cos, sin)
 
 
-def _rotate(x: torch.Tensor, t_rope: TemporalRope, offset: int) -> torch.Tensor:
-    """TemporalRope.rotate(x, offset) as one copy and one in-place complex multiply of the temporal
-    channels (rotate's elementwise chain costs several passes; queries are rotated once per run)."""
+def _rotate(x: torch.Tensor, t_rope: TemporalRope, offset: int, into: torch.Tensor | None = None) -> torch.Tensor:
+    """TemporalRope.rotate(x, offset) as one copy and one complex multiply of the temporal channels
+    (rotate's elementwise chain costs several passes; queries are rotated once per run).
+
+    `into`, if given, already holds x's other channels; only the temporal ones are written (a band
+    chunk copies its query rows once and re-rotates them in place for each offset)."""
     if x.dtype not in (torch.float32, torch.float64):
         return t_rope.rotate(x, offset)
-    out = x.clone(memory_format=torch.contiguous_format)
-    pairs = torch.view_as_complex(out[..., : t_rope.t_dim].unflatten(-1, (-1, 2)))
-    pairs.mul_(_phase(t_rope, offset, x.device, x.dtype))
+    pairs = lambda t: torch.view_as_complex(t[..., : t_rope.t_dim].unflatten(-1, (-1, 2)))
+    phase = _phase(t_rope, offset, x.device, x.dtype)
+    if into is not None:
+        torch.mul(pairs(x), phase, out=pairs(into))
+        return into
+    out = _copy_in_place_order(x)
+    pairs(out).mul_(phase)
     return out
+
+
+def _copy_in_place_order(x: torch.Tensor) -> torch.Tensor:
+    """A dense copy of x (always a new tensor) laid out in x's own stride order. From the usual
+    token-major [B, L, h, d] inputs this copies whole tokens; a head-major copy (.contiguous())
+    reads 256-byte pieces 3 KB apart, ~1.6x slower, and would leave the kernel's token-major
+    outputs and the accumulators in different orders."""
+    order = sorted(range(x.dim()), key=lambda i: -x.stride(i))
+    dense = x.permute(order).clone(memory_format=torch.contiguous_format)
+    return dense.permute([order.index(i) for i in range(x.dim())])
 
 
 def _frame_windows(x: torch.Tensor, start: int, step: int, frames: int, count: int) -> torch.Tensor:
@@ -170,6 +209,15 @@ def _frame_windows(x: torch.Tensor, start: int, step: int, frames: int, count: i
     assert x.stride(1) == m * x.stride(2) and x.stride(3) == 1, "frames must be evenly strided"
     base = x.storage_offset() + start * x.stride(1)
     return x.as_strided((count, bh, frames * m, d), (step * x.stride(1), x.stride(0), x.stride(2), 1), base)
+
+
+def _merge(out_acc, lse_acc, out, lse):
+    """lse.merge_into for a fresh kernel result, whose lse is finite (every row attends a key): the
+    new weight is then sigmoid(lse - lse_acc), 1 where the accumulator is still empty, and the
+    update one lerp pass instead of lse.merge_into's guarded exp / mul / addcmul chain."""
+    w_new = torch.sigmoid(lse - lse_acc)
+    torch.logaddexp(lse_acc, lse, out=lse_acc)
+    out_acc.lerp_(out.float(), w_new.unsqueeze(-1))
 
 
 def grouped_attention(
@@ -198,11 +246,29 @@ def grouped_attention(
 
     q_nat, q0 = (frames_view(x, len(query_frames)) for x in (q_nat, q0))
     k_nat, k0, v = (frames_view(x, len(key_frames)) for x in (k_nat, k0, v))
-    out_all = torch.zeros((bh, len(query_frames), n, d), dtype=torch.float32, device=q0.device)
-    lse_all = torch.full((bh, len(query_frames), n), float("-inf"), dtype=torch.float32, device=q0.device)
+    # Accumulators [BH, F, n, d] and [BH, F, n] in the inputs' token order: the flash kernel writes
+    # (out, lse) token-major, so merges then stream matching layouts instead of 256-byte pieces.
+    # Left unset: a query frame's first full-frame result is copied in, not merged (see `touched`).
+    f32 = dict(dtype=torch.float32, device=q0.device)
+    if q0.stride(0) < q0.stride(2):
+        out_all = torch.empty((len(query_frames), n, bh, d), **f32).permute(2, 0, 1, 3)
+        lse_all = torch.empty((len(query_frames), n, bh), **f32).permute(2, 0, 1)
+    else:
+        out_all = torch.empty((bh, len(query_frames), n, d), **f32)
+        lse_all = torch.empty((bh, len(query_frames), n), **f32)
+    touched = [False] * len(query_frames)
 
-    def run(b: RunBatch, rows: slice | None, keys, values, bias):
-        """Attend the batch's query frames (only rows `rows` of each, if given) to their key windows; merge."""
+    def clear(frames):
+        """Set the accumulators of untouched query slots `frames` to 'no key yet' (out 0, lse -inf)."""
+        for f in frames:
+            if not touched[f]:
+                out_all[:, f].zero_()
+                lse_all[:, f].fill_(float("-inf"))
+                touched[f] = True
+
+    def run(b: RunBatch, rows: slice | None, keys, values, bias, q_rows_buf=None):
+        """Attend the batch's query frames (only rows `rows` of each, if given) to their key windows;
+        merge. q_rows_buf: a copy of q0's `rows` of every query frame, rotated in place per call."""
         q_src = q_nat if b.offset is None else q0
         q_rows = b.q_frames * n if rows is None else rows.stop - rows.start
         per_row = d if uses_flash(impl, q0.device) else b.frames * keys.shape[2]
@@ -210,35 +276,51 @@ def grouped_attention(
         for s in range(0, b.count, per_call):
             c = min(per_call, b.count - s)
             q_at = b.q_start + s * b.q_step
+            into, fresh = None, False
             if rows is None:  # whole frames: q_frames consecutive frames per item
                 q = _frame_windows(q_src, q_at, b.q_step, b.q_frames, c)
                 acc = _frame_windows(out_all, q_at, b.q_step, b.q_frames, c)
                 lse_acc = _frame_windows(lse_all.unsqueeze(-1), q_at, b.q_step, b.q_frames, c).squeeze(-1)
+                slots = [q_at + i * b.q_step + u for i in range(c) for u in range(b.q_frames)]
+                fresh = not any(touched[f] for f in slots)
+                if fresh:  # the copy below sets these slots whole
+                    for f in slots:
+                        touched[f] = True
+                else:
+                    clear(slots)
             else:
                 frames = slice(q_at, q_at + c)
                 q = q_src[:, frames, rows].transpose(0, 1)  # [c, BH, rows, d] view
                 acc, lse_acc = out_all[:, frames, rows].transpose(0, 1), lse_all[:, frames, rows].transpose(0, 1)
+                into = None if q_rows_buf is None else q_rows_buf[:, frames].transpose(0, 1)
             if b.offset is not None:
-                q = _rotate(q, t_rope, b.offset)
+                q = _rotate(q, t_rope, b.offset, into)
             k_at = b.k_start + s * b.k_step
             k_win = _frame_windows(keys, k_at, b.k_step, b.frames, c)
             v_win = _frame_windows(values, k_at, b.k_step, b.frames, c)
-            merge_into(acc, lse_acc, *attend(q, k_win, v_win, bias, impl=impl))
+            out, lse = attend(q, k_win, v_win, bias, impl=impl)
+            if fresh:
+                acc.copy_(out)
+                lse_acc.copy_(lse)
+            else:
+                _merge(acc, lse_acc, out, lse)
 
     batches = batched_schedule(plan, query_frames, key_frames)
     for b in batches:
         if not b.banded:
             run(b, None, k_nat if b.offset is None else k0, v, None)
+    clear(range(len(query_frames)))  # query frames no full-frame run reached
     banded = [b for b in batches if b.banded]
     chunk = band_chunk or max(16, plan.stripe_width)
     natural = {b.offset is None for b in banded}  # which keys the banded runs read: k_nat and/or k0
     for index, (r0, r1, c0, c1) in enumerate(_band_chunks(n, plan.stripe_width, chunk) if banded else ()):
         # Key columns this chunk's band reaches, of every key frame: one copy per chunk, then
         # every banded batch reads them through strided frame windows.
-        k_cols = {nat: (k_nat if nat else k0)[:, :, c0:c1].contiguous() for nat in natural}
-        v_cols = v[:, :, c0:c1].contiguous()
+        k_cols = {nat: _copy_in_place_order((k_nat if nat else k0)[:, :, c0:c1]) for nat in natural}
+        v_cols = _copy_in_place_order(v[:, :, c0:c1])
+        q_rows_buf = _copy_in_place_order(q0[:, :, r0:r1]) if any(b.offset is not None for b in banded) else None
         for b in banded:
             bias = _band_bias(n, plan.stripe_width, chunk, index, b.frames, q0.device, q0.dtype)
-            run(b, slice(r0, r1), k_cols[b.offset is None], v_cols, bias)
+            run(b, slice(r0, r1), k_cols[b.offset is None], v_cols, bias, q_rows_buf)
     out = out_all.view(batch, heads, len(query_frames) * n, d).to(q0.dtype)
     return out, lse_all.view(batch, heads, len(query_frames) * n)
