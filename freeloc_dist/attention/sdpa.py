@@ -293,10 +293,15 @@ def grouped_attention(
                 q = q_src[:, frames, rows].transpose(0, 1)  # [c, BH, rows, d] view
                 acc, lse_acc = out_all[:, frames, rows].transpose(0, 1), lse_all[:, frames, rows].transpose(0, 1)
                 into = None if q_rows_buf is None else q_rows_buf[:, frames].transpose(0, 1)
-            if b.offset is not None:
-                q = _rotate(q, t_rope, b.offset, into)
             k_at = b.k_start + s * b.k_step
             k_win = _frame_windows(keys, k_at, b.k_step, b.frames, c)
+            if b.offset is not None and rows is None and b.k_step == 0 and b.frames < c * b.q_frames:
+                # Every item reads the same few key frames (the sink): give those keys temporal
+                # position -offset, the same relative offset, instead of copying every query frame.
+                shared = _rotate(keys[:, k_at:k_at + b.frames], t_rope, -b.offset)
+                k_win = _frame_windows(shared, 0, 0, b.frames, c)
+            elif b.offset is not None:
+                q = _rotate(q, t_rope, b.offset, into)
             v_win = _frame_windows(values, k_at, b.k_step, b.frames, c)
             out, lse = attend(q, k_win, v_win, bias, impl=impl)
             if fresh:
