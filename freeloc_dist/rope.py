@@ -94,9 +94,8 @@ def _split_rotations_complex(q, k, cos, sin, t_rope: TemporalRope, frames):
     pairs by a per-token phase table [1, L, 1, d/2] (the generic path's elementwise chains and
     rotate-after-rotate cost several passes over q and k, ~0.02x a dense attention layer)."""
     half_t = t_rope.t_dim // 2
-    phase = torch.complex(cos[..., 0::2].to(q.dtype), sin[..., 1::2].to(q.dtype))  # [1, L, 1, d/2]
-    phase0 = phase.clone()
-    phase0[..., :half_t] = 1.0
+    phase0 = torch.complex(cos[..., 0::2].to(q.dtype), sin[..., 1::2].to(q.dtype))  # new [1, L, 1, d/2]
+    phase0[..., :half_t] = 1.0  # temporal position 0
 
     def rotated(x, table):
         if x.stride(-1) != 1 or x.storage_offset() % 2:  # view_as_complex needs whole, aligned pairs

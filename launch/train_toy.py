@@ -1,6 +1,6 @@
 """Train the testbed's toy Wan on the procedural world (see freeloc_dist/testbed/train.py).
 
-    python launch/train_toy.py --out runs/toy-wan --minutes 75 --decoder-every 0
+    python launch/train_toy.py --out runs/toy-wan --minutes 55 --decoder-every 0
     python launch/train_toy.py --decoder-only assets/toy-wan --out runs/toy-vae --minutes 75   # beside it
     cp -r runs/toy-wan/. assets/toy-wan/ && cp -r runs/toy-vae/vae/. assets/toy-wan/vae/   # ship it
 

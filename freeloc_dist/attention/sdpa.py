@@ -315,17 +315,16 @@ def grouped_attention(
         if not b.banded:
             run(b, None, k_nat if b.offset is None else k0, v, None)
     clear(range(len(query_frames)))  # query frames no full-frame run reached
-    banded = [b for b in batches if b.banded]
+    banded = [b for b in batches if b.banded]  # all at fixed offsets (see _key_frames_of): q0, k0
     chunk = band_chunk or max(16, plan.stripe_width)
-    natural = {b.offset is None for b in banded}  # which keys the banded runs read: k_nat and/or k0
     for index, (r0, r1, c0, c1) in enumerate(_band_chunks(n, plan.stripe_width, chunk) if banded else ()):
         # Key columns this chunk's band reaches, of every key frame: one copy per chunk, then
         # every banded batch reads them through strided frame windows.
-        k_cols = {nat: _copy_in_place_order((k_nat if nat else k0)[:, :, c0:c1]) for nat in natural}
+        k_cols = _copy_in_place_order(k0[:, :, c0:c1])
         v_cols = _copy_in_place_order(v[:, :, c0:c1])
-        q_rows_buf = _copy_in_place_order(q0[:, :, r0:r1]) if any(b.offset is not None for b in banded) else None
+        q_rows_buf = _copy_in_place_order(q0[:, :, r0:r1])
         for b in banded:
             bias = _band_bias(n, plan.stripe_width, chunk, index, b.frames, q0.device, q0.dtype)
-            run(b, slice(r0, r1), k_cols[b.offset is None], v_cols, bias, q_rows_buf)
+            run(b, slice(r0, r1), k_cols, v_cols, bias, q_rows_buf)
     out = out_all.view(batch, heads, len(query_frames) * n, d).to(q0.dtype)
     return out, lse_all.view(batch, heads, len(query_frames) * n)

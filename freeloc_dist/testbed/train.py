@@ -2,7 +2,8 @@
 
 One process, one loop, a wall-clock budget: every iteration takes a flow-matching step of the transformer
 on TRAINED_FRAMES-latent-frame clips, and every `decoder_every`-th iteration (0: never; the shipped model
-trains its decoder in a second process with `train_decoder`) a reconstruction step of the VAE decoder. Clips are drawn fresh from random world seeds (never from the evaluation seeds, which start at
+trains its decoder in a second process with `train_decoder`) a reconstruction step of the VAE decoder.
+Clips are drawn fresh from random world seeds (never from the evaluation seeds, which start at
 EVAL_SEED_BASE). Text embeddings of every possible prompt are computed once with the frozen text encoder.
 The loss goes to a log file; the model (EMA transformer weights) is saved in diffusers format every
 `save_minutes` and at the end, so an interrupted run leaves a usable checkpoint.
