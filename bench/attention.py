@@ -1,7 +1,12 @@
 """Per-layer attention time on CPU: stock dense SDPA vs FreeLOC vrpr and tsa, for each backend.
 
-Prints a table; not a test. Targets (issue 2): vrpr <= 1.25x dense; tsa <= 1.3 x density x dense.
-Default grid: Wan2.1's T=21 at F = 4T = 84 latent frames, 16 x 16 tokens per frame, 12 heads x 64.
+Prints a table; not a test. Targets (issue 2): vrpr <= 1.25x dense; tsa <= 1.3 x density x dense,
+"dense" being stock SDPA. Default grid: Wan2.1's T=21 at F = 4T = 84 latent frames, 16 x 16 tokens per
+frame, 12 heads x 64.
+
+With the flex backend it also times the compiled flex kernel on plain dense attention (every block
+full, the backend's block size): the floor of any flex layer, since a flex layer computes at least its
+attended pairs with that kernel. "x own dense" divides by that floor for flex rows (by SDPA otherwise).
 
     python bench/attention.py [--frames 84] [--height 16 --width 16] [--heads 12] [--head-dim 64] [--threads N]
 
@@ -86,8 +91,14 @@ def main():
     vt = v.transpose(1, 2)
     dense = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qr, kr, vt), args.repeats)
     rows = [("dense SDPA (stock)", "-", 1.0, dense, 1.0, None)]
+    own_dense = {}
     for backend in args.backends.split(","):
         run = get_backend(backend).run
+        own_dense[backend] = dense
+        if backend == "flex":
+            floor = dense_flex_seconds(qr, kr, vt, args.height * args.width, args.repeats)
+            own_dense[backend] = floor
+            rows.append(("dense flex (floor)", backend, 1.0, floor, floor / dense, None))
         for kind in ("vrpr", "tsa"):
             plan = layer_plan(kind, grid, args.trained_frames)
             density = plan.density()
@@ -96,16 +107,33 @@ def main():
             warm = time.perf_counter() - t0
             sec = timed(lambda: run(q, k, v, rotary, plan, t_rope), args.repeats)
             target = 1.25 if kind == "vrpr" else 1.3 * density
-            rows.append((kind, backend, density, sec, sec / dense, (target, warm)))
+            rows.append((kind, backend, density, sec, sec / dense, (target, warm, sec / own_dense[backend])))
 
-    print(f"{'layer':<20} {'backend':<8} {'density':>8} {'seconds':>9} {'x dense':>8} {'target':>8} {'ok':>4} {'warm-up s':>10}")
+    print(f"{'layer':<20} {'backend':<8} {'density':>8} {'seconds':>9} {'x dense':>8} {'target':>8} {'ok':>4} "
+          f"{'x own dense':>12} {'warm-up s':>10}")
     for kind, backend, density, sec, ratio, extra in rows:
         if extra is None:
             print(f"{kind:<20} {backend:<8} {density:8.3f} {sec:9.3f} {ratio:8.3f}")
         else:
-            target, warm = extra
+            target, warm, own = extra
             ok = "yes" if ratio <= target else "NO"
-            print(f"{kind:<20} {backend:<8} {density:8.3f} {sec:9.3f} {ratio:8.3f} {target:8.3f} {ok:>4} {warm:10.1f}")
+            print(f"{kind:<20} {backend:<8} {density:8.3f} {sec:9.3f} {ratio:8.3f} {target:8.3f} {ok:>4} "
+                  f"{own:12.3f} {warm:10.1f}")
+
+
+def dense_flex_seconds(q, k, v, tokens_per_frame, repeats):
+    """Compiled flex_attention on plain dense attention (all blocks full, no mask_mod) at the flex
+    backend's block size: what the kernel alone costs for every pair of the layer."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from freeloc_dist.attention.flex import block_size
+
+    size, blk = q.shape[-2], block_size(tokens_per_frame)
+    mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= 0, None, None, size, size, device=str(q.device),
+                             BLOCK_SIZE=blk)
+    flex = torch.compile(flex_attention, dynamic=False)
+    flex(q, k, v, block_mask=mask)  # compile
+    return timed(lambda: flex(q, k, v, block_mask=mask), repeats)
 
 
 if __name__ == "__main__":

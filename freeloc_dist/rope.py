@@ -38,6 +38,23 @@ class TemporalRope:
         return torch.cat((rotated.to(x.dtype), x[..., self.t_dim :]), dim=-1)
 
 
+def rotate_temporal_(x: torch.Tensor, t_rope: TemporalRope, positions: torch.Tensor) -> torch.Tensor:
+    """TemporalRope.rotate(x, positions) in place: x[..., :t_dim] times the phase of `positions`
+    (integers broadcastable to x.shape[:-1]), one complex multiply over the temporal channels only.
+    Half-precision x is rotated in float32 and written back."""
+    half_t = t_rope.t_dim // 2
+    work = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = t_rope.cos_sin(torch.as_tensor(positions), x.device, work)  # [*positions.shape, t_dim/2]
+    phase = torch.complex(cos, sin)
+    temporal = x[..., : t_rope.t_dim]
+    if x.dtype == work and x.stride(-1) == 1:
+        torch.view_as_complex(temporal.unflatten(-1, (half_t, 2))).mul_(phase)
+    else:
+        rotated = torch.view_as_complex(temporal.to(work).unflatten(-1, (half_t, 2)).contiguous()) * phase
+        temporal.copy_(torch.view_as_real(rotated).flatten(-2))
+    return x
+
+
 def temporal_rope_of(transformer) -> TemporalRope:
     """TemporalRope matching a diffusers WanTransformer3DModel's rope, checked against its tables."""
     rope = transformer.rope

@@ -188,3 +188,25 @@ def test_split_rotations_complex_and_elementwise_paths_agree(with_frames):
     for a, b in zip(half, fast):
         if a is not None:
             assert rel_err(a.float(), b) < 1e-2  # bf16 inputs: 8 mantissa bits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_temporal_in_place_matches_rotate(dtype):
+    """rotate_temporal_ (the flex backend's key rotation) equals TemporalRope.rotate, per-slot positions
+    included, and leaves the spatial channels alone. float32: 1e-6 (one complex multiply vs the
+    elementwise chain, both float32); bf16: both rotate in float32 and round once, so they differ by at
+    most one bf16 rounding (2^-8 relative) where the two float32 results straddle a rounding boundary."""
+    from freeloc_dist.rope import rotate_temporal_
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 7, 5, 12, generator=g).to(dtype)  # [BH, slots, tokens, d]
+    positions = torch.randint(-9, 10, (7, 1), generator=g)  # one temporal position per slot
+    expected = T_ROPE.rotate(x, positions)
+    got = rotate_temporal_(x.clone(), T_ROPE, positions)
+    assert torch.equal(got[..., T_ROPE.t_dim:], x[..., T_ROPE.t_dim:])
+    if dtype == torch.float32:
+        assert rel_err(got, expected) < 1e-6
+    else:
+        assert got.dtype == torch.bfloat16 and rel_err(got.float(), expected.float()) < 2 ** -8
+    strided = torch.randn(7, 3, 5, 12, generator=g).transpose(0, 1)  # not contiguous: rotated in its own storage
+    assert rel_err(rotate_temporal_(strided.clone(), T_ROPE, positions), T_ROPE.rotate(strided, positions)) < 1e-6

@@ -19,7 +19,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..plan import DENSE, NONE, SINK, STRIPE, LayerPlan
-from ..rope import TemporalRope
+from ..rope import TemporalRope, rotate_temporal_
 
 
 @functools.cache
@@ -41,10 +41,15 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def block_size(tokens_per_frame: int) -> int:
+    """BlockMask block (both sides): 128, or the next power of two >= n for frames smaller than that."""
+    return min(128, max(16, _next_pow2(tokens_per_frame)))
+
+
 @functools.lru_cache(maxsize=64)
 def slot_plan(plan: LayerPlan) -> SlotPlan:
     num_frames, n = plan.num_frames, plan.tokens_per_frame
-    block = min(128, max(16, _next_pow2(n)))
+    block = block_size(n)
     n_pad = -(-n // block) * block
     tiers = plan.tiers
     a = torch.arange(num_frames)[:, None]
@@ -173,8 +178,9 @@ def flex_freeloc_attention(
 
     pad = (0, 0, 0, n_pad - n)
     q_f = q0.unflatten(2, (len(query_frames), n))  # [B, h, Fq, n, d]
-    k_f = torch.nn.functional.pad(k0.unflatten(2, (len(key_frames), n)), pad)  # [B, h, Fk, n_pad, d]
-    v_f = torch.nn.functional.pad(v.unflatten(2, (len(key_frames), n)), pad)
+    # Keys and values frame-major per (batch, head) [B*h, Fk, n_pad, d]: a chunk's slots are then one
+    # index_select into a new tensor, rotated in place, with no further copy (see below).
+    k_f, v_f = (torch.nn.functional.pad(x.unflatten(2, (len(key_frames), n)), pad).flatten(0, 1) for x in (k0, v))
     out = torch.empty_like(q_f)
     flex = _compiled_flex()
     row_of = {f: i for i, f in enumerate(query_frames)}
@@ -183,10 +189,11 @@ def flex_freeloc_attention(
         frames = sp.slot_frames[rows_t]  # [C, S] global key frame per slot, -1 unused
         key_pos = -plan.offsets[rows_t[:, None], frames.clamp(min=0)]  # key at -offset, query at 0
         idx = buffer_of[frames.clamp(min=0)].clamp(min=0).flatten().to(q0.device)
-        k_c = t_rope.rotate(k_f[:, :, idx].unflatten(2, frames.shape), key_pos[..., None])  # [B,h,C,S,n_pad,d]
-        v_c = v_f[:, :, idx].unflatten(2, frames.shape)
-        # Fold (B, h) into heads and query frames into the batch, which the BlockMask indexes.
-        to_batch = lambda x: x.permute(2, 0, 1, 3, 4, 5).flatten(1, 2).flatten(2, 3).contiguous()
+        k_c = rotate_temporal_(k_f.index_select(1, idx), t_rope, key_pos.flatten()[:, None].to(q0.device))
+        v_c = v_f.index_select(1, idx)  # [B*h, C*S, n_pad, d]
+        # Query frames go into the batch, which the BlockMask indexes; (B, h) are folded into heads.
+        # [B*h, C*S, n_pad, d] -> [C, B*h, S*n_pad, d] is a view (flex reads strided inputs).
+        to_batch = lambda x: x.unflatten(1, frames.shape).flatten(2, 3).transpose(0, 1)
         q_rows = torch.tensor([row_of[f] for f in rows], device=q0.device)
         q_c = q_f[:, :, q_rows].permute(2, 0, 1, 3, 4).flatten(1, 2).contiguous()  # [C, B*h, n, d]
         o = flex(q_c, to_batch(k_c), to_batch(v_c), block_mask=masks[chunk])  # [C, B*h, n, d]
