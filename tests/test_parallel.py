@@ -30,11 +30,11 @@ def launch(nproc, out, *extra, timeout=300):
 
 
 @torch.no_grad()
-def single_process(num_frames, heads):
+def single_process(num_frames, heads, backend="sdpa"):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     latents, cond, uncond = case_inputs(num_frames)
-    model = build(heads)
+    model = build(heads, backend)
     pred = predict_noise(model, latents, torch.tensor(700.0), cond, uncond, GUIDANCE)
     final = sample(model, FlowMatchEulerDiscreteScheduler(shift=3.0), latents.clone(), cond, uncond, steps=2,
                    guidance=GUIDANCE)
@@ -65,6 +65,20 @@ def test_parallel_equals_single_process(tmp_path, nproc, cfg, frames):
             u = max(x for x in range(1, sp + 1) if sp % x == 0 and heads % x == 0)
             assert chosen["vrpr"] == ("ulysses" if u == sp else "hybrid" if u > 1 else "ring")
             assert set(results[f"bytes/h{heads}"]) >= {"tsa", "vrpr", "full", "gather"}
+
+
+def test_flex_backend_parallel_equals_single_process(tmp_path):
+    """The flex backend under every strategy on 3 uneven shards: Ulysses runs flex on whole frames, neighbour
+    exchange runs it on the local plus received key frames, ring (which needs log-sum-exp) the grouped
+    kernel; all against one process running flex."""
+    out = tmp_path / "flex.pt"
+    proc = launch(3, out, "--frames", "10", "--heads", "6", "--backend", "flex")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = torch.load(out)
+    pred, final = single_process(10, 6, backend="flex")
+    for strategy in strategies_for(6, 3):
+        assert rel_err(results[f"pred/h6/{strategy}"], pred) < TOL, strategy
+    assert rel_err(results["latents/h6"], final) < TOL
 
 
 def test_tsa_bytes_match_the_plan_and_do_not_grow_with_length(tmp_path):
