@@ -210,3 +210,38 @@ def test_rotate_temporal_in_place_matches_rotate(dtype):
         assert got.dtype == torch.bfloat16 and rel_err(got.float(), expected.float()) < 2 ** -8
     strided = torch.randn(7, 3, 5, 12, generator=g).transpose(0, 1)  # not contiguous: rotated in its own storage
     assert rel_err(rotate_temporal_(strided.clone(), T_ROPE, positions), T_ROPE.rotate(strided, positions)) < 1e-6
+
+
+@pytest.mark.parametrize("kind, num_frames", CASES)
+def test_flex_masks_are_complete_without_block_sparsity(kind, num_frames, monkeypatch):
+    """Eager flex_attention (what torch runs uncompiled, e.g. past dynamo's recompile limit) applies only
+    the BlockMask's mask_mod, ignoring its block lists: the mask_mod alone must give the plan's mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from freeloc_dist.attention import flex
+
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: flex_attention)
+    q0, k0, v, _, _ = _inputs(num_frames)
+    plan = _plan(kind, num_frames)
+    out = flex_freeloc_attention(q0, k0, v, plan, T_ROPE, kv_budget_bytes=40_000)
+    assert rel_err(out, reference_attention(q0, k0, v, plan, T_ROPE)) < TOL
+
+
+def test_flex_calls_run_under_the_raised_recompile_limit(monkeypatch):
+    """Dynamo's default limit of 8 compiled shapes would make later flex calls run eagerly (dense L x L
+    scores); each call runs with the limit raised to flex.FLEX_SHAPES."""
+    from freeloc_dist.attention import flex
+
+    seen = []
+
+    def recording_flex(*args, **kwargs):
+        seen.append(torch._dynamo.config.recompile_limit)
+        return compiled(*args, **kwargs)
+
+    compiled = flex._compiled_flex()
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: recording_flex)
+    q0, k0, v, _, _ = _inputs(T + 1)
+    before = torch._dynamo.config.recompile_limit
+    flex_freeloc_attention(q0, k0, v, _plan("vrpr", T + 1), T_ROPE)
+    assert seen and all(limit == flex.FLEX_SHAPES > 8 for limit in seen)
+    assert torch._dynamo.config.recompile_limit == before  # scoped: the process-wide setting is untouched

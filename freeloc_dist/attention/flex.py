@@ -27,6 +27,12 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+# Every (chunk, slot count, heads) shape compiles once (dynamic=False). Past dynamo's default recompile
+# limit (8 per function: a queue of lengths, several strategies, a test suite) torch silently runs flex
+# eagerly instead, with a dense L x L score matrix; so the calls below allow this many shapes.
+FLEX_SHAPES = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class SlotPlan:
     """Per-plan slot layout. slot_frames [F, S] key frame per slot (-1 unused), banded [S]."""
@@ -122,9 +128,16 @@ def block_masks(plan: LayerPlan, query_frames: tuple[int, ...], frames_per_call:
 
     banded_slots = sp.banded.to(device)
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        s_k = kv_idx % n_pad
-        return (s_k < n) & (~banded_slots[kv_idx // n_pad] | ((q_idx - s_k).abs() < width))
+    def mask_mod_of(slot_used):
+        """The whole mask, not only the partial blocks': eager flex (what torch runs when it does not
+        compile, e.g. past dynamo's recompile limit) ignores the block lists, so a slot a query frame
+        does not use (slot_used[b, slot] False) must be masked here too."""
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            slot, s_k = kv_idx // n_pad, kv_idx % n_pad
+            return slot_used[b, slot] & (s_k < n) & (~banded_slots[slot] | ((q_idx - s_k).abs() < width))
+
+        return mask_mod
 
     masks = []
     for rows in _chunks(query_frames, frames_per_call):
@@ -133,7 +146,7 @@ def block_masks(plan: LayerPlan, query_frames: tuple[int, ...], frames_per_call:
                 *_to_indices(partial_f[rows], device),
                 *_to_indices(full_f[rows], device),
                 BLOCK_SIZE=(blk, blk),
-                mask_mod=mask_mod,
+                mask_mod=mask_mod_of((sp.slot_frames[rows] >= 0).to(device)),
                 seq_lengths=(n, num_slots * n_pad),
             )
         )
@@ -196,7 +209,8 @@ def flex_freeloc_attention(
         to_batch = lambda x: x.unflatten(1, frames.shape).flatten(2, 3).transpose(0, 1)
         q_rows = torch.tensor([row_of[f] for f in rows], device=q0.device)
         q_c = q_f[:, :, q_rows].permute(2, 0, 1, 3, 4).flatten(1, 2).contiguous()  # [C, B*h, n, d]
-        o = flex(q_c, to_batch(k_c), to_batch(v_c), block_mask=masks[chunk])  # [C, B*h, n, d]
+        with torch._dynamo.config.patch(recompile_limit=FLEX_SHAPES, accumulated_recompile_limit=4 * FLEX_SHAPES):
+            o = flex(q_c, to_batch(k_c), to_batch(v_c), block_mask=masks[chunk])  # [C, B*h, n, d]
         o = o.unflatten(1, (bsz, heads)).permute(1, 2, 0, 3, 4)  # [B, h, C, n, d]
         out[:, :, q_rows] = o  # padded rows repeat the last frame: same values, harmless
     return out.flatten(2, 3)
