@@ -245,3 +245,28 @@ def test_flex_calls_run_under_the_raised_recompile_limit(monkeypatch):
     flex_freeloc_attention(q0, k0, v, _plan("vrpr", T + 1), T_ROPE)
     assert seen and all(limit == flex.FLEX_SHAPES > 8 for limit in seen)
     assert torch._dynamo.config.recompile_limit == before  # scoped: the process-wide setting is untouched
+
+
+@pytest.mark.parametrize("impl", ["flash", "math"])
+@pytest.mark.parametrize("kind", ["vrpr", "tsa"])
+def test_grouped_sdpa_in_bfloat16(kind, impl):
+    """Real models render in bf16: its query rotations take the elementwise path (complex views need
+    float32/64). Tolerance 1e-2: bf16 keeps 8 mantissa bits (2^-8 = 3.9e-3 per rounding; measured
+    ~4.5e-3 with the inputs rounded too), while stock positions instead of FreeLOC's err by ~0.5 here."""
+    num_frames = 4 * T + 3
+    q0, k0, v, q_nat, k_nat = _inputs(num_frames)
+    plan = _plan(kind, num_frames)
+    out, lse = grouped_attention(*(x.bfloat16() for x in (q_nat, k_nat, q0, k0, v)), plan, T_ROPE, impl=impl)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert rel_err(out.float(), reference_attention(q0, k0, v, plan, T_ROPE)) < 1e-2
+
+
+def test_flex_in_bfloat16():
+    """The flex backend on bf16 inputs (its CUDA dtype): keys rotated in float32 and rounded once;
+    tolerance as in test_grouped_sdpa_in_bfloat16."""
+    num_frames = 4 * T + 3
+    q0, k0, v, _, _ = _inputs(num_frames)
+    plan = _plan("tsa", num_frames)
+    out = flex_freeloc_attention(q0.bfloat16(), k0.bfloat16(), v.bfloat16(), plan, T_ROPE)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.float(), reference_attention(q0, k0, v, plan, T_ROPE)) < 1e-2
