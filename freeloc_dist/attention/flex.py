@@ -167,6 +167,29 @@ def _to_indices(sel: torch.Tensor, device):
     return num[:, None].to(device), order[:, None].contiguous().to(device)
 
 
+@functools.lru_cache(maxsize=64)
+def chunk_tables(plan: LayerPlan, query_frames: tuple[int, ...], key_frames: tuple[int, ...], frames_per_call: int,
+                 device: str):
+    """Per chunk of `frames_per_call` query frames (as block_masks cuts them): the chunk's slots as
+    indices into the key buffer Long[C*S], their key temporal positions Long[C*S, 1] (key at -offset,
+    query at 0), and the chunk's query rows Long[C]. Raises ValueError if the buffer lacks a frame."""
+    sp = slot_plan(plan)
+    buffer_of = torch.full((plan.num_frames,), -1, dtype=torch.long)
+    buffer_of[list(key_frames)] = torch.arange(len(key_frames))
+    needed = sp.slot_frames[list(query_frames)]
+    if bool((buffer_of[needed.clamp(min=0)][needed >= 0] < 0).any()):
+        raise ValueError("flex attention: the key buffer lacks frames these queries attend")
+    row_of = {f: i for i, f in enumerate(query_frames)}
+    tables = []
+    for rows in _chunks(query_frames, frames_per_call):
+        rows_t = torch.tensor(rows)
+        frames = sp.slot_frames[rows_t].clamp(min=0)  # [C, S] global key frame per slot (unused: any)
+        key_pos = -plan.offsets[rows_t[:, None], frames]
+        tables.append((buffer_of[frames].clamp(min=0).flatten().to(device), key_pos.flatten()[:, None].to(device),
+                       torch.tensor([row_of[f] for f in rows], device=device)))
+    return tuple(tables)
+
+
 def flex_freeloc_attention(
     q0, k0, v, plan: LayerPlan, t_rope: TemporalRope, *, query_frames=None, key_frames=None,
     kv_budget_bytes=256 << 20,
@@ -179,14 +202,10 @@ def flex_freeloc_attention(
     num_frames, n, n_pad = plan.num_frames, plan.tokens_per_frame, sp.n_pad
     query_frames = tuple(range(num_frames)) if query_frames is None else tuple(query_frames)
     key_frames = tuple(range(num_frames)) if key_frames is None else tuple(key_frames)
-    buffer_of = torch.full((num_frames,), -1, dtype=torch.long)
-    buffer_of[list(key_frames)] = torch.arange(len(key_frames))
-    needed = sp.slot_frames[list(query_frames)]
-    if bool((buffer_of[needed.clamp(min=0)][needed >= 0] < 0).any()):
-        raise ValueError("flex attention: the key buffer lacks frames these queries attend")
     num_slots = sp.slot_frames.shape[1]
     per_frame = 2 * num_slots * n_pad * bsz * heads * dim * q0.element_size()
     frames_per_call = max(1, min(len(query_frames), kv_budget_bytes // per_frame))
+    tables = chunk_tables(plan, query_frames, key_frames, frames_per_call, str(q0.device))
     masks = block_masks(plan, query_frames, frames_per_call, str(q0.device))
 
     pad = (0, 0, 0, n_pad - n)
@@ -196,21 +215,15 @@ def flex_freeloc_attention(
     k_f, v_f = (torch.nn.functional.pad(x.unflatten(2, (len(key_frames), n)), pad).flatten(0, 1) for x in (k0, v))
     out = torch.empty_like(q_f)
     flex = _compiled_flex()
-    row_of = {f: i for i, f in enumerate(query_frames)}
-    for chunk, rows in enumerate(_chunks(query_frames, frames_per_call)):
-        rows_t = torch.tensor(rows)
-        frames = sp.slot_frames[rows_t]  # [C, S] global key frame per slot, -1 unused
-        key_pos = -plan.offsets[rows_t[:, None], frames.clamp(min=0)]  # key at -offset, query at 0
-        idx = buffer_of[frames.clamp(min=0)].clamp(min=0).flatten().to(q0.device)
-        k_c = rotate_temporal_(k_f.index_select(1, idx), t_rope, key_pos.flatten()[:, None].to(q0.device))
-        v_c = v_f.index_select(1, idx)  # [B*h, C*S, n_pad, d]
-        # Query frames go into the batch, which the BlockMask indexes; (B, h) are folded into heads.
-        # [B*h, C*S, n_pad, d] -> [C, B*h, S*n_pad, d] is a view (flex reads strided inputs).
-        to_batch = lambda x: x.unflatten(1, frames.shape).flatten(2, 3).transpose(0, 1)
-        q_rows = torch.tensor([row_of[f] for f in rows], device=q0.device)
+    # Query frames go into the batch, which the BlockMask indexes; (B, h) are folded into heads.
+    # [B*h, C*S, n_pad, d] -> [C, B*h, S*n_pad, d] is a view (flex reads strided inputs).
+    to_batch = lambda x: x.unflatten(1, (-1, num_slots)).flatten(2, 3).transpose(0, 1)
+    for (slots, key_pos, q_rows), mask in zip(tables, masks):
+        k_c = rotate_temporal_(k_f.index_select(1, slots), t_rope, key_pos)
+        v_c = v_f.index_select(1, slots)  # [B*h, C*S, n_pad, d]
         q_c = q_f[:, :, q_rows].permute(2, 0, 1, 3, 4).flatten(1, 2).contiguous()  # [C, B*h, n, d]
         with torch._dynamo.config.patch(recompile_limit=FLEX_SHAPES, accumulated_recompile_limit=4 * FLEX_SHAPES):
-            o = flex(q_c, to_batch(k_c), to_batch(v_c), block_mask=masks[chunk])  # [C, B*h, n, d]
+            o = flex(q_c, to_batch(k_c), to_batch(v_c), block_mask=mask)  # [C, B*h, n, d]
         o = o.unflatten(1, (bsz, heads)).permute(1, 2, 0, 3, 4)  # [B, h, C, n, d]
         out[:, :, q_rows] = o  # padded rows repeat the last frame: same values, harmless
     return out.flatten(2, 3)
