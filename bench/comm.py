@@ -31,7 +31,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from freeloc_dist.parallel.shards import exchange_plan, frame_shards, received_elements  # noqa: E402
+from freeloc_dist.parallel.decisions import received_elements  # noqa: E402
+from freeloc_dist.parallel.shards import exchange_plan, frame_shards  # noqa: E402
 from freeloc_dist.plan import layer_plan  # noqa: E402
 
 STRATEGIES = ("ring", "ulysses", "neighbour")
@@ -175,14 +176,14 @@ def run_model(args):
     n = grid_hw[0] * grid_hw[1]
     frame = n * heads * head_dim  # values in one frame of one tensor
     print(f"\n## (b) byte model for {prof.model}: n={grid_hw[0]}x{grid_hw[1]}={n} tokens/frame, T={t}, "
-          f"d_model={heads}x{head_dim}={heads * head_dim}, tsa={dict(prof.tsa or {})} (profile {args.profile})")
+          f"d_model={heads}x{head_dim}={heads * head_dim}, tsa={prof.tsa} (profile {args.profile})")
     print("#  per rank per layer, max over ranks; 'frames' = frames of one tensor (n x d_model values); "
           "MB = 1e6 bytes at bf16; closed forms of DESIGN 7 with s = F/P")
     print("#  neighbour applies to tsa layers only; ring/Ulysses are the same for every layer kind; "
           "'auto' = what the engine picks for a tsa layer")
     print(f"#  Ulysses needs heads % P == 0: a '*' marks P where it cannot run ({heads} heads); "
           "the figure is then hypothetical")
-    print(f"#  'peers' = most ranks one rank receives from under neighbour exchange")
+    print("#  'peers' = most ranks one rank receives from under neighbour exchange")
     print(f"{'F':>4} {'P':>3} {'s=F/P':>7} | {'ring':>6} {'2(P-1)s':>7} {'MB':>7} | {'ulysses':>8} {'4(P-1)s/P':>9} "
           f"{'MB':>6} | {'neighbr':>7} {'bound':>5} {'MB':>6} {'peers':>5} | {'auto':>9} {'nb/ring':>7}")
     totals = []

@@ -1,4 +1,4 @@
-"""Decode time spread over ranks (parallel/decode.py): one process vs P gloo processes, same latents.
+"""Decode time spread over ranks (freeloc_dist/decode.py): one process vs P gloo processes, same latents.
 
     python bench/decode.py                      # tiny random VAE (assets/tiny-wan), F = 41 latent frames, P = 1, 2
     python bench/decode.py --model assets/toy-wan --frames 81 --ranks 1 2
@@ -27,10 +27,10 @@ sys.path.insert(0, str(REPO_ROOT))
 def _worker(model: str, frames: int, out: str) -> None:
     import torch
 
+    from freeloc_dist.decode import iter_decode_spread
     from freeloc_dist.models import load_components
     from freeloc_dist.parallel import destroy_parallel, init_parallel
     from freeloc_dist.parallel.comm import Comm
-    from freeloc_dist.parallel.decode import iter_decode_spread
     from freeloc_dist.video import write_mp4
 
     torch.set_num_threads(1)

@@ -21,11 +21,13 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from .choices import ATTENTION_BACKENDS, STRATEGY_CHOICES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-Backend = Literal["sdpa", "flex"]
-Strategy = Literal["auto", "ulysses", "ring", "hybrid", "neighbour"]
+Backend = Literal[ATTENTION_BACKENDS]  # names from freeloc_dist.choices, which the registries match
+Strategy = Literal[STRATEGY_CHOICES]
 
 
 class ConfigError(ValueError):
@@ -136,7 +138,7 @@ def _fail(where: str, value: Any, message: str) -> typing.NoReturn:
     raise ConfigError(f"config error: {where}={_show(value)}: {message}")
 
 
-def _convert(where: str, hint: Any, value: Any) -> Any:
+def _convert(where: str, hint: Any, value: Any, checks: Mapping = _CHECKS) -> Any:
     """Check `value` against a type hint and return it converted (int -> float, str -> Path)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -144,14 +146,20 @@ def _convert(where: str, hint: Any, value: Any) -> Any:
         if value is None and type(None) in options:
             return None
         (inner,) = [o for o in options if o is not type(None)]
-        return _convert(where, inner, value)
+        return _convert(where, inner, value, checks)
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices or not isinstance(value, str):
             _fail(where, value, f"must be one of: {', '.join(choices)}")
         return value
+    if origin is tuple:  # tuple[X, ...] from a YAML list
+        inner, ellipsis = typing.get_args(hint)
+        assert ellipsis is Ellipsis, f"only tuple[X, ...] is supported ({where})"
+        if not isinstance(value, (list, tuple)):
+            _fail(where, value, f"expected a list, got {type(value).__name__}")
+        return tuple(_convert(f"{where}[{i}]", inner, x) for i, x in enumerate(value))
     if dataclasses.is_dataclass(hint):
-        return _build(where, hint, value)
+        return _build(where, hint, value, checks)
     if hint is bool:
         if not isinstance(value, bool):
             _fail(where, value, "expected true or false")
@@ -176,7 +184,14 @@ def _convert(where: str, hint: Any, value: Any) -> Any:
     raise AssertionError(f"unsupported config type {hint!r} at {where}")
 
 
-def _build(where: str, cls: type, raw: Any) -> Any:
+def build_config(cls: type, raw: Any, *, where: str = "", checks: Mapping = _CHECKS) -> Any:
+    """Validate a mapping against the config dataclass `cls` (types from its hints, values from `checks`, a
+    table {dotted path: (predicate, message)}); `where` is its dotted path ("" at the root). The one
+    validator of every config tree in the package (render configs here, probing settings)."""
+    return _build(where, cls, raw, checks)
+
+
+def _build(where: str, cls: type, raw: Any, checks: Mapping = _CHECKS) -> Any:
     """Validate a mapping against dataclass `cls`; `where` is its dotted path ("" at the root)."""
     prefix = f"{where}." if where else ""
     if not isinstance(raw, Mapping):
@@ -196,8 +211,8 @@ def _build(where: str, cls: type, raw: Any) -> Any:
             if no_default:
                 raise ConfigError(f"config error: {path}: missing required field")
             continue
-        value = _convert(path, hints[name], raw[name])
-        check = _CHECKS.get(path)
+        value = _convert(path, hints[name], raw[name], checks)
+        check = checks.get(path)
         if check is not None and value is not None and not check[0](value):
             message = check[1](value) if callable(check[1]) else check[1]
             _fail(path, raw[name], message)

@@ -33,6 +33,19 @@ class PlanError(ValueError):
     """A FreeLOC setting that breaks a property of DESIGN 4/5."""
 
 
+def balanced_ranges(total: int, parts: int) -> tuple[tuple[int, int], ...]:
+    """[start, end) of `parts` contiguous ranges covering [0, total) whose sizes differ by at most one (the
+    first total mod parts are one longer): how latent frames split over ranks, for sampling and decode."""
+    assert 1 <= parts <= total, (total, parts)
+    base, extra = divmod(total, parts)
+    ranges, start = [], 0
+    for r in range(parts):
+        size = base + (1 if r < extra else 0)
+        ranges.append((start, start + size))
+        start += size
+    return tuple(ranges)
+
+
 # --------------------------------------------------------------------------------------------- VRPR
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VRPRParams:

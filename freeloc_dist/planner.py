@@ -37,10 +37,10 @@ KNOWN_TRANSFORMERS = {
                                         "freq_dim": 256, "patch_size": [1, 2, 2]},
 }
 UMT5_XXL_PARAMS = 5.68e9  # Wan's text encoder (encoder only), when text_encoder/config.json is absent
-VAE_SPATIAL, VAE_TEMPORAL = 8, 4
+VAE_SPATIAL = 8
 
 
-class PlanError(ValueError):
+class RenderPlanError(ValueError):
     """The render cannot be planned or does not fit; one line."""
 
 
@@ -99,27 +99,12 @@ def text_encoder_params(te: Mapping[str, Any] | None) -> float:
     return te["vocab_size"] * d + layers * (4 * d * inner + 3 * d * ff + 2 * d) + d
 
 
-def _strategy(kind: str, forced: str, plan, shards, heads: int, head_dim: int, sp: int) -> str:
-    """The engine's choice (SequenceParallel.strategy_for): cheapest by bytes received, worst rank."""
-    from freeloc_dist.parallel.shards import received_elements
-    from freeloc_dist.parallel.strategies import ulysses_degree
-
-    if sp == 1:
-        return "local"
-    if forced != "auto":
-        return forced
-    u = ulysses_degree(heads, sp)
-    dense = "ulysses" if u == sp else ("hybrid" if u > 1 else "ring")
-    candidates = [dense] + (["neighbour"] if kind == "tsa" else [])
-    cost = {c: max(received_elements(c, plan, shards, heads, head_dim)) for c in candidates}
-    return min(candidates, key=lambda c: (cost[c], c != "neighbour"))
-
-
 def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=None, *, world_size: int,
                 text_encoder_cfg: Mapping[str, Any] | None = None, device_memory_gb: float = 80.0,
                 peak_tflops: float = 400.0) -> RenderPlan:
-    """Plan one render on `world_size` ranks. Raises PlanError if it cannot run or does not fit."""
-    from freeloc_dist.parallel.shards import frame_shards, received_elements
+    """Plan one render on `world_size` ranks. Raises RenderPlanError if it cannot run or does not fit."""
+    from freeloc_dist.parallel.decisions import check_world, layer_strategy, received_elements
+    from freeloc_dist.parallel.shards import frame_shards
     from freeloc_dist.plan import layer_plan
 
     t = transformer_cfg
@@ -127,13 +112,12 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     d, ffn = heads * head_dim, t["ffn_dim"]
     _, ph, pw = t.get("patch_size", [1, 2, 2])
     cfg_degree = cfg.parallel.cfg_degree
-    if world_size % cfg_degree:
-        raise PlanError(f"parallel.cfg_degree={cfg_degree}: does not divide the world size {world_size}")
-    sp = world_size // cfg_degree
     num_frames = cfg.latent_frames
-    if sp > num_frames:
-        raise PlanError(f"{world_size} ranks give {sp} sequence-parallel ranks but the video has only "
-                        f"{num_frames} latent frames")
+    try:
+        sp = check_world(world_size, cfg_degree=cfg_degree, latent_frames=num_frames, strategy=cfg.parallel.strategy,
+                         heads=heads, guidance_scale=cfg.sampling.guidance_scale)
+    except ValueError as e:
+        raise RenderPlanError(str(e)) from None
     h, w = cfg.video.height // (VAE_SPATIAL * ph), cfg.video.width // (VAE_SPATIAL * pw)
     n = h * w
     shards = frame_shards(num_frames, sp)
@@ -145,7 +129,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
 
     kinds = list(profile.kinds) if profile is not None else ["full"] * layers
     if len(kinds) != layers:
-        raise PlanError(f"the profile lists {len(kinds)} layers, the model has {layers}")
+        raise RenderPlanError(f"the profile lists {len(kinds)} layers, the model has {layers}")
     trained = profile.trained_frames if profile is not None else 1 << 30
     layers_by_kind: dict[str, int] = {}
     density, strategy, attn_flops, comm = {}, {}, {}, {}
@@ -160,7 +144,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
         density[kind] = dens
         # QK^T and PV: 2 x 2 x Lq x Lk x d multiply-adds at the attended density, for this rank's queries
         attn_flops[kind] = 4.0 * (local_frames * n) * (num_frames * n) * d * dens * count * passes
-        strat = _strategy(plan.kind, cfg.parallel.strategy, plan, shards, heads, head_dim, sp)
+        strat = "local" if sp == 1 else layer_strategy(plan, shards, heads, head_dim, cfg.parallel.strategy)
         strategy[kind] = strat
         if strat != "local":
             received = max(received_elements(strat, plan, shards, heads, head_dim))
@@ -194,7 +178,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
                         device_memory_gb=device_memory_gb)
     if result.memory_total > device_memory_gb * GiB:
         worst = max(memory, key=memory.get)
-        raise PlanError(f"does not fit: {result.memory_total / GiB:.1f} GiB per rank needed, "
+        raise RenderPlanError(f"does not fit: {result.memory_total / GiB:.1f} GiB per rank needed, "
                         f"{device_memory_gb:g} GiB available (largest: {worst} {memory[worst] / GiB:.1f} GiB); "
                         f"use more ranks, fewer frames or a smaller size")
     return result

@@ -7,20 +7,21 @@ sequence-parallel engine can pass its own (sharded, CFG-parallel) implementation
 global latents in, guided flow prediction (float32, same shape) out.
 
 Shapes (legend): B batch (always 1 here), C latent channels (vae z_dim), F latent frames, H/W latent height
-and width (pixels / vae spatial factor), L text tokens, D text width, T output frames.
+and width (pixels / vae spatial factor), L text tokens, D text width, V video frames.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from freeloc_dist.config import RenderConfig
+from freeloc_dist.decode import decode_video
+from freeloc_dist.guidance import combine, uses_cfg
 
 PredictFn = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
 StepCallback = Callable[[int, int, float], None]  # (step done, total steps, seconds since start)
@@ -104,10 +105,10 @@ def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: tor
     x = latents.to(transformer.dtype)
     timestep = t.reshape(1).expand(x.shape[0]).to(x.device)  # [B]
     pos = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
-    if uncond is None or guidance <= 1.0:
+    if not uses_cfg(uncond, guidance):
         return pos.float()
     neg = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False)[0]
-    return neg.float() + guidance * (pos.float() - neg.float())
+    return combine(pos, neg, guidance)
 
 
 @torch.inference_mode()
@@ -139,100 +140,10 @@ def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, un
     return latents
 
 
-def _to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[B=1, 3, T, Hp, Wp] in [-1, 1] -> uint8 numpy [T, Hp, Wp, 3]."""
-    x = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, T, Hp, Wp]
-    return x.permute(1, 2, 3, 0).cpu().numpy()
-
-
-def _denormalise(vae, latents: torch.Tensor) -> torch.Tensor:
-    cfg = vae.config
-    mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=latents.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=latents.device).view(1, -1, 1, 1, 1)
-    return latents.float() * std + mean
-
-
-def can_decode_ranges(vae) -> bool:
-    """Whether `iter_decode` can decode part of a video (Wan's causal VAE without tiling or patching)."""
-    return _streaming_vae(vae)
-
-
-def _streaming_vae(vae) -> bool:
-    return (all(hasattr(vae, a) for a in ("clear_cache", "post_quant_conv", "decoder"))
-            and getattr(vae.config, "patch_size", None) is None and not getattr(vae, "use_tiling", False))
-
-
-def decode_warmup_frames(vae) -> int:
-    """Latent frames a decode must start early to reproduce frame `start` exactly (Wan VAE's receptive field).
-
-    Each causal temporal conv (kernel k) caches k-1 frames of its input; a chain of them reaches back the sum
-    of those, counted in latent frames (halved after each temporal upsampling). Starting that many frames
-    early with an empty cache gives bitwise the frames of a decode from frame 0 (tests/test_decode.py).
-    """
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
-
-    reach, rate, seen = 0.0, 1, set()
-    for module in vae.decoder.modules():
-        if isinstance(module, WanResample) and module.mode == "upsample3d":
-            reach += (module.time_conv.kernel_size[0] - 1) / rate
-            seen.add(id(module.time_conv))
-            rate *= 2
-        elif isinstance(module, WanCausalConv3d) and id(module) not in seen:
-            reach += (module.kernel_size[0] - 1) / rate
-    return math.ceil(reach)
-
-
-def iter_decode(vae, latents: torch.Tensor, start: int = 0, end: int | None = None) -> Iterator[np.ndarray]:
-    """Decode latent frames [start, end) of latents [1, C, F, H, W] to uint8 frame chunks [t, Hp, Wp, 3]
-    (1 frame for latent frame 0, then 4 per latent frame; T = 4(F-1)+1 for the whole video).
-
-    Wan's VAE decoder is causal in time: it runs one latent frame at a time with a feature cache. We drive
-    that loop ourselves and hand each chunk out as uint8 as soon as it is decoded, so decode memory is the
-    VAE's activations for one latent frame plus its cache, whatever F is (961 frames at 832x480 would be
-    4.6 GB as one float tensor). A consumer that writes each chunk (freeloc_dist.video.write_mp4) never
-    holds the video. A range that starts later runs `decode_warmup_frames` earlier frames first (discarded),
-    so any split of [0, F) into ranges decodes to exactly the frames of one pass. Falls back to the VAE's own
-    decode (one chunk, whole video only) for models without that structure.
-    """
-    num_frames = latents.shape[2]
-    end = num_frames if end is None else end
-    assert 0 <= start < end <= num_frames, (start, end, num_frames)
-    with torch.inference_mode():
-        streaming = _streaming_vae(vae)
-        if streaming:
-            vae.clear_cache()  # creates the feature cache (_feat_map)
-            streaming = hasattr(vae, "_feat_map")
-        if not streaming:
-            assert (start, end) == (0, num_frames), "this VAE decodes whole videos only"
-            yield _to_uint8(vae.decode(_denormalise(vae, latents).to(vae.dtype), return_dict=False)[0])
-            return
-        first = max(0, start - decode_warmup_frames(vae)) if start > 0 else 0
-        z = _denormalise(vae, latents[:, :, first:end]).to(vae.dtype)
-        x = vae.post_quant_conv(z)  # [1, C, end - first, H, W]
-    try:
-        for f in range(first, end):
-            with torch.inference_mode():
-                vae._conv_idx = [0]
-                out = vae.decoder(x[:, :, f - first:f - first + 1], feat_cache=vae._feat_map,
-                                  feat_idx=vae._conv_idx, first_chunk=(f == 0))  # [1, 3, 1 or 4, Hp, Wp]
-                chunk = _to_uint8(out) if f >= start else None
-                del out
-            if chunk is not None:
-                yield chunk
-    finally:
-        vae.clear_cache()
-
-
-def decode_video(vae, latents: torch.Tensor) -> np.ndarray:
-    """Decode latents [1, C, F, H, W] to uint8 frames [T, Hp, Wp, 3], T = 4(F-1)+1, held in memory.
-    For long videos stream `iter_decode` into `write_mp4` instead."""
-    return np.concatenate(list(iter_decode(vae, latents)), axis=0)
-
-
 @dataclass
 class RenderResult:
     latents: torch.Tensor  # [1, C, F, H, W] float32, final (normalised) latents
-    frames: np.ndarray | None  # uint8 [T, Hp, Wp, 3], None if not decoded
+    frames: np.ndarray | None  # uint8 [V, Hp, Wp, 3], None if not decoded
 
 
 def render(components, cfg: RenderConfig, *, decode: bool = True, predict: PredictFn = predict_noise,

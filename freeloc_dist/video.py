@@ -39,7 +39,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 def write_mp4(path: str | Path, frames: np.ndarray | Iterable[np.ndarray], fps: int) -> Path:
     """Write uint8 frames to an H.264 mp4 at `path` (atomically).
 
-    `frames` is one array [T, H, W, 3] or an iterable of chunks [t, H, W, 3] (e.g. sampling.iter_decode),
+    `frames` is one array [V, H, W, 3] or an iterable of chunks [t, H, W, 3] (e.g. freeloc_dist.decode.iter_decode),
     which are sent to ffmpeg as they arrive, so the video is never held in memory."""
     import imageio_ffmpeg
 
@@ -51,7 +51,7 @@ def write_mp4(path: str | Path, frames: np.ndarray | Iterable[np.ndarray], fps: 
             for chunk in chunks:
                 chunk = np.ascontiguousarray(chunk)
                 if chunk.dtype != np.uint8 or chunk.ndim != 4 or chunk.shape[-1] != 3:
-                    raise ValueError(f"expected uint8 frames [T, H, W, 3], got {chunk.dtype} {chunk.shape}")
+                    raise ValueError(f"expected uint8 frames [V, H, W, 3], got {chunk.dtype} {chunk.shape}")
                 if writer is None:
                     size = chunk.shape[1:3]
                     writer = imageio_ffmpeg.write_frames(

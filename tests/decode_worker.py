@@ -1,6 +1,6 @@
 """One rank of the spread-decode test (test_decode.py), launched through torchrun (gloo on CPU).
 
-Every rank decodes its range of the same latents with parallel.decode.iter_decode_spread; rank 0 saves the
+Every rank decodes its range of the same latents with freeloc_dist.decode.iter_decode_spread; rank 0 saves the
 frames it wrote, in order, and the bytes it received. With --stop-rank r, rank r asks to stop after its
 range and every rank must report DecodeStopped (no rank left waiting)."""
 
@@ -14,10 +14,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from freeloc_dist.decode import DecodeStopped, iter_decode_spread  # noqa: E402
 from freeloc_dist.models import load_components  # noqa: E402
 from freeloc_dist.parallel import destroy_parallel, init_parallel  # noqa: E402
 from freeloc_dist.parallel.comm import Comm  # noqa: E402
-from freeloc_dist.parallel.decode import DecodeStopped, iter_decode_spread  # noqa: E402
 
 
 def latents(num_frames: int) -> torch.Tensor:

@@ -52,7 +52,7 @@ def strategies_for(heads, sp_degree):
 @torch.no_grad()
 def tsa_bytes(dims, num_frames):
     """Bytes a TSA layer receives under neighbour exchange, measured and predicted, at F and 2F."""
-    from freeloc_dist.parallel.shards import received_elements
+    from freeloc_dist.parallel.decisions import received_elements
 
     profile = {**PROFILE, "layers": {"tsa": [0, 1, 2]}}
     out = {}
@@ -101,7 +101,7 @@ def main():
                     model, latents, torch.tensor(700.0), cond, uncond, GUIDANCE
                 )
                 if dims.sp_degree > 1:  # bytes of the one vrpr layer vs the byte model (fp32; CFG passes)
-                    from freeloc_dist.parallel.shards import received_elements
+                    from freeloc_dist.parallel.decisions import received_elements
 
                     passes = 1 if dims.cfg_degree == 2 else 2
                     plan = model.freeloc_state.plan("vrpr")

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from ..choices import ATTENTION_BACKENDS
 from ..plan import LayerPlan
 from ..rope import TemporalRope, apply_rotary, split_rotations
 from .flex import flex_freeloc_attention
@@ -64,6 +65,9 @@ BACKENDS: dict[str, Backend] = {
         Backend("reference", _reference, "materialised L x L scores in float64; tests only"),
     )
 }
+
+
+assert set(ATTENTION_BACKENDS) <= set(BACKENDS), "freeloc_dist.choices names a backend the registry lacks"
 
 
 def get_backend(name: str) -> Backend:

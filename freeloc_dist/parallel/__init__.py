@@ -1,7 +1,18 @@
 """Sequence and CFG parallelism on torch.distributed (DESIGN 7). Knows nothing of Wan's internals
-beyond the three hooks in engine.py."""
+beyond the three hooks in engine.py, and nothing of the sampler.
 
-from .dims import ParallelDims, destroy_parallel, init_parallel
-from .engine import SequenceParallel, parallelize
+Imports are lazy so that the pure planning modules (decisions, shards) load without diffusers."""
 
 __all__ = ["ParallelDims", "init_parallel", "destroy_parallel", "SequenceParallel", "parallelize"]
+
+
+def __getattr__(name):
+    if name in ("ParallelDims", "init_parallel", "destroy_parallel"):
+        from . import dims
+
+        return getattr(dims, name)
+    if name in ("SequenceParallel", "parallelize"):
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'freeloc_dist.parallel' has no attribute {name!r}")

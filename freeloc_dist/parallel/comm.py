@@ -16,15 +16,12 @@ class Comm:
     def __init__(self, dims):
         self.dims = dims
         self.bytes = collections.Counter()  # tag -> bytes received by this rank
-        self.calls = collections.Counter()
 
     def reset(self):
         self.bytes.clear()
-        self.calls.clear()
 
     def _count(self, tag, num_bytes):
         self.bytes[tag] += int(num_bytes)
-        self.calls[tag] += 1
 
     # -- sp axis ------------------------------------------------------------------------------
     def all_to_all(

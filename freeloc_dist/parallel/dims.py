@@ -14,6 +14,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .decisions import sp_degree_of
+
 
 @dataclasses.dataclass
 class ParallelDims:
@@ -71,17 +73,6 @@ class ParallelDims:
         """Global rank of a peer in this rank's sp group (p2p ops take global ranks)."""
         return self.cfg_rank * self.sp_degree + sp_rank
 
-    def cfg_global_rank(self, cfg_rank: int) -> int:
-        return cfg_rank * self.sp_degree + self.sp_rank
-
-
-def check_degrees(world_size: int, cfg_degree: int) -> int:
-    """sp_degree for a world size and cfg degree, or ValueError naming the problem."""
-    if cfg_degree not in (1, 2):
-        raise ValueError(f"parallel.cfg_degree={cfg_degree}: must be 1 or 2")
-    if world_size % cfg_degree:
-        raise ValueError(f"parallel.cfg_degree={cfg_degree}: does not divide the world size {world_size}")
-    return world_size // cfg_degree
 
 
 def init_parallel(*, cfg_degree: int = 1, timeout_s: float = 600.0) -> ParallelDims:
@@ -89,7 +80,7 @@ def init_parallel(*, cfg_degree: int = 1, timeout_s: float = 600.0) -> ParallelD
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    sp_degree = check_degrees(world_size, cfg_degree)
+    sp_degree = sp_degree_of(world_size, cfg_degree)
     if torch.cuda.is_available():
         device, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(device)

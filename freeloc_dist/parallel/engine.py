@@ -9,18 +9,18 @@ between, each rank runs the transformer on its frames only.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..attention import get_backend
+from ..guidance import combine, uses_cfg
 from ..install import apply_freeloc
 from ..plan import LayerPlan
 from ..processor import grid_of
 from .comm import Comm
+from .decisions import check_strategy, layer_strategy, ulysses_degree
 from .dims import ParallelDims
-from .shards import FrameShards, frame_shards, received_elements
-from .strategies import STRATEGIES, SPContext, ulysses_degree
+from .shards import FrameShards, frame_shards
+from .strategies import STRATEGIES, SPContext
 
 
 def stock_profile(num_layers: int) -> dict:
@@ -35,27 +35,23 @@ def stock_profile(num_layers: int) -> dict:
 
 class SequenceParallel:
     def __init__(self, transformer, dims: ParallelDims, *, backend: str = "sdpa", strategy: str = "auto"):
-        if strategy not in ("auto", *STRATEGIES):
-            raise ValueError(f"parallel.strategy={strategy!r}: choose auto, {', '.join(STRATEGIES)}")
         self.transformer = transformer
         self.dims = dims
         self.comm = Comm(dims)
         self.backend = backend
         self.strategy = strategy
         self.num_frames: int | None = None  # global latent frames of the current render
+        self._rope_cache: dict[tuple, tuple] = {}
         state = getattr(transformer, "freeloc_state", None)
         if state is None:
             apply_freeloc(transformer, stock_profile(len(transformer.blocks)), backend=backend)
             state = transformer.freeloc_state
         self.state = state
         self.heads = transformer.blocks[0].attn1.heads
-        u = ulysses_degree(self.heads, dims.sp_degree)
-        # Dense layers: Ulysses if the heads divide, else Ulysses x ring, else ring.
-        self.dense_strategy = "ulysses" if u == dims.sp_degree else ("hybrid" if u > 1 else "ring")
+        check_strategy(strategy, self.heads, dims.sp_degree)
         if dims.sp_degree > 1:
-            if strategy == "ulysses" and u != dims.sp_degree:
-                raise ValueError(f"ulysses needs heads ({self.heads}) divisible by sp degree ({dims.sp_degree})")
-            if u < dims.sp_degree and (strategy == "hybrid" or (strategy == "auto" and u > 1)):
+            u = ulysses_degree(self.heads, dims.sp_degree)
+            if 1 < u < dims.sp_degree and strategy in ("hybrid", "auto"):
                 dims.sub_sp_group(u)  # every rank creates the sub-groups now, not in a forward
             state.attention = self._attention
             state.route_stock = True  # stock layers must see the whole sequence too
@@ -67,10 +63,15 @@ class SequenceParallel:
     def shards(self) -> FrameShards:
         return frame_shards(self.num_frames, self.dims.sp_degree)
 
-    @functools.lru_cache(maxsize=16)
     def _rope_tables(self, num_frames, height, width, device):
-        # The rope module reads only its input's shape; forward() directly skips our own hook.
-        return self.transformer.rope.forward(_Shape((1, 1, num_frames, height, width)))
+        """Wan's RoPE (cos, sin) of the whole video, built once per shape (kept on the engine, not a global cache)."""
+        key = (num_frames, height, width, device)
+        if key not in self._rope_cache:
+            if len(self._rope_cache) >= 4:  # a queue of many lengths: keep the newest few (each is L x d floats)
+                self._rope_cache.pop(next(iter(self._rope_cache)))
+            # The rope module reads only its input's shape; forward() directly skips our own hook.
+            self._rope_cache[key] = self.transformer.rope.forward(_Shape((1, 1, num_frames, height, width)))
+        return self._rope_cache[key]
 
     def _rope_rows(self, module, args, output):
         latents = args[0]
@@ -100,16 +101,9 @@ class SequenceParallel:
         )
         return STRATEGIES[self.strategy_for(plan, q.shape[-1])](q, k, v, ctx)
 
-    @functools.lru_cache(maxsize=64)
     def strategy_for(self, plan: LayerPlan, head_dim: int) -> str:
-        """Cheapest strategy by bytes received (worst rank), among those that apply."""
-        if self.strategy != "auto":
-            return self.strategy
-        candidates = [self.dense_strategy]
-        if plan.kind == "tsa":
-            candidates.append("neighbour")
-        cost = {c: max(received_elements(c, plan, self.shards, self.heads, head_dim)) for c in candidates}
-        return min(candidates, key=lambda c: (cost[c], c != "neighbour"))
+        """The strategy this layer runs (decisions.layer_strategy, the planner's rule too)."""
+        return layer_strategy(plan, self.shards, self.heads, head_dim, self.strategy)
 
     # -- the sampler's contract -----------------------------------------------------------------
     def predict(self, transformer, latents, t, cond, uncond, guidance):
@@ -119,7 +113,7 @@ class SequenceParallel:
         s, e = self.shards.ranges[dims.sp_rank]
         x = latents[:, :, s:e].to(transformer.dtype)
         timestep = t.reshape(1).expand(x.shape[0]).to(x.device)
-        use_cfg = uncond is not None and guidance > 1.0
+        use_cfg = uses_cfg(uncond, guidance)
 
         def run(text):
             return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
@@ -127,10 +121,9 @@ class SequenceParallel:
         if dims.cfg_degree == 2 and use_cfg:
             mine = run(cond if dims.cfg_rank == 0 else uncond).float()
             pos, neg = self.comm.cfg_all_gather(mine)
-            local = neg + guidance * (pos - neg)
+            local = combine(pos, neg, guidance)
         elif use_cfg:
-            pos, neg = run(cond).float(), run(uncond).float()
-            local = neg + guidance * (pos - neg)
+            local = combine(run(cond).float(), run(uncond).float(), guidance)
         else:
             local = run(cond).float()
         return self.comm.gather_frames(local, self.shards.sizes, dim=2, tag="gather")

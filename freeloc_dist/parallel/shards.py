@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from ..plan import NONE, LayerPlan
+from ..plan import NONE, LayerPlan, balanced_ranges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,12 +22,6 @@ class FrameShards:
     def sizes(self) -> list[int]:
         return [e - s for s, e in self.ranges]
 
-    def owner(self, frame: int) -> int:
-        for r, (s, e) in enumerate(self.ranges):
-            if s <= frame < e:
-                return r
-        raise IndexError(frame)
-
 
 @functools.lru_cache(maxsize=64)
 def frame_shards(num_frames: int, sp_degree: int) -> FrameShards:
@@ -36,13 +30,7 @@ def frame_shards(num_frames: int, sp_degree: int) -> FrameShards:
             f"{num_frames} latent frames cannot be split over {sp_degree} sequence-parallel ranks; "
             f"use at most {num_frames} ranks or a longer video"
         )
-    base, extra = divmod(num_frames, sp_degree)
-    ranges, start = [], 0
-    for r in range(sp_degree):
-        size = base + (1 if r < extra else 0)
-        ranges.append((start, start + size))
-        start += size
-    return FrameShards(num_frames, tuple(ranges))
+    return FrameShards(num_frames, balanced_ranges(num_frames, sp_degree))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,35 +65,3 @@ def exchange_plan(plan: LayerPlan, shards: FrameShards) -> ExchangePlan:
                 sends[src].append((dst, frames))
                 recvs[dst].append((src, frames))
     return ExchangePlan(tuple(needed), tuple(map(tuple, sends)), tuple(map(tuple, recvs)))
-
-
-def received_elements(strategy: str, plan: LayerPlan, shards: FrameShards, heads: int, head_dim: int) -> list[int]:
-    """Elements each rank receives for one layer under a strategy (the byte model the engine uses)."""
-    n, num_ranks = plan.tokens_per_frame, len(shards.ranges)
-    frame = n * heads * head_dim  # one frame of one tensor
-    sizes = shards.sizes
-    if strategy == "neighbour":
-        ex = exchange_plan(plan, shards)
-        return [2 * ex.frames_received(r) * frame for r in range(num_ranks)]
-    if strategy == "ring":
-        return [2 * (shards.num_frames - sizes[r]) * frame for r in range(num_ranks)]
-    if strategy == "hybrid":
-        from .strategies import ulysses_degree
-
-        u = ulysses_degree(heads, num_ranks)
-        per_head_group = frame // u
-        out = []
-        for r in range(num_ranks):
-            first = r - r % u
-            group = sum(sizes[first : first + u])
-            ulysses_part = 3 * (group - sizes[r]) + sizes[r] * (u - 1)
-            out.append((ulysses_part + 2 * (shards.num_frames - group)) * per_head_group)
-        return out
-    if strategy == "ulysses":
-        # q, k, v in: other ranks' tokens of my heads; out back: my tokens of other ranks' heads.
-        per_head_group = frame // num_ranks
-        return [
-            (3 * (shards.num_frames - sizes[r]) + sizes[r] * (num_ranks - 1)) * per_head_group
-            for r in range(num_ranks)
-        ]
-    raise ValueError(f"unknown strategy {strategy!r}")

@@ -15,9 +15,11 @@ from ..attention import get_backend
 from ..attention.flex import flex_freeloc_attention
 from ..attention.lse import merge_into
 from ..attention.sdpa import grouped_attention
+from ..choices import STRATEGIES as STRATEGY_NAMES
 from ..plan import LayerPlan
 from ..rope import TemporalRope, split_rotations
 from .comm import Comm
+from .decisions import ulysses_degree
 from .shards import FrameShards, exchange_plan
 
 
@@ -41,12 +43,12 @@ class SPContext:
         return slice(start_frame * n, end_frame * n)
 
 
-def _local_rotations(q, k, ctx: SPContext, frames_range=None, natural=True):
+def _local_rotations(q, k, ctx: SPContext, frames_range=None):
     s, e = ctx.own if frames_range is None else frames_range
     n = ctx.plan.tokens_per_frame
     cos, sin = ctx.rotary_global
     sl = ctx.token_slice(s, e)
-    frames = torch.arange(s, e).repeat_interleave(n) if natural else None
+    frames = torch.arange(s, e).repeat_interleave(n)
     return split_rotations(q, k, (cos[:, sl], sin[:, sl]), ctx.t_rope, frames)
 
 
@@ -133,11 +135,6 @@ def ring(q, k, v, ctx: SPContext):
     return _ring_core(q, k, v, ctx, ctx.shards.ranges, ctx.sp_rank, lambda i: i)
 
 
-def ulysses_degree(heads: int, sp_degree: int) -> int:
-    """Largest u dividing both the sp degree and the head count (1: no Ulysses possible)."""
-    return max(u for u in range(1, sp_degree + 1) if sp_degree % u == 0 and heads % u == 0)
-
-
 def hybrid(q, k, v, ctx: SPContext):
     """Ulysses inside groups of U consecutive ranks, ring across the P/U groups (U = ulysses_degree).
 
@@ -193,3 +190,4 @@ def neighbour(q, k, v, ctx: SPContext):
 
 
 STRATEGIES = {"ulysses": ulysses, "ring": ring, "hybrid": hybrid, "neighbour": neighbour}
+assert tuple(STRATEGIES) == STRATEGY_NAMES, "freeloc_dist.choices.STRATEGIES must name exactly these"
