@@ -105,7 +105,7 @@ def main():
             t0 = time.perf_counter()
             run(q, k, v, rotary, plan, t_rope)  # warm-up: plan tables, block masks, compilation
             warm = time.perf_counter() - t0
-            sec = timed(lambda: run(q, k, v, rotary, plan, t_rope), args.repeats)
+            sec = timed(lambda run=run, plan=plan: run(q, k, v, rotary, plan, t_rope), args.repeats)
             target = 1.25 if kind == "vrpr" else 1.3 * density
             rows.append((kind, backend, density, sec, sec / dense, (target, warm, sec / own_dense[backend])))
 

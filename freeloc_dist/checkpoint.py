@@ -40,21 +40,18 @@ def checkpoint_path(cfg: RenderConfig) -> Path:
     return cfg.output.parent / f".{cfg.output.name}.ckpt"
 
 
-def fingerprint(cfg: RenderConfig) -> str:
+def fingerprint(cfg: RenderConfig, profile) -> str:
     """Hash of every setting that changes the latents (not output names, parallel layout or checkpointing:
-    a render may resume on a different number of ranks)."""
-    profile = None
-    if cfg.profile is not None and cfg.profile.is_file():
-        profile = hashlib.sha256(cfg.profile.read_bytes()).hexdigest()
+    a render may resume on a different number of ranks). `profile`: the render's loaded Profile or None."""
     key = {
         "model": [str(cfg.model.path), cfg.model.dtype],
-        "profile": profile,
+        "profile": profile.to_mapping() if profile is not None else None,
         "attention_backend": cfg.attention_backend,
         "video": [cfg.video.height, cfg.video.width, cfg.video.frames],
         "sampling": dataclasses.asdict(cfg.sampling),
         "prompt": cfg.prompt,
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------- scheduler state

@@ -47,6 +47,27 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+CONFIG_DEST = "config:"  # argparse dest prefix of a flag that sets a config key: dest = prefix + dotted key
+
+
+def config_flag(parser, flag: str, key: str, *, prefix: str = CONFIG_DEST, **kwargs) -> None:
+    """A flag that overrides config key `key` (a dotted path such as sampling.seed): the flag table is the
+    argparse declaration itself, and `overrides_of` turns the parsed flags into the config's own overrides."""
+    kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+    parser.add_argument(flag, dest=prefix + key, **kwargs)
+
+
+def overrides_of(args: argparse.Namespace, prefix: str = CONFIG_DEST) -> dict:
+    """{dotted key: value} for every flag declared with `config_flag(prefix=prefix)` that was given."""
+    return {dest[len(prefix):]: value for dest, value in vars(args).items()
+            if dest.startswith(prefix) and value is not None}
+
+
+def given(args: argparse.Namespace, key: str, prefix: str = CONFIG_DEST):
+    """The value of the config flag for `key` (None if not given)."""
+    return getattr(args, prefix + key)
+
+
 def rank_prefix() -> str:
     """"[rank R] " under a multi-process launch (from torchrun's environment), else ""."""
     world = os.environ.get("WORLD_SIZE", "1")

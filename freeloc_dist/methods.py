@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -43,7 +43,6 @@ class Method:
     install: Callable[[Any, int], Undo] = lambda transformer, num_frames: (lambda: None)
     predict: PredictFn = predict_noise
     noise: Callable[[LatentGeometry, int, Any], torch.Tensor] = initial_noise
-    notes: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------- windows
@@ -186,15 +185,14 @@ def get_method(name: str, *, trained_frames: int, profile=None, stride: int | No
     if name == "direct":
         return Method(name)
     if name == "sliding":
-        return Method(name, predict=windowed_predict(t, stride, "uniform"), notes=dict(window=t, stride=stride))
+        return Method(name, predict=windowed_predict(t, stride, "uniform"))
     if name == "freenoise":
-        return Method(name, predict=windowed_predict(t, stride, "centre"), noise=freenoise_noise(t, stride),
-                      notes=dict(window=t, stride=stride))
+        return Method(name, predict=windowed_predict(t, stride, "centre"), noise=freenoise_noise(t, stride))
     if name == "riflex":
         return Method(name, install=lambda tr, f: install_riflex(tr, f, t))
     if name in ("freeloc", "freeloc-all", "freeloc-random"):
         if profile is None:
             raise ValueError(f"method {name!r} needs a FreeLOC profile")
         m = profile_variant(profile, name, seed)
-        return Method(name, install=lambda tr, f: install_freeloc_profile(tr, m, backend), notes=dict(profile=m))
+        return Method(name, install=lambda tr, f: install_freeloc_profile(tr, m, backend))
     raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")

@@ -24,8 +24,8 @@ class Profile:
     trained_frames: int
     kinds: tuple[str, ...]  # kind of layer i
     source: str
-    vrpr: Mapping[str, Any] | None = None  # raw override mapping (validated against F at plan time)
-    tsa: Mapping[str, Any] | None = None
+    vrpr: VRPRParams | None = None  # user override (checked against each F at plan time); None: derived per F
+    tsa: TSAParams | None = None  # None: the defaults of DESIGN 5
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. probing scores
 
     @property
@@ -43,11 +43,16 @@ class Profile:
             "layers": self.layers(),
         }
         if self.vrpr is not None:
-            out["vrpr"] = dict(self.vrpr)
+            out["vrpr"] = _plain(self.vrpr)
         if self.tsa is not None:
-            out["tsa"] = dict(self.tsa)
+            out["tsa"] = _plain(self.tsa)
         out.update(self.extra)
         return out
+
+
+def _plain(params) -> dict[str, Any]:
+    """A params dataclass as the YAML mapping it came from (lists, unset optional fields left out)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items() if v is not None}
 
 
 _REQUIRED = ("model", "trained_frames", "layers", "source")
@@ -92,11 +97,9 @@ def parse_profile(m: Mapping[str, Any], *, where: str = "profile", allow_extra: 
     if extra and not allow_extra:
         raise ProfileError(f"{where}: unknown key(s) {sorted(extra)}")
     try:
-        vrpr = m.get("vrpr")
-        if vrpr is not None:
-            VRPRParams.from_mapping(vrpr)
-        tsa = m.get("tsa")
-        TSAParams.from_mapping(tsa).check()
+        vrpr = None if m.get("vrpr") is None else VRPRParams.from_mapping(m["vrpr"])
+        tsa = None if m.get("tsa") is None else TSAParams.from_mapping(m["tsa"])
+        (tsa or TSAParams()).check()
     except PlanError as e:
         raise ProfileError(f"{where}: {e}") from None
     return Profile(

@@ -14,8 +14,10 @@ from freeloc_dist.attention.flex import flex_freeloc_attention, slot_plan
 from freeloc_dist.attention.lse import attend, merge_into
 from freeloc_dist.attention.reference import reference_attention
 from freeloc_dist.attention.sdpa import grouped_attention
-from freeloc_dist.plan import layer_plan
+from freeloc_dist.plan import layer_plan, token_plan
 from freeloc_dist.rope import TemporalRope
+
+pytestmark = pytest.mark.unit
 
 TOL = 1e-5
 T = 4  # trained latent frames of these synthetic layers; R = 3
@@ -100,11 +102,28 @@ def test_lse_merge_is_exact():
     assert torch.allclose(lse, lse_all, atol=1e-6)
 
 
+def _slot_mask(plan, sp) -> torch.Tensor:
+    """The token pairs a slot layout serves, each counted: Long[L, L] (1 = served once), built from the slots
+    alone, so the check does not rest on the library's own invariant check."""
+    num_frames, n = plan.num_frames, plan.tokens_per_frame
+    s = torch.arange(n)
+    band = ((s[:, None] - s[None, :]).abs() < plan.stripe_width).long()
+    count = torch.zeros(num_frames * n, num_frames * n, dtype=torch.long)
+    for a in range(num_frames):
+        for j, b in enumerate(sp.slot_frames[a].tolist()):
+            if b >= 0:
+                count[a * n : (a + 1) * n, b * n : (b + 1) * n] += band if bool(sp.banded[j]) else 1
+    return count
+
+
 def test_flex_slots_cover_each_pair_once_with_far_sinks():
-    # Sinks inside the stripe zone and beyond it; slot_plan asserts exact coverage itself.
-    plan = layer_plan("tsa", (30, 2, 3), 5, tsa={"dense_frames": 2, "stripe_frames": 6, "sink_frames": [0, 13]})
-    sp = slot_plan(plan)
-    assert sp.slot_frames.shape[0] == 30
+    # Sinks inside the stripe zone and beyond it: every attended token pair is served by exactly one slot, and
+    # no other pair, against the contract's token mask (freeloc_dist.plan.token_plan).
+    tsa = {"dense_frames": 2, "stripe_frames": 6, "sink_frames": [0, 13]}
+    grid = (30, 2, 3)
+    plan = layer_plan("tsa", grid, 5, tsa=tsa)
+    mask, _ = token_plan("tsa", grid, 5, tsa=tsa)
+    assert torch.equal(_slot_mask(plan, slot_plan(plan)), mask.long())
 
 
 def _frames_slice(x, frames, n):

@@ -93,6 +93,7 @@ CASES = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("make,edit,needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2(generate, tmp_path, monkeypatch, capsys, make, edit, needle):
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
@@ -111,6 +112,7 @@ def test_bad_input_is_one_line_exit_2(generate, tmp_path, monkeypatch, capsys, m
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.cli
 def test_prompts_error_is_identical_on_every_rank(tmp_path):
     """As torchrun starts each rank: the same line, prefixed by the rank, before any rendezvous."""
     cfg = write_config(tmp_path)

@@ -4,12 +4,13 @@ model loading; a small render writes an mp4 with the requested frame count."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from freeloc_dist.config import REPO_ROOT
+
+pytestmark = pytest.mark.cli
 
 GENERATE = REPO_ROOT / "launch" / "generate.py"
 TINY = yaml.safe_load((REPO_ROOT / "configs" / "tiny-random.yaml").read_text())
@@ -104,7 +105,6 @@ def test_small_render(tmp_path, tiny_model_dir):
     assert load_file(tmp_path / "lat.safetensors")["latents"].shape == (1, 4, 4, 4, 6)
 
 
-@pytest.mark.skipif(not (REPO_ROOT / "configs" / "profiles" / "tiny-random.yaml").exists(), reason="no tiny profile yet")
 def test_default_tiny_config_with_freeloc(tmp_path):
     """The embedded default, FreeLOC on (F=20 latent frames > the tiny profile's trained length)."""
     from freeloc_dist.video import read_mp4_frame_count

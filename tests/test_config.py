@@ -1,7 +1,7 @@
 """RenderConfig loading: every bad field is a one-line ConfigError naming the field by dotted path."""
 
 import copy
-from pathlib import Path
+import dataclasses
 
 import pytest
 import yaml
@@ -15,6 +15,8 @@ from freeloc_dist.config import (
     load_render_config,
     parse_render_config,
 )
+
+pytestmark = pytest.mark.unit
 
 GOOD = {
     "model": {"path": "assets/tiny-wan", "dtype": "float32"},
@@ -132,7 +134,7 @@ def test_good_config_and_defaults():
     assert cfg.output == REPO_ROOT / "outputs/x.mp4"
     assert cfg.profile is None and cfg.attention_backend == "sdpa"
     assert cfg.latent_frames == 20
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.video.frames = 5  # frozen
 
 

@@ -19,7 +19,7 @@ from freeloc_dist.config import REPO_ROOT
 CHILD = r"""
 import json, sys, torch
 from freeloc_dist.models import load_components
-from freeloc_dist.sampling import _denormalise, iter_decode
+from freeloc_dist.decode import _denormalise, iter_decode
 from freeloc_dist.video import read_mp4_frame_count, write_mp4
 torch.set_num_threads(1)
 vae = load_components(sys.argv[1], "float32", "cpu").vae
@@ -57,12 +57,13 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.cli
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_decode_memory_does_not_grow_with_frames(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TRIM_THRESHOLD_": "0",
            "MALLOC_ARENA_MAX": "1"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(REPO_ROOT / "assets" / "tiny-wan"), str(tmp_path / "v.mp4")],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT)
+    args = [sys.executable, "-c", CHILD, str(REPO_ROOT / "assets" / "tiny-wan"), str(tmp_path / "v.mp4")]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["frames_4"] == 13 and r["frames_28"] == 109
@@ -73,9 +74,10 @@ def test_decode_memory_does_not_grow_with_frames(tmp_path):
     assert streamed_growth < 0.1 * float_video_growth, r  # ... and streaming does not grow with F
 
 
+@pytest.mark.unit
 def test_iter_decode_chunks_concatenate_to_whole_decode(tiny_model_dir):
+    from freeloc_dist.decode import _denormalise, _to_uint8, iter_decode
     from freeloc_dist.models import load_components
-    from freeloc_dist.sampling import _denormalise, _to_uint8, iter_decode
 
     vae = load_components(tiny_model_dir, "float32", "cpu").vae
     z = torch.randn(1, 4, 4, 4, 6, generator=torch.Generator().manual_seed(1))
@@ -86,6 +88,7 @@ def test_iter_decode_chunks_concatenate_to_whole_decode(tiny_model_dir):
     assert np.array_equal(np.concatenate(chunks), ref)
 
 
+@pytest.mark.unit
 def test_write_mp4_from_chunks_is_atomic_on_failure(tmp_path):
     from freeloc_dist.video import read_mp4_frame_count, write_mp4
 
@@ -102,10 +105,11 @@ def test_write_mp4_from_chunks_is_atomic_on_failure(tmp_path):
     assert read_mp4_frame_count(tmp_path / "v.mp4") == 5
 
 
+@pytest.mark.unit
 def test_decode_ranges_with_warmup_equal_one_pass(tiny_model_dir):
     """Any split of the latent frames into ranges (e.g. one per rank) decodes to exactly one pass's frames."""
+    from freeloc_dist.decode import decode_warmup_frames, iter_decode
     from freeloc_dist.models import load_components
-    from freeloc_dist.sampling import decode_warmup_frames, iter_decode
 
     vae = load_components(tiny_model_dir, "float32", "cpu").vae
     warmup = decode_warmup_frames(vae)
@@ -126,13 +130,14 @@ def _spread(model_dir, out, nproc, frames, *extra):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
 
 
-@pytest.mark.parametrize("nproc, frames", [(2, 7), (3, 7), (3, 2)], ids=["2ranks", "3ranks-uneven", "more-ranks-than-frames"])
+@pytest.mark.dist
+@pytest.mark.parametrize("nproc, frames", [(2, 7), (3, 7), (3, 2)],
+                         ids=["2ranks", "3ranks-uneven", "more-ranks-than-frames"])
 def test_decode_spread_over_ranks_equals_one_pass(tiny_model_dir, tmp_path, nproc, frames):
     """Each rank decodes a range of latent frames, rank 0 writes them in order: bitwise the frames of one
     single-process pass (uint8, so exact), and rank 0 receives exactly the other ranks' frames."""
+    from freeloc_dist.decode import decode_ranges, decode_video, video_frames_of
     from freeloc_dist.models import load_components
-    from freeloc_dist.parallel.decode import decode_ranges, video_frames_of
-    from freeloc_dist.sampling import decode_video
 
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     from decode_worker import latents
@@ -148,6 +153,7 @@ def test_decode_spread_over_ranks_equals_one_pass(tiny_model_dir, tmp_path, npro
     assert torch.load(tmp_path / "v.npy.bytes") == ({"decode": others * 64 * 64 * 3} if others else {})
 
 
+@pytest.mark.dist
 def test_decode_stop_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path):
     proc = _spread(tiny_model_dir, tmp_path / "v.npy", 3, 7, "--stop-rank", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -155,8 +161,9 @@ def test_decode_stop_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path):
     assert not (tmp_path / "v.npy").exists()
 
 
+@pytest.mark.unit
 def test_decode_ranges_cover_the_video_once():
-    from freeloc_dist.parallel.decode import decode_ranges, video_frames_of
+    from freeloc_dist.decode import decode_ranges, video_frames_of
 
     for frames in range(1, 30):
         for world in range(1, 10):

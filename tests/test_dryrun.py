@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from freeloc_dist.config import REPO_ROOT, load_render_config
-from freeloc_dist.planner import KNOWN_TRANSFORMERS, PlanError, plan_render, transformer_params
+from freeloc_dist.planner import KNOWN_TRANSFORMERS, RenderPlanError, plan_render, transformer_params
 from freeloc_dist.profile import load_profile
 
 WAN13 = KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-T2V-1.3B-Diffusers"]
@@ -19,6 +19,7 @@ def cfg13(frames, **over):
     return load_render_config(REPO_ROOT / "configs" / "wan2.1-t2v-1.3b.yaml", {"video.frames": frames, **over})
 
 
+@pytest.mark.unit
 def test_param_count_matches_the_built_model(tiny_model_dir):
     from diffusers import WanTransformer3DModel
 
@@ -28,6 +29,7 @@ def test_param_count_matches_the_built_model(tiny_model_dir):
     assert 1.3e9 < transformer_params(WAN13) < 1.5e9
 
 
+@pytest.mark.unit
 def test_minute_scale_plan_on_eight_ranks():
     p = plan_render(cfg13(961), WAN13, PROFILE13, world_size=8)
     assert p.tokens == 241 * 1560 == 375_960 and p.tokens_per_rank == 31 * 1560
@@ -39,6 +41,7 @@ def test_minute_scale_plan_on_eight_ranks():
     assert p.seconds > 0 and p.memory_total < 80 * 1024**3
 
 
+@pytest.mark.unit
 def test_tsa_bytes_do_not_grow_with_length_but_dense_do():
     a = plan_render(cfg13(961), WAN13, PROFILE13, world_size=8)
     b = plan_render(cfg13(1921), WAN13, PROFILE13, world_size=8)
@@ -46,14 +49,16 @@ def test_tsa_bytes_do_not_grow_with_length_but_dense_do():
     assert b.bytes_per_step["vrpr"] > 1.5 * a.bytes_per_step["vrpr"]
 
 
+@pytest.mark.unit
 def test_more_ranks_less_activation_memory_and_refusal():
     one = plan_render(cfg13(961), WAN13, PROFILE13, world_size=1)
     eight = plan_render(cfg13(961), WAN13, PROFILE13, world_size=8)
     assert eight.memory_bytes["activations"] < one.memory_bytes["activations"] / 7
-    with pytest.raises(PlanError, match="does not fit: .* GiB per rank needed, 20 GiB available"):
+    with pytest.raises(RenderPlanError, match="does not fit: .* GiB per rank needed, 20 GiB available"):
         plan_render(cfg13(961), WAN13, PROFILE13, world_size=1, device_memory_gb=20)
 
 
+@pytest.mark.cli
 def test_cli_dry_run_needs_no_weights(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "generate.py"), "--config",

@@ -7,6 +7,8 @@ from _tiny import rel_err, tiny_transformer, transformer_inputs
 from freeloc_dist import apply_freeloc, load_profile
 from freeloc_dist.profile import ProfileError
 
+pytestmark = pytest.mark.unit
+
 TOL = 1e-5  # see test_attention.py: float32 kernels vs the float64 oracle backend
 
 PROFILE = {
@@ -55,7 +57,8 @@ def test_published_profile_installs_on_a_30_layer_model():
     model = tiny_transformer(num_layers=30, heads=2)
     apply_freeloc(model, "configs/profiles/wan2.1-t2v-1.3b.yaml")
     kinds = [block.attn1.processor.kind for block in model.blocks]
-    assert [i for i, k in enumerate(kinds) if k == "tsa"] == [0, 1, 4, 6, 7, 9, 10, 11, 13, 14, 15, 16, 18, 22, 23, 24, 25]
+    published_tsa = [0, 1, 4, 6, 7, 9, 10, 11, 13, 14, 15, 16, 18, 22, 23, 24, 25]
+    assert [i for i, k in enumerate(kinds) if k == "tsa"] == published_tsa
     assert all(block.attn2.processor.__class__.__name__ == "WanAttnProcessor" for block in model.blocks)
 
 

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from freeloc_dist import methods as M
-from freeloc_dist.sampling import LatentGeometry, initial_noise, predict_noise
+from freeloc_dist.sampling import LatentGeometry, initial_noise
 from tests._tiny import tiny_transformer, transformer_inputs
+
+pytestmark = pytest.mark.unit
 
 T = 4
 PROFILE = {"model": "tiny", "trained_frames": T, "source": "test",

@@ -8,6 +8,8 @@ import torch
 from freeloc_dist.testbed import metrics as M
 from freeloc_dist.testbed import world as tw
 
+pytestmark = pytest.mark.unit
+
 FRAMES = 41
 
 

@@ -46,6 +46,7 @@ def single_process(num_frames, heads, backend="sdpa"):
     [(1, 1, 9), (2, 1, 11), (3, 1, 10), (4, 2, 11), (4, 1, 10)],
     ids=["world1", "sp2", "sp3", "cfg2xsp2", "sp4"],
 )
+@pytest.mark.dist
 def test_parallel_equals_single_process(tmp_path, nproc, cfg, frames):
     out = tmp_path / "result.pt"
     proc = launch(nproc, out, "--frames", str(frames), "--cfg", str(cfg))
@@ -67,6 +68,7 @@ def test_parallel_equals_single_process(tmp_path, nproc, cfg, frames):
             assert set(results[f"bytes/h{heads}"]) >= {"tsa", "vrpr", "full", "gather"}
 
 
+@pytest.mark.dist
 def test_flex_backend_parallel_equals_single_process(tmp_path):
     """The flex backend under every strategy on 3 uneven shards: Ulysses runs flex on whole frames, neighbour
     exchange runs it on the local plus received key frames, ring (which needs log-sum-exp) the grouped
@@ -81,6 +83,7 @@ def test_flex_backend_parallel_equals_single_process(tmp_path):
     assert rel_err(results["latents/h6"], final) < TOL
 
 
+@pytest.mark.dist
 def test_tsa_bytes_match_the_plan_and_do_not_grow_with_length(tmp_path):
     out = tmp_path / "bytes"
     proc = launch(3, out, "--frames", "12", "--case", "bytes")
@@ -92,6 +95,7 @@ def test_tsa_bytes_match_the_plan_and_do_not_grow_with_length(tmp_path):
         assert per_length[12]["measured"] == per_length[24]["measured"], (rank, per_length)
 
 
+@pytest.mark.dist
 def test_a_failing_rank_stops_every_rank(tmp_path):
     timeout = 30
     start = time.perf_counter()
@@ -101,6 +105,7 @@ def test_a_failing_rank_stops_every_rank(tmp_path):
     assert time.perf_counter() - start < timeout + 30
 
 
+@pytest.mark.cli
 def test_cli_rejects_bad_input_on_every_rank(tmp_path):
     # Each rank alone, as torchrun starts it: the error must come before any rendezvous (no peer needed).
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
@@ -110,10 +115,12 @@ def test_cli_rejects_bad_input_on_every_rank(tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
                               env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
         assert proc.returncode == 2
-        assert proc.stderr.strip() == f"[rank {rank}] error: config error: video.frames=64: must be 4k+1 (e.g. 61 or 65)"
+        want = f"[rank {rank}] error: config error: video.frames=64: must be 4k+1 (e.g. 61 or 65)"
+        assert proc.stderr.strip() == want
     assert not (tmp_path / "x.mp4").exists()
 
 
+@pytest.mark.cli
 def test_cli_rejects_more_ranks_than_frames(tmp_path):
     env = {**os.environ, "WORLD_SIZE": "8", "RANK": "3", "LOCAL_RANK": "3"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"), "--config",
@@ -123,6 +130,7 @@ def test_cli_rejects_more_ranks_than_frames(tmp_path):
     assert "8 ranks give 8 sequence-parallel ranks but the video has only 3 latent frames" in proc.stderr
 
 
+@pytest.mark.dist
 def test_torchrun_render_equals_single_process(tmp_path):
     """Issue 3's acceptance check: the CLI under torchrun writes the latents of a plain run."""
     from safetensors.torch import load_file
@@ -140,7 +148,7 @@ def test_torchrun_render_equals_single_process(tmp_path):
     a, b = (load_file(tmp_path / f"{x}.safetensors")["latents"] for x in "ab")
     assert rel_err(b, a) < TOL
     assert "rank 1:" in multi.stderr and "tsa=" in multi.stderr
-    # the decode was spread over both ranks (parallel/decode.py) and wrote the whole video
+    # the decode was spread over both ranks (freeloc_dist/decode.py) and wrote the whole video
     from freeloc_dist.video import read_mp4_frame_count
 
     assert read_mp4_frame_count(tmp_path / "b.mp4") == read_mp4_frame_count(tmp_path / "a.mp4") == 33

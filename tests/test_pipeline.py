@@ -9,17 +9,17 @@ import torch
 from safetensors.torch import load_file
 
 from freeloc_dist.config import REPO_ROOT, ConfigError, parse_render_config
+from freeloc_dist.decode import _denormalise, _to_uint8, decode_video
 from freeloc_dist.models import WanComponents, check_model_dir, load_components
 from freeloc_dist.sampling import (
-    _denormalise,
-    _to_uint8,
-    decode_video,
     encode_prompt,
     latent_geometry,
     predict_noise,
     render,
 )
 from freeloc_dist.video import read_mp4_frame_count, save_latents, write_mp4
+
+pytestmark = pytest.mark.unit
 
 
 def make_cfg(model_dir, **over):
@@ -51,13 +51,20 @@ def test_load_components(parts):
     assert not parts.transformer.training and not parts.vae.training
 
 
+def _weight_files(model_dir) -> list[Path]:
+    """The weight files of a saved model: one per weighted component, so a loop over them cannot be empty."""
+    files = sorted(Path(model_dir).rglob("*.safetensors"))
+    assert {f.parent.name for f in files} == {"transformer", "vae", "text_encoder"}, files
+    return files
+
+
 def test_saved_model_is_small_and_deterministic(tiny_model_dir, tmp_path):
     from freeloc_dist.tiny import save_tiny_model
 
     size = sum(p.stat().st_size for p in Path(tiny_model_dir).rglob("*") if p.is_file())
     assert size < 5 * 2**20
     again = save_tiny_model(tmp_path / "again", seed=0)
-    for weights in Path(tiny_model_dir).rglob("*.safetensors"):
+    for weights in _weight_files(tiny_model_dir):
         a, b = load_file(weights), load_file(again / weights.relative_to(tiny_model_dir))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -65,7 +72,7 @@ def test_saved_model_is_small_and_deterministic(tiny_model_dir, tmp_path):
 def test_committed_asset_matches_builder(tiny_model_dir):
     """assets/tiny-wan is what launch/make_tiny.py writes with the defaults (regenerate it if this fails)."""
     asset = REPO_ROOT / "assets" / "tiny-wan"
-    for weights in Path(tiny_model_dir).rglob("*.safetensors"):
+    for weights in _weight_files(tiny_model_dir):
         a, b = load_file(weights), load_file(asset / weights.relative_to(tiny_model_dir))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), weights
 

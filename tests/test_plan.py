@@ -14,6 +14,8 @@ from freeloc_dist.plan import (
     token_plan,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def _check_phi_properties(num_frames, trained_frames):
     r = trained_frames - 1

@@ -32,6 +32,8 @@ from freeloc_dist.probing import (
 )
 from freeloc_dist.rope import TemporalRope
 
+pytestmark = pytest.mark.unit
+
 T = 4  # trained frames of the tests' tiny transformer (R = 3)
 
 
@@ -115,7 +117,7 @@ def test_layer_split_equals_single_process_and_restores_processors():
 @pytest.fixture(params=["one chunk", "one row per chunk"])
 def stats_budget(request, monkeypatch):
     if request.param == "one row per chunk":
-        monkeypatch.setattr("freeloc_dist.probing._STATS_BUDGET_BYTES", 1)
+        monkeypatch.setattr("freeloc_dist.probing.stats._STATS_BUDGET_BYTES", 1)
 
 
 def test_position_stats_match_naive(stats_budget):

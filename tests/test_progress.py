@@ -1,6 +1,10 @@
 """Progress lines on rank 0: step, seconds per step (of this process's steps, so right after a resume), ETA."""
 
+import pytest
+
 from freeloc_dist.progress import Progress, format_seconds
+
+pytestmark = pytest.mark.unit
 
 
 def test_progress_line_and_eta_after_resume():

@@ -14,6 +14,7 @@ from freeloc_dist.queue import QueueError, job_output_name, parse_prompts, slugi
 GENERATE = REPO_ROOT / "launch" / "generate.py"
 
 
+@pytest.mark.unit
 def test_slugs_are_safe_and_bounded():
     assert slugify("A red fox, running!") == "a-red-fox-running"
     assert slugify("../../etc/passwd") == "etc-passwd"
@@ -22,6 +23,7 @@ def test_slugs_are_safe_and_bounded():
     assert job_output_name("A cat", 7) == "a-cat-s7.mp4"
 
 
+@pytest.mark.unit
 def test_parse_prompts_plain_and_json(tmp_path):
     f = tmp_path / "q.txt"
     f.write_text('# comment\n\na red fox\n{"prompt": "a cat", "seed": 3, "frames": 9, "output": "cats/c.mp4"}\n')
@@ -31,6 +33,7 @@ def test_parse_prompts_plain_and_json(tmp_path):
     assert jobs[1].output == (tmp_path / "out" / "cats" / "c.mp4").resolve()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("line", ['{"prompt": "x", "output": "a/../../x.mp4"}', '{"prompt": "x", "output": "~/x.mp4"}',
                                   '{"prompt": "x", "output": "x.mov"}'])
 def test_outputs_cannot_escape(tmp_path, line):
@@ -40,6 +43,7 @@ def test_outputs_cannot_escape(tmp_path, line):
         parse_prompts(f, tmp_path / "out", default_seed=0)
 
 
+@pytest.mark.cli
 def test_queue_skips_existing_reports_failure_and_goes_on(tmp_path):
     out = tmp_path / "out"
     (out / "dogs").mkdir(parents=True)

@@ -33,8 +33,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def base_args(tmp_path, name):
-    return ["--config", "configs/tiny-random.yaml", "--profile", "none", "--frames", "9", "--height", "32", "--width", "48",
-            "--steps", str(STEPS), "--seed", "5", "--out", str(tmp_path / f"{name}.mp4"),
+    return ["--config", "configs/tiny-random.yaml", "--profile", "none", "--frames", "9", "--height", "32",
+            "--width", "48", "--steps", str(STEPS), "--seed", "5", "--out", str(tmp_path / f"{name}.mp4"),
             "--save-latents", str(tmp_path / f"{name}.safetensors")]
 
 
@@ -73,6 +73,7 @@ def reference(tmp_path_factory):
     return load_file(tmp / "ref.safetensors")["latents"]
 
 
+@pytest.mark.cli
 def test_sigterm_checkpoints_exits_75_and_resume_matches(tmp_path, reference):
     args = base_args(tmp_path, "a")
     code, stderr = start_slow_and_signal(args, signal.SIGTERM, after_step=2)
@@ -90,6 +91,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_matches(tmp_path, reference):
     assert (tmp_path / "a.json").is_file()
 
 
+@pytest.mark.cli
 def test_sigkill_then_resume_from_periodic_checkpoint_matches(tmp_path, reference):
     args = [*base_args(tmp_path, "b"), "--checkpoint-every", "2"]
     code, stderr = start_slow_and_signal(args, signal.SIGKILL, after_step=3)
@@ -101,6 +103,7 @@ def test_sigkill_then_resume_from_periodic_checkpoint_matches(tmp_path, referenc
     assert torch.equal(load_file(tmp_path / "b.safetensors")["latents"], reference)
 
 
+@pytest.mark.cli
 def test_resume_rejects_checkpoint_of_another_render(tmp_path):
     from freeloc_dist.checkpoint import Checkpoint, save_checkpoint
 
@@ -116,6 +119,7 @@ def test_resume_rejects_checkpoint_of_another_render(tmp_path):
     assert not (tmp_path / "c.mp4").exists()
 
 
+@pytest.mark.unit
 def test_scheduler_state_round_trip_continues_identically():
     """Unit level: UniPC's multistep history survives a save/load between steps."""
     import diffusers
@@ -157,6 +161,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.dist
 def test_sigterm_on_one_rank_stops_every_rank_and_resumes(tmp_path, reference):
     """Under torchrun, a signal seen by rank 1 only: the ranks agree at the step boundary, rank 0 writes the
     checkpoint, every rank exits 75; a single process then resumes it (a different world size)."""

@@ -4,10 +4,13 @@ Whether training converges is what bench/quality.py measures, not this test."""
 
 import math
 
+import pytest
 import torch
 
 from freeloc_dist.models import load_components
 from freeloc_dist.testbed.train import TrainConfig, train
+
+pytestmark = pytest.mark.unit
 
 
 def test_train_smoke_writes_a_loadable_checkpoint(tmp_path):

@@ -18,7 +18,7 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from ..plan import DENSE, NONE, SINK, STRIPE, LayerPlan
+from ..plan import NONE, SINK, STRIPE, LayerPlan
 from ..rope import TemporalRope, rotate_temporal_
 
 
@@ -88,15 +88,20 @@ def slot_plan(plan: LayerPlan) -> SlotPlan:
 
 
 def _check_cover(plan: LayerPlan, slot_frames, banded) -> None:
-    """Invariant: each attended frame pair is served exactly once, banded exactly when STRIPE."""
+    """Invariant: each attended frame pair is served exactly once, banded exactly when STRIPE. A real check
+    (not an assert, which `python -O` removes): a wrong layout would silently drop or double keys."""
     num_frames = plan.num_frames
     count = torch.zeros(num_frames, num_frames, dtype=torch.long)
     for a in range(num_frames):
         for j, b in enumerate(slot_frames[a].tolist()):
             if b >= 0:
                 count[a, b] += 1
-                assert bool(banded[j]) == (int(plan.tiers[a, b]) == STRIPE and plan.stripe_width < plan.tokens_per_frame)
-    assert torch.equal(count, (plan.tiers != NONE).long()), "slot layout does not cover the plan"
+                striped = int(plan.tiers[a, b]) == STRIPE and plan.stripe_width < plan.tokens_per_frame
+                if bool(banded[j]) != striped:
+                    raise RuntimeError(f"flex slot layout: pair ({a}, {b}) banded={bool(banded[j])}, "
+                                       f"its tier says {striped}")
+    if not torch.equal(count, (plan.tiers != NONE).long()):
+        raise RuntimeError("flex slot layout does not cover the plan exactly once")
 
 
 @functools.lru_cache(maxsize=64)

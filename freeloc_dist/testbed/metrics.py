@@ -42,8 +42,6 @@ LOOP_TOLERANCE = 0.01
 FREEZE_TOLERANCE = 1e-3
 REFERENCE_DYNAMIC = 100 * float(np.mean(tw.SPEED_RANGE))  # the world's mean speed, % of side per frame
 
-METRICS = ("subject", "background", "imaging", "smoothness", "dynamic", "freeze_loop", "overall")
-
 
 def _expected_area(size: int) -> float:
     return float(np.pi * (tw.RADIUS_FRACTION * size) ** 2)

@@ -11,15 +11,13 @@ them), so the sampling loop's un-normalisation applies unchanged. The decoder mu
 
 Transformer: WanTransformer3DModel, patch 1x2x2, 2 heads x head_dim 48 (temporal RoPE dims 16, i.e. eight
 temporal frequencies, 1 to 0.0003 rad per frame; Wan2.1 has 22, 1 to 0.00015), 6 layers, trained with Wan's
-flow-matching objective on clips of TRAINED_FRAMES latent frames. Text: a frozen random 2-layer UMT5 and byte-level tokenizer (freeloc_dist.tiny); the
-transformer's cross-attention learns to read it.
+flow-matching objective on clips of TRAINED_FRAMES latent frames. Text: a frozen random 2-layer UMT5 and
+byte-level tokenizer (freeloc_dist.tiny); the transformer's cross-attention learns to read it.
 
 Shapes (legend): B batch, T video frames, P pixels, C latent channels, F latent frames, H/W latent cells.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,7 +74,7 @@ def normalise(vae_config, latents: torch.Tensor) -> torch.Tensor:
 def decode_frames(vae, z: torch.Tensor) -> torch.Tensor:
     """Differentiable decode of un-normalised latents [B, C, F, H, W] -> video [B, 3, T, P, P] (no clamp).
 
-    The same frame-by-frame causal loop as inference (freeloc_dist.sampling.decode_video)."""
+    The same frame-by-frame causal loop as inference (freeloc_dist.decode.decode_video)."""
     vae.clear_cache()
     x = vae.post_quant_conv(z)
     outs = []

@@ -54,10 +54,6 @@ class World:
         return " and ".join(f"a {o.name}" for o in self.objects)
 
 
-def prompt_of(objects) -> str:
-    return " and ".join(f"a {o.colour} {o.shape}" for o in objects)
-
-
 def sample_world(seed: int, num_objects: int | None = None) -> World:
     """A random world; depends only on `seed` (and `num_objects`, 1 or 2; random when None)."""
     rng = np.random.default_rng(seed)

@@ -1,0 +1,198 @@
+"""Everything a render checks before it loads a weight or joins a process group.
+
+Every rank runs the same checks on the same inputs, so a user error is the same one line `error: ...` and
+exit 2 on every rank, and no rank is left waiting for another. The result is a `Preflight`: the validated
+config of every job, the profile (loaded once, here, for the whole run), the world size and, for a single
+render with --resume, its checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .cli import UserError, first_line
+from .config import ConfigError, RenderConfig, frames_for_seconds, load_render_config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """What a run does besides the config: the launcher's flags that are not config keys."""
+
+    resume: bool = False
+    prompts: Path | None = None  # a queue file; outputs under out_dir
+    out_dir: Path | None = None
+    save_latents: Path | None = None
+    dry_run: bool = False
+    world_size: int | None = None  # with dry_run: ranks to plan for
+    gpu_memory_gb: float = 80.0
+    peak_tflops: float = 400.0
+    report_comm: bool = False
+    quiet: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Preflight:
+    configs: list[RenderConfig]  # one per job ([cfg] for a single render)
+    profile: Any  # freeloc_dist.profile.Profile or None
+    world_size: int
+    resume: Any  # the checkpoint of a single render with --resume (None: start from step 0)
+    transformer_config: dict | None  # transformer/config.json (or the planner's built-in copy)
+
+
+def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptions,
+              seconds: float | None = None) -> Preflight:
+    """Validate a run; raises UserError (one line) on the first problem."""
+    world = world_size(options)
+    cfg = load_config(config_path, overrides, seconds)
+    model_dir = Path(cfg.model.path)
+    if not options.dry_run:  # the planner needs only the transformer's config (or a built-in copy)
+        from .models import check_model_dir
+
+        model_dir = check_model_dir(cfg.model.path)
+    profile = load_profile_of(cfg)
+    transformer_cfg = transformer_config(cfg, profile, required=options.dry_run)
+    if profile is not None and transformer_cfg is not None:
+        num_layers = transformer_cfg.get("num_layers")
+        if num_layers is not None and profile.num_layers != num_layers:
+            raise UserError(f"profile={str(cfg.profile)!r}: lists {profile.num_layers} layers, "
+                            f"the model at {model_dir} has {num_layers}")
+    if profile is None and cfg.attention_backend != "sdpa":
+        from .cli import log
+
+        log(f"warning: attention_backend={cfg.attention_backend} has no effect without a profile")
+    heads = (transformer_cfg or {}).get("num_attention_heads")
+    configs = queue_configs(config_path, cfg, overrides, options)
+    for job in configs:  # per-job frames against the world size
+        check_world(job, world, heads)
+    resume = None
+    if options.resume and options.prompts is None and not options.dry_run:
+        resume = read_checkpoint(cfg, profile)
+    if not options.dry_run:
+        make_folders(configs, options)
+    return Preflight(configs, profile, world, resume, transformer_cfg)
+
+
+def load_config(config_path: Path, overrides: Mapping[str, Any], seconds: float | None) -> RenderConfig:
+    cfg = load_render_config(config_path, overrides)
+    if seconds is not None:
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise UserError(f"--seconds={seconds}: must be a positive number")
+        cfg = load_render_config(config_path, {**overrides, "video.frames": frames_for_seconds(seconds, cfg.video.fps)})
+    return cfg
+
+
+def load_profile_of(cfg: RenderConfig):
+    """The config's FreeLOC profile, parsed and validated (None: stock attention)."""
+    if cfg.profile is None:
+        return None
+    from .profile import load_profile
+
+    if not cfg.profile.is_file():
+        raise UserError(f"profile={str(cfg.profile)!r}: profile file not found")
+    try:
+        return load_profile(cfg.profile)
+    except ValueError as e:
+        raise UserError(first_line(e)) from None
+
+
+def transformer_config(cfg: RenderConfig, profile, *, required: bool) -> dict | None:
+    """transformer/config.json of the model; else the planner's built-in copy for a published model the
+    profile names; else None (or a UserError when `required`, as for --dry-run)."""
+    path = Path(cfg.model.path) / "transformer" / "config.json"
+    if path.is_file():
+        return read_json(path)
+    from .planner import KNOWN_TRANSFORMERS
+
+    if profile is not None and profile.model in KNOWN_TRANSFORMERS:
+        return dict(KNOWN_TRANSFORMERS[profile.model])
+    if required:
+        raise UserError(f"model.path={str(cfg.model.path)!r}: missing transformer/config.json")
+    return None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not readable JSON ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def world_size(options: RunOptions) -> int:
+    if options.dry_run and options.world_size is not None:
+        if options.world_size < 1:
+            raise UserError(f"--world-size={options.world_size}: must be >= 1")
+        return options.world_size
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 1:
+        raise UserError(f"WORLD_SIZE={world!r}: must be a positive integer")
+    return int(world)
+
+
+def check_world(cfg: RenderConfig, world: int, heads: int | None) -> None:
+    """World size against the config, the video and the model's heads (parallel.decisions.check_world)."""
+    from .parallel.decisions import check_world as decide
+
+    try:
+        decide(world, cfg_degree=cfg.parallel.cfg_degree, latent_frames=cfg.latent_frames,
+               strategy=cfg.parallel.strategy, heads=heads, guidance_scale=cfg.sampling.guidance_scale)
+    except ValueError as e:
+        raise UserError(first_line(e)) from None
+
+
+def queue_configs(config_path: Path, cfg: RenderConfig, overrides: Mapping[str, Any], options: RunOptions) -> list:
+    """One validated RenderConfig per job of the prompts file (or [cfg] for a single render)."""
+    if options.prompts is None:
+        return [cfg]
+    from .queue import QueueError, parse_prompts
+
+    out_dir = options.out_dir if options.out_dir is not None else cfg.output.parent
+    try:
+        jobs = parse_prompts(options.prompts, out_dir, cfg.sampling.seed)
+    except QueueError as e:
+        raise UserError(str(e)) from None
+    base = {**overrides, "video.frames": cfg.video.frames}  # --seconds already resolved
+    configs = []
+    for job in jobs:
+        over = {**base, "prompt": job.prompt, "output": str(job.output)}
+        if job.seed is not None:
+            over["sampling.seed"] = job.seed
+        if job.frames is not None:
+            over["video.frames"] = job.frames
+        try:
+            configs.append(load_render_config(config_path, over))
+        except ConfigError as e:
+            raise UserError(f"{options.prompts}:{job.line}: {e}") from None
+    return configs
+
+
+def read_checkpoint(cfg: RenderConfig, profile):
+    """The checkpoint of this render if it exists (None otherwise); a bad one is a UserError."""
+    from .checkpoint import CheckpointError, checkpoint_path, fingerprint, load_checkpoint
+
+    path = checkpoint_path(cfg)
+    if not path.is_file():
+        return None
+    try:
+        ckpt = load_checkpoint(path, fingerprint(cfg, profile))
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    if ckpt.total_steps != cfg.sampling.steps:
+        raise UserError(f"checkpoint {path}: has {ckpt.total_steps} steps, sampling.steps is {cfg.sampling.steps}")
+    return ckpt
+
+
+def make_folders(configs, options: RunOptions) -> None:
+    """The last check: output folders can be made (only after everything else is known to be valid)."""
+    for path in [c.output for c in configs] + ([options.save_latents] if options.save_latents else []):
+        try:
+            Path(path).resolve().parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the folder of {path}: {e.strerror}") from None

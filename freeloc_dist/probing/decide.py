@@ -1,0 +1,99 @@
+"""From scores to a profile: the decision rule, the profile's score table, and the YAML writer."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import yaml
+
+from ..profile import parse_profile
+from .settings import RuleSettings
+
+
+def assign_kinds(scores: Mapping[str, Sequence[float]], rule: RuleSettings) -> tuple[list[str], dict[str, float]]:
+    """Kinds per layer by the documented rule, and the thresholds as applied."""
+    ctx = torch.as_tensor(scores[rule.context_score], dtype=torch.float64)
+    pos = torch.as_tensor(scores[rule.position_score], dtype=torch.float64)
+    if bool(torch.isnan(ctx).any() | torch.isnan(pos).any()):
+        raise ValueError("probing: a layer has no score; every layer must be measured before deciding")
+    tsa_cut = max(rule.tsa_min, rule.tsa_relative * float(ctx.mean()))
+    kinds = []
+    for c, p in zip(ctx.tolist(), pos.tolist()):
+        kinds.append("tsa" if c >= tsa_cut else "full" if p <= rule.full_max else "vrpr")
+    return kinds, {"tsa_cut": tsa_cut, "context_mean": float(ctx.mean())}
+
+
+RULE_TEXT = (
+    "tsa if context_score >= max(tsa_min, tsa_relative * mean of context_score over layers); "
+    "else full if position_score <= full_max; else vrpr"
+)
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def score_table(scores: Mapping[str, torch.Tensor], shifts: Sequence[int], trained_frames: int) -> dict[str, Any]:
+    """The profile's `scores` section: lists indexed by layer, by-shift scores keyed by the shift."""
+    r = trained_frames - 1
+    out: dict[str, Any] = {}
+    for name in ("position_attention", "position_output", "context_entropy", "context_output",
+                 "entropy_trained", "entropy_target"):
+        if name in scores:
+            out[name] = [_round(x) for x in scores[name].tolist()]
+    for kind in ("position_attention", "position_output"):
+        by = {f"{s:+d}R": [_round(x) for x in scores[f"{kind}@{s * r:+d}"].tolist()]
+              for s in shifts if f"{kind}@{s * r:+d}" in scores}
+        if by:
+            out[f"{kind}_by_shift"] = by
+    return out
+
+
+def probed_profile(*, model: str, trained_frames: int, kinds: Sequence[str], scores: Mapping[str, Any],
+                   rule: RuleSettings, applied: Mapping[str, float], settings: Mapping[str, Any],
+                   base: Mapping[str, Any] | None = None, date: str | None = None) -> dict[str, Any]:
+    """The profile mapping (DESIGN 9) plus date, settings, rule and scores; `base` lends tsa/vrpr sections."""
+    date = date or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    layers = {k: [i for i, kind in enumerate(kinds) if kind == k] for k in ("tsa", "vrpr", "full")}
+    counts = ", ".join(f"{len(v)} {k}" for k, v in layers.items())
+    out: dict[str, Any] = {
+        "model": model,
+        "trained_frames": trained_frames,
+        "source": f"layer probing (launch/probe.py) on {date[:10]}: {counts}; rule, settings and scores below",
+        "layers": layers,
+    }
+    for section in ("vrpr", "tsa"):
+        if base is not None and base.get(section) is not None:
+            out[section] = dict(base[section])
+    out["date"] = date
+    out["rule"] = {"text": RULE_TEXT, **dataclasses.asdict(rule), **{k: _round(v) for k, v in applied.items()}}
+    out["settings"] = dict(settings)
+    out["scores"] = dict(scores)
+    return out
+
+
+def write_profile(path: str | Path, profile: Mapping[str, Any]) -> Path:
+    """Write a probed profile as YAML (checked to load back through parse_profile first)."""
+    parse_profile(profile, where=f"probed profile {path}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = ("# FreeLOC profile written by launch/probe.py (layer-adaptive probing).\n"
+              "# layers: the assignment; rule, settings and scores: how it was obtained (lists are per layer).\n")
+    path.write_text(header + yaml.dump(profile, Dumper=_ProfileDumper, sort_keys=False, width=120))
+    return path
+
+
+class _ProfileDumper(yaml.SafeDumper):
+    """Block style, except lists of numbers (layer indices, per-layer scores) on one line each."""
+
+
+def _represent_list(dumper, data):
+    flow = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_ProfileDumper.add_representer(list, _represent_list)

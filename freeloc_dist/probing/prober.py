@@ -1,0 +1,271 @@
+"""The prober: probe processors installed on a WanTransformer3DModel (restored on exit), the forwards
+that perturb one layer at a time, and the scores they accumulate (freeloc_dist.probing's docstring)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+from ..attention import get_backend
+from ..attention.sdpa import grouped_attention
+from ..plan import layer_plan
+from ..processor import grid_of, project_out, project_qkv
+from ..rope import apply_rotary, split_rotations, temporal_rope_of
+from ..sampling import sample
+from .stats import context_stats, position_stats, sample_rows, window_plan
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeInput:
+    """One point of a denoising trajectory: what the transformer sees there."""
+
+    latents: torch.Tensor  # [1, C, F, H, W]
+    timestep: torch.Tensor  # scalar
+    text: torch.Tensor  # [1, L_text, D] conditional text states
+
+
+class _ProbeState:
+    """Shared by the probe processors of one transformer: grid, perturbation, statistics, counters."""
+
+    def __init__(self, transformer, *, trained_frames, vrpr, backend, seed, query_samples, deltas):
+        self.t_rope = temporal_rope_of(transformer)
+        self.trained_frames = trained_frames
+        self.vrpr = vrpr
+        self.attention = get_backend(backend).run
+        self.seed = seed
+        self.query_samples = query_samples
+        self.deltas = tuple(deltas)
+        self.grid: tuple[int, int, int] | None = None
+        self.perturb: tuple[int, str, int] | None = None  # (layer, "shift" | "window", delta)
+        self.stats_layers: frozenset[int] = frozenset()  # layers that record statistics in this forward
+        self.stats: dict[int, tuple] = {}
+        self.forward_passes = 0
+        self._plans: dict[tuple, Any] = {}
+
+    @property
+    def is_context(self) -> bool:
+        return self.grid[0] > self.trained_frames
+
+    def plans(self):
+        """(vrpr plan, window plan) of the current grid, built once per grid."""
+        if self.grid not in self._plans:
+            plan = layer_plan("vrpr", self.grid, self.trained_frames, self.vrpr)
+            self._plans[self.grid] = (plan, window_plan(plan, self.trained_frames))
+        return self._plans[self.grid]
+
+    def rows(self) -> torch.Tensor:
+        f, h, w = self.grid
+        return sample_rows(f * h * w, self.query_samples, self.seed)
+
+
+class ProbeAttnProcessor:
+    """Self-attention of one layer during probing: stock at F <= T, vrpr at F > T, or the perturbation."""
+
+    def __init__(self, layer: int, state: _ProbeState):
+        self.layer = layer
+        self.state = state
+        self.stock = WanAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is not None or rotary_emb is None or attention_mask is not None:
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        st = self.state
+        q, k, v = project_qkv(attn, hidden_states)  # [B, L, h, d]
+        num_frames, h, w = st.grid
+        frames = torch.arange(num_frames).repeat_interleave(h * w)  # [L]
+        active = st.perturb is not None and st.perturb[0] == self.layer
+        assert not active or st.perturb[1] == ("window" if st.is_context else "shift"), st.perturb
+        record = self.layer in st.stats_layers
+        if not st.is_context:
+            q_nat, k_nat = apply_rotary(q, *rotary_emb), apply_rotary(k, *rotary_emb)
+            if record or active:
+                _, _, q0, k0 = split_rotations(q, k, rotary_emb, st.t_rope)
+            if record:
+                st.stats[self.layer] = position_stats(q0, k_nat, frames, st.rows(), st.deltas, st.t_rope)
+            if active:  # keys at temporal position f + delta
+                k_nat = st.t_rope.rotate(k0, (frames + st.perturb[2])[:, None])
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q_nat.transpose(1, 2), k_nat.transpose(1, 2), v.transpose(1, 2)
+            ).transpose(1, 2)
+        else:
+            plan, windowed = st.plans()
+            if record or active:
+                rotated = split_rotations(q, k, rotary_emb, st.t_rope, frames)  # q_nat, k_nat, q0, k0
+            if record:
+                st.stats[self.layer] = context_stats(*rotated, plan, st.trained_frames, st.rows(), st.t_rope)
+            if active:
+                q_nat, k_nat, q0, k0 = (x.transpose(1, 2) for x in rotated)
+                out, _ = grouped_attention(q_nat, k_nat, q0, k0, v.transpose(1, 2), windowed, st.t_rope)
+                out = out.transpose(1, 2)
+            else:
+                out = st.attention(q, k, v, rotary_emb, plan, st.t_rope)
+        return project_out(attn, out, q.dtype)
+
+
+def _rel_change(y, y0) -> float:
+    return float((y.double() - y0.double()).norm() / y0.double().norm().clamp_min(1e-30))
+
+
+class Prober:
+    """Installs probe processors on a WanTransformer3DModel (restored on exit) and accumulates scores.
+
+        with Prober(transformer, trained_frames=T, layers=[...]) as prober:
+            prober.probe_position(inp)   # inp.latents has T frames
+            prober.probe_context(inp)    # inp.latents has F > T frames
+        scores = prober.scores()         # name -> Float64[num_layers], NaN where not measured
+
+    `layers` are the layers this process measures (all by default; ranks split them). Every forward
+    of the transformer while installed (trajectories included) is counted and reported to on_forward.
+    """
+
+    def __init__(self, transformer, *, trained_frames: int, shifts=(-2, -1, 1, 2), query_samples=256,
+                 measure_output=True, seed=0, vrpr=None, backend="sdpa", layers=None,
+                 on_forward: Callable[[], None] | None = None):
+        self.transformer = transformer
+        self.num_layers = len(transformer.blocks)
+        self.layers = list(range(self.num_layers)) if layers is None else sorted(layers)
+        self.trained_frames = trained_frames
+        self.shifts = tuple(shifts)
+        self.deltas = tuple(s * (trained_frames - 1) for s in self.shifts)
+        self.measure_output = measure_output
+        self.on_forward = on_forward
+        self.state = _ProbeState(transformer, trained_frames=trained_frames, vrpr=vrpr, backend=backend,
+                                 seed=seed, query_samples=query_samples, deltas=self.deltas)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, torch.Tensor] = {}
+        self._saved = None
+        self._hook = None
+
+    # -- installation ---------------------------------------------------------------------------
+    def __enter__(self):
+        blocks = self.transformer.blocks
+        self._saved = [block.attn1.processor for block in blocks]
+        for i, block in enumerate(blocks):
+            block.attn1.set_processor(ProbeAttnProcessor(i, self.state))
+
+        def pre_hook(module, args, kwargs):
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            self.state.grid = grid_of(module, hidden_states)
+            self.state.forward_passes += 1
+            if self.on_forward is not None:
+                self.on_forward()
+
+        self._hook = self.transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self._hook.remove()
+        for block, proc in zip(self.transformer.blocks, self._saved):
+            block.attn1.set_processor(proc)
+        return False
+
+    @property
+    def forward_passes(self) -> int:
+        return self.state.forward_passes
+
+    def planned_forwards(self, num_position: int, num_context: int) -> int:
+        per_layer = len(self.layers) if self.measure_output else 0
+        return num_position * (1 + per_layer * len(self.deltas)) + num_context * (1 + per_layer)
+
+    # -- measuring ------------------------------------------------------------------------------
+    def _forward(self, inp: ProbeInput, *, stats=frozenset(), perturb=None) -> torch.Tensor:
+        st = self.state
+        st.stats_layers, st.perturb, st.stats = frozenset(stats), perturb, {}
+        try:
+            x = inp.latents.to(self.transformer.dtype)
+            t = inp.timestep.reshape(1).expand(x.shape[0]).to(x.device)
+            with torch.inference_mode():
+                return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=inp.text,
+                                        return_dict=False)[0]
+        finally:
+            st.stats_layers, st.perturb = frozenset(), None
+
+    def _add(self, name: str, layer: int, value: float):
+        if name not in self._sums:
+            self._sums[name] = torch.zeros(self.num_layers, dtype=torch.float64)
+            self._counts[name] = torch.zeros(self.num_layers, dtype=torch.float64)
+        self._sums[name][layer] += value
+        self._counts[name][layer] += 1
+
+    def probe_position(self, inp: ProbeInput) -> None:
+        """Position probe of every measured layer at one trajectory point of length T."""
+        if inp.latents.shape[2] != self.trained_frames * self.transformer.config.patch_size[0]:
+            raise ValueError(f"position probe: needs {self.trained_frames} latent frames, got {inp.latents.shape[2]}")
+        base = self._forward(inp, stats=self.layers)
+        stats = self.state.stats
+        for layer in self.layers:
+            entropy, diff = stats[layer]
+            self._add("entropy_trained", layer, float(entropy.mean()))
+            for delta, d in zip(self.deltas, diff):
+                self._add(f"position_attention@{delta:+d}", layer, float(d.mean()))
+        self.state.stats = {}
+        if not self.measure_output:
+            return
+        for layer in self.layers:
+            for delta in self.deltas:
+                out = self._forward(inp, perturb=(layer, "shift", delta))
+                self._add(f"position_output@{delta:+d}", layer, _rel_change(out, base))
+
+    def probe_context(self, inp: ProbeInput) -> None:
+        """Context probe of every measured layer at one trajectory point of length F > T."""
+        if inp.latents.shape[2] <= self.trained_frames * self.transformer.config.patch_size[0]:
+            raise ValueError(f"context probe: needs more than {self.trained_frames} latent frames")
+        base = self._forward(inp, stats=self.layers)
+        stats = self.state.stats
+        for layer in self.layers:
+            h_full, h_win = stats[layer]
+            self._add("entropy_target", layer, float(h_full.mean()))
+            self._add("context_entropy", layer, float(((h_win - h_full).abs() / h_full.clamp_min(1e-12)).mean()))
+        self.state.stats = {}
+        if not self.measure_output:
+            return
+        for layer in self.layers:
+            out = self._forward(inp, perturb=(layer, "window", 0))
+            self._add("context_output", layer, _rel_change(out, base))
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """name -> Float64[num_layers] mean over inputs (NaN for layers not measured here); the by-shift
+        scores are also averaged into position_attention / position_output."""
+        out = {name: self._sums[name] / self._counts[name] for name in self._sums}  # 0/0 = NaN
+        for kind in ("position_attention", "position_output"):
+            parts = [out[f"{kind}@{d:+d}"] for d in self.deltas if f"{kind}@{d:+d}" in out]
+            if parts:
+                out[kind] = torch.stack(parts).mean(0)
+        return out
+
+
+class _Recorded(Exception):
+    """Ends a trajectory once its last recorded step is reached."""
+
+
+def trajectory_inputs(transformer, scheduler, noise, cond, uncond, *, steps: int, guidance: float,
+                      record: Sequence[int]) -> list[ProbeInput]:
+    """Run the sampler (freeloc_dist.sampling.sample, as a render does) from `noise` and return the inputs
+    it sees at the step indices `record`.
+
+    Stops after the last recorded step. The forwards use whatever attention is installed (under a
+    Prober: stock at F <= T, vrpr at F > T), with classifier-free guidance as a render would.
+    """
+    out: dict[int, torch.Tensor] = {}
+    last = max(record)
+    if 0 in record:
+        out[0] = noise.clone()
+
+    def after_step(step: int, latents, _scheduler) -> None:  # latents after `step` steps = input of step `step`
+        if step in record:
+            out[step] = latents.clone()
+        if step >= last:
+            raise _Recorded
+
+    if last > 0:
+        try:
+            sample(transformer, scheduler, noise, cond, uncond, steps=steps, guidance=guidance, after_step=after_step)
+        except _Recorded:
+            pass
+    else:
+        scheduler.set_timesteps(steps, device=noise.device)
+    timesteps = scheduler.timesteps
+    return [ProbeInput(latents=out[i], timestep=timesteps[i], text=cond) for i in sorted(out, key=list(record).index)]

@@ -1,0 +1,275 @@
+"""The probe run behind launch/probe.py: validate, load once, run trajectories and probes split over the
+ranks, gather the scores on rank 0 and write the profile.
+
+Under torchrun every rank loads the whole model and runs whole-length forwards on its own device (no
+sequence parallelism yet): rank r runs the trajectories of prompts r, r + world, ... and all ranks receive
+every recorded state; then rank r probes layers r, r + world, ... on all of them, and rank 0 gathers the
+scores and writes the profile. The scores do not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..cli import UserError, log
+from ..config import REPO_ROOT
+
+_PROBE_TIMEOUT_S = 7 * 24 * 3600.0  # ranks meet only at the end; a long probe must not time out the group
+_log = log
+
+
+def _load(config_path: Path, out: Path, probe_config: Path | None, render_overrides: Mapping[str, Any],
+          probe_overrides: Mapping[str, Any]):
+    """Render config, probe settings, base profile and resolved lengths; no weights loaded."""
+    from freeloc_dist.config import latent_frames, load_render_config
+    from freeloc_dist.models import check_model_dir
+    from freeloc_dist.plan import PlanError, resolve_vrpr
+    from freeloc_dist.probing import load_probe_settings
+    from freeloc_dist.profile import load_profile
+
+    cfg = load_render_config(config_path, render_overrides)
+    settings = load_probe_settings(probe_config, probe_overrides)
+    check_model_dir(cfg.model.path)
+    base = None
+    if cfg.profile is not None:
+        try:
+            base = load_profile(cfg.profile)
+        except ValueError as e:
+            raise UserError(str(e).splitlines()[0]) from None
+    trained = settings.trained_frames or (base.trained_frames if base is not None else None)
+    if trained is None:
+        raise UserError("probing.trained_frames: unknown; the render config names no profile, pass --trained-frames")
+    target = latent_frames(settings.frames or cfg.video.frames)
+    if target <= trained:
+        raise UserError(f"target length {target} latent frames: must exceed trained_frames={trained} "
+                        "(set --frames or probing.frames)")
+    try:  # the baseline of the context probe runs every layer vrpr at the target length
+        resolve_vrpr(target, trained, base.vrpr if base is not None else None)
+    except PlanError as e:
+        raise UserError(f"profile={str(cfg.profile)!r}: {e}") from None
+    try:
+        out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder of {out}: {e.strerror}") from None
+    return cfg, settings, base, trained, target
+
+
+def _gather(dims, scores: dict, num_layers: int, forwards: int):
+    """Merge per-rank scores (layer i measured on rank i % world) and forward counts on every rank."""
+    import torch
+
+    from freeloc_dist.parallel.comm import Comm
+
+    names = sorted(scores)
+    world = dims.world_size
+    local = torch.stack([scores[k] for k in names], 1).to(dims.device)  # [num_layers, num_scores]
+    counts = torch.tensor([[float(forwards)]], dtype=torch.float64, device=dims.device)
+    comm = Comm(dims)
+    everyone = comm.gather_frames(local, [num_layers] * world, dim=0, tag="probe").cpu()  # [world*layers, S]
+    per_rank = comm.gather_frames(counts, [1] * world, dim=0, tag="probe").cpu()[:, 0]
+    merged = torch.stack([everyone[(i % world) * num_layers + i] for i in range(num_layers)])
+    return {k: merged[:, j] for j, k in enumerate(names)}, [int(c) for c in per_rank.tolist()]
+
+
+def _together(comm, fn):
+    """Run fn on every rank; if it fails on any rank, all ranks raise here (nobody waits in a collective)."""
+    try:
+        result, error = fn(), None
+    except Exception as e:
+        result, error = None, e
+    if not _all_ok(comm, error is None):
+        raise error if error is not None else RuntimeError("probing failed on another rank")
+    return result
+
+
+def _all_ok(comm, ok: bool) -> bool:
+    """True iff every rank reports ok."""
+    import torch
+
+    dims = comm.dims
+    flag = torch.tensor([0.0 if ok else 1.0], device=dims.device)
+    return not bool(comm.gather_frames(flag, [1] * dims.world_size, dim=0, tag="status").any())
+
+
+def _encode(parts, prompts, s, use_cfg, dtype, device):
+    """([cond of each prompt], uncond or None), text states on the device in the model dtype."""
+    from freeloc_dist.sampling import encode_prompt
+
+    def encode(text):
+        return encode_prompt(parts.text_encoder, parts.tokenizer, text, s.max_text_tokens).to(device, dtype)
+
+    return [encode(p) for p in prompts], (encode(s.negative_prompt) if use_cfg else None)
+
+
+def _trajectories(transformer, parts, geometry, my_prompts, texts, seed, steps, record, s):
+    """Recorded latents of this rank's prompts at one length, stacked: [len(my_prompts) * k, C, F, H, W]."""
+    import torch
+
+    from freeloc_dist.probing import trajectory_inputs
+    from freeloc_dist.sampling import initial_noise, scheduler_for_render
+
+    device = next(transformer.parameters()).device
+    out = []
+    for p in my_prompts:
+        noise = initial_noise(geometry, seed + p, device)
+        scheduler = scheduler_for_render(parts.scheduler, s.shift)
+        out += [inp.latents for inp in trajectory_inputs(transformer, scheduler, noise, texts[0][p], texts[1],
+                                                         steps=steps, guidance=s.guidance_scale, record=record)]
+    return torch.cat(out) if out else torch.empty((0, *geometry.shape[1:]), device=device)
+
+
+def _share(comm, dims, local, num_prompts: int, k: int):
+    """All ranks' recorded latents -> per prompt [k, C, F, H, W] (prompt p was run on rank p % world)."""
+    world = dims.world_size
+    owned = [list(range(r, num_prompts, world)) for r in range(world)]
+    everyone = comm.gather_frames(local, [k * len(o) for o in owned], dim=0, tag="states")
+    by_prompt, at = {}, 0
+    for o in owned:
+        for p in o:
+            by_prompt[p], at = everyone[at : at + k], at + k
+    return [by_prompt[p] for p in range(num_prompts)]
+
+
+def _timesteps(parts, s, steps, record, device):
+    from freeloc_dist.sampling import scheduler_for_render
+
+    scheduler = scheduler_for_render(parts.scheduler, s.shift)
+    scheduler.set_timesteps(steps, device=device)
+    return [scheduler.timesteps[i] for i in record]
+
+
+def _shown_path(path: Path) -> str:
+    """A path as written in configs: relative to the repository root when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
+              render_overrides: Mapping[str, Any] | None = None, probe_overrides: Mapping[str, Any] | None = None,
+              model_id: str | None = None) -> Path | None:
+    """Probe every layer and write the profile to `out`; returns `out` on rank 0 (None elsewhere)."""
+    cfg, settings, base, trained, target = _load(config_path, out, probe_config, render_overrides or {},
+                                                 probe_overrides or {})
+
+    # Validation done: from here on, heavy work.
+    from diffusers.utils import logging as diffusers_logging
+    from tqdm import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    from freeloc_dist.models import load_components
+    from freeloc_dist.parallel import destroy_parallel, init_parallel
+    from freeloc_dist.parallel.comm import Comm
+    from freeloc_dist.probing import (
+        ProbeInput,
+        Prober,
+        assign_kinds,
+        probed_profile,
+        score_table,
+        trajectory_steps,
+        write_profile,
+    )
+    from freeloc_dist.sampling import latent_geometry
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    start = time.perf_counter()
+    dims = init_parallel(cfg_degree=1, timeout_s=_PROBE_TIMEOUT_S)
+    lead = dims.rank == 0
+    try:
+        s = cfg.sampling
+        steps = settings.steps or s.steps
+        seed = s.seed if settings.seed is None else settings.seed
+        prompts = settings.prompts or (cfg.prompt,)
+        record = trajectory_steps(settings.timesteps, steps)
+        use_cfg = s.guidance_scale > 1.0
+        if lead:
+            _log(f"loading {cfg.model.path} ({cfg.model.dtype}, {dims.device}); world size {dims.world_size}"
+                 + (": prompts' trajectories and layers split over ranks, each rank holds the whole model"
+                    if dims.world_size > 1 else ""))
+        parts = load_components(cfg.model.path, cfg.model.dtype, dims.device)
+        transformer = parts.transformer
+        num_layers = len(transformer.blocks)
+        mine = list(range(dims.rank, num_layers, dims.world_size))
+        lengths = [4 * (trained - 1) + 1, 4 * (target - 1) + 1]  # output frames of the two probe lengths
+        geometries = [latent_geometry(parts.vae, transformer, f, cfg.video.height, cfg.video.width) for f in lengths]
+        if lead:
+            _log(f"probing {num_layers} layers: T={trained} and F={target} latent frames at "
+                 f"{cfg.video.width}x{cfg.video.height}, {len(prompts)} prompt(s), steps {record} of {steps}, "
+                 f"seed {seed}")
+        comm = Comm(dims)
+        prober = Prober(transformer, trained_frames=trained, shifts=settings.shifts,
+                        query_samples=settings.query_samples, measure_output=settings.measure_output, seed=seed,
+                        vrpr=base.vrpr if base is not None else None, backend=cfg.attention_backend, layers=mine)
+        my_prompts = list(range(dims.rank, len(prompts), dims.world_size))
+        cfg_passes = 2 if use_cfg else 1
+        planned = (2 * len(my_prompts) * max(record) * cfg_passes  # trajectories stop at the last record
+                   + len(prompts) * prober.planned_forwards(len(record), len(record)))
+        bar = tqdm(total=planned, desc="forward passes", unit="fwd", disable=not lead, file=sys.stderr)
+        prober.on_forward = lambda: bar.update(1)
+        try:
+            with prober:
+                texts = _together(comm, lambda: _encode(parts, prompts, s, use_cfg, transformer.dtype, dims.device))
+                # Trajectories: prompt p on rank p % world; the recorded states are then shared by all ranks.
+                states = [_together(comm, lambda g=g: _trajectories(transformer, parts, g, my_prompts, texts, seed,
+                                                                     steps, record, s))
+                          for g in geometries]
+                states = [_share(comm, dims, x, len(prompts), len(record)) for x in states]
+                timesteps = _timesteps(parts, s, steps, record, dims.device)
+
+                def probe_all():
+                    for p in range(len(prompts)):
+                        for latents, probe in zip(states, (prober.probe_position, prober.probe_context)):
+                            for j, t in enumerate(timesteps):
+                                probe(ProbeInput(latents=latents[p][j : j + 1], timestep=t, text=texts[0][p]))
+
+                _together(comm, probe_all)
+        finally:
+            bar.close()
+        scores, forwards = _gather(dims, prober.scores(), num_layers, prober.forward_passes)
+        if not lead:
+            return None
+        kinds, applied = assign_kinds(scores, settings.rule)
+        seconds = time.perf_counter() - start
+        settings_out = {
+            "model_path": _shown_path(cfg.model.path),
+            "dtype": cfg.model.dtype,
+            "prompts": list(prompts),
+            "seed": seed,
+            "trained_frames": trained,
+            "target_frames": target,
+            "target_video_frames": lengths[1],
+            "height": cfg.video.height,
+            "width": cfg.video.width,
+            "steps": steps,
+            "guidance_scale": s.guidance_scale,
+            "shift": s.shift,
+            "timesteps": list(settings.timesteps),
+            "probed_steps": record,
+            "shifts": list(settings.shifts),
+            "shift_frames": [x * (trained - 1) for x in settings.shifts],
+            "window": f"{trained} frames [s, s+{trained}), s = clamp(a - {(trained - 1) // 2}, 0, F - {trained}); "
+                      "phi positions in baseline and window",
+            "query_samples": settings.query_samples,
+            "measure_output": settings.measure_output,
+            "attention_backend": cfg.attention_backend,
+            "world_size": dims.world_size,
+            "forward_passes": sum(forwards),
+            "seconds": round(seconds, 1),
+        }
+        model_id = model_id or (base.model if base is not None else Path(cfg.model.path).name)
+        profile = probed_profile(model=model_id, trained_frames=trained, kinds=kinds,
+                                 scores=score_table(scores, settings.shifts, trained), rule=settings.rule,
+                                 applied=applied, settings=settings_out,
+                                 base=base.to_mapping() if base is not None else None)
+        write_profile(out, profile)
+        per_rank = f" ({' + '.join(map(str, forwards))} over {len(forwards)} ranks)" if len(forwards) > 1 else ""
+        _log("kinds: " + " ".join(f"{i}:{k}" for i, k in enumerate(kinds)))
+        _log(f"forward passes: {sum(forwards)}{per_rank}; done in {seconds:.1f}s")
+        return out
+    finally:
+        destroy_parallel(dims)
