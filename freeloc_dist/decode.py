@@ -98,18 +98,28 @@ def iter_decode(vae, latents: torch.Tensor, start: int = 0, end: int | None = No
         first = max(0, start - decode_warmup_frames(vae)) if start > 0 else 0
         z = _denormalise(vae, latents[:, :, first:end]).to(vae.dtype)
         x = vae.post_quant_conv(z)  # [1, C, end - first, H, W]
+    steps = causal_decode_steps(vae, x, first)
     try:
         for f in range(first, end):
             with torch.inference_mode():
-                vae._conv_idx = [0]
-                out = vae.decoder(x[:, :, f - first:f - first + 1], feat_cache=vae._feat_map,
-                                  feat_idx=vae._conv_idx, first_chunk=(f == 0))  # [1, 3, 1 or 4, Hp, Wp]
+                out = next(steps)  # [1, 3, 1 or 4, Hp, Wp]
                 chunk = _to_uint8(out) if f >= start else None
                 del out
             if chunk is not None:
                 yield chunk
     finally:
         vae.clear_cache()
+
+
+def causal_decode_steps(vae, x: torch.Tensor, first: int = 0) -> Iterator[torch.Tensor]:
+    """Wan's causal VAE decoder driven one latent frame at a time: the one home of that loop (inference here,
+    differentiable in the testbed's training). `x` is `post_quant_conv` output [B, C, F', H, W] whose frame 0
+    is latent frame `first`; yields each frame's decoder output [B, 3, 1 (latent frame 0) or 4, Hp, Wp]. The
+    caller resets the VAE's feature cache (`vae.clear_cache()`) before and after."""
+    for i in range(x.shape[2]):
+        vae._conv_idx = [0]
+        yield vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                          first_chunk=(first + i == 0))
 
 
 def decode_video(vae, latents: torch.Tensor) -> np.ndarray:

@@ -74,14 +74,11 @@ def normalise(vae_config, latents: torch.Tensor) -> torch.Tensor:
 def decode_frames(vae, z: torch.Tensor) -> torch.Tensor:
     """Differentiable decode of un-normalised latents [B, C, F, H, W] -> video [B, 3, T, P, P] (no clamp).
 
-    The same frame-by-frame causal loop as inference (freeloc_dist.decode.decode_video)."""
+    The same frame-by-frame causal loop as inference (freeloc_dist.decode.causal_decode_steps)."""
+    from freeloc_dist.decode import causal_decode_steps
+
     vae.clear_cache()
-    x = vae.post_quant_conv(z)
-    outs = []
-    for f in range(x.shape[2]):
-        vae._conv_idx = [0]
-        outs.append(vae.decoder(x[:, :, f:f + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                first_chunk=(f == 0)))
+    outs = list(causal_decode_steps(vae, vae.post_quant_conv(z)))
     vae.clear_cache()
     return torch.cat(outs, dim=2)
 
