@@ -154,6 +154,9 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
+# Look at pending jobs every 2 s (default 60): a requeued job starts soon after its hold (CRED_EXPIRE_S) ends.
+SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
 # Short grace between SIGTERM and SIGKILL when a job is cancelled or a step fails (default 30 s).
 KillWait=5
 SlurmdTimeout=60
