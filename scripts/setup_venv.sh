@@ -9,7 +9,8 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 
-if ! python -c "import torch" 2>/dev/null; then
+# find_spec, not import: importing torch costs seconds, and every Slurm job start runs this script.
+if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" 2>/dev/null; then
     if pip install -q --no-deps --no-index "torch==${TORCH_VERSION}" 2>/dev/null; then
         pip install -q "torch==${TORCH_VERSION}"  # its pure-python dependencies; torch itself is satisfied
         echo "setup: torch ${TORCH_VERSION} from a local wheel" >&2
