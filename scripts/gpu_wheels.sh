@@ -18,6 +18,8 @@
 # On the H200 machine (device tool: carry [".gpu_wheels"], timeout_s 560), one command:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/gw .gpu_wheels/*.whl && PYTHONPATH=/tmp/gw python3 bench/gpu_check.py --out $OUT/gpu_check.md
 # PYTHONPATH puts these ahead of that machine's site-packages (its huggingface_hub is shadowed by 1.33.0).
+# Should pip be missing there: the wheels are pure-python zips, so unpacking them is an install:
+#   python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/gw') for w in glob.glob('.gpu_wheels/*.whl')]"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-.gpu_wheels}
