@@ -24,8 +24,10 @@ fills .gpu_wheels/), then with the device tool, carry [".gpu_wheels"], timeout_s
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/gw .gpu_wheels/*.whl && PYTHONPATH=/tmp/gw python3 bench/gpu_check.py --out $OUT/gpu_check.md
 
-Here: `python bench/gpu_check.py --smoke` runs the same code paths on CPU with tiny shapes
-(tests/test_gpu_check.py). Not a test itself: it reports, it does not assert.
+Here: `python bench/gpu_check.py --smoke` runs the same code paths on CPU with tiny shapes (2 heads x 12,
+3x4 tokens, the 3-layer tiny-random profile, F = 9 and 13; tests/test_gpu_check.py). Not a test itself:
+it reports, it does not assert. The model is cast whole to bf16 (.to), so its few modules diffusers keeps
+in float32 when loading weights run in bf16 here; nothing is downloaded, the weights are random.
 """
 
 from __future__ import annotations
