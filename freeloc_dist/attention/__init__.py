@@ -59,7 +59,8 @@ def _reference(q, k, v, rotary_emb, plan, t_rope):
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("sdpa", _sdpa("auto"), "grouped softmax + lse merge; fused flash kernel on CPU, matmul elsewhere"),
+        Backend("sdpa", _sdpa("auto"),
+                "grouped softmax + lse merge; fused lse kernels on CPU and CUDA (lse.kernel_for), matmul elsewhere"),
         Backend("sdpa-math", _sdpa("math"), "grouped softmax + lse merge, plain matmul on any device"),
         Backend("flex", _flex, "torch flex_attention, compiled, block masks from the plan (the CUDA path)"),
         Backend("reference", _reference, "materialised L x L scores in float64; tests only"),
