@@ -251,11 +251,10 @@ def test_resume_checks_missing_fields_weights_and_names_the_difference(tmp_path)
     with pytest.raises(UserError, match=r"\(sampling.seed differ\)"):
         read_checkpoint(other, None)
     # weights replaced in place (same path, same size): the fingerprint sees the new mtime
-    model = model_copy(tmp_path)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))
-    saved_checkpoint(tmp_path, fingerprint=__import__("freeloc_dist.checkpoint").checkpoint.fingerprint(cfg, None))
     from freeloc_dist.checkpoint import fingerprint
 
+    model = model_copy(tmp_path)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))
     before = fingerprint(cfg, None)
     weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
