@@ -22,4 +22,7 @@ case " $* " in
     *" --config "*|*" --config="*) ;;
     *) args=(--config configs/tiny.yaml "${args[@]}") ;;
 esac
+# Validate first, in one process and without weights: a user error is then one line `error: ...` and
+# exit 2 here, instead of each worker's line buried in torchrun's failure report (exit 1).
+.venv/bin/python launch/generate.py "${args[@]}" --validate-only --world-size "$NPROC" || exit $?
 exec .venv/bin/torchrun --standalone --nproc_per_node="$NPROC" launch/generate.py "${args[@]}"

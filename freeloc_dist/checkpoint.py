@@ -40,18 +40,35 @@ def checkpoint_path(cfg: RenderConfig) -> Path:
     return cfg.output.parent / f".{cfg.output.name}.ckpt"
 
 
-def fingerprint(cfg: RenderConfig, profile) -> str:
-    """Hash of every setting that changes the latents (not output names, parallel layout or checkpointing:
-    a render may resume on a different number of ranks). `profile`: the render's loaded Profile or None."""
-    key = {
+def fingerprint_settings(cfg: RenderConfig, profile) -> dict:
+    """Every setting that changes the latents (not output names, parallel layout or checkpointing: a render
+    may resume on a different number of ranks), by name. `profile`: the render's loaded Profile or None.
+    The weights enter by (file, size, mtime): weights replaced in place under the same path change it."""
+    from freeloc_dist.models import weights_signature
+
+    return {
         "model": [str(cfg.model.path), cfg.model.dtype],
+        "weights": weights_signature(cfg.model.path),
         "profile": profile.to_mapping() if profile is not None else None,
         "attention_backend": cfg.attention_backend,
-        "video": [cfg.video.height, cfg.video.width, cfg.video.frames],
-        "sampling": dataclasses.asdict(cfg.sampling),
+        **{f"video.{k}": getattr(cfg.video, k) for k in ("height", "width", "frames")},
+        **{f"sampling.{k}": v for k, v in dataclasses.asdict(cfg.sampling).items()},
         "prompt": cfg.prompt,
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(cfg: RenderConfig, profile) -> str:
+    """Hash of `fingerprint_settings`."""
+    return _digest(fingerprint_settings(cfg, profile))
+
+
+def _settings_digests(settings: dict) -> dict[str, str]:
+    """One short hash per setting, stored in the checkpoint so a mismatch can name what differs."""
+    return {k: _digest({k: v}) for k, v in settings.items()}
 
 
 # ---------------------------------------------------------------------------------------- scheduler state
@@ -109,6 +126,7 @@ class Checkpoint:
     scheduler: dict
     rng: torch.Tensor
     fingerprint: str
+    settings: dict | None = None  # fingerprint_settings of the render (names what differs on a mismatch)
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
@@ -122,6 +140,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "scheduler": ckpt.scheduler,
         "rng": ckpt.rng,
         "fingerprint": ckpt.fingerprint,
+        "settings": _settings_digests(ckpt.settings) if ckpt.settings is not None else None,
     }
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -129,20 +148,50 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, expected_fingerprint: str) -> Checkpoint:
+_FIELDS = {"step": int, "total_steps": int, "latents": torch.Tensor, "scheduler": dict, "rng": torch.Tensor,
+           "fingerprint": str}
+
+
+def load_checkpoint(path: str | Path, expected_fingerprint: str, expected_settings: dict | None = None,
+                    *, latent_shape: tuple[int, ...] | None = None) -> Checkpoint:
+    """Read and check a checkpoint against this render; every problem is one CheckpointError line.
+    `latent_shape`: the render's [B, C, F, H, W] (None: not checked)."""
     path = Path(path)
+    fix = "delete it to start over"
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, unpickling refused
-        raise CheckpointError(f"checkpoint {path}: cannot read ({type(e).__name__}); delete it to start over") from None
+        raise CheckpointError(f"checkpoint {path}: cannot read ({type(e).__name__}); {fix}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path}: not a freeloc_dist checkpoint (format {FORMAT_VERSION})")
+    for key, kind in _FIELDS.items():
+        value = payload.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CheckpointError(f"checkpoint {path}: {key} missing or not a {kind.__name__}; {fix}")
     if payload["fingerprint"] != expected_fingerprint:
-        raise CheckpointError(f"checkpoint {path}: written by a different render (model, profile, video, "
-                              f"sampling or prompt differ); delete it or drop --resume")
-    return Checkpoint(step=int(payload["step"]), total_steps=int(payload["total_steps"]),
-                      latents=payload["latents"], scheduler=payload["scheduler"], rng=payload["rng"],
-                      fingerprint=payload["fingerprint"])
+        differ = _what_differs(payload, expected_settings)
+        raise CheckpointError(f"checkpoint {path}: written by a different render ({differ} differ); "
+                              f"delete it or drop --resume")
+    step, total, latents = payload["step"], payload["total_steps"], payload["latents"]
+    if not 0 <= step <= total:
+        raise CheckpointError(f"checkpoint {path}: step {step} is outside 0..{total}; {fix}")
+    if latent_shape is not None and tuple(latents.shape) != tuple(latent_shape):
+        raise CheckpointError(f"checkpoint {path}: latents {list(latents.shape)}, this render's are "
+                              f"{list(latent_shape)}; {fix}")
+    if latents.dtype != torch.float32 or not bool(torch.isfinite(latents).all()):
+        raise CheckpointError(f"checkpoint {path}: latents are not finite float32 (NaN or inf); {fix}")
+    return Checkpoint(step=step, total_steps=total, latents=latents, scheduler=payload["scheduler"],
+                      rng=payload["rng"], fingerprint=payload["fingerprint"])
+
+
+def _what_differs(payload: dict, expected_settings: dict | None) -> str:
+    """The names of the settings that differ, when the checkpoint recorded them."""
+    theirs = payload.get("settings")
+    if not isinstance(theirs, dict) or expected_settings is None:
+        return "model, weights, profile, video, sampling or prompt"
+    ours = _settings_digests(expected_settings)
+    names = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    return ", ".join(names) if names else "settings"
 
 
 # ---------------------------------------------------------------------------------------- signals

@@ -9,7 +9,8 @@ This module imports nothing heavy (no torch), so a bad flag fails in millisecond
 
 Exit codes (documented in README "Production rendering"):
     0   success
-    1   a job of a prompt queue failed (the rest of the queue ran), or an internal error (traceback)
+    1   a job of a prompt queue failed (the rest of the queue ran); a render that could not finish (a write
+        failed, NaN latents: one line `error: ...`); or an internal error (traceback)
     2   user error, one line on stderr
     75  preempted (SIGTERM / SIGUSR1): a checkpoint was written; rerun with --resume  (EX_TEMPFAIL)
 """
@@ -29,6 +30,11 @@ EXIT_PREEMPTED = 75
 
 class UserError(Exception):
     """An error in what the user asked for; printed as one line, exit code 2."""
+
+
+class RenderFailed(Exception):
+    """A render that could not finish (a write failed, sampling diverged); one line `error: ...`, exit 1.
+    Not a user error: the same command may succeed later (disk space, a transient failure)."""
 
 
 class Preempted(Exception):
@@ -105,6 +111,9 @@ def main_with_exit_codes(run: Callable[[list[str] | None], int | None], argv: li
     except Preempted as e:
         log(f"stopped: {e}")
         return EXIT_PREEMPTED
+    except RenderFailed as e:
+        print(f"{rank_prefix()}error: {first_line(e)}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     except Exception as e:
         if not is_user_error(e):
             raise

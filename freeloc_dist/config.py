@@ -22,6 +22,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from .choices import ATTENTION_BACKENDS, STRATEGY_CHOICES
+from .yamlio import load_yaml, yaml_problem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +99,10 @@ def latent_frames(frames: int) -> int:
 
 
 def frames_for_seconds(seconds: float, fps: int) -> int:
-    """The valid frame count (4k+1, at least 1) nearest to `seconds` of video at `fps`."""
+    """The valid frame count (4k+1, at least 1) nearest to `seconds` of video at `fps` (ValueError when
+    seconds x fps is not a finite number)."""
+    if not math.isfinite(seconds * fps):
+        raise ValueError(f"{seconds} seconds at {fps} fps is not a finite number of frames")
     return 4 * max(0, round((seconds * fps - 1) / 4)) + 1
 
 
@@ -111,17 +115,23 @@ def _positive_multiple_of_16(v: int) -> bool:
     return v > 0 and v % 16 == 0
 
 
+# Upper bounds on settings whose absurd values would otherwise fail deep inside torch (steps: 10**12 allocates
+# the timestep table). Frames and size have none here: their bound is memory (preflight, the planner).
+MAX_STEPS = 10_000
+MAX_TEXT_TOKENS = 4096
+MAX_FPS = 1000
+
 # Value checks by dotted path: (predicate, message or message(value)). Types are checked from the hints.
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[Any], str]]] = {
     "video.height": (_positive_multiple_of_16, "must be a positive multiple of 16"),
     "video.width": (_positive_multiple_of_16, "must be a positive multiple of 16"),
     "video.frames": (lambda v: v >= 1 and v % 4 == 1, _frames_message),
-    "video.fps": (lambda v: v >= 1, "must be >= 1"),
-    "sampling.steps": (lambda v: v >= 1, "must be >= 1"),
+    "video.fps": (lambda v: 1 <= v <= MAX_FPS, f"must be >= 1 and <= {MAX_FPS}"),
+    "sampling.steps": (lambda v: 1 <= v <= MAX_STEPS, f"must be >= 1 and <= {MAX_STEPS}"),
     "sampling.guidance_scale": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
     "sampling.shift": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
     "sampling.seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)"),
-    "sampling.max_text_tokens": (lambda v: v >= 1, "must be >= 1"),
+    "sampling.max_text_tokens": (lambda v: 1 <= v <= MAX_TEXT_TOKENS, f"must be >= 1 and <= {MAX_TEXT_TOKENS}"),
     "output": (lambda v: v.suffix.lower() == ".mp4", "must be an .mp4 path"),
     "parallel.cfg_degree": (lambda v: v in (1, 2), "must be 1 or 2"),
     "parallel.timeout_s": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
@@ -179,6 +189,8 @@ def _convert(where: str, hint: Any, value: Any, checks: Mapping = _CHECKS) -> An
     if hint is Path:
         if not isinstance(value, (str, Path)) or not str(value):
             _fail(where, value, "expected a path")
+        if "\0" in str(value):
+            _fail(where, value, "a path cannot contain a NUL byte")
         path = Path(value).expanduser()
         return path if path.is_absolute() else REPO_ROOT / path
     raise AssertionError(f"unsupported config type {hint!r} at {where}")
@@ -247,18 +259,19 @@ def load_render_config(path: str | Path, overrides: Mapping[str, Any] | None = N
     """Read a YAML render config and validate it, with dotted-key overrides applied on top."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config error: {path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config error: {path}: is a directory") from None
     except OSError as e:
         raise ConfigError(f"config error: {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config error: {path}: not UTF-8 text (byte {e.start})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or "syntax error"
-        raise ConfigError(f"config error: {path}: invalid YAML{at}: {problem}") from None
+        raise ConfigError(f"config error: {path}: invalid YAML{yaml_problem(e)}") from None
     if raw is None:
         raw = {}
     return parse_render_config(raw, overrides)

@@ -70,6 +70,90 @@ def check_model_dir(model_dir: str | Path) -> Path:
     return root
 
 
+def _weight_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
+    """{tensor name: shape} from the safetensors headers in `folder` (no tensor is read); None when the
+    weights are not all safetensors (.bin cannot be inspected without unpickling)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files or any(p.name.endswith(".bin") for p in folder.iterdir()):
+        return None
+    shapes = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except Exception as e:  # a truncated or garbage header
+            raise ConfigError(f"config error: {path}: not a readable safetensors file ({type(e).__name__})") from None
+    return shapes
+
+
+def _config_of(folder: Path) -> dict:
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config error: {folder / 'config.json'}: not readable JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {folder / 'config.json'}: expected a JSON object")
+    return data
+
+
+def check_weights_match_config(model_dir: str | Path) -> None:
+    """Every safetensors tensor of transformer/ and vae/ against the model its config.json builds (on the
+    meta device: shapes only, no memory): a config that disagrees with its weights (num_layers lowered or
+    raised, a head count changed) is a one-line ConfigError before anything loads, not a dropped layer or a
+    traceback after loading. The text encoder is checked for unexpected or misshapen tensors."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    root = Path(model_dir)
+    for sub, build in (("transformer", WanTransformer3DModel.from_config), ("vae", AutoencoderKLWan.from_config),
+                       ("text_encoder", _umt5_of)):
+        shapes = _weight_shapes(root / sub)
+        if shapes is None:
+            continue
+        config = _config_of(root / sub)
+        try:
+            with torch.device("meta"):
+                model = build(config)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ConfigError(f"config error: {root / sub / 'config.json'}: cannot build the model "
+                              f"({type(e).__name__}: {first[:200]})") from None
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        where = f"config error: model.path={str(root)!r}: {sub}/config.json disagrees with its weights"
+        for name, shape in shapes.items():
+            if name not in expected:
+                raise ConfigError(f"{where}: the weights have {name} {list(shape)}, the config builds no such tensor")
+            if expected[name] != shape:
+                raise ConfigError(f"{where}: {name} is {list(shape)} in the weights, {list(expected[name])} "
+                                  f"from the config")
+        if sub != "text_encoder":  # diffusers saves every tensor (transformers leaves tied ones out)
+            missing = sorted(set(expected) - set(shapes))
+            if missing:
+                raise ConfigError(f"{where}: the config builds {missing[0]} (and {len(missing) - 1} more), "
+                                  f"missing from the weights")
+
+
+def _umt5_of(config: dict):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config.from_dict(config))
+
+
+def weights_signature(model_dir: str | Path) -> list:
+    """(file, size, mtime) of every weight file: weights replaced in place change it (resume fingerprint)."""
+    root, out = Path(model_dir), []
+    for sub in _WEIGHT_SUBFOLDERS:
+        folder = root / sub
+        if folder.is_dir():
+            for p in sorted(folder.iterdir()):
+                if p.is_file() and p.name.endswith((".safetensors", ".bin", ".json")):
+                    st = p.stat()
+                    out.append([f"{sub}/{p.name}", st.st_size, st.st_mtime_ns])
+    return out
+
+
 def _scheduler_class(config_path: Path):
     import diffusers
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -101,19 +185,21 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
     def load(what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except OSError as e:  # unreadable or truncated weights: a user error, not a bug
+        except Exception as e:  # unreadable, truncated, refused (a pickle weights_only will not load): user files
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"config error: model.path={str(root)!r}: cannot load {what}/: {first}") from e
+            raise ConfigError(f"config error: model.path={str(root)!r}: cannot load {what}/: "
+                              f"{type(e).__name__}: {first[:200]}") from None
 
+    # The cheap parts first, so a garbage tokenizer.json fails before gigabytes of weights are read.
+    tokenizer = load("tokenizer", AutoTokenizer.from_pretrained, root / "tokenizer", local_files_only=True)
+    scheduler = load("scheduler", scheduler_cls.from_pretrained, root, subfolder="scheduler",
+                     local_files_only=True)
     transformer = load("transformer", WanTransformer3DModel.from_pretrained, root, subfolder="transformer",
                        torch_dtype=dtype, local_files_only=True)
     vae = load("vae", AutoencoderKLWan.from_pretrained, root, subfolder="vae",
                torch_dtype=torch.float32, local_files_only=True)
     text_encoder = load("text_encoder", UMT5EncoderModel.from_pretrained, root / "text_encoder",
                         dtype=dtype, local_files_only=True)
-    tokenizer = load("tokenizer", AutoTokenizer.from_pretrained, root / "tokenizer", local_files_only=True)
-    scheduler = load("scheduler", scheduler_cls.from_pretrained, root, subfolder="scheduler",
-                     local_files_only=True)
     return WanComponents(
         transformer=transformer.to(device).eval(),
         vae=vae.to(device).eval(),

@@ -94,8 +94,9 @@ def phi_unclipped(d: int, p: VRPRParams) -> int:
     raise AssertionError("unreachable: last tier is open-ended")
 
 
-def _check_vrpr(p: VRPRParams, num_frames: int, trained_frames: int) -> None:
-    """Validate the shape of the params and the DESIGN 4 properties on every d in [0, F)."""
+def check_vrpr_params(p: VRPRParams, trained_frames: int) -> None:
+    """The checks of VRPR params that hold for every video length (a profile is refused at load, not at the
+    first long render). With integer groups >= 1 and continuous tiers, phi steps by 0 or 1 for any F."""
     r = trained_frames - 1
     w, g = p.windows, p.groups
     if not w:
@@ -111,6 +112,12 @@ def _check_vrpr(p: VRPRParams, num_frames: int, trained_frames: int) -> None:
         raise PlanError(f"vrpr.clip={clip}: exceeds the trained range R={r}")
     if w[0] > clip:
         raise PlanError(f"vrpr.windows[0]={w[0]}: W1 must be <= clip={clip} so that phi(d)=d for d<=W1")
+
+
+def _check_vrpr(p: VRPRParams, num_frames: int, trained_frames: int) -> None:
+    """Validate the shape of the params and the DESIGN 4 properties on every d in [0, F)."""
+    check_vrpr_params(p, trained_frames)
+    w, g, clip = p.windows, p.groups, trained_frames - 1 if p.clip is None else p.clip
     table = [min(phi_unclipped(d, p), clip) for d in range(num_frames)]
     for d in range(1, num_frames):
         step = table[d] - table[d - 1]
@@ -280,12 +287,17 @@ class LayerPlan:
 
     def density(self) -> float:
         """Fraction of (query, key) token pairs attended."""
-        n, ds = self.tokens_per_frame, self.stripe_width
-        s = torch.arange(n)
-        band_pairs = float(((s[:, None] - s[None, :]).abs() < ds).sum())
+        n, ds = self.tokens_per_frame, min(self.stripe_width, self.tokens_per_frame)
+        band_pairs = band_pair_count(n, ds)
         full = float((self.tiers == DENSE).sum() + (self.tiers == SINK).sum()) * n * n
         striped = float((self.tiers == STRIPE).sum()) * band_pairs
         return (full + striped) / float(self.num_frames * n) ** 2
+
+
+def band_pair_count(n: int, width: int) -> float:
+    """Pairs (i, j) in [0, n)^2 with |i - j| < width (1 <= width <= n), counted without an n x n table
+    (at 16000x16000 pixels n is 10**6): the diagonal plus twice each off-diagonal of length n - k, k < width."""
+    return float(n * (2 * width - 1) - width * (width - 1))
 
 
 def layer_plan(kind: str, grid: Sequence[int], trained_frames: int, vrpr=None, tsa=None) -> LayerPlan:
@@ -391,6 +403,7 @@ __all__ = [
     "LayerPlan",
     "Group",
     "derive_vrpr",
+    "check_vrpr_params",
     "resolve_vrpr",
     "phi_table",
     "relative_positions",

@@ -131,6 +131,20 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     if len(kinds) != layers:
         raise RenderPlanError(f"the profile lists {len(kinds)} layers, the model has {layers}")
     trained = profile.trained_frames if profile is not None else 1 << 30
+    # What does not need the layer plans is counted first: a render that cannot fit (400001 frames, or
+    # 16000x16000 pixels) is refused before any frame table of F x F entries is built.
+    local_tokens = local_frames * n
+    latent_elems = t["out_channels"] * num_frames * (h * ph) * (w * pw)
+    memory = {
+        "weights: transformer": transformer_params(t) * DTYPE_BYTES[cfg.model.dtype],
+        "weights: text encoder": text_encoder_params(text_encoder_cfg) * DTYPE_BYTES[cfg.model.dtype],
+        "activations": float(local_tokens) * (8 * d + ffn) * act_bytes,
+        "K/V buffers": 0.0,
+        "latents": float(latent_elems) * 4 * 5,  # latents, prediction, 2 scheduler history, noise
+        # every rank plans each layer kind on the host: offsets, tiers and a natural-offset table, Long[F, F]
+        "frame tables (host)": 3.0 * 8 * num_frames * num_frames * len(set(kinds)),
+    }
+    _check_fits(memory, device_memory_gb)
     layers_by_kind: dict[str, int] = {}
     density, strategy, attn_flops, comm = {}, {}, {}, {}
     kv_buffer = 0.0
@@ -151,37 +165,34 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
             comm[kind] = float(received) * act_bytes * count * passes
             buffer = (4 * local_frames * n * d if strat == "ring" else received) * act_bytes
             kv_buffer = max(kv_buffer, float(buffer))
-    local_tokens = local_frames * n
+    memory["K/V buffers"] = kv_buffer
     # Linear layers per pass: self q k v o (4 d^2), cross q o (2 d^2), FFN (2 d ffn) per token; cross k v per
     # text token; 2 flops per multiply-add. Cross-attention scores: 4 x tokens x text_len x d.
     per_pass = layers * (2.0 * local_tokens * (6 * d * d + 2 * d * ffn) + 2.0 * text_len * 2 * d * d
                          + 4.0 * local_tokens * text_len * d)
     linear = per_pass * passes
-    latent_elems = t["out_channels"] * num_frames * (h * ph) * (w * pw)
     if sp > 1:
         # the prediction's other frames, float32 (Comm.gather_frames), for the rank with the smallest shard
         comm["gather"] = float(t["out_channels"] * (num_frames - min(shards.sizes)) * (h * ph) * (w * pw)) * 4
     if cfg_degree == 2 and use_cfg:
         comm["cfg"] = float(t["out_channels"] * local_frames * (h * ph) * (w * pw)) * 4
-    memory = {
-        "weights: transformer": transformer_params(t) * DTYPE_BYTES[cfg.model.dtype],
-        "weights: text encoder": text_encoder_params(text_encoder_cfg) * DTYPE_BYTES[cfg.model.dtype],
-        "activations": float(local_tokens) * (8 * d + ffn) * act_bytes,
-        "K/V buffers": kv_buffer,
-        "latents": float(latent_elems) * 4 * 5,  # latents, prediction, 2 scheduler history, noise
-    }
     result = RenderPlan(world_size=world_size, cfg_degree=cfg_degree, sp_degree=sp, latent_frames=num_frames,
                         tokens_per_frame=n, tokens=num_frames * n, tokens_per_rank=local_tokens,
                         layers_by_kind=layers_by_kind, density_by_kind=density, strategy_by_kind=strategy,
                         memory_bytes=memory, attention_flops_by_kind=attn_flops, linear_flops=linear,
                         bytes_per_step=comm, steps=cfg.sampling.steps, peak_tflops=peak_tflops,
                         device_memory_gb=device_memory_gb)
-    if result.memory_total > device_memory_gb * GiB:
-        worst = max(memory, key=memory.get)
-        raise RenderPlanError(f"does not fit: {result.memory_total / GiB:.1f} GiB per rank needed, "
-                        f"{device_memory_gb:g} GiB available (largest: {worst} {memory[worst] / GiB:.1f} GiB); "
-                        f"use more ranks, fewer frames or a smaller size")
+    _check_fits(memory, device_memory_gb)
     return result
+
+
+def _check_fits(memory: Mapping[str, float], device_memory_gb: float) -> None:
+    total = sum(memory.values())
+    if total > device_memory_gb * GiB:
+        worst = max(memory, key=memory.get)
+        raise RenderPlanError(f"does not fit: {total / GiB:.1f} GiB per rank needed, "
+                              f"{device_memory_gb:g} GiB available (largest: {worst} {memory[worst] / GiB:.1f} GiB); "
+                              f"use more ranks, fewer frames or a smaller size")
 
 
 def _si(x: float, unit: str) -> str:

@@ -33,6 +33,7 @@ class RunOptions:
     peak_tflops: float = 400.0
     report_comm: bool = False
     quiet: bool = False
+    validate_only: bool = False  # every check, then exit 0 (./torchrun.sh runs it before torchrun)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Preflight:
     world_size: int
     resume: Any  # the checkpoint of a single render with --resume (None: start from step 0)
     transformer_config: dict | None  # transformer/config.json (or the planner's built-in copy)
+    finished: bool = False  # --resume of a single render whose video exists and has no checkpoint
 
 
 def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptions,
@@ -67,14 +69,22 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
         log(f"warning: attention_backend={cfg.attention_backend} has no effect without a profile")
     heads = (transformer_cfg or {}).get("num_attention_heads")
     configs = queue_configs(config_path, cfg, overrides, options)
-    for job in configs:  # per-job frames against the world size
+    for job in configs:  # per-job frames against the world size and the model's positions
         check_world(job, world, heads)
-    resume = None
-    if options.resume and options.prompts is None and not options.dry_run:
-        resume = read_checkpoint(cfg, profile)
+        check_length(job, profile, transformer_cfg)
+    resume, finished = None, False
     if not options.dry_run:
-        make_folders(configs, options)
-    return Preflight(configs, profile, world, resume, transformer_cfg)
+        from .models import check_weights_match_config
+        from .outputs import check_outputs
+
+        check_outputs(configs, options.save_latents, queue=options.prompts is not None)
+        check_weights_match_config(model_dir)
+        for job in configs:
+            check_host_memory(job)
+        if options.resume and options.prompts is None:
+            resume = read_checkpoint(cfg, profile)
+            finished = resume is None and cfg.output.is_file()
+    return Preflight(configs, profile, world, resume, transformer_cfg, finished)
 
 
 def load_config(config_path: Path, overrides: Mapping[str, Any], seconds: float | None) -> RenderConfig:
@@ -82,8 +92,55 @@ def load_config(config_path: Path, overrides: Mapping[str, Any], seconds: float 
     if seconds is not None:
         if not (math.isfinite(seconds) and seconds > 0):
             raise UserError(f"--seconds={seconds}: must be a positive number")
-        cfg = load_render_config(config_path, {**overrides, "video.frames": frames_for_seconds(seconds, cfg.video.fps)})
+        try:
+            frames = frames_for_seconds(seconds, cfg.video.fps)
+        except ValueError as e:
+            raise UserError(f"--seconds={seconds}: {e}") from None
+        cfg = load_render_config(config_path, {**overrides, "video.frames": frames})
     return cfg
+
+
+def check_length(cfg: RenderConfig, profile, transformer_cfg: dict | None) -> None:
+    """Stock Wan (no profile) has RoPE positions for rope_max_seq_len latent frames (1024): past them its
+    tables end and diffusers fails. With FreeLOC every temporal offset stays within the trained range and the
+    tables grow to any length (freeloc_dist.long_rope), so only stock renders are bounded here."""
+    if profile is not None or transformer_cfg is None:
+        return
+    limit = int(transformer_cfg.get("rope_max_seq_len", 1024))
+    if cfg.latent_frames > limit:
+        raise UserError(f"video.frames={cfg.video.frames}: {cfg.latent_frames} latent frames, but stock Wan "
+                        f"attention has RoPE positions for {limit} (rope_max_seq_len); render it with a "
+                        f"FreeLOC profile, or at most {4 * (limit - 1) + 1} frames")
+
+
+def latent_shape(cfg: RenderConfig) -> tuple[int, int, int, int, int] | None:
+    """[1, C, F, H, W] of the render's latents from vae/config.json (None if it cannot be read)."""
+    path = Path(cfg.model.path) / "vae" / "config.json"
+    if not path.is_file():
+        return None
+    vae = read_json(path)
+    try:
+        spatial = int(vae.get("scale_factor_spatial") or 2 ** (len(vae["dim_mult"]) - 1))
+        channels = int(vae["z_dim"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (1, channels, cfg.latent_frames, cfg.video.height // spatial, cfg.video.width // spatial)
+
+
+def check_host_memory(cfg: RenderConfig) -> None:
+    """The latents live on the host in float32 on every rank (latents, prediction, scheduler history, noise:
+    about 5 copies); a video whose latents alone cannot fit is refused now, not as a traceback in torch."""
+    shape = latent_shape(cfg)
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if shape is None or total <= 0:
+        return
+    need = math.prod(shape) * 4 * 5
+    if need > total:
+        raise UserError(f"video: {cfg.video.frames} frames at {cfg.video.width}x{cfg.video.height}: the latents "
+                        f"alone need {need / 2**30:.1f} GiB of memory, this machine has {total / 2**30:.1f} GiB")
 
 
 def load_profile_of(cfg: RenderConfig):
@@ -126,7 +183,7 @@ def read_json(path: Path) -> dict:
 
 
 def world_size(options: RunOptions) -> int:
-    if options.dry_run and options.world_size is not None:
+    if (options.dry_run or options.validate_only) and options.world_size is not None:
         if options.world_size < 1:
             raise UserError(f"--world-size={options.world_size}: must be >= 1")
         return options.world_size
@@ -175,24 +232,19 @@ def queue_configs(config_path: Path, cfg: RenderConfig, overrides: Mapping[str, 
 
 def read_checkpoint(cfg: RenderConfig, profile):
     """The checkpoint of this render if it exists (None otherwise); a bad one is a UserError."""
-    from .checkpoint import CheckpointError, checkpoint_path, fingerprint, load_checkpoint
+    from .checkpoint import CheckpointError, checkpoint_path, fingerprint_settings, load_checkpoint
+    from .checkpoint import fingerprint as digest
 
     path = checkpoint_path(cfg)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path}: is a directory")
     if not path.is_file():
         return None
+    settings = fingerprint_settings(cfg, profile)
     try:
-        ckpt = load_checkpoint(path, fingerprint(cfg, profile))
+        ckpt = load_checkpoint(path, digest(cfg, profile), settings, latent_shape=latent_shape(cfg))
     except CheckpointError as e:
         raise UserError(str(e)) from None
     if ckpt.total_steps != cfg.sampling.steps:
         raise UserError(f"checkpoint {path}: has {ckpt.total_steps} steps, sampling.steps is {cfg.sampling.steps}")
     return ckpt
-
-
-def make_folders(configs, options: RunOptions) -> None:
-    """The last check: output folders can be made (only after everything else is known to be valid)."""
-    for path in [c.output for c in configs] + ([options.save_latents] if options.save_latents else []):
-        try:
-            Path(path).resolve().parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the folder of {path}: {e.strerror}") from None

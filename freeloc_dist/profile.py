@@ -11,7 +11,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from .plan import KINDS, PlanError, TSAParams, VRPRParams
+from .plan import KINDS, PlanError, TSAParams, VRPRParams, check_vrpr_params
+from .yamlio import load_yaml, yaml_problem
 
 
 class ProfileError(ValueError):
@@ -100,6 +101,8 @@ def parse_profile(m: Mapping[str, Any], *, where: str = "profile", allow_extra: 
         vrpr = None if m.get("vrpr") is None else VRPRParams.from_mapping(m["vrpr"])
         tsa = None if m.get("tsa") is None else TSAParams.from_mapping(m["tsa"])
         (tsa or TSAParams()).check()
+        if vrpr is not None:  # every setting that does not depend on the video's length, refused at load
+            check_vrpr_params(vrpr, t)
     except PlanError as e:
         raise ProfileError(f"{where}: {e}") from None
     return Profile(
@@ -123,10 +126,14 @@ def load_profile(profile) -> Profile:
         path = os.fspath(profile)
         if not os.path.isfile(path):
             raise ProfileError(f"profile {path}: file not found")
-        with open(path) as fh:
-            try:
-                data = yaml.safe_load(fh)
-            except yaml.YAMLError as e:
-                raise ProfileError(f"profile {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ProfileError(f"profile {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        try:
+            data = load_yaml(text)
+        except yaml.YAMLError as e:
+            raise ProfileError(f"profile {path}: not valid YAML{yaml_problem(e)}") from None
         return parse_profile(data, where=f"profile {path}")
     raise ProfileError(f"profile: expected a path, mapping or Profile, got {type(profile).__name__}")

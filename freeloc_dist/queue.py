@@ -12,6 +12,7 @@ name a path outside the output folder. Every problem is one line naming the file
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from pathlib import Path, PurePosixPath
@@ -46,12 +47,19 @@ def slugify(text: str, max_len: int = SLUG_MAX) -> str:
 
 
 def job_output_name(prompt: str, seed: int) -> str:
-    return f"{slugify(prompt)}-s{seed}.mp4"
+    """`<slug>-s<seed>.mp4`; a prompt with non-ASCII characters (which the slug drops: every Chinese prompt
+    would be `video`) also gets 8 hex digits of its SHA-256, so different prompts get different names."""
+    slug = slugify(prompt)
+    if not prompt.isascii():
+        slug += "-" + hashlib.sha256(prompt.strip().encode()).hexdigest()[:8]
+    return f"{slug}-s{seed}.mp4"
 
 
 def _safe_relative(where: str, value) -> PurePosixPath:
     if not isinstance(value, str) or not value.strip():
         raise QueueError(f"{where}: output={value!r}: expected a relative .mp4 path")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise QueueError(f"{where}: output={value!r}: control characters (NUL, newline, ...) are not allowed")
     rel = PurePosixPath(value.replace("\\", "/"))
     if rel.is_absolute() or ".." in rel.parts or rel.suffix.lower() != ".mp4" or value.startswith("~"):
         raise QueueError(f"{where}: output={value!r}: must be a relative .mp4 path inside the output folder "

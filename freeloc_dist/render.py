@@ -8,13 +8,14 @@ writes the mp4 and its JSON sidecar. Exit codes are freeloc_dist.cli's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .cli import EXIT_FAILED, Preempted, UserError, first_line, log
+from .cli import EXIT_FAILED, Preempted, RenderFailed, UserError, first_line, log
 from .preflight import Preflight, RunOptions, preflight, read_checkpoint, read_json
 
 __all__ = ["RunOptions", "run"]
@@ -23,23 +24,54 @@ __all__ = ["RunOptions", "run"]
 def run(config_path: Path, overrides: Mapping[str, Any], options: RunOptions, *, seconds: float | None = None) -> int:
     """Validate, then render every job (or print the plan with options.dry_run); returns the exit code."""
     pre = preflight(config_path, overrides, options, seconds)
+    if options.validate_only:
+        return 0
     if options.dry_run:
         return dry_run(pre, options)
+    first = pre.configs[0]
+    if pre.finished:  # --resume of a render that completed: nothing to continue
+        if os.environ.get("RANK", "0") == "0":
+            if not options.quiet:
+                log(f"already rendered: {first.output} exists and has no checkpoint (delete it to render again)")
+            print(first.output, flush=True)
+        return 0
     from .parallel import destroy_parallel, init_parallel
 
-    first = pre.configs[0]
     dims = init_parallel(cfg_degree=first.parallel.cfg_degree, timeout_s=first.parallel.timeout_s)
     try:
-        lead_log = log if (dims.rank == 0 and not options.quiet) else (lambda message: None)
-        session = Session(first, pre.profile, dims, lead_log)
-        from .checkpoint import PreemptionFlag
+        with claim_outputs(pre, options, dims):
+            lead_log = log if (dims.rank == 0 and not options.quiet) else (lambda message: None)
+            session = Session(first, pre.profile, dims, lead_log)
+            from .checkpoint import PreemptionFlag
 
-        # From here a preemption signal means "checkpoint at the next step boundary"; before (joining the
-        # group, loading weights) there is nothing to save and the signal keeps its default effect.
-        with PreemptionFlag() as flag:
-            return run_jobs(pre, options, session, flag)
+            # From here a preemption signal means "checkpoint at the next step boundary"; before (joining the
+            # group, loading weights) there is nothing to save and the signal keeps its default effect.
+            with PreemptionFlag() as flag:
+                return run_jobs(pre, options, session, flag)
     finally:
         destroy_parallel(dims)
+
+
+@contextlib.contextmanager
+def claim_outputs(pre: Preflight, options: RunOptions, dims):
+    """Rank 0 makes the output folders, locks every output and removes a killed render's temporary files
+    (freeloc_dist.outputs.OutputClaim); every rank learns whether that worked before any weight loads."""
+    from .outputs import OutputClaim
+    from .parallel.comm import Comm
+
+    claim, problem = None, None
+    if dims.rank == 0:
+        try:
+            claim = OutputClaim(pre.configs, options.save_latents).__enter__()
+        except UserError as e:
+            problem = str(e)
+    if Comm(dims).any_flag(problem is not None):
+        raise UserError(problem or "the outputs are not free; see rank 0's error")
+    try:
+        yield
+    finally:
+        if claim is not None:
+            claim.release()
 
 
 class Session:
@@ -92,26 +124,33 @@ def run_jobs(pre: Preflight, options: RunOptions, session: Session, flag) -> int
     done, skipped, failed = [], [], []
     for index, cfg in enumerate(pre.configs):
         label = f"[job {index + 1}/{len(pre.configs)}] " if queue else ""
-        if queue and cfg.output.exists():  # decided from the filesystem every rank sees, before any collective
+        if queue and cfg.output.is_file():  # decided from the filesystem every rank sees, before any collective
             log_fn(f"{label}skip: {cfg.output} exists")
             skipped.append(cfg.output)
             continue
+        error = None
         try:
             job_resume = pre.resume if not queue else (read_checkpoint(cfg, pre.profile) if options.resume else None)
             out = render_one(cfg, options, session, flag, job_resume, label)
         except Preempted:
             raise
         except Exception as e:
-            if not queue:
-                raise
-            # A job that fails on every rank alike (bad checkpoint, bad frames for the model, a write error on
-            # rank 0) is reported and the queue goes on; a failure inside a collective ends the run.
-            log(f"{label}failed: {cfg.prompt[:60]!r}: {type(e).__name__}: {first_line(e)}")
-            failed.append(cfg.output)
+            error = e
+        # Every rank agrees on the job's outcome before the next one starts: a job that failed on one rank
+        # only (rank 0 cannot write its video) fails on all, and no rank starts the next job's collectives
+        # while another is still in this one's (the hang that waited out parallel.timeout_s).
+        if not session.any_flag(error is not None):
+            done.append(out)
+            if lead:
+                print(out, flush=True)
             continue
-        done.append(out)
-        if lead:
-            print(out, flush=True)
+        if not queue:
+            raise error if error is not None else RenderFailed("the render failed on another rank (see its error)")
+        if error is not None:
+            log(f"{label}failed: {cfg.prompt[:60]!r}: {type(error).__name__}: {first_line(error)}")
+        else:
+            log(f"{label}failed on another rank: {cfg.prompt[:60]!r}")
+        failed.append(cfg.output)
     if queue and lead:
         log(f"queue: {len(done)} rendered, {len(skipped)} skipped (output exists), {len(failed)} failed"
             + "".join(f"\n  failed: {p}" for p in failed))
@@ -122,8 +161,16 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
     """Sample (with checkpoints), decode over the ranks, write mp4 + sidecar on rank 0; returns the output."""
     import torch
 
-    from .checkpoint import Checkpoint, checkpoint_path, fingerprint, save_checkpoint, scheduler_state
+    from .checkpoint import (
+        Checkpoint,
+        checkpoint_path,
+        fingerprint,
+        fingerprint_settings,
+        save_checkpoint,
+        scheduler_state,
+    )
     from .decode import DecodeStopped, can_decode_ranges, decode_ranges, iter_decode_spread
+    from .long_rope import grow_rope_tables
     from .progress import Progress
     from .sampling import render
     from .video import save_latents, write_json, write_mp4
@@ -132,7 +179,10 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
     lead = dims.rank == 0
     start = time.perf_counter()
     v, s = cfg.video, cfg.sampling
-    ckpt_path, key, every = checkpoint_path(cfg), fingerprint(cfg, session.profile), cfg.checkpoint.every
+    ckpt_path, every = checkpoint_path(cfg), cfg.checkpoint.every
+    settings = fingerprint_settings(cfg, session.profile)
+    key = fingerprint(cfg, session.profile)
+    grow_rope_tables(session.parts.transformer.rope, cfg.latent_frames)  # past 1024 latent frames
     log_fn(f"{label}rendering {v.frames} frames ({cfg.latent_frames} latent) at {v.width}x{v.height}, "
            f"{s.steps} steps, seed {s.seed}" + (f", resuming after step {resume.step}" if resume else ""))
     if resume is None and options.resume:
@@ -143,9 +193,13 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
         stop = session.any_flag(flag.raised is not None)  # one all-reduce per step: every rank stops together
         final = step == s.steps
         if lead and (stop or (every and (step % every == 0 or final))):
-            save_checkpoint(ckpt_path, Checkpoint(step=step, total_steps=s.steps, latents=latents,
-                                                  scheduler=scheduler_state(scheduler),
-                                                  rng=torch.get_rng_state(), fingerprint=key))
+            try:
+                save_checkpoint(ckpt_path, Checkpoint(step=step, total_steps=s.steps, latents=latents,
+                                                      scheduler=scheduler_state(scheduler),
+                                                      rng=torch.get_rng_state(), fingerprint=key,
+                                                      settings=settings))
+            except OSError as e:  # rank 0 alone: raising here would leave the others in the next step
+                log(f"{label}warning: checkpoint {ckpt_path} not written: {e.strerror or e}")
         if stop:
             session.any_flag(False)  # a barrier: rank 0 has finished writing before any rank exits
             raise Preempted(step, ckpt_path)
@@ -156,9 +210,17 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
     sample_s = time.perf_counter() - sample_start
     if options.report_comm:
         report_comm(session, s.steps)
+    if not bool(torch.isfinite(result.latents).all()):  # the same global latents on every rank
+        raise RenderFailed(f"sampling ended with NaN or infinite latents; no video written ({cfg.output})")
+    # Rank 0's writes can fail where the other ranks' work cannot: such an error waits in `pending` until
+    # rank 0 has taken part in every collective of this job (decode), then fails the job on every rank.
+    pending: list[Exception] = []
     if lead and options.save_latents is not None:
-        save_latents(options.save_latents, result.latents)
-        log_fn(f"latents: {options.save_latents}")
+        try:
+            save_latents(options.save_latents, result.latents)
+            log_fn(f"latents: {options.save_latents}")
+        except OSError as e:
+            pending.append(RenderFailed(f"cannot write --save-latents {options.save_latents}: {e.strerror or e}"))
     decode_start = time.perf_counter()
     stopped = Preempted(s.steps, ckpt_path if every else "none (set --checkpoint-every)")
 
@@ -173,14 +235,21 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
         except DecodeStopped:  # a signal on some rank during decode: every rank stops here together
             raise stopped from None
 
+    frames = chunks()
     if lead:
-        write_mp4(cfg.output, chunks(), fps=v.fps)
-    else:
-        for _ in chunks():
-            pass
+        try:
+            write_mp4(cfg.output, frames, fps=v.fps)
+        except Preempted:
+            raise
+        except Exception as e:
+            pending.append(RenderFailed(f"cannot write {cfg.output}: {type(e).__name__}: {first_line(e)}"))
+    for _ in frames:  # the rest of the decode (all of it off rank 0): the other ranks are sending their frames
+        pass
     decode_s = time.perf_counter() - decode_start
     if not lead:
         return cfg.output
+    if pending:
+        raise pending[0]
     received = session.comm.bytes.get("decode", 0)
     ranks = sum(e > s for s, e in decode_ranges(cfg.latent_frames, dims.world_size))
     ranks = ranks if can_decode_ranges(session.parts.vae) else 1
@@ -190,7 +259,10 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
     timings = {"load_s": session.load_s, "sample_s": sample_s, "decode_and_write_s": decode_s,
                "render_s": time.perf_counter() - start,
                "s_per_step": sample_s / max(1, s.steps - (resume.step if resume else 0))}
-    write_json(cfg.output.with_suffix(".json"), sidecar(cfg, session, resume, timings))
+    try:
+        write_json(cfg.output.with_suffix(".json"), sidecar(cfg, session, resume, timings))
+    except OSError as e:
+        raise RenderFailed(f"cannot write the sidecar of {cfg.output}: {e.strerror or e}") from None
     ckpt_path.unlink(missing_ok=True)
     log_fn(f"{label}done in {timings['render_s']:.1f}s: {cfg.output}")
     return cfg.output

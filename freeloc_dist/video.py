@@ -27,9 +27,11 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file the usual permissions
     try:
         yield tmp
+        # mkstemp makes 0600, and a writer may recreate the file (safetensors did): the usual permissions,
+        # set on what was written, just before it takes the final name
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -93,6 +93,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     prod.add_argument("--peak-tflops", type=float, default=400.0, metavar="T",
                       help="with --dry-run: sustained dense bf16 TFLOP/s per device for the estimate (default 400)")
     prod.add_argument("--quiet", action="store_true", help="errors and the output path only")
+    prod.add_argument("--validate-only", action="store_true",
+                      help="run every check (with --world-size N: for N ranks), load nothing, exit 0 or 2")
     args = p.parse_args(argv)
     if args.prompts is not None:
         for flag, value in (("out", given(args, "output")), ("save-latents", args.save_latents),
@@ -104,8 +106,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     every = given(args, "checkpoint.every")
     if every is not None and every < 0:
         raise UserError(f"--checkpoint-every={every}: must be >= 0")
-    if args.world_size is not None and not args.dry_run:
-        raise UserError("--world-size: only with --dry-run (torchrun sets the world size)")
+    if args.world_size is not None and not (args.dry_run or args.validate_only):
+        raise UserError("--world-size: only with --dry-run or --validate-only (torchrun sets the world size)")
     for flag in ("gpu_memory_gb", "peak_tflops"):
         v = getattr(args, flag)
         if not (math.isfinite(v) and v > 0):
@@ -123,7 +125,7 @@ def run(argv: list[str] | None = None) -> int:
                          out_dir=cwd / args.out_dir if args.out_dir is not None else None,
                          save_latents=args.save_latents, dry_run=args.dry_run, world_size=args.world_size,
                          gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
-                         report_comm=args.report_comm, quiet=args.quiet)
+                         report_comm=args.report_comm, quiet=args.quiet, validate_only=args.validate_only)
     overrides = overrides_of(args)
     if overrides.get("profile") == STOCK:
         overrides["profile"] = None

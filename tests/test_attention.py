@@ -289,3 +289,27 @@ def test_flex_in_bfloat16():
     out = flex_freeloc_attention(q0.bfloat16(), k0.bfloat16(), v.bfloat16(), plan, T_ROPE)
     assert out.dtype == torch.bfloat16
     assert rel_err(out.float(), reference_attention(q0, k0, v, plan, T_ROPE)) < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["vrpr", "tsa"])
+def test_sdpa_backend_one_token_per_frame(kind):
+    """A 16x16 video has one token per frame: the size-1 token axis's stride must not be trusted (it
+    failed an assert in every tiny long render). Through the backend entry, as the processor calls it."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    from freeloc_dist.attention import get_backend
+
+    num_frames, g = 4 * T + 3, torch.Generator().manual_seed(0)
+    plan = layer_plan(kind, (num_frames, 1, 1), T, tsa=TSA if kind == "tsa" else None)
+    q, k, v = (torch.randn(1, num_frames, 3, 12, generator=g) for _ in range(3))  # [B, L, h, d] as projected
+    rotary = WanRotaryPosEmbed(12, (1, 2, 2), 64)(torch.empty(1, 4, num_frames, 2, 2))
+    out = get_backend("sdpa").run(q, k, v, rotary, plan, T_ROPE)  # [B, L, h, d]
+    _, _, q0, k0 = sdpa_split(q, k, rotary)
+    ref = reference_attention(q0, k0, v.transpose(1, 2), plan, T_ROPE).transpose(1, 2)
+    assert rel_err(out, ref) < TOL
+
+
+def sdpa_split(q, k, rotary):
+    from freeloc_dist.rope import split_rotations
+
+    return [None if x is None else x.transpose(1, 2) for x in split_rotations(q, k, rotary, T_ROPE)]

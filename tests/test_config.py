@@ -61,6 +61,7 @@ BAD = [
     ("video.width", None, "expected an integer"),
     ("video.fps", 0, ">= 1"),
     ("sampling.steps", 0, ">= 1"),
+    ("sampling.steps", 10**12, "<= 10000"),
     ("sampling.steps", 2.5, "expected an integer"),
     ("sampling.steps", False, "expected an integer"),
     ("sampling.guidance_scale", "high", "expected a number"),

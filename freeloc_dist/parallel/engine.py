@@ -14,6 +14,7 @@ import torch
 from ..attention import get_backend
 from ..guidance import combine, uses_cfg
 from ..install import apply_freeloc
+from ..long_rope import grow_rope_tables
 from ..plan import LayerPlan
 from ..processor import grid_of
 from .comm import Comm
@@ -69,7 +70,9 @@ class SequenceParallel:
         if key not in self._rope_cache:
             if len(self._rope_cache) >= 4:  # a queue of many lengths: keep the newest few (each is L x d floats)
                 self._rope_cache.pop(next(iter(self._rope_cache)))
-            # The rope module reads only its input's shape; forward() directly skips our own hook.
+            # Past diffusers' 1024 rows the tables grow first (any length); the rope module reads only its
+            # input's shape; forward() directly skips our own hook.
+            grow_rope_tables(self.transformer.rope, num_frames)
             self._rope_cache[key] = self.transformer.rope.forward(_Shape((1, 1, num_frames, height, width)))
         return self._rope_cache[key]
 

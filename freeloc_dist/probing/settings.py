@@ -11,6 +11,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from ..config import REPO_ROOT, ConfigError, build_config
+from ..yamlio import load_yaml, yaml_problem
 
 DEFAULT_PROMPTS = (
     "a red fox running through fresh snow in a pine forest, golden morning light, tracking shot",
@@ -84,11 +85,13 @@ def load_probe_settings(path: str | Path | None = None, overrides: Mapping[str, 
     if path is not None or DEFAULT_SETTINGS_PATH.is_file():
         p = Path(path) if path is not None else DEFAULT_SETTINGS_PATH
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = load_yaml(p.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config error: {p}: file not found") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config error: {p}: not UTF-8 text") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config error: {p}: invalid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"config error: {p}: invalid YAML{yaml_problem(e)}") from None
         if not isinstance(raw, Mapping):
             raise ConfigError(f"config error: {p}: the top level must be a mapping")
     raw = dict(raw)

@@ -1,0 +1,420 @@
+"""Issue 14's hostile-user findings, one test each: hostile configs and flags are one line and exit 2 before
+any weight loads; every output path is checked first and owned by one render (a lock); a failed job on one
+rank never leaves the others waiting; any length renders; resume refuses what it cannot continue."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from freeloc_dist.config import REPO_ROOT, ConfigError, load_render_config
+
+GENERATE = REPO_ROOT / "launch" / "generate.py"
+TINY = yaml.safe_load((REPO_ROOT / "configs" / "tiny-random.yaml").read_text())
+SMALL = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def generate():
+    spec = importlib.util.spec_from_file_location("generate_hardening", GENERATE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def write_config(tmp_path, edit=lambda c: None, name="c.yaml"):
+    raw = yaml.safe_load(yaml.safe_dump(TINY))
+    raw["output"] = str(tmp_path / "out" / "v.mp4")
+    edit(raw)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def one_line_error(capsys, code, needle, expect=2):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == expect, err
+    errors = [line for line in err if "error: " in line]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def model_copy(tmp_path, edit_config=None, sub="transformer"):
+    model = tmp_path / "model"
+    shutil.copytree(REPO_ROOT / "assets" / "tiny-wan", model)
+    if edit_config is not None:
+        path = model / sub / "config.json"
+        cfg = json.loads(path.read_text())
+        edit_config(cfg)
+        path.write_text(json.dumps(cfg))
+    return model
+
+
+# ------------------------------------------------------------------------------------------ YAML and flags
+@pytest.mark.unit
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    lines = ["a0: &a0 {" + ", ".join(f"k{j}: x" for j in range(9)) + "}"]
+    for i in range(1, 9):  # 9**8 mappings once expanded: copying them ran for minutes, then MemoryError
+        lines.append(f"a{i}: &a{i} {{" + ", ".join(f"k{j}: *a{i - 1}" for j in range(9)) + "}")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases"):
+        load_render_config(bomb)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.unit
+def test_duplicate_keys_and_non_utf8_are_config_errors(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("video:\n  frames: 5\n  frames: 9\n")
+    with pytest.raises(ConfigError, match="line 3: duplicate key 'frames'"):
+        load_render_config(dup)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("prompt: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_render_config(latin1)
+
+
+BAD = [  # (id, argv after --config, needle); every one fails before any weight loads
+    ("seconds-overflow", ["--seconds", "1e308"], "--seconds=1e+308"),
+    ("steps-absurd", ["--steps", str(10**12)], "sampling.steps"),
+    ("dry-run-400001-frames", ["--dry-run", "--frames", "400001"], "does not fit"),
+    ("save-latents-is-out", ["--save-latents", "out/v.mp4"], "is also the output"),
+    ("checkpoint-is-sidecar", ["--checkpoint", "out/v.json"], "is also the sidecar"),
+    ("stock-past-rope", ["--profile", "none", "--frames", "4101", "--height", "32", "--width", "32"],
+     "RoPE positions for 1024"),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv,needle", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_hostile_flags_are_one_line_exit_2(generate, tmp_path, clean_env, capsys, argv, needle):
+    code = generate.main(["--config", str(write_config(tmp_path)), *argv])
+    one_line_error(capsys, code, needle)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.unit
+def test_queue_output_with_nul_and_directory_outputs(generate, tmp_path, clean_env, capsys):
+    cfg = write_config(tmp_path)
+    queue = tmp_path / "q.txt"
+    queue.write_text('{"prompt": "x", "output": "a\\u0000.mp4"}\n')
+    one_line_error(capsys, generate.main(["--config", str(cfg), "--prompts", str(queue)]), "control characters")
+    (tmp_path / "out" / "a-cat-s0.mp4").mkdir(parents=True)
+    queue.write_text("a dog\na cat\n")
+    one_line_error(capsys, generate.main(["--config", str(cfg), "--prompts", str(queue)]),
+                   "job 2: output")
+    out_dir = tmp_path / "out" / "v.mp4"
+    out_dir.mkdir()
+    one_line_error(capsys, generate.main(["--config", str(cfg)]), "is a directory")
+    ckpt_dir = tmp_path / "ck"
+    ckpt_dir.mkdir()
+    one_line_error(capsys, generate.main(["--config", str(cfg), "--out", "o/w.mp4", "--checkpoint", "ck"]),
+                   "checkpoint")
+
+
+@pytest.mark.unit
+def test_unwritable_output_folder_is_refused_before_loading(generate, tmp_path, clean_env, capsys):
+    # /proc accepts no new files even for root (a chmod 0555 folder would not stop root)
+    code = generate.main(["--config", str(write_config(tmp_path)), "--out", "/proc/v.mp4"])
+    one_line_error(capsys, code, "cannot be written")
+
+
+@pytest.mark.unit
+def test_profile_vrpr_settings_refused_for_a_short_video(tmp_path):
+    from freeloc_dist.profile import ProfileError, load_profile
+
+    p = yaml.safe_load((REPO_ROOT / "configs" / "profiles" / "tiny-random.yaml").read_text())
+    for vrpr, needle in (({"windows": [3, 2], "groups": [1, 2]}, "strictly increasing"),
+                         ({"windows": [2], "groups": [2], "clip": 9}, "exceeds the trained range")):
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump({**p, "vrpr": vrpr}))
+        with pytest.raises(ProfileError, match=needle):
+            load_profile(path)
+
+
+@pytest.mark.unit
+def test_non_latin_prompts_get_distinct_names():
+    from freeloc_dist.queue import job_output_name
+
+    a, b = job_output_name("一只红狐狸在雪中奔跑", 0), job_output_name("灯塔在暴风雨中", 0)
+    assert a != b and a.startswith("video-") and a.endswith("-s0.mp4") and a.isascii()
+    assert job_output_name("a red fox", 0) == "a-red-fox-s0.mp4"  # ASCII names unchanged
+
+
+# ---------------------------------------------------------------------------------- model vs its config
+@pytest.mark.unit
+@pytest.mark.parametrize("edit,needle", [
+    (lambda c: c.update(num_layers=2), "no such tensor"),
+    (lambda c: c.update(num_layers=4), "missing from the weights"),
+    (lambda c: c.update(num_attention_heads=3), "in the weights"),
+], ids=["layers-lowered", "layers-raised", "heads-changed"])
+def test_config_disagreeing_with_weights_is_refused(generate, tmp_path, clean_env, capsys, edit, needle):
+    model = model_copy(tmp_path, edit)
+    cfg = write_config(tmp_path, lambda c: c["model"].update(path=str(model)))
+    line = one_line_error(capsys, generate.main(["--config", str(cfg), "--profile", "none", *SMALL]), needle)
+    assert "disagrees with its weights" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.unit
+def test_garbage_tokenizer_and_malicious_bin_are_one_line(generate, tmp_path, clean_env, capsys):
+    model = model_copy(tmp_path)
+    (model / "tokenizer" / "tokenizer.json").write_text("{ not json")
+    cfg = write_config(tmp_path, lambda c: (c["model"].update(path=str(model)),
+                                            c.update(output=str(tmp_path / "new" / "sub" / "v.mp4"))))
+    one_line_error(capsys, generate.main(["--config", str(cfg), "--profile", "none", *SMALL]), "tokenizer/")
+    assert not (tmp_path / "new").exists()  # errors while loading leave no empty output folder
+
+    shutil.copytree(REPO_ROOT / "assets" / "tiny-wan" / "tokenizer", model / "tokenizer", dirs_exist_ok=True)
+    (model / "text_encoder" / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+
+    (model / "text_encoder" / "pytorch_model.bin").write_bytes(pickle.dumps({"shared.weight": Evil()}))
+    one_line_error(capsys, generate.main(["--config", str(cfg), "--profile", "none", *SMALL]), "text_encoder/")
+    assert not marker.exists() and not (tmp_path / "new").exists()
+
+
+# --------------------------------------------------------------------------------------------- resume
+def saved_checkpoint(tmp_path, **changes):
+    from freeloc_dist.checkpoint import Checkpoint, fingerprint, fingerprint_settings, save_checkpoint
+    from freeloc_dist.preflight import latent_shape
+
+    cfg = load_render_config(write_config(tmp_path), {"profile": None, "video.frames": 5, "video.height": 32,
+                                                      "video.width": 32, "sampling.steps": 4})
+    fields = dict(step=2, total_steps=4, latents=torch.zeros(latent_shape(cfg)), scheduler={},
+                  rng=torch.get_rng_state(), fingerprint=fingerprint(cfg, None),
+                  settings=fingerprint_settings(cfg, None))
+    fields.update(changes)
+    path = tmp_path / "out" / ".v.mp4.ckpt"
+    save_checkpoint(path, Checkpoint(**fields))
+    return cfg, path
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("changes,needle", [
+    ({"step": 99}, "step 99 is outside 0..4"),
+    ({"step": -2}, "step -2 is outside"),
+    ({"latents": torch.zeros(1, 4, 7, 4, 4)}, "latents [1, 4, 7, 4, 4], this render's are [1, 4, 2, 4, 4]"),
+    ({"latents": torch.full((1, 4, 2, 4, 4), float("nan"))}, "NaN"),
+], ids=["step-99", "step-negative", "latent-shape", "nan-latents"])
+def test_resume_refuses_bad_checkpoints(tmp_path, changes, needle):
+    from freeloc_dist.cli import UserError
+    from freeloc_dist.preflight import read_checkpoint
+
+    cfg, _ = saved_checkpoint(tmp_path, **changes)
+    with pytest.raises(UserError) as e:
+        read_checkpoint(cfg, None)
+    assert needle in str(e.value)
+
+
+@pytest.mark.unit
+def test_resume_checks_missing_fields_weights_and_names_the_difference(tmp_path):
+    import dataclasses
+
+    from freeloc_dist.cli import UserError
+    from freeloc_dist.preflight import read_checkpoint
+
+    cfg, path = saved_checkpoint(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    del payload["fingerprint"]
+    torch.save(payload, path)
+    with pytest.raises(UserError, match="fingerprint missing"):
+        read_checkpoint(cfg, None)
+    cfg, path = saved_checkpoint(tmp_path)
+    other = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, seed=7))
+    with pytest.raises(UserError, match=r"\(sampling.seed differ\)"):
+        read_checkpoint(other, None)
+    # weights replaced in place (same path, same size): the fingerprint sees the new mtime
+    from freeloc_dist.checkpoint import fingerprint
+
+    model = model_copy(tmp_path)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))
+    before = fingerprint(cfg, None)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert fingerprint(cfg, None) != before
+
+
+# ------------------------------------------------------------------------------ renders in this process
+@pytest.mark.unit
+def test_nan_latents_write_no_video(generate, tmp_path, clean_env, capsys, monkeypatch):
+    import freeloc_dist.sampling as sampling
+
+    real = sampling.predict_noise
+    monkeypatch.setattr(sampling, "predict_noise", lambda *a, **k: real(*a, **k) * float("nan"))
+    cfg = write_config(tmp_path)
+    one_line_error(capsys, generate.main(["--config", str(cfg), "--profile", "none", *SMALL,
+                                          "--save-latents", "out/l.safetensors"]), "NaN", expect=1)
+    assert not (tmp_path / "out" / "v.mp4").exists() and not (tmp_path / "out" / "l.safetensors").exists()
+
+
+@pytest.mark.unit
+def test_lock_leftovers_modes_and_finished_resume(generate, tmp_path, clean_env, capsys):
+    cfg = write_config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    leftover, other = out / ".v.k2j4h5g6.tmp.mp4", out / ".v2.k2j4h5g6.tmp.mp4"  # kill -9 during decode
+    leftover.write_bytes(b"partial")
+    other.write_bytes(b"another output's")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; "
+                               "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+                               "os.write(fd, f'pid {os.getpid()} host testhost'.encode()); print('held', flush=True); "
+                               "time.sleep(120)", str(out / ".v.mp4.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = one_line_error(capsys, generate.main(["--config", str(cfg), "--profile", "none", *SMALL]),
+                              "another render is writing it")
+        assert f"pid {holder.pid} host testhost" in line
+    finally:
+        holder.kill()
+        holder.wait()
+    assert leftover.exists()  # not touched while another render held the output
+    # the dead holder's lock file is still there: taken over
+    argv = ["--config", str(cfg), "--profile", "none", *SMALL, "--save-latents", "out/l.safetensors"]
+    assert generate.main(argv) == 0, capsys.readouterr().err
+    assert not leftover.exists() and other.exists() and not (out / ".v.mp4.lock").exists()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (out / "v.mp4", out / "v.json", out / "l.safetensors")}
+    assert set(modes.values()) == {0o644}, modes
+    mtime = (out / "v.mp4").stat().st_mtime_ns
+    capsys.readouterr()
+    assert generate.main([*argv, "--resume"]) == 0
+    assert "already rendered" in capsys.readouterr().err
+    assert (out / "v.mp4").stat().st_mtime_ns == mtime
+
+
+# ------------------------------------------------------------------------------------------ any length
+@pytest.mark.unit
+def test_rope_tables_grow_bitwise_equal_below_1024():
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    from freeloc_dist.long_rope import grow_rope_tables, rope_table
+
+    rope = WanRotaryPosEmbed(128, (1, 2, 2), 1024)
+    cos, sin = rope_table(rope, 1030)
+    assert torch.equal(cos[:1024], rope.freqs_cos) and torch.equal(sin[:1024], rope.freqs_sin)
+    old = rope.freqs_cos.clone()
+    assert grow_rope_tables(rope, 1030) and rope.freqs_cos.shape == (1030, 128)
+    assert torch.equal(rope.freqs_cos[:1024], old) and "freqs_cos" in dict(rope.named_buffers())
+    cos_out, _ = rope(torch.empty(1, 16, 1030, 2, 2))
+    assert cos_out.shape == (1, 1030, 1, 128)
+
+
+def env(**extra):
+    e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return {**e, "OMP_NUM_THREADS": "1", **extra}
+
+
+def long_args(tmp_path):
+    """tiny-random (FreeLOC: tsa, vrpr and full layers) at 4101 frames = 1026 latent frames, the smallest
+    size and one step without CFG: the suite's budget, while every layer still sees all 1026 frames."""
+    cfg = write_config(tmp_path, lambda c: c["sampling"].update(guidance_scale=1.0))
+    return ["--config", str(cfg), "--frames", "4101", "--height", "16", "--width", "16", "--steps", "1",
+            "--out", str(tmp_path / "long.mp4")]
+
+
+@pytest.mark.cli
+def test_4101_frames_render_on_one_process(tmp_path):
+    from freeloc_dist.video import read_mp4_frame_count
+
+    proc = subprocess.run([sys.executable, str(GENERATE), *long_args(tmp_path)],
+                          cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1026 latent" in proc.stderr
+    assert read_mp4_frame_count(tmp_path / "long.mp4") == 4101
+
+
+@pytest.mark.dist
+def test_4101_frames_render_on_two_ranks(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(GENERATE), *long_args(tmp_path)],
+                          cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1026 latent" in proc.stderr and "decoded on 2 ranks" in proc.stderr
+    assert (tmp_path / "long.mp4").is_file()
+
+
+@pytest.mark.unit
+def test_dry_run_plans_past_1024_latent_frames_and_huge_frames(generate, tmp_path, clean_env, capsys):
+    code = generate.main(["--config", str(write_config(tmp_path)), "--dry-run", "--frames", "4101"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "1026 latent frames" in out.out
+    # 10**6 tokens per frame: the planner counts band pairs without an n x n table (that was 8 TB)
+    start = time.perf_counter()
+    code = generate.main(["--config", str(write_config(tmp_path)), "--dry-run", "--height", "16000",
+                          "--width", "16000", "--gpu-memory-gb", "1000"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "x 1000000 tokens" in out.out and time.perf_counter() - start < 10
+
+
+# ------------------------------------------------------------------------------- agreement under torchrun
+FAIL_RANK0_JOB2 = """
+import os, runpy, sys
+import freeloc_dist.video as video
+real = video.write_mp4
+def write_mp4(path, frames, fps):
+    if os.environ["RANK"] == "0" and "dog" in str(path):
+        raise PermissionError(13, "Permission denied", str(path))  # rank 0 only cannot write job 2
+    return real(path, frames, fps)
+video.write_mp4 = write_mp4
+sys.argv = [sys.argv[1]] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.dist
+def test_job_failing_on_rank_0_only_fails_on_every_rank_and_the_queue_goes_on(tmp_path):
+    harness = tmp_path / "fail.py"
+    harness.write_text(FAIL_RANK0_JOB2)
+    cfg = write_config(tmp_path, lambda c: c.update(profile=None, parallel={"timeout_s": 45.0}))
+    queue = tmp_path / "q.txt"
+    queue.write_text("a cat\na dog\na fox\n")
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(harness), str(GENERATE), "--config", str(cfg), "--frames", "9", "--height", "32",
+                           "--width", "32", "--steps", "1", "--prompts", str(queue), "--out-dir", str(out)],
+                          cwd=REPO_ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    elapsed = time.monotonic() - start
+    assert "[rank 0] [job 2/3] failed: 'a dog'" in proc.stderr, proc.stderr[-3000:]
+    assert "[rank 1] [job 2/3] failed on another rank" in proc.stderr, proc.stderr[-3000:]
+    assert "queue: 2 rendered, 0 skipped (output exists), 1 failed" in proc.stderr
+    assert (out / "a-cat-s0.mp4").is_file() and (out / "a-fox-s0.mp4").is_file()
+    assert not (out / "a-dog-s0.mp4").exists()
+    assert elapsed < 45 + 200, elapsed  # never a wait for parallel.timeout_s
+
+
+@pytest.mark.cli
+def test_torchrun_sh_validates_before_torchrun(tmp_path):
+    proc = subprocess.run(["./torchrun.sh", "--config", "configs/tiny-random.yaml", "--frames", "64"],
+                          cwd=REPO_ROOT, env=env(NPROC="2"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("setup:")]
+    assert len(lines) == 1 and lines[0].startswith("error: config error: video.frames=64"), proc.stderr
