@@ -24,6 +24,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+Compile = Literal["none", "blocks", "full"]
 Backend = Literal["sdpa", "flex"]
 Strategy = Literal["auto", "ulysses", "ring", "hybrid", "neighbour"]
 
@@ -36,6 +37,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: Path  # local diffusers-format directory (model_index.json, transformer/, vae/, ...)
     dtype: Dtype = "bfloat16"  # transformer and text encoder; the VAE always runs in float32
+    # torch.compile of the transformer: blocks = compile_repeated_blocks(fullgraph=True) (one graph
+    # per block shape, compiled once per video length), full = torch.compile(transformer)
+    compile: Compile = "none"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -67,7 +67,8 @@ class FreeLOCState:
 
     def is_stock(self, kind: str, grid) -> bool:
         """The plan's is_stock without building it (plain Python on the grid: traceable by dynamo)."""
-        return kind == "full" or grid[0] <= self.profile.trained_frames
+        # F first: at F <= T the kind is never read, so dynamo compiles one graph for every block
+        return grid[0] <= self.profile.trained_frames or kind == "full"
 
 
 @torch.library.custom_op("freeloc::attention", mutates_args=())

@@ -59,6 +59,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, help="video width in pixels (multiple of 16)")
     p.add_argument("--backend", choices=["sdpa", "flex"], help="FreeLOC attention backend")
     p.add_argument("--profile", help="FreeLOC profile YAML, or 'none' for stock attention")
+    p.add_argument("--compile", choices=["none", "blocks", "full"], help="torch.compile the transformer")
     p.add_argument("--cfg-degree", type=int, choices=[1, 2], help="2: CFG passes on two rank groups")
     p.add_argument("--strategy", choices=["auto", "ulysses", "ring", "hybrid", "neighbour"],
                    help="sequence-parallel attention strategy (default auto: cheapest by bytes)")
@@ -106,7 +107,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     for flag, key in [("prompt", "prompt"), ("seed", "sampling.seed"), ("steps", "sampling.steps"),
                       ("height", "video.height"), ("width", "video.width"), ("frames", "video.frames"),
                       ("backend", "attention_backend"), ("cfg_degree", "parallel.cfg_degree"),
-                      ("strategy", "parallel.strategy"), ("checkpoint_every", "checkpoint.every")]:
+                      ("strategy", "parallel.strategy"), ("checkpoint_every", "checkpoint.every"),
+                      ("compile", "model.compile")]:
         if getattr(args, flag) is not None:
             out[key] = getattr(args, flag)
     if args.out is not None:
@@ -329,6 +331,7 @@ class _Session:
             self.engine = parallelize(self.parts.transformer, dims, backend=cfg.attention_backend,
                                       strategy=cfg.parallel.strategy)
             self.predict = self.engine.predict
+        compile_transformer(self.parts.transformer, cfg.model.compile, log)
         self.load_s = time.perf_counter() - start
 
     def any_flag(self, flag: bool) -> bool:
@@ -506,6 +509,15 @@ def _dry_run(configs, profile, world: int, args) -> int:
             raise UserError(str(e)) from None
         print(format_plan(plan))
     return 0
+
+
+def compile_transformer(transformer, mode: str, log) -> None:
+    """model.compile: after FreeLOC and the engine are installed (their attention is one custom op, so
+    both modes trace the whole block; the engine's sharding and gathers stay eager)."""
+    from freeloc_dist.compile import compile_transformer as apply
+
+    if apply(transformer, mode):
+        log(f"torch.compile: {mode} (compiled on the first step)")
 
 
 def _report_comm(engine, dims, transformer, steps: int) -> None:

@@ -27,6 +27,8 @@ def refusals():
 
     cp = ContextParallelConfig(ulysses_degree=int(os.environ["WORLD_SIZE"]))
     out = {}
+    # diffusers picks the device as rank % accelerator count, which is 0 on a CPU-only machine
+    torch.accelerator.device_count = lambda: 1
     first = tiny_transformer(num_layers=3, heads=2)
     first.enable_parallelism(config=cp)
     for name, install in (("cp_then_freeloc", lambda m: apply_freeloc(m, TINY_PROFILE)),
@@ -64,7 +66,11 @@ def main():
             pipe = tiny_pipeline()
             enable_freeloc(pipe, TINY_PROFILE)
             handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
+            calls = []  # the rope runs once per forward that really runs (not for a cached uncond)
+            hook = pipe.transformer.rope.register_forward_hook(lambda *a: calls.append(1))
             results["freeloc"] = render(pipe, FRAMES)
+            results["forwards"] = len(calls)
+            hook.remove()
             handle.remove()
             results["freeloc_removed"] = render(pipe, 17)  # each rank alone again; F = T: stock
             results["plain_short"] = render(tiny_pipeline(), 17)

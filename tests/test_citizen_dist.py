@@ -51,7 +51,10 @@ def test_stock_pipeline_parallel_equals_one_process(tmp_path, single, nproc, cfg
                 continue
             want = single["stock" if case == "stock" else "freeloc"]
             assert rel_err(got[case], want) < TOL, (rank, case, rel_err(got[case], want))
-        if "freeloc" in got:  # removed after a render: each rank runs the plain stock pipeline again
+        if "freeloc" in got:
+            # 2 steps with CFG: 4 transformer forwards per rank, 2 when the CFG groups pair them
+            assert got["forwards"] == (2 if cfg == 2 else 4), (rank, got["forwards"])
+            # removed after a render: each rank runs the plain stock pipeline again
             assert torch.equal(got["freeloc_removed"], got["plain_short"]), rank
 
 
