@@ -88,8 +88,11 @@ def main():
             enable_freeloc(pipe, TINY_PROFILE)
             parallelize_pipeline(pipe, cfg_degree=args.cfg)
             results["eager"] = render(pipe, FRAMES)
+            from torch._dynamo.utils import counters
+
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
             results["compiled"] = render(pipe, FRAMES)
+            results["graphs"] = counters["stats"]["unique_graphs"]
         if "refuse" in cases:
             results["refuse"] = refusals()
         if "mismatch" in cases:  # ranks drawing different noise: refused on every rank

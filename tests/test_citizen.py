@@ -77,6 +77,7 @@ def test_deepcopy_of_an_installed_model_is_independent():
     freeloc = {f: _run(model, f) for f in (12, 9)}
     twin = copy.deepcopy(model)
     assert twin.freeloc_state is not model.freeloc_state
+    assert twin.freeloc_state.key != model.freeloc_state.key  # its own entry in the custom op's registry
     # failed: the copy's grid hook wrote the original's state, the copy planned for the last grid (9)
     assert torch.equal(_run(twin, 12), freeloc[12])
     remove_freeloc(twin)
@@ -162,3 +163,14 @@ def test_parallelize_pipeline_on_one_process_equals_the_plain_pipeline():
     assert rel_err(render(pipe, 25), plain) < 1e-5
     handle.remove()
     assert torch.equal(render(pipe, 25), plain)
+
+
+def test_compile_flag_reaches_the_config(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate", "launch/generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    args = generate._parse_args(["--config", "configs/tiny-random.yaml", "--compile", "blocks"])
+    assert generate._load_config(args).model.compile == "blocks"
+    assert generate._load_config(generate._parse_args(["--config", "configs/tiny-random.yaml"])).model.compile == "none"
