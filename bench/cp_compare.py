@@ -167,7 +167,8 @@ def worker(args):
             checks["ours stock (all full)"] = checks["diffusers CP (Ulysses)"] = predict_noise(
                 single, latents, t, cond, None, 1.0
             )
-            single_freeloc = apply_freeloc(build_model(args), freeloc_profile(args), backend=args.backend)
+            single_freeloc = build_model(args)
+            apply_freeloc(single_freeloc, freeloc_profile(args), backend=args.backend)
             checks["ours FreeLOC"] = predict_noise(single_freeloc, latents, t, cond, None, 1.0)
         if dims.rank == 0:
             report(args, dims, variants, outputs, warm, times, checks, timers)

@@ -5,14 +5,19 @@ importing diffusers.
 """
 
 __version__ = "0.1.0"
-__all__ = ["apply_freeloc", "load_profile", "Profile", "__version__"]
+__all__ = ["apply_freeloc", "remove_freeloc", "enable_freeloc", "parallelize_pipeline", "load_profile", "Profile",
+           "__version__"]
 
 
 def __getattr__(name):
-    if name == "apply_freeloc":
-        from .install import apply_freeloc
+    if name in ("apply_freeloc", "remove_freeloc"):
+        from . import install
 
-        return apply_freeloc
+        return getattr(install, name)
+    if name in ("enable_freeloc", "parallelize_pipeline"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
     if name in ("load_profile", "Profile"):
         from . import profile
 

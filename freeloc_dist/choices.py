@@ -1,8 +1,9 @@
-"""The names a user can choose in a config or on the command line: attention backends and parallel
-strategies. torch-free, so that config validation and argparse reject a bad name in milliseconds; the
+"""The names a user can choose in a config or on the command line: attention backends, parallel
+strategies and compile modes. torch-free, so that config validation and argparse reject a bad name in milliseconds; the
 registries that implement them (freeloc_dist.attention.BACKENDS, freeloc_dist.parallel.strategies.STRATEGIES)
 are keyed by these names and assert at import that they match."""
 
 ATTENTION_BACKENDS = ("sdpa", "flex")  # user-facing; the registry also has test-only backends
 STRATEGIES = ("ulysses", "ring", "hybrid", "neighbour")
 STRATEGY_CHOICES = ("auto", *STRATEGIES)  # auto: per layer, the cheapest by bytes moved (DESIGN 7)
+COMPILE_MODES = ("none", "blocks", "full")  # model.compile (freeloc_dist.compile)

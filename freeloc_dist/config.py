@@ -21,12 +21,13 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from .choices import ATTENTION_BACKENDS, STRATEGY_CHOICES
+from .choices import ATTENTION_BACKENDS, COMPILE_MODES, STRATEGY_CHOICES
 from .yamlio import load_yaml, yaml_problem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+Compile = Literal[COMPILE_MODES]
 Backend = Literal[ATTENTION_BACKENDS]  # names from freeloc_dist.choices, which the registries match
 Strategy = Literal[STRATEGY_CHOICES]
 
@@ -39,6 +40,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: Path  # local diffusers-format directory (model_index.json, transformer/, vae/, ...)
     dtype: Dtype = "bfloat16"  # transformer and text encoder; the VAE always runs in float32
+    # torch.compile of the transformer: blocks = compile_repeated_blocks(fullgraph=True) (one graph
+    # per block shape, compiled once per video length), full = torch.compile(transformer)
+    compile: Compile = "none"
 
 
 @dataclass(frozen=True, kw_only=True)

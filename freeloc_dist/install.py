@@ -1,4 +1,12 @@
-"""apply_freeloc: install FreeLOC on a built diffusers WanTransformer3DModel (DESIGN 9)."""
+"""apply_freeloc / remove_freeloc: the one place that installs processors on a diffusers Wan transformer.
+
+An installation is three things, all found again from the model itself (nothing held in a handle a
+`copy.deepcopy` could not follow): the processors of every self-attention layer (each keeps the
+processor it replaced), a forward pre-hook object that records the token grid, and the
+`freeloc_state` attribute. Removing puts back the replaced processor objects and drops the hook and
+the attribute, so the model is bitwise stock again. FreeLOC (and the probe, and the parallel engine)
+install through `install_processors`; `apply_freeloc` is the public entry point (DESIGN 9).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +15,127 @@ from .processor import FreeLOCAttnProcessor, FreeLOCState, grid_of
 from .profile import ProfileError, load_profile
 from .rope import temporal_rope_of
 
-_HOOK_ATTR = "_freeloc_hook"
+PARALLEL_HINT = "use freeloc_dist.parallelize_pipeline(pipe) for sequence parallelism with FreeLOC"
 
 
-def apply_freeloc(transformer, profile, backend: str = "sdpa"):
-    """Give every self-attention layer the kind the profile assigns it; returns the transformer.
+class GridHook:
+    """Forward pre-hook recording each forward's token grid (F, H, W) into `state.grid`.
+
+    A class, not a closure: deepcopy copies it along with the state it points to, so a copied model
+    records into its own state."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __call__(self, module, args, kwargs):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        self.state.grid = grid_of(module, hidden_states)
+        on_forward = getattr(self.state, "on_forward", None)
+        if on_forward is not None:
+            on_forward()
+
+
+class _RefuseDiffusersParallelism:
+    """Stands in for `transformer.enable_parallelism` while our processors are installed: diffusers'
+    context parallelism would split the sequence under processors that assume they see all of it."""
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(
+            "diffusers' enable_parallelism is not supported on a transformer with FreeLOC or the freeloc_dist "
+            f"engine installed (its context parallelism bypasses their attention); {PARALLEL_HINT}"
+        )
+
+
+def check_not_diffusers_parallel(transformer) -> None:
+    """Refuse a model diffusers already parallelised (enable_parallelism, from_pretrained(parallel_config=))."""
+    cp = getattr(transformer, "_parallel_config", None) is not None or any(
+        getattr(getattr(m, "processor", None), "_parallel_config", None) is not None for m in transformer.modules()
+    )
+    if cp:
+        raise RuntimeError(
+            "this transformer has diffusers parallelism enabled (enable_parallelism / parallel_config); FreeLOC "
+            f"cannot be installed on it; load it without parallelism and {PARALLEL_HINT}"
+        )
+
+
+def installed_processors(transformer):
+    """(block, processor) of every self-attention layer carrying a processor installed here."""
+    return [(b, b.attn1.processor) for b in transformer.blocks if hasattr(b.attn1.processor, "replaced")]
+
+
+def install_processors(transformer, make_processor, state, *, on_forward=None):
+    """Give every block's attn1 `make_processor(index, replaced_processor)`, record the grid into
+    `state` before each forward, and guard against diffusers parallelism. Replaces any previous
+    installation (FreeLOC, probe or engine): the processors restored later are always the stock ones."""
+    check_not_diffusers_parallel(transformer)
+    old = getattr(transformer, "freeloc_state", None)
+    if old is not None and old.engine is not None:
+        raise RuntimeError("this transformer is parallelised: install FreeLOC (apply_freeloc / enable_freeloc) "
+                           "before parallelize_pipeline, or remove the parallelism first")
+    stock = remove_freeloc(transformer)  # the original processors, whatever was installed
+    for i, (block, original) in enumerate(zip(transformer.blocks, stock)):
+        proc = make_processor(i, original)
+        proc.replaced = original
+        block.attn1.set_processor(proc)
+    state.on_forward = on_forward
+    transformer.register_forward_pre_hook(GridHook(state), with_kwargs=True)
+    transformer.freeloc_state = state
+    transformer.enable_parallelism = _RefuseDiffusersParallelism()
+    return state
+
+
+def remove_freeloc(transformer) -> list:
+    """Restore the processors, hooks and attributes an installation replaced; returns the stock
+    self-attention processors now in place. A no-op on a model without an installation."""
+    state = getattr(transformer, "freeloc_state", None)
+    if getattr(state, "engine", None) is not None:
+        from .parallel.engine import _drop_engine_hooks
+
+        _drop_engine_hooks(transformer)
+        state.engine = None
+    for block, proc in installed_processors(transformer):
+        block.attn1.set_processor(proc.replaced)
+    for hook_id, hook in list(transformer._forward_pre_hooks.items()):
+        if isinstance(hook, GridHook):
+            del transformer._forward_pre_hooks[hook_id]
+            transformer._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+    for name in ("freeloc_state", "enable_parallelism"):
+        transformer.__dict__.pop(name, None)
+    return [b.attn1.processor for b in transformer.blocks]
+
+
+def snapshot(transformer):
+    """The current installation (state and processors, or None), for `restore` after a temporary one."""
+    state = getattr(transformer, "freeloc_state", None)
+    return None if state is None else (state, [block.attn1.processor for block in transformer.blocks])
+
+
+def restore(transformer, snap) -> None:
+    """Remove whatever is installed now and put back the installation `snapshot` recorded."""
+    remove_freeloc(transformer)
+    if snap is not None:
+        state, processors = snap
+        install_processors(transformer, lambda i, original: processors[i], state)
+
+
+class FreeLOCHandle:
+    """What apply_freeloc returns: `remove()` makes the model stock again (same as remove_freeloc)."""
+
+    def __init__(self, transformer, state):
+        self.transformer = transformer
+        self.state = state
+
+    def remove(self) -> None:
+        if getattr(self.transformer, "freeloc_state", None) is self.state:
+            remove_freeloc(self.transformer)
+
+
+def apply_freeloc(transformer, profile, backend: str = "sdpa") -> FreeLOCHandle:
+    """Give every self-attention layer the kind the profile assigns it; returns a handle (`.remove()`).
 
     The token grid (F, H, W) is read from each forward's input, so one installed model renders any
-    length; when F <= trained_frames every layer runs stock attention. Calling it again replaces
-    the previous installation.
+    length; when F <= trained_frames every layer runs stock attention. Calling it again replaces the
+    previous installation. Works before or after dtype/device casts and survives copy.deepcopy.
     """
     prof = load_profile(profile)
     blocks = transformer.blocks
@@ -24,17 +144,7 @@ def apply_freeloc(transformer, profile, backend: str = "sdpa"):
             f"profile for {prof.model!r} lists {prof.num_layers} layers, the transformer has {len(blocks)}"
         )
     state = FreeLOCState(prof, temporal_rope_of(transformer), get_backend(backend).run)
-    for block, kind in zip(blocks, prof.kinds):
-        block.attn1.set_processor(FreeLOCAttnProcessor(kind, state))
-
-    old = getattr(transformer, _HOOK_ATTR, None)
-    if old is not None:
-        old.remove()
-
-    def record_grid(module, args, kwargs):
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        state.grid = grid_of(module, hidden_states)
-
-    setattr(transformer, _HOOK_ATTR, transformer.register_forward_pre_hook(record_grid, with_kwargs=True))
-    transformer.freeloc_state = state
-    return transformer
+    state.backend = backend
+    kinds = prof.kinds
+    install_processors(transformer, lambda i, original: FreeLOCAttnProcessor(kinds[i], state), state)
+    return FreeLOCHandle(transformer, state)

@@ -136,22 +136,11 @@ def install_riflex(transformer, num_frames: int, trained_frames: int) -> Undo:
 # ----------------------------------------------------------------------------------------------- FreeLOC
 
 def install_freeloc_profile(transformer, profile, backend: str = "sdpa") -> Undo:
-    from freeloc_dist.install import _HOOK_ATTR, apply_freeloc
+    from freeloc_dist.install import apply_freeloc, restore, snapshot
 
-    old = [block.attn1.processor for block in transformer.blocks]
+    before = snapshot(transformer)
     apply_freeloc(transformer, profile, backend)
-
-    def undo():
-        for block, proc in zip(transformer.blocks, old):
-            block.attn1.set_processor(proc)
-        hook = getattr(transformer, _HOOK_ATTR, None)
-        if hook is not None:
-            hook.remove()
-            delattr(transformer, _HOOK_ATTR)
-        if hasattr(transformer, "freeloc_state"):
-            del transformer.freeloc_state
-
-    return undo
+    return lambda: restore(transformer, before)
 
 
 def profile_variant(profile, variant: str, seed: int = 0) -> dict:

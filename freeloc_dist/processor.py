@@ -1,17 +1,30 @@
 """The attention processor FreeLOC installs on each Wan self-attention layer.
 
 It computes q, k, v exactly as diffusers' WanAttnProcessor does, then hands them with the layer's
-plan to an attention function; when the plan is stock (kind full, or F <= T) it defers to the stock
-processor so the output is diffusers' own. It holds no rank logic: sequence parallelism, when
-installed, replaces `state.attention` with a distributed function of the same signature.
+kind and the token grid to an attention function; when the plan is stock (kind full, or F <= T) it
+defers to the stock processor so the output is diffusers' own. It holds no rank logic: sequence
+parallelism, when installed, replaces `state.attention` with a distributed function of the same
+signature.
+
+torch.compile: the FreeLOC attention is one custom op (`freeloc::attention`), opaque to dynamo, so
+`torch.compile(transformer)` and `compile_repeated_blocks(fullgraph=True)` trace everything around
+it (projections, norms, the stock layers) and call our kernels (and collectives) eagerly. Its
+non-tensor inputs are the state's registry key, the layer kind and the grid; the op looks the state
+up and builds the (cached) plan at run time.
 """
 
 from __future__ import annotations
+
+import itertools
+import weakref
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from .plan import LayerPlan, layer_plan
+
+_STATES: "weakref.WeakValueDictionary[int, FreeLOCState]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
 
 
 class FreeLOCState:
@@ -23,12 +36,54 @@ class FreeLOCState:
         self.attention = attention  # (q, k, v, rotary_emb, plan, t_rope) -> out, all [B, L, h, d]
         self.grid: tuple[int, int, int] | None = None
         self.route_stock = False  # True under sequence parallelism: stock layers need all frames too
+        self.engine = None  # the SequenceParallel engine driving this state, if any
+        self._register()
+
+    def _register(self):
+        self.key = next(_KEYS)
+        _STATES[self.key] = self
+
+    def __deepcopy__(self, memo):
+        """A copied model gets its own state (own registry key; the attention fn is shared, it is pure)."""
+        if self.engine is not None:
+            raise RuntimeError("copy.deepcopy of a transformer under parallelize_pipeline is not supported")
+        import copy
+
+        new = object.__new__(FreeLOCState)
+        memo[id(self)] = new
+        for name, value in vars(self).items():
+            setattr(new, name, copy.deepcopy(value, memo))
+        new._register()
+        return new
+
+    def plan_for(self, kind: str, grid) -> LayerPlan:
+        p = self.profile
+        return layer_plan(kind, grid, p.trained_frames, p.vrpr, p.tsa)
 
     def plan(self, kind: str) -> LayerPlan:
         if self.grid is None:
             raise RuntimeError("FreeLOC: token grid unknown; call the transformer, not a block, directly")
-        p = self.profile
-        return layer_plan(kind, self.grid, p.trained_frames, p.vrpr, p.tsa)
+        return self.plan_for(kind, self.grid)
+
+    def is_stock(self, kind: str, grid) -> bool:
+        """The plan's is_stock without building it (plain Python on the grid: traceable by dynamo)."""
+        # F first: at F <= T the kind is never read, so dynamo compiles one graph for every block
+        return grid[0] <= self.profile.trained_frames or kind == "full"
+
+
+@torch.library.custom_op("freeloc::attention", mutates_args=())
+def freeloc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      state_key: int, kind: str, grid: list[int]) -> torch.Tensor:
+    """FreeLOC attention [B, L, h, d] of un-rotated q, k, v for one layer (see FreeLOCState.attention)."""
+    state = _STATES[state_key]
+    plan = state.plan_for(kind, tuple(grid))
+    out = state.attention(q, k, v, (cos, sin), plan, state.t_rope)
+    return out.to(q.dtype).contiguous()
+
+
+@freeloc_attention.register_fake
+def _(q, k, v, cos, sin, state_key, kind, grid):
+    return q.new_empty(q.shape)
 
 
 class FreeLOCAttnProcessor:
@@ -37,14 +92,40 @@ class FreeLOCAttnProcessor:
         self.state = state
         self.stock = WanAttnProcessor()
 
+    # diffusers' set_attention_backend is honoured where diffusers' attention runs (stock plans);
+    # its context parallelism is refused (install.py), so _parallel_config stays None.
+    @property
+    def _attention_backend(self):
+        return self.stock._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend):
+        self.stock._attention_backend = backend
+
+    @property
+    def _parallel_config(self):
+        return None
+
+    @_parallel_config.setter
+    def _parallel_config(self, config):
+        if config is not None:
+            from .install import PARALLEL_HINT
+
+            raise RuntimeError(f"diffusers' parallel_config cannot be set on FreeLOC processors; {PARALLEL_HINT}")
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or rotary_emb is None or attention_mask is not None:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        plan = self.state.plan(self.kind)
-        if plan.is_stock and not self.state.route_stock:
+        state = self.state
+        grid = state.grid
+        if grid is None:
+            raise RuntimeError("FreeLOC: token grid unknown; call the transformer, not a block, directly")
+        if state.is_stock(self.kind, grid) and not state.route_stock:
             return self.stock(attn, hidden_states, None, None, rotary_emb)
         q, k, v = project_qkv(attn, hidden_states)
-        return project_out(attn, self.state.attention(q, k, v, rotary_emb, plan, self.state.t_rope), q.dtype)
+        cos, sin = rotary_emb
+        out = freeloc_attention(q, k, v, cos, sin, state.key, self.kind, list(grid))
+        return project_out(attn, out, q.dtype)
 
 
 def project_qkv(attn, hidden_states: torch.Tensor):

@@ -109,6 +109,12 @@ class Session:
             self.engine = parallelize(self.parts.transformer, dims, backend=cfg.attention_backend,
                                       strategy=cfg.parallel.strategy)
             self.predict = self.engine.predict
+        from .compile import compile_transformer
+
+        # After FreeLOC and the engine (their attention is one custom op, so both modes trace whole blocks;
+        # the engine's sharding and gathers stay eager).
+        if compile_transformer(self.parts.transformer, cfg.model.compile):
+            log_fn(f"torch.compile: {cfg.model.compile} (compiled on the first step)")
         from .parallel.comm import Comm
 
         self.comm = self.engine.comm if self.engine is not None else Comm(dims)

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # runnable from a checkout without installing the package
 
-from freeloc_dist.choices import ATTENTION_BACKENDS, STRATEGY_CHOICES  # noqa: E402  (after sys.path)
+from freeloc_dist.choices import ATTENTION_BACKENDS, COMPILE_MODES, STRATEGY_CHOICES  # noqa: E402  (after sys.path)
 from freeloc_dist.cli import (  # noqa: E402
     EXIT_FAILED,
     EXIT_PREEMPTED,
@@ -69,6 +69,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     config_flag(p, "--width", "video.width", type=int, help="video width in pixels (multiple of 16)")
     config_flag(p, "--backend", "attention_backend", choices=ATTENTION_BACKENDS, help="FreeLOC attention backend")
     config_flag(p, "--profile", "profile", type=profile_arg, help="FreeLOC profile YAML, or 'none' for stock attention")
+    config_flag(p, "--compile", "model.compile", choices=COMPILE_MODES, help="torch.compile the transformer")
     config_flag(p, "--cfg-degree", "parallel.cfg_degree", type=int, choices=CFG_DEGREES,
                 help="2: CFG passes on two rank groups")
     config_flag(p, "--strategy", "parallel.strategy", choices=STRATEGY_CHOICES,

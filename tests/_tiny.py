@@ -1,5 +1,7 @@
 """Small random models and tensors shared by the core tests."""
 
+from pathlib import Path
+
 import torch
 from diffusers import WanTransformer3DModel
 
@@ -32,3 +34,29 @@ def transformer_inputs(num_frames, height=4, width=6, seed=1):
 
 def rel_err(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def tiny_pipeline(two_experts=False):
+    from diffusers import WanPipeline
+
+    from freeloc_dist.tiny import build_tiny_components
+
+    c = build_tiny_components(seed=0)
+    extra = {}
+    if two_experts:
+        extra = dict(transformer_2=build_tiny_components(seed=3).transformer, boundary_ratio=0.5)
+    pipe = WanPipeline(tokenizer=c.tokenizer, text_encoder=c.text_encoder, transformer=c.transformer, vae=c.vae,
+                       scheduler=c.scheduler, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+TINY_PROFILE = str(Path(__file__).resolve().parent.parent / "configs" / "profiles" / "tiny-random.yaml")
+# trained_frames 5: 17 frames = 5 latent frames, 77 = 20
+
+
+def render(pipe, frames, **kw):
+    args = dict(prompt="a red fox", negative_prompt="blurry", num_frames=frames, height=32, width=32,
+                num_inference_steps=2, guidance_scale=4.0, max_sequence_length=16, output_type="latent",
+                generator=torch.Generator().manual_seed(0))
+    return pipe(**{**args, **kw}).frames

@@ -39,7 +39,8 @@ def case_inputs(num_frames, seed=5):
 
 def build(heads, backend="sdpa"):
     model = tiny_transformer(num_layers=3, heads=heads, head_dim=12, seed=0)
-    return apply_freeloc(model, PROFILE, backend=backend)
+    apply_freeloc(model, PROFILE, backend=backend)
+    return model
 
 
 def strategies_for(heads, sp_degree):
@@ -58,7 +59,8 @@ def tsa_bytes(dims, num_frames):
     out = {}
     for frames in (num_frames, 2 * num_frames):
         latents, cond, _ = case_inputs(frames)
-        model = apply_freeloc(tiny_transformer(num_layers=3, heads=6), profile)
+        model = tiny_transformer(num_layers=3, heads=6)
+        apply_freeloc(model, profile)
         engine = parallelize(model, dims, strategy="neighbour")
         engine.predict(model, latents, torch.tensor(700.0), cond, None, 1.0)
         plan = model.freeloc_state.plan("tsa")

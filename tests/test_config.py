@@ -73,6 +73,7 @@ BAD = [
     ("sampling.max_text_tokens", 0, ">= 1"),
     ("sampling.negative_prompt", 3, "expected a string"),
     ("model.dtype", "fp8", "one of: float32, bfloat16, float16"),
+    ("model.compile", "yes", "one of: none, blocks, full"),
     ("model.path", 5, "expected a path"),
     ("model.path", "", "expected a path"),
     ("attention_backend", "xformers", "one of: sdpa, flex"),

@@ -206,9 +206,10 @@ def _frame_windows(x: torch.Tensor, start: int, step: int, frames: int, count: i
     frames, channels contiguous): item i holds frames [start + i * step, ... + frames). Items may
     overlap in memory when only read (key windows)."""
     bh, _, m, d = x.shape
-    # one token per frame (a 16x16 video): the size-1 token axis's stride says nothing; tokens step by frames
+    # With one token per frame (m == 1) the token stride is meaningless (torch reports any value for
+    # a size-1 dim); the merged frames x tokens dim then steps by whole frames.
     token_stride = x.stride(2) if m > 1 else x.stride(1)
-    assert x.stride(1) == m * token_stride and x.stride(3) == 1, "frames must be evenly strided"
+    assert x.stride(1) == m * token_stride and (d == 1 or x.stride(3) == 1), "frames must be evenly strided"
     base = x.storage_offset() + start * x.stride(1)
     return x.as_strided((count, bh, frames * m, d), (step * x.stride(1), x.stride(0), token_stride, 1), base)
 

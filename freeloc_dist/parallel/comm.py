@@ -96,6 +96,14 @@ class Comm:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def same_on_every_rank(self, values: torch.Tensor) -> bool:
+        """Whether `values` (a few numbers) are bitwise the same on every rank of the world (not counted)."""
+        if not self.dims.distributed:
+            return True
+        parts = [torch.empty_like(values) for _ in range(self.dims.world_size)]
+        dist.all_gather(parts, values.contiguous())
+        return all(torch.allclose(p, parts[0], rtol=0, atol=0, equal_nan=True) for p in parts)
+
     def send(self, tensor: torch.Tensor, dst: int, tag: str) -> None:
         """Blocking send of `tensor` to global rank `dst` (on the process group's device)."""
         dist.send(tensor.to(self.dims.device).contiguous(), dst)

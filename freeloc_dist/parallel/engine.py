@@ -1,10 +1,12 @@
 """parallelize(): install sequence and CFG parallelism on a built Wan transformer.
 
-The model code stays stock. Three hooks carry everything: the FreeLOC processors' attention function
+The model code stays stock. Four hooks carry everything: the FreeLOC processors' attention function
 (replaced by a distributed one), a forward hook on `transformer.rope` (each rank gets the rows of the
-whole video's RoPE table for its own frames) and a pre-hook that records the global token grid. The
-engine's `predict` has the sampler's contract: global latents in, global guided prediction out; in
-between, each rank runs the transformer on its frames only.
+whole video's RoPE table for its own frames), a pre-hook that records the global token grid, and a
+wrapper of `transformer.forward` (GlobalForward) so that a direct call, as a stock diffusers pipeline
+makes it, takes global latents and returns the global prediction. The engine's `predict` has the
+sampler's contract: global latents in, global guided prediction out; in between, each rank runs the
+transformer on its frames only. `remove()` (or freeloc_dist.remove_freeloc) takes it all out again.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from ..attention import get_backend
 from ..guidance import combine, uses_cfg
-from ..install import apply_freeloc
+from ..install import apply_freeloc, remove_freeloc
 from ..long_rope import grow_rope_tables
 from ..plan import LayerPlan
 from ..processor import grid_of
@@ -35,6 +37,8 @@ def stock_profile(num_layers: int) -> dict:
 
 
 class SequenceParallel:
+    freeloc_hook_owner = True  # remove_freeloc drops hooks that are bound methods of an engine
+
     def __init__(self, transformer, dims: ParallelDims, *, backend: str = "sdpa", strategy: str = "auto"):
         self.transformer = transformer
         self.dims = dims
@@ -44,10 +48,18 @@ class SequenceParallel:
         self.num_frames: int | None = None  # global latent frames of the current render
         self._rope_cache: dict[tuple, tuple] = {}
         state = getattr(transformer, "freeloc_state", None)
+        if state is not None and state.engine is not None:
+            raise RuntimeError("this transformer is already parallelised (parallelize / parallelize_pipeline)")
+        self.owns_install = state is None
         if state is None:
             apply_freeloc(transformer, stock_profile(len(transformer.blocks)), backend=backend)
             state = transformer.freeloc_state
         self.state = state
+        state.engine = self
+        self._saved_attention = state.attention
+        self._local = False  # True inside predict: the transformer is then called with this rank's frames
+        self.forward = GlobalForward(self, transformer.forward)
+        transformer.forward = self.forward
         self.heads = transformer.blocks[0].attn1.heads
         check_strategy(strategy, self.heads, dims.sp_degree)
         if dims.sp_degree > 1:
@@ -58,6 +70,18 @@ class SequenceParallel:
             state.route_stock = True  # stock layers must see the whole sequence too
             transformer.rope.register_forward_hook(self._rope_rows)
             transformer.register_forward_pre_hook(self._global_grid, with_kwargs=True)
+
+    def remove(self) -> None:
+        """Undo parallelize: the engine's hooks go; FreeLOC stays if it was installed before."""
+        if self.state.engine is not self:
+            return
+        if self.owns_install:
+            remove_freeloc(self.transformer)
+            return
+        _drop_engine_hooks(self.transformer)
+        self.state.attention = self._saved_attention
+        self.state.route_stock = False
+        self.state.engine = None
 
     # -- shapes ---------------------------------------------------------------------------------
     @property
@@ -76,6 +100,7 @@ class SequenceParallel:
             self._rope_cache[key] = self.transformer.rope.forward(_Shape((1, 1, num_frames, height, width)))
         return self._rope_cache[key]
 
+    @torch.compiler.disable
     def _rope_rows(self, module, args, output):
         latents = args[0]
         _, _, _, height, width = latents.shape
@@ -85,8 +110,11 @@ class SequenceParallel:
         n = cos.shape[1] // self.num_frames
         return cos[:, s * n : e * n], sin[:, s * n : e * n]
 
+    @torch.compiler.disable
     def _global_grid(self, module, args, kwargs):
         latents = args[0] if args else kwargs["hidden_states"]
+        if not self._local:  # a direct call: the input is the whole video (GlobalForward shards it next)
+            self.num_frames = latents.shape[2]
         _, h, w = grid_of(module, latents)
         self.state.grid = (self.num_frames, h, w)
 
@@ -119,7 +147,12 @@ class SequenceParallel:
         use_cfg = uses_cfg(uncond, guidance)
 
         def run(text):
-            return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+            self._local = True
+            try:
+                return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text,
+                                   return_dict=False)[0]
+            finally:
+                self._local = False
 
         if dims.cfg_degree == 2 and use_cfg:
             mine = run(cond if dims.cfg_rank == 0 else uncond).float()
@@ -130,6 +163,84 @@ class SequenceParallel:
         else:
             local = run(cond).float()
         return self.comm.gather_frames(local, self.shards.sizes, dim=2, tag="gather")
+
+
+    # -- a direct call of the transformer (a stock pipeline's) ----------------------------------
+    @torch.compiler.disable
+    def shard_input(self, hidden_states, timestep):
+        """Global latents [B, C, F, H, W] -> this rank's frames (and per-token timesteps, Wan 2.2 TI2V)."""
+        self.num_frames = hidden_states.shape[2]
+        s, e = self.shards.ranges[self.dims.sp_rank]
+        if timestep is not None and timestep.ndim == 2:  # [B, tokens]: slice this rank's tokens
+            n = timestep.shape[1] // self.num_frames
+            timestep = timestep[:, s * n : e * n]
+        return hidden_states[:, :, s:e], timestep
+
+    @torch.compiler.disable
+    def check_same_inputs(self, *tensors):
+        """Every rank must call with the same inputs (a stock pipeline draws its noise on each rank):
+        one tiny collective per call instead of a silently inconsistent video."""
+        sums = [t.double().sum() if isinstance(t, torch.Tensor) else torch.zeros((), dtype=torch.float64)
+                for t in tensors]
+        if not self.comm.same_on_every_rank(torch.stack(sums).to(self.dims.device)):
+            raise RuntimeError(
+                "parallelize_pipeline: ranks called the transformer with different inputs; give every rank the same "
+                "prompt and arguments and a generator seeded alike, e.g. generator=torch.Generator().manual_seed(0)"
+            )
+
+    @torch.compiler.disable
+    def gather_output(self, local):
+        return self.comm.gather_frames(local.contiguous(), self.shards.sizes, dim=2, tag="gather")
+
+
+class GlobalForward:
+    """transformer.forward under the engine: global latents in, global prediction out, each rank running
+    its own frames through the stock forward (`inner`). Inside `predict` (already sharded) it passes
+    through. `pairing`, when set (parallelize_pipeline with cfg_degree 2), pairs a pipeline's cond and
+    uncond calls over the two CFG groups."""
+
+    freeloc_hook = True
+
+    def __init__(self, engine: SequenceParallel, inner):
+        self.engine = engine
+        self.inner = inner
+        self.pairing = None
+
+    # Skipped by dynamo, not its callees: under torch.compile(transformer) the stock forward is still
+    # compiled, while the sharding, gathering and checks here run eagerly.
+    @torch.compiler.disable(recursive=False)
+    def __call__(self, hidden_states=None, timestep=None, encoder_hidden_states=None, *args, **kwargs):
+        if self.engine._local:
+            return self.inner(hidden_states, timestep, encoder_hidden_states, *args, **kwargs)
+        self.engine.check_same_inputs(hidden_states, timestep, encoder_hidden_states)
+        if self.pairing is not None:
+            return self.pairing(self, hidden_states, timestep, encoder_hidden_states, *args, **kwargs)
+        return self.run_global(hidden_states, timestep, encoder_hidden_states, *args, **kwargs)
+
+    def run_global(self, hidden_states, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
+        engine = self.engine
+        x, timestep = engine.shard_input(hidden_states, timestep)
+        out = self.inner(x, timestep, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
+        out = engine.gather_output(out)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out)
+
+
+def _drop_engine_hooks(transformer) -> None:
+    """Remove the engine's hooks (bound methods of a SequenceParallel) and its forward wrapper."""
+    for module in (transformer, transformer.rope):
+        for table in (module._forward_pre_hooks, module._forward_hooks):
+            for hook_id, hook in list(table.items()):
+                if getattr(getattr(hook, "__self__", None), "freeloc_hook_owner", False):
+                    del table[hook_id]
+                    for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+                                  "_forward_hooks_always_called"):
+                        getattr(module, extra, {}).pop(hook_id, None)
+    if getattr(transformer.__dict__.get("forward"), "freeloc_hook", False):
+        del transformer.__dict__["forward"]
 
 
 class _Shape:

@@ -12,7 +12,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from ..attention import get_backend
 from ..attention.sdpa import grouped_attention
 from ..plan import layer_plan
-from ..processor import grid_of, project_out, project_qkv
+from ..processor import project_out, project_qkv
 from ..rope import apply_rotary, split_rotations, temporal_rope_of
 from ..sampling import sample
 from .stats import context_stats, position_stats, sample_rows, window_plan
@@ -137,29 +137,26 @@ class Prober:
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, torch.Tensor] = {}
         self._saved = None
-        self._hook = None
 
     # -- installation ---------------------------------------------------------------------------
     def __enter__(self):
-        blocks = self.transformer.blocks
-        self._saved = [block.attn1.processor for block in blocks]
-        for i, block in enumerate(blocks):
-            block.attn1.set_processor(ProbeAttnProcessor(i, self.state))
+        from ..install import install_processors, snapshot
 
-        def pre_hook(module, args, kwargs):
-            hidden_states = args[0] if args else kwargs["hidden_states"]
-            self.state.grid = grid_of(module, hidden_states)
-            self.state.forward_passes += 1
-            if self.on_forward is not None:
-                self.on_forward()
-
-        self._hook = self.transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        t = self.transformer
+        self._saved = snapshot(t)
+        install_processors(t, lambda i, original: ProbeAttnProcessor(i, self.state), self.state,
+                           on_forward=self._counted)
         return self
 
+    def _counted(self):
+        self.state.forward_passes += 1
+        if self.on_forward is not None:
+            self.on_forward()
+
     def __exit__(self, *exc):
-        self._hook.remove()
-        for block, proc in zip(self.transformer.blocks, self._saved):
-            block.attn1.set_processor(proc)
+        from ..install import restore
+
+        restore(self.transformer, self._saved)  # stock again, or the installation the probe replaced
         return False
 
     @property

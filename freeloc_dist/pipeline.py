@@ -1,0 +1,169 @@
+"""FreeLOC and the sequence-parallel engine on a stock diffusers Wan pipeline (DESIGN 9).
+
+    enable_freeloc(pipe, profile)          # every transformer of the pipeline
+    parallelize_pipeline(pipe)             # under torchrun, on every rank
+    video = pipe(prompt=..., num_frames=..., generator=torch.Generator().manual_seed(0)).frames
+
+The pipeline's own loop, scheduler and VAE run unchanged on every rank; only the transformer calls are
+distributed (each rank runs its frames, the prediction is gathered: parallel/engine.py GlobalForward),
+so every rank returns what one process returns. With cfg_degree 2 the pipeline's serial cond / uncond
+calls are paired: at the cond call the two CFG groups compute cond and uncond at once (the negative
+embeddings are taken from the pipeline's own encode_prompt), and the uncond call that follows with the
+same latents, timestep and negative embeddings gets the cached result. Any other call is computed as
+asked, so the result is exact whatever the pipeline does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .install import FreeLOCHandle, apply_freeloc, check_not_diffusers_parallel
+from .profile import load_profile
+
+COMPONENTS = ("transformer", "transformer_2")
+
+
+def pipeline_transformers(pipe) -> dict:
+    """{component name: transformer} of a diffusers Wan pipeline (transformer_2 when present and set)."""
+    found = {name: getattr(pipe, name, None) for name in COMPONENTS}
+    found = {name: model for name, model in found.items() if model is not None}
+    if not found:
+        raise ValueError(f"{type(pipe).__name__} has no transformer (looked for {', '.join(COMPONENTS)})")
+    return found
+
+
+class PipelineHandle:
+    """Returned by enable_freeloc / parallelize_pipeline; `remove()` undoes what that call installed."""
+
+    def __init__(self, parts, undo=None):
+        self.parts = parts  # {component: FreeLOCHandle or SequenceParallel}
+        self._undo = undo
+
+    def remove(self) -> None:
+        for part in self.parts.values():
+            part.remove()
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+
+def enable_freeloc(pipe, profile, backend: str = "sdpa") -> PipelineHandle:
+    """apply_freeloc on every transformer of `pipe`. `profile`: one profile (path, mapping, Profile) for
+    all, or {component name: profile}; a pipeline with two experts needs a profile for each."""
+    models = pipeline_transformers(pipe)
+    if isinstance(profile, Mapping) and profile and set(profile) <= set(COMPONENTS):
+        missing = [name for name in models if name not in profile]
+        if missing:
+            raise ValueError(f"enable_freeloc: no profile for {missing[0]!r} (this pipeline has "
+                             f"{', '.join(models)}; give a profile for each, or one profile for all)")
+        unused = [name for name in profile if name not in models]
+        if unused:
+            raise ValueError(f"enable_freeloc: profile given for {unused[0]!r}, which this pipeline does not have")
+        profiles = {name: load_profile(profile[name]) for name in models}
+    else:
+        profiles = dict.fromkeys(models, load_profile(profile))
+    for model in models.values():  # refuse before installing anything
+        check_not_diffusers_parallel(model)
+    handles: dict[str, FreeLOCHandle] = {}
+    for name, model in models.items():
+        handles[name] = apply_freeloc(model, profiles[name], backend=backend)
+    return PipelineHandle(handles)
+
+
+def parallelize_pipeline(pipe, cfg_degree: int = 1, strategy: str = "auto", *, backend: str | None = None,
+                         timeout_s: float = 600.0) -> PipelineHandle:
+    """Make the stock `pipe(...)` run sequence-parallel (and CFG-parallel with cfg_degree 2) over the
+    torchrun world; call it on every rank, after enable_freeloc if FreeLOC is wanted. Initialises the
+    process group if needed. Every rank must call the pipeline with the same arguments and a generator
+    seeded alike (checked at every transformer call). `backend`: the attention kernel of the engine
+    (default: FreeLOC's, else sdpa)."""
+    from .parallel import init_parallel, parallelize
+
+    models = pipeline_transformers(pipe)
+    for model in models.values():
+        check_not_diffusers_parallel(model)
+        state = getattr(model, "freeloc_state", None)
+        if state is not None and getattr(state, "engine", None) is not None:
+            raise RuntimeError("parallelize_pipeline: this pipeline is already parallelised")
+    dims = init_parallel(cfg_degree=cfg_degree, timeout_s=timeout_s)
+    if dims.device.type == "cuda":
+        pipe.to(dims.device)  # each rank on its own GPU (LOCAL_RANK)
+    engines = {}
+    for name, model in models.items():
+        state = getattr(model, "freeloc_state", None)
+        chosen = backend or getattr(state, "backend", None) or "sdpa"
+        engines[name] = parallelize(model, dims, backend=chosen, strategy=strategy)
+    undo = None
+    if dims.cfg_degree == 2:
+        capture = _PromptCapture(pipe)
+        for engine in engines.values():
+            engine.forward.pairing = CFGPairing(pipe, capture, engine)
+        undo = capture.remove
+    return PipelineHandle(engines, undo)
+
+
+class _PromptCapture:
+    """Wraps pipe.encode_prompt (an instance attribute, removed again) to keep the last embeddings."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.inner = pipe.encode_prompt
+        self.embeds: tuple | None = None  # (prompt_embeds, negative_prompt_embeds or None)
+        pipe.encode_prompt = self
+
+    def __call__(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        self.embeds = (out[0], out[1])
+        return out
+
+    def remove(self):
+        if self.pipe.__dict__.get("encode_prompt") is self:
+            del self.pipe.__dict__["encode_prompt"]
+
+
+def _same(a, b) -> bool:
+    return a is b or (a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype)))
+
+
+class CFGPairing:
+    """cfg_degree 2 under a stock pipeline: CFG group 0 computes the cond call's prediction, group 1 the
+    uncond one at the same time; the uncond call that follows returns group 1's (exactly what it would
+    compute). A call that is not such a pair is computed as asked by both groups (exact, redundant)."""
+
+    def __init__(self, pipe, capture: _PromptCapture, engine):
+        self.pipe = pipe
+        self.capture = capture
+        self.engine = engine
+        self.pending = None  # (latents, timestep, negative embeds, uncond prediction)
+
+    def _negative_for(self, text):
+        if not getattr(self.pipe, "do_classifier_free_guidance", False) or self.capture.embeds is None:
+            return None
+        pos, neg = self.capture.embeds
+        if neg is None or not _same(text, pos):
+            return None
+        return neg.to(text.device, text.dtype)
+
+    @torch.compiler.disable
+    def __call__(self, forward, hidden_states, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
+        pending, self.pending = self.pending, None
+        if (pending is not None and _same(hidden_states, pending[0]) and _same(timestep, pending[1])
+                and _same(encoder_hidden_states, pending[2])):
+            out = pending[3]
+        else:
+            negative = self._negative_for(encoder_hidden_states)
+            if negative is None:
+                out = forward.run_global(hidden_states, timestep, encoder_hidden_states, *args,
+                                         return_dict=False, **kwargs)[0]
+            else:
+                mine = encoder_hidden_states if self.engine.dims.cfg_rank == 0 else negative
+                local = forward.run_global(hidden_states, timestep, mine, *args, return_dict=False, **kwargs)[0]
+                out, uncond = self.engine.comm.cfg_all_gather(local)
+                self.pending = (hidden_states, timestep, negative, uncond)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out)

@@ -1,0 +1,112 @@
+"""One rank of test_citizen_dist.py: a stock diffusers WanPipeline under torchrun (gloo, CPU).
+
+Saves this rank's results to <out>.rank<r>; the test compares every rank with one process.
+"""
+
+import argparse
+import faulthandler
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _tiny import TINY_PROFILE, render, tiny_pipeline, tiny_transformer  # noqa: E402
+
+from freeloc_dist import apply_freeloc, enable_freeloc, parallelize_pipeline  # noqa: E402
+from freeloc_dist.parallel import destroy_parallel, init_parallel, parallelize  # noqa: E402
+
+FRAMES = 77  # 20 latent frames: 4x the tiny profile's trained 5
+
+
+def refusals():
+    """diffusers' enable_parallelism and FreeLOC / the engine, in either order: one clear error each."""
+    from diffusers import ContextParallelConfig
+
+    cp = ContextParallelConfig(ulysses_degree=int(os.environ["WORLD_SIZE"]))
+    out = {}
+    # diffusers picks the device as rank % accelerator count, which is 0 on a CPU-only machine
+    torch.accelerator.device_count = lambda: 1
+    first = tiny_transformer(num_layers=3, heads=2)
+    first.enable_parallelism(config=cp)
+    for name, install in (("cp_then_freeloc", lambda m: apply_freeloc(m, TINY_PROFILE)),
+                          ("cp_then_parallelize", lambda m: parallelize(m, init_parallel()))):
+        try:
+            install(first)
+            out[name] = "no error"
+        except RuntimeError as e:
+            out[name] = str(e)
+    for name, install in (("freeloc_then_cp", lambda m: apply_freeloc(m, TINY_PROFILE)),
+                          ("parallelize_then_cp", lambda m: parallelize(m, init_parallel()))):
+        model = tiny_transformer(num_layers=3, heads=2)
+        install(model)
+        try:
+            model.enable_parallelism(config=cp)
+            out[name] = "no error"
+        except RuntimeError as e:
+            out[name] = str(e)
+    return out
+
+
+@torch.no_grad()
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cfg", type=int, default=1)
+    ap.add_argument("--cases", default="freeloc,stock,engine")
+    args = ap.parse_args()
+    faulthandler.dump_traceback_later(240, exit=True)
+    cases = args.cases.split(",")
+    results = {}
+    dims = init_parallel(cfg_degree=args.cfg)
+    try:
+        if "freeloc" in cases:
+            pipe = tiny_pipeline()
+            enable_freeloc(pipe, TINY_PROFILE)
+            handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
+            calls = []  # the rope runs once per forward that really runs (not for a cached uncond)
+            hook = pipe.transformer.rope.register_forward_hook(lambda *a: calls.append(1))
+            results["freeloc"] = render(pipe, FRAMES)
+            results["forwards"] = len(calls)
+            hook.remove()
+            handle.remove()
+            results["freeloc_removed"] = render(pipe, 17)  # each rank alone again; F = T: stock
+            results["plain_short"] = render(tiny_pipeline(), 17)
+        if "stock" in cases:
+            pipe = tiny_pipeline()
+            parallelize_pipeline(pipe, cfg_degree=args.cfg)
+            results["stock"] = render(pipe, FRAMES)
+        if "engine" in cases:  # the engine alone (parallelize), then the stock pipeline: was a TypeError
+            pipe = tiny_pipeline()
+            enable_freeloc(pipe, TINY_PROFILE)
+            parallelize(pipe.transformer, dims)
+            results["engine"] = render(pipe, FRAMES)
+        if "compile" in cases:  # compiled blocks (fullgraph) under the engine vs the same ranks eager
+            pipe = tiny_pipeline()
+            enable_freeloc(pipe, TINY_PROFILE)
+            parallelize_pipeline(pipe, cfg_degree=args.cfg)
+            results["eager"] = render(pipe, FRAMES)
+            from torch._dynamo.utils import counters
+
+            pipe.transformer.compile_repeated_blocks(fullgraph=True)
+            results["compiled"] = render(pipe, FRAMES)
+            results["graphs"] = counters["stats"]["unique_graphs"]
+        if "refuse" in cases:
+            results["refuse"] = refusals()
+        if "mismatch" in cases:  # ranks drawing different noise: refused on every rank
+            pipe = tiny_pipeline()
+            parallelize_pipeline(pipe, cfg_degree=args.cfg)
+            try:
+                render(pipe, 25, generator=torch.Generator().manual_seed(dims.rank))
+                results["mismatch"] = "no error"
+            except RuntimeError as e:
+                results["mismatch"] = str(e)
+        torch.save(results, f"{args.out}.rank{dims.rank}")
+    finally:
+        destroy_parallel(dims)
+
+
+if __name__ == "__main__":
+    main()

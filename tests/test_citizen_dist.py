@@ -1,0 +1,72 @@
+"""A stock diffusers WanPipeline under torchrun (gloo) with enable_freeloc + parallelize_pipeline equals one
+process, on every rank. 1e-5 relative in float32: the parallel paths only reorder float32 reductions
+(test_parallel.py); the pipeline's scheduler and loop are the same code on every rank."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _tiny import TINY_PROFILE, rel_err, render, tiny_pipeline
+
+from freeloc_dist import enable_freeloc
+
+pytestmark = pytest.mark.dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-5
+FRAMES = 77  # 20 latent frames = 4x the tiny profile's trained 5
+
+
+def launch(nproc, out, *extra, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           os.path.join(ROOT, "tests", "pipeline_worker.py"), "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(f"{out}.rank{r}") for r in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    """One process, plain pipelines: with FreeLOC and stock, at 4x the trained length."""
+    freeloc = tiny_pipeline()
+    enable_freeloc(freeloc, TINY_PROFILE)
+    return {"freeloc": render(freeloc, FRAMES), "stock": render(tiny_pipeline(), FRAMES)}
+
+
+@pytest.mark.parametrize("nproc, cfg, cases", [
+    (1, 1, "freeloc"),
+    (2, 1, "freeloc,stock,engine,mismatch"),
+    (3, 1, "freeloc"),
+    (2, 2, "freeloc,stock"),
+], ids=["world1", "sp2", "sp3", "cfg2"])
+def test_stock_pipeline_parallel_equals_one_process(tmp_path, single, nproc, cfg, cases):
+    ranks = launch(nproc, tmp_path / "r", "--cfg", str(cfg), "--cases", cases)
+    for rank, got in enumerate(ranks):
+        for case in cases.split(","):
+            if case == "mismatch":
+                assert "different inputs" in got["mismatch"], (rank, got["mismatch"])
+                continue
+            want = single["stock" if case == "stock" else "freeloc"]
+            assert rel_err(got[case], want) < TOL, (rank, case, rel_err(got[case], want))
+        if "freeloc" in got:
+            # 2 steps with CFG: 4 transformer forwards per rank, 2 when the CFG groups pair them
+            assert got["forwards"] == (2 if cfg == 2 else 4), (rank, got["forwards"])
+            # removed after a render: each rank runs the plain stock pipeline again
+            assert torch.equal(got["freeloc_removed"], got["plain_short"]), rank
+
+
+def test_diffusers_parallelism_is_refused_in_either_order(tmp_path):
+    ranks = launch(2, tmp_path / "r", "--cases", "refuse")
+    for got in ranks:
+        for name, message in got["refuse"].items():
+            assert "parallelize_pipeline" in message, (name, message)
+
+
+def test_compiled_blocks_under_the_engine_equal_eager(tmp_path):
+    ranks = launch(2, tmp_path / "r", "--cases", "compile", timeout=600)
+    for got in ranks:
+        assert got["graphs"] > 0  # the blocks really ran compiled
+        assert rel_err(got["compiled"], got["eager"]) < TOL

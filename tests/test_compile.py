@@ -1,0 +1,62 @@
+"""torch.compile with FreeLOC installed (float32, CPU): compile_repeated_blocks(fullgraph=True) and
+torch.compile(transformer) match eager at F <= T and F > T within 1e-5 relative (inductor reorders float32
+reductions; measured ~1e-7), and a new timestep (the next denoising step) compiles nothing.
+
+Slow on CPU (inductor builds C++ for every graph: ~1 min per block graph, ~5 min per whole-model graph on
+this loaded 2-core machine): blocks run inductor; the whole model runs dynamo + AOT autograd with the
+aot_eager backend (the tracing that failed, "Tensor must have a last dimension of size 2"), its inductor run
+is bench/compile.py's (README).
+"""
+
+import copy
+
+import pytest
+import torch
+from _tiny import rel_err, tiny_transformer, transformer_inputs
+
+from freeloc_dist import apply_freeloc
+
+pytestmark = pytest.mark.unit
+
+PROFILE = {
+    "model": "tiny-random",
+    "trained_frames": 4,
+    "source": "test",
+    "layers": {"tsa": [0], "vrpr": [1], "full": [2]},
+    "tsa": {"dense_frames": 1, "stripe_frames": 3, "stripe_width": 2, "sink_frames": [0]},
+}
+FRAMES = (3, 9)  # F <= T = 4 and F > T
+
+
+@pytest.fixture(scope="module")
+def eager():
+    model = tiny_transformer(num_layers=3)
+    apply_freeloc(model, PROFILE)
+    with torch.no_grad():
+        return model, {f: model(**transformer_inputs(f))[0] for f in FRAMES}
+
+
+def _compiled(model, mode):
+    model = copy.deepcopy(model)
+    if mode == "blocks":
+        model.compile_repeated_blocks(fullgraph=True)
+        return model
+    return torch.compile(model, backend="aot_eager")
+
+
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_compiled_matches_eager_without_recompiling_per_step(eager, mode):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # a fresh cache: earlier compiles must not hit the recompile limit here
+    model, want = eager
+    compiled = _compiled(model, mode)
+    with torch.no_grad():
+        for frames in FRAMES:
+            graphs = counters["stats"]["unique_graphs"]
+            assert rel_err(compiled(**transformer_inputs(frames))[0], want[frames]) < 1e-5, frames
+            assert counters["stats"]["unique_graphs"] > graphs  # really compiled, not an eager fallback
+            step = transformer_inputs(frames, seed=2)
+            step["timestep"] = torch.tensor([310])  # the next denoising step: new latents and timestep
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                compiled(**step)
