@@ -2,12 +2,16 @@
 
     python bench/quality.py                       # 8 prompt-seed pairs, all methods, 1x / 4x / 12x
     python bench/quality.py --pairs 2 --lengths 4 --methods direct freeloc   # a quick look
+    python bench/quality.py --frames 961          # also the one-minute length (961 frames, 241 latent frames)
 
 Renders each held-out world's prompt (world seeds from EVAL_SEED_BASE, never seen in training) with every
 method through the production loader and sampling loop, scores every video with
 freeloc_dist.testbed.metrics, and prints a markdown table of mean +- standard deviation over the pairs
 (a `ground truth` row scores the world's own render at the same length). Raw per-video numbers go to
---json. Lengths are multiples of the model's trained latent frames T: F = k T latent frames.
+--json. Lengths are multiples of the model's trained latent frames T: F = k T latent frames (--lengths),
+or video frame counts 4k+1 (--frames). With --cache DIR every rendered video is kept there as .npy and read
+back on a later run with the same arguments instead of rendering again; a render depends only on its world,
+seed, method, length and step count, so a cached run prints the same numbers as a fresh one.
 """
 
 from __future__ import annotations
@@ -44,16 +48,18 @@ def main(argv=None) -> int:
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="print the table of these --json files (from split runs) and exit")
     p.add_argument("--lengths", type=int, nargs="+", default=[1, 4, 12], help="multiples of T")
+    p.add_argument("--frames", type=int, nargs="+", default=[], help="more lengths, in video frames (4k+1)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--steps", type=int, default=None, help="override sampling.steps")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=REPO_ROOT / "outputs/quality.json")
     p.add_argument("--videos", type=Path, default=None, help="also write every video here as mp4")
+    p.add_argument("--cache", type=Path, default=None, help="keep rendered videos here (.npy) and reuse them")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.merge:
         rows = [r for path in a.merge for r in json.loads(path.read_text())]
-        rows.sort(key=lambda r: (r["length"], r["pair"]))
+        rows.sort(key=lambda r: (r["frames"], r["pair"]))
         print(table(rows, load_profile(load_render_config(a.config).profile).trained_frames,
                     len({r["pair"] for r in rows})))
         return 0
@@ -66,12 +72,19 @@ def main(argv=None) -> int:
     worlds = {i: tw.sample_world(EVAL_SEED_BASE + i) for i in range(a.first_pair, a.pairs)}
     rows: list[dict] = []
     start = time.perf_counter()
-    for k in a.lengths:
-        frames = 4 * (k * trained - 1) + 1
+    bad = [f for f in a.frames if f < 1 or (f - 1) % 4]
+    if bad:
+        print(f"error: --frames {bad[0]} must be 4k+1 (the VAE's temporal factor is 4)", file=sys.stderr)
+        return 2
+    all_frames = sorted({4 * (k * trained - 1) + 1 for k in a.lengths} | set(a.frames))
+    steps = a.steps or base.sampling.steps
+    for frames in all_frames:
+        latent = (frames - 1) // 4 + 1
+        k = length_label(latent, trained)
         for i, w in worlds.items():
             colours = tm.colours_of_prompt(w.prompt)
             gt = tw.render(w, frames, base.video.height)
-            rows.append(dict(method="ground truth", length=k, pair=i, prompt=w.prompt,
+            rows.append(dict(method="ground truth", length=k, frames=frames, pair=i, prompt=w.prompt,
                              **tm.video_metrics(gt, colours)))
             for name in a.methods:
                 method = get_method(name, trained_frames=trained, profile=base.profile,
@@ -80,22 +93,36 @@ def main(argv=None) -> int:
                 if a.steps:
                     over["sampling.steps"] = a.steps
                 cfg = load_render_config(a.config, over)
-                undo = method.install(parts.transformer, k * trained)
-                try:
-                    out = render(parts, cfg, predict=method.predict, noise=method.noise)
-                finally:
-                    undo()
-                m = tm.video_metrics(out.frames, colours)
-                rows.append(dict(method=name, length=k, pair=i, prompt=w.prompt, **m))
+                cached = a.cache / f"{frames}f_{name}_{i}_{steps}steps.npy" if a.cache else None
+                if cached is not None and cached.exists():
+                    video = np.load(cached)
+                else:
+                    undo = method.install(parts.transformer, latent)
+                    try:
+                        video = render(parts, cfg, predict=method.predict, noise=method.noise).frames
+                    finally:
+                        undo()
+                    if cached is not None:
+                        cached.parent.mkdir(parents=True, exist_ok=True)
+                        np.save(cached.with_suffix(".tmp.npy"), video)
+                        cached.with_suffix(".tmp.npy").rename(cached)  # never a half-written cache entry
+                m = tm.video_metrics(video, colours)
+                rows.append(dict(method=name, length=k, frames=frames, pair=i, prompt=w.prompt, **m))
                 if a.videos is not None:
-                    write_mp4(a.videos / f"{k}x_{name}_{i}.mp4", out.frames, base.video.fps)
-                print(f"[{time.perf_counter() - start:6.0f}s] {k}x pair {i} {name:15s} "
+                    write_mp4(a.videos / f"{k}_{name}_{i}.mp4", video, base.video.fps)
+                print(f"[{time.perf_counter() - start:6.0f}s] {k} pair {i} {name:15s} "
                       + " ".join(f"{key}={m[key]:.3f}" for key in SHOWN), flush=True)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(rows, indent=1) + "\n")
     print()
     print(table(rows, trained, len(worlds)))
     return 0
+
+
+def length_label(latent_frames: int, trained: int) -> str:
+    """"4x" for a multiple of T, else the ratio with one decimal ("18.5x" for 241 latent frames of T = 13)."""
+    r = latent_frames / trained
+    return f"{r:.0f}x" if latent_frames % trained == 0 else f"{r:.1f}x"
 
 
 def table(rows: list[dict], trained: int, pairs: int) -> str:
@@ -115,7 +142,7 @@ def table(rows: list[dict], trained: int, pairs: int) -> str:
         for m in SHOWN:
             v = np.array([r[m] for r in sel])
             cells.append(f"{v.mean():.2f} +- {v.std():.2f}" if m == "dynamic" else f"{v.mean():.3f} +- {v.std():.3f}")
-        lines.append(f"| {k}x | {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {k} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
