@@ -117,7 +117,7 @@ def motion_world():
 
 def exact_travel(paths: np.ndarray) -> float:
     """Mean net one-second displacement of exact trajectories [K, T, 2], % of side per second."""
-    w = M.TRAVEL_WINDOW
+    w = 16  # one second at the renderer's 16 fps, written out so that the metric's constant is checked too
     return 100 * float(np.linalg.norm(paths[:, w:] - paths[:, :-w], axis=-1).mean())
 
 
@@ -147,6 +147,34 @@ def test_jitter_in_place_is_not_motion(motion_world):
     m = M.video_metrics(draw(w, centres), M.colours_of_prompt(w.prompt))
     assert m["dynamic"] > 100 * tw.SPEED_RANGE[0]  # the old metric is fooled
     assert m["travel"] < 100 * M.MIN_TRAVEL / 2 and m["moving"] < 0.05 and m["coverage"] <= 4 / 64
+
+
+def test_overall_drops_for_an_object_that_stays_put(motion_world):
+    """Same noisy background (sampled videos flicker, so freeze_loop does not fire), one object moving at
+    the world's speed, one hovering within half a pixel: overall differs by about the weight of `moving`."""
+    w = motion_world
+    o = w.objects[0]
+    speed = float(np.mean(tw.SPEED_RANGE))
+    mover = tw.World(objects=(tw.WorldObject(o.colour, o.shape, (0.3, 0.2), (speed * 0.6, speed * 0.8)),),
+                     background=w.background)
+    flicker = np.random.default_rng(2).integers(-25, 26, (MOTION_FRAMES, 64, 64, 3))
+    noisy = lambda v: np.clip(v.astype(int) + flicker, 0, 255).astype(np.uint8)  # noqa: E731
+    colours = M.colours_of_prompt(w.prompt)
+    moving = M.video_metrics(noisy(tw.render(mover, MOTION_FRAMES)), colours)
+    hover = M.video_metrics(noisy(draw(w, np.full((1, MOTION_FRAMES, 2), 0.45) + wobble((1, MOTION_FRAMES, 2), 0.5))),
+                            colours)
+    assert moving["freeze_loop"] == 0.0 and hover["freeze_loop"] == 0.0
+    assert moving["moving"] > 0.85 and hover["moving"] == 0.0
+    assert hover["overall"] < moving["overall"] - 0.12
+
+
+def test_strong_wobble_in_place_is_smoothed_away(motion_world):
+    """2.5 px of wobble a frame: single-frame centres a second apart are often more than MIN_TRAVEL apart
+    (about a fifth of the windows), the smoothed ones almost never."""
+    w = motion_world
+    centres = np.full((1, MOTION_FRAMES, 2), 0.45) + wobble((1, MOTION_FRAMES, 2), 2.5, seed=1)
+    m = M.video_metrics(draw(w, centres), M.colours_of_prompt(w.prompt))
+    assert m["moving"] < 0.05
 
 
 def test_object_at_world_speed_moves_despite_wobble(motion_world):
