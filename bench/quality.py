@@ -37,7 +37,13 @@ from freeloc_dist.testbed import world as tw  # noqa: E402
 from freeloc_dist.testbed.train import EVAL_SEED_BASE  # noqa: E402
 from freeloc_dist.video import write_mp4  # noqa: E402
 
-SHOWN = ("subject", "background", "imaging", "smoothness", "dynamic", "freeze_loop", "overall")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from strip import write_strip  # noqa: E402
+
+SHOWN = ("subject", "missing", "duplicated", "background", "imaging", "smoothness", "freeze_loop", "overall")
+MOTION = ("dynamic", "travel", "moving", "coverage", "travel_gap", "coverage_ratio")
+PAIRED = ("travel", "moving", "coverage", "travel_gap", "duplicated", "subject", "overall")
+LOWER_IS_BETTER = ("missing", "duplicated", "freeze_loop", "travel_gap")
 
 
 def main(argv=None) -> int:
@@ -55,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=REPO_ROOT / "outputs/quality.json")
     p.add_argument("--videos", type=Path, default=None, help="also write every video here as mp4")
     p.add_argument("--cache", type=Path, default=None, help="keep rendered videos here (.npy) and reuse them")
+    p.add_argument("--strip", type=Path, default=None,
+                   help="write a PNG strip (bench/strip.py) of the first pair at the longest length here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.merge:
@@ -78,14 +86,19 @@ def main(argv=None) -> int:
         return 2
     all_frames = sorted({4 * (k * trained - 1) + 1 for k in a.lengths} | set(a.frames))
     steps = a.steps or base.sampling.steps
+    strip_rows: list[tuple[str, np.ndarray]] = []
     for frames in all_frames:
         latent = (frames - 1) // 4 + 1
         k = length_label(latent, trained)
         for i, w in worlds.items():
             colours = tm.colours_of_prompt(w.prompt)
             gt = tw.render(w, frames, base.video.height)
+            gt_tracks = tm.analyse(gt, colours)["tracks"]
             rows.append(dict(method="ground truth", length=k, frames=frames, pair=i, prompt=w.prompt,
-                             **tm.video_metrics(gt, colours)))
+                             **tm.video_metrics(gt, colours, reference_tracks=gt_tracks)))
+            keep = a.strip is not None and frames == all_frames[-1] and i == a.first_pair
+            if keep:
+                strip_rows.append(("ground truth", gt))
             for name in a.methods:
                 method = get_method(name, trained_frames=trained, profile=base.profile,
                                     backend=base.attention_backend)
@@ -106,14 +119,19 @@ def main(argv=None) -> int:
                         cached.parent.mkdir(parents=True, exist_ok=True)
                         np.save(cached.with_suffix(".tmp.npy"), video)
                         cached.with_suffix(".tmp.npy").rename(cached)  # never a half-written cache entry
-                m = tm.video_metrics(video, colours)
+                m = tm.video_metrics(video, colours, reference_tracks=gt_tracks)
+                if keep:
+                    strip_rows.append((name, video))
                 rows.append(dict(method=name, length=k, frames=frames, pair=i, prompt=w.prompt, **m))
                 if a.videos is not None:
                     write_mp4(a.videos / f"{k}_{name}_{i}.mp4", video, base.video.fps)
                 print(f"[{time.perf_counter() - start:6.0f}s] {k} pair {i} {name:15s} "
-                      + " ".join(f"{key}={m[key]:.3f}" for key in SHOWN), flush=True)
+                      + " ".join(f"{key}={m[key]:.3f}" for key in SHOWN + MOTION), flush=True)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if strip_rows:
+        write_strip(a.strip, strip_rows, tm.colours_of_prompt(worlds[a.first_pair].prompt), base.video.fps)
+        print(f"wrote {a.strip}")
     print()
     print(table(rows, trained, len(worlds)))
     return 0
@@ -126,24 +144,44 @@ def length_label(latent_frames: int, trained: int) -> str:
 
 
 def table(rows: list[dict], trained: int, pairs: int) -> str:
-    """Markdown: one row per (length, method), mean +- std over pairs per metric."""
-    lines = [f"T = {trained} latent frames; mean +- std over {pairs} prompt-seed pairs; "
-             "freeze_loop: lower is better, dynamic: % of frame side per frame, others in [0, 1], higher is better.",
-             "",
-             "| length | method | " + " | ".join(SHOWN) + " |",
-             "|---|---|" + "---|" * len(SHOWN)]
+    """Markdown: mean +- std over pairs per (length, method) for the appearance and the motion metrics, then
+    each method's paired differences against direct on the same world and seed (mean +- standard error)."""
     keys = []
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["frames"]):
         if (r["length"], r["method"]) not in keys:
             keys.append((r["length"], r["method"]))
+
+    def cell(v: np.ndarray, m: str) -> str:
+        return f"{v.mean():.1f} +- {v.std():.1f}" if m in ("dynamic", "travel", "travel_gap") else \
+            f"{v.mean():.3f} +- {v.std():.3f}"
+
+    out = [f"T = {trained} latent frames; mean +- std over {pairs} prompt-seed pairs. Lower is better for "
+           f"{', '.join(LOWER_IS_BETTER)}; dynamic: % of the side per frame; travel, travel_gap: % of the side "
+           "per second; the others in [0, 1], higher is better."]
+    for shown in (SHOWN, MOTION):
+        out += ["", "| length | method | " + " | ".join(shown) + " |", "|---|---|" + "---|" * len(shown)]
+        for k, name in keys:
+            sel = [r for r in rows if r["length"] == k and r["method"] == name]
+            out.append(f"| {k} | {name} | " + " | ".join(cell(np.array([r[m] for r in sel]), m) for m in shown) + " |")
+    out += ["", "Paired differences against direct (method - direct on the same world and seed; mean +- standard "
+            "error over the pairs; in brackets the pairs where the method is better):", "",
+            "| length | method | " + " | ".join(PAIRED) + " |", "|---|---|" + "---|" * len(PAIRED)]
     for k, name in keys:
-        sel = [r for r in rows if r["length"] == k and r["method"] == name]
+        if name in ("direct", "ground truth"):
+            continue
+        ref = {r["pair"]: r for r in rows if r["length"] == k and r["method"] == "direct"}
+        sel = [r for r in rows if r["length"] == k and r["method"] == name and r["pair"] in ref]
+        if not sel:
+            continue
         cells = []
-        for m in SHOWN:
-            v = np.array([r[m] for r in sel])
-            cells.append(f"{v.mean():.2f} +- {v.std():.2f}" if m == "dynamic" else f"{v.mean():.3f} +- {v.std():.3f}")
-        lines.append(f"| {k} | {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for m in PAIRED:
+            d = np.array([r[m] - ref[r["pair"]][m] for r in sel])
+            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+            better = int((d < 0).sum() if m in LOWER_IS_BETTER else (d > 0).sum())
+            f = ".1f" if m in ("travel", "travel_gap") else ".3f"
+            cells.append(f"{d.mean():+{f}} +- {se:{f}} ({better}/{len(d)})")
+        out.append(f"| {k} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

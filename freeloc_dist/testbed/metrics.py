@@ -263,9 +263,12 @@ def _freeze_loop(video: np.ndarray) -> float:
     return float(flagged.mean())
 
 
-def video_metrics(video: np.ndarray, colours: list[str], reference: np.ndarray | None = None) -> dict[str, float]:
+def video_metrics(video: np.ndarray, colours: list[str], reference: np.ndarray | None = None,
+                  reference_tracks: dict | None = None) -> dict[str, float]:
     """All metrics of one video uint8 [T, P, P, 3] whose prompt names objects of `colours`; with `reference`
-    (the ground truth video of the same world and length) also REFERENCE_METRICS."""
+    (the ground truth video of the same world and length), or its `analyse(...)["tracks"]` as
+    `reference_tracks` (analysing a long video takes a while, so a bench that scores many videos against the
+    same ground truth passes it once analysed), also REFERENCE_METRICS."""
     a = analyse(video, colours)
     smooth, dynamic = _smoothness_dynamic(a["tracks"])
     m = dict(
@@ -281,8 +284,10 @@ def video_metrics(video: np.ndarray, colours: list[str], reference: np.ndarray |
     )
     parts = [m["subject"], m["background"], m["imaging"], m["smoothness"], m["moving"]]
     m["overall"] = float(np.mean(parts)) * (1 - m["freeze_loop"])
-    if reference is not None:
-        m.update(reference_motion(a["tracks"], analyse(reference, colours)["tracks"]))
+    if reference is not None and reference_tracks is None:
+        reference_tracks = analyse(reference, colours)["tracks"]
+    if reference_tracks is not None:
+        m.update(reference_motion(a["tracks"], reference_tracks))
     return m
 
 
