@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=REPO_ROOT / "outputs/quality.json")
     p.add_argument("--videos", type=Path, default=None, help="also write every video here as mp4")
     p.add_argument("--cache", type=Path, default=None, help="keep rendered videos here (.npy) and reuse them")
+    p.add_argument("--cached-only", action="store_true",
+                   help="with --cache: score only the videos already cached, render nothing (to rescore a run)")
     p.add_argument("--strip", type=Path, default=None,
                    help="write a PNG strip (bench/strip.py) of the first pair at the longest length here")
     a = p.parse_args(argv)
@@ -81,6 +83,9 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     start = time.perf_counter()
     bad = [f for f in a.frames if f < 1 or (f - 1) % 4]
+    if a.cached_only and a.cache is None:
+        print("error: --cached-only needs --cache DIR", file=sys.stderr)
+        return 2
     if bad:
         print(f"error: --frames {bad[0]} must be 4k+1 (the VAE's temporal factor is 4)", file=sys.stderr)
         return 2
@@ -109,6 +114,8 @@ def main(argv=None) -> int:
                 cached = a.cache / f"{frames}f_{name}_{i}_{steps}steps.npy" if a.cache else None
                 if cached is not None and cached.exists():
                     video = np.load(cached)
+                elif a.cached_only:
+                    continue
                 else:
                     undo = method.install(parts.transformer, latent)
                     try:
@@ -155,7 +162,9 @@ def table(rows: list[dict], trained: int, pairs: int) -> str:
         return f"{v.mean():.1f} +- {v.std():.1f}" if m in ("dynamic", "travel", "travel_gap") else \
             f"{v.mean():.3f} +- {v.std():.3f}"
 
-    out = [f"T = {trained} latent frames; mean +- std over {pairs} prompt-seed pairs. Lower is better for "
+    counts = ", ".join(f"{k}: {len({r['pair'] for r in rows if r['length'] == k})}"
+                       for k in dict.fromkeys(k for k, _ in keys))
+    out = [f"T = {trained} latent frames; mean +- std over the prompt-seed pairs ({counts}). Lower is better for "
            f"{', '.join(LOWER_IS_BETTER)}; dynamic: % of the side per frame; travel, travel_gap: % of the side "
            "per second; the others in [0, 1], higher is better."]
     for shown in (SHOWN, MOTION):
