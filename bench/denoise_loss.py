@@ -1,6 +1,7 @@
 """Denoising loss of the testbed's toy vs video length, per method: long-video degradation at the model level.
 
     python bench/denoise_loss.py                                  # 8 held-out worlds, 1x / 4x / 12x
+    python bench/denoise_loss.py --frames 961                     # and the one-minute length (241 latent frames)
     python bench/denoise_loss.py --model runs/x/toy-wan --profile runs/x/profile.yaml   # another checkpoint
 
 The quality table (bench/quality.py) scores sampled videos; this scores the model's one-step predictions,
@@ -10,7 +11,9 @@ training) and length F = k T latent frames, the world's ground-truth latents are
 the number is the training objective, the mean squared error against e - x0. The noise of a pair is drawn
 once for the longest length and sliced, so the first T frames have the same content and the same noise at
 every length: the `first T` column compares exactly the same frames with more or less video after them.
-Mean +- std over worlds; `x 1x` is the mean over s of a row divided by that of direct at 1x.
+Mean +- std over worlds; `x 1x` is the mean over s of a row divided by that of direct at 1x; `- direct` is the
+paired difference of the mean over s against direct at the same length on the same worlds and noise (mean +-
+standard error over worlds; in brackets the worlds where the method's loss is lower).
 
 Methods act through their install (FreeLOC variants, RIFLEx) and their prediction function (sliding
 window and FreeNoise window fusion); FreeNoise's noise rescheduling only changes sampling and has no
@@ -46,6 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", type=Path, default=None, help="FreeLOC profile (default: the config's)")
     p.add_argument("--pairs", type=int, default=8, help="held-out worlds")
     p.add_argument("--lengths", type=int, nargs="+", default=[1, 4, 12], help="multiples of T")
+    p.add_argument("--frames", type=int, nargs="+", default=[], help="more lengths, in video frames (4k+1)")
     p.add_argument("--noise", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.97], help="noise levels s")
     p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "freenoise"], choices=METHODS)
     p.add_argument("--threads", type=int, default=1)
@@ -57,7 +61,12 @@ def main(argv=None) -> int:
     trained = load_profile(profile).trained_frames
     parts = load_components(a.model or cfg.model.path, cfg.model.dtype)
     transformer = parts.transformer.eval()
-    longest = max(a.lengths) * trained
+    bad = [f for f in a.frames if f < 1 or (f - 1) % 4]
+    if bad:
+        print(f"error: --frames {bad[0]} must be 4k+1 (the VAE's temporal factor is 4)", file=sys.stderr)
+        return 2
+    latents = sorted({k * trained for k in a.lengths} | {(f - 1) // 4 + 1 for f in a.frames})
+    longest = latents[-1]
     frames_longest = 4 * (longest - 1) + 1
     worlds = [tw.sample_world(EVAL_SEED_BASE + i) for i in range(a.pairs)]
     with torch.no_grad():
@@ -69,9 +78,8 @@ def main(argv=None) -> int:
                for j in range(len(a.noise))] for i, x in enumerate(x0_all)]
 
     start = time.perf_counter()
-    results: dict[tuple[int, str], np.ndarray] = {}  # (k, method) -> [pairs, levels, 2] (all frames, first T)
-    for k in a.lengths:
-        f = k * trained
+    results: dict[tuple[int, str], np.ndarray] = {}  # (F, method) -> [pairs, levels, 2] (all frames, first T)
+    for f in latents:
         for name in a.methods:
             method = get_method(name, trained_frames=trained, profile=profile, backend=cfg.attention_backend)
             undo = method.install(transformer, f)
@@ -87,28 +95,38 @@ def main(argv=None) -> int:
                         out[i, j] = err.mean().item(), err[:trained].mean().item()
             finally:
                 undo()
-            results[(k, name)] = out
-            print(f"[{time.perf_counter() - start:5.0f}s] {k}x {name:15s} mean loss {out[..., 0].mean():.4f}",
+            results[(f, name)] = out
+            label = length_label(f, trained)
+            print(f"[{time.perf_counter() - start:5.0f}s] {label} {name:15s} mean loss {out[..., 0].mean():.4f}",
                   file=sys.stderr, flush=True)
     print(table(results, a.noise, trained, a.pairs))
     return 0
 
 
+def length_label(latent_frames: int, trained: int) -> str:
+    r = latent_frames / trained
+    return f"{r:.0f}x" if latent_frames % trained == 0 else f"{r:.1f}x"
+
+
 def table(results: dict, levels: list[float], trained: int, pairs: int) -> str:
-    ref_key = min(k for k, _ in results), "direct"
+    ref_key = min(f for f, _ in results), "direct"
     ref = results[ref_key][..., 0].mean() if ref_key in results else None
     lines = [f"Flow-matching loss on held-out worlds, T = {trained} latent frames, mean +- std over {pairs} worlds "
              "(lower is better).", "",
-             "| length | method | " + " | ".join(f"s={s:g}" for s in levels) + " | mean | first T | x 1x |",
-             "|---|---|" + "---|" * (len(levels) + 3)]
-    for (k, name), out in results.items():
+             "| length | method | " + " | ".join(f"s={s:g}" for s in levels) + " | mean | first T | x 1x | - direct |",
+             "|---|---|" + "---|" * (len(levels) + 4)]
+    for (f, name), out in results.items():
         cells = [f"{out[:, j, 0].mean():.3f} +- {out[:, j, 0].std():.3f}" for j in range(len(levels))]
         per_world = out[..., 0].mean(1)
         first = out[..., 1].mean(1)
         ratio = f"{per_world.mean() / ref:.2f}" if ref else "-"
-        lines.append(f"| {k}x | {name} | " + " | ".join(cells)
+        paired = "-"
+        if name != "direct" and (f, "direct") in results:
+            d = per_world - results[(f, "direct")][..., 0].mean(1)
+            paired = f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f} ({int((d < 0).sum())}/{len(d)})"
+        lines.append(f"| {length_label(f, trained)} | {name} | " + " | ".join(cells)
                      + f" | {per_world.mean():.3f} +- {per_world.std():.3f} | {first.mean():.3f} +- {first.std():.3f}"
-                     + f" | {ratio} |")
+                     + f" | {ratio} | {paired} |")
     return "\n".join(lines)
 
 
