@@ -56,15 +56,18 @@ def check_world(world_size: int, *, cfg_degree: int, latent_frames: int, strateg
     return sp
 
 
-def check_strategy(strategy: str, heads: int | None, sp_degree: int) -> None:
-    """Whether a (possibly forced) strategy can run `heads` heads on `sp_degree` ranks; `heads` None: name only."""
+def check_strategy(strategy: str, heads: int | None, sp_degree: int, *, degenerate_hybrid: bool = False) -> None:
+    """Whether a (possibly forced) strategy can run `heads` heads on `sp_degree` ranks; `heads` None: name only.
+
+    Ulysses needs the heads to divide. A hybrid whose heads and ranks share no factor runs, as plain ring (U =
+    1): the engine accepts it (`degenerate_hybrid`, tests force every strategy), a user asking for it is told."""
     if strategy not in STRATEGY_CHOICES:
         raise ValueError(f"parallel.strategy={strategy!r}: choose one of {', '.join(STRATEGY_CHOICES)}")
     if heads and sp_degree > 1:
         if strategy == "ulysses" and heads % sp_degree:
             raise ValueError(f"parallel.strategy=ulysses: {heads} heads do not divide over {sp_degree} ranks; "
                              f"use auto or ring")
-        if strategy == "hybrid" and math.gcd(heads, sp_degree) == 1:
+        if strategy == "hybrid" and math.gcd(heads, sp_degree) == 1 and not degenerate_hybrid:
             raise ValueError(f"parallel.strategy=hybrid: {heads} heads and {sp_degree} ranks share no factor; "
                              f"use auto or ring")
 

@@ -61,7 +61,7 @@ class SequenceParallel:
         self.forward = GlobalForward(self, transformer.forward)
         transformer.forward = self.forward
         self.heads = transformer.blocks[0].attn1.heads
-        check_strategy(strategy, self.heads, dims.sp_degree)
+        check_strategy(strategy, self.heads, dims.sp_degree, degenerate_hybrid=True)
         if dims.sp_degree > 1:
             u = ulysses_degree(self.heads, dims.sp_degree)
             if 1 < u < dims.sp_degree and strategy in ("hybrid", "auto"):
