@@ -39,7 +39,7 @@ frame and averages over the video (all scores but `dynamic` are in [0, 1], highe
   at a lag of at least LOOP_MIN_LAG frames (lower is better); a static or looping video cannot hide here.
 - `overall`: mean of subject, background, imaging, smoothness and moving, times (1 - freeze_loop).
 
-Shapes (legend): T frames, P pixels per side, K prompted objects, N palette colours.
+Shapes (legend): V video frames, P pixels per side, K prompted objects, N palette colours.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _expected_area(size: int) -> float:
 
 
 def _label(mask: torch.Tensor) -> torch.Tensor:
-    """Connected components (8-neighbour) of masks [T, P, P]: int64 labels, 0 = outside."""
+    """Connected components (8-neighbour) of masks [V, P, P]: int64 labels, 0 = outside."""
     t, p, _ = mask.shape
     assert t * p * p < 2**24, "ids must be exact in float32"
     ids = torch.arange(1, t * p * p + 1, dtype=torch.float32).view(t, 1, p, p)
@@ -89,7 +89,7 @@ def _label(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _blobs(mask: np.ndarray, min_area: float) -> list[list[tuple[float, float, float]]]:
-    """Per frame, the blobs of masks [T, P, P] with at least min_area pixels: (area, cy, cx)."""
+    """Per frame, the blobs of masks [V, P, P] with at least min_area pixels: (area, cy, cx)."""
     t, p, _ = mask.shape
     out: list[list[tuple[float, float, float]]] = [[] for _ in range(t)]
     if not mask.any():
@@ -110,12 +110,12 @@ def _blobs(mask: np.ndarray, min_area: float) -> list[list[tuple[float, float, f
 
 
 def analyse(video: np.ndarray, colours: list[str]) -> dict:
-    """Per-frame detections of video uint8 [T, P, P, 3] for the prompted colours."""
+    """Per-frame detections of video uint8 [V, P, P, 3] for the prompted colours."""
     x = video.astype(np.float32) / 255.0
     t, p = x.shape[0], x.shape[1]
-    sat = x.max(-1) - x.min(-1)  # [T, P, P]
+    sat = x.max(-1) - x.min(-1)  # [V, P, P]
     palette = np.array([tw.PALETTE[c] for c in tw.COLOURS], dtype=np.float32)  # [N, 3]
-    dist = np.linalg.norm(x[..., None, :] - palette, axis=-1)  # [T, P, P, N]
+    dist = np.linalg.norm(x[..., None, :] - palette, axis=-1)  # [V, P, P, N]
     nearest = dist.argmin(-1)
     near_d = dist.min(-1)
     area = _expected_area(p)
@@ -124,7 +124,7 @@ def analyse(video: np.ndarray, colours: list[str]) -> dict:
     count = np.zeros((t, len(colours)), dtype=np.int64)  # blobs of each prompted colour per frame
     extras = np.zeros(t)
     for ci, name in enumerate(tw.COLOURS):
-        mask = (nearest == ci) & (near_d < MATCH_TOLERANCE) & (sat > SATURATION_OBJECT)  # [T, P, P]
+        mask = (nearest == ci) & (near_d < MATCH_TOLERANCE) & (sat > SATURATION_OBJECT)  # [V, P, P]
         blobs = _blobs(mask, 0.25 * area)
         if name in colours:
             k = colours.index(name)
@@ -141,22 +141,22 @@ def analyse(video: np.ndarray, colours: list[str]) -> dict:
 
 
 def _subject(a: dict, k: int) -> float:
-    per_frame = a["found"].sum(1) / k - a["extras"] / k  # [T]
+    per_frame = a["found"].sum(1) / k - a["extras"] / k  # [V]
     return float(np.clip(per_frame, 0, 1).mean())
 
 
 def _background(video: np.ndarray, sat: np.ndarray) -> float:
     x = video.astype(np.float32) / 255.0
-    obj = torch.from_numpy(sat > SATURATION_BACKGROUND).float()[:, None]  # [T, 1, P, P]
+    obj = torch.from_numpy(sat > SATURATION_BACKGROUND).float()[:, None]  # [V, 1, P, P]
     obj = torch.nn.functional.max_pool2d(obj, 5, stride=1, padding=2)[:, 0].numpy() > 0  # dilate 2 px
-    bg = np.where(obj[..., None], np.nan, x)  # [T, P, P, 3]
+    bg = np.where(obj[..., None], np.nan, x)  # [V, P, P, 3]
     with np.errstate(all="ignore"):
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             median = np.nanmedian(bg, axis=0)  # [P, P, 3]
-            err = np.nanmean(np.abs(bg - median), axis=(1, 2, 3))  # [T]
+            err = np.nanmean(np.abs(bg - median), axis=(1, 2, 3))  # [V]
     err = np.where(np.isnan(err), 1.0, err)  # a frame with no background at all scores 0
     return float(np.clip(1 - err / BG_TOLERANCE, 0, 1).mean())
 
@@ -170,7 +170,7 @@ def _imaging(sat: np.ndarray, near_d: np.ndarray) -> float:
 
 def _smoothness_dynamic(tracks: dict) -> tuple[float, float]:
     accels, steps = [], []
-    for c in tracks.values():  # [T, 2], NaN where not found
+    for c in tracks.values():  # [V, 2], NaN where not found
         v = c[1:] - c[:-1]
         a = v[1:] - v[:-1]
         steps.extend(np.linalg.norm(v[~np.isnan(v).any(1)], axis=1))
@@ -181,7 +181,7 @@ def _smoothness_dynamic(tracks: dict) -> tuple[float, float]:
 
 
 def smooth_track(c: np.ndarray) -> np.ndarray:
-    """Centred moving average [T, 2] of a track over SMOOTH_WINDOW frames, over the found frames in reach;
+    """Centred moving average [V, 2] of a track over SMOOTH_WINDOW frames, over the found frames in reach;
     NaN where the object was not found, so a gap is never bridged."""
     h = SMOOTH_WINDOW // 2
     valid = ~np.isnan(c).any(1)
@@ -206,7 +206,7 @@ def one_second_displacements(tracks: dict) -> np.ndarray:
 
 
 def _coverage_one(c: np.ndarray) -> float:
-    """Fraction of coverage cells holding the smoothed centre [T, 2] in some frame. A cell is 0.09 of the
+    """Fraction of coverage cells holding the smoothed centre [V, 2] in some frame. A cell is 0.09 of the
     side, 2.6 frames of the world's fastest object, so consecutive centres of a world-like track never skip
     one."""
     r = tw.RADIUS_FRACTION
@@ -243,20 +243,20 @@ def reference_motion(tracks: dict, ref_tracks: dict) -> dict[str, float]:
 
 def _freeze_loop(video: np.ndarray) -> float:
     """Fraction of frames in a frozen run or in a repeat of an earlier window (lag >= LOOP_MIN_LAG)."""
-    x = torch.from_numpy(video).float().div(255).permute(0, 3, 1, 2)  # [T, 3, P, P]
-    x = torch.nn.functional.avg_pool2d(x, 4).flatten(1)  # [T, 3 P^2 / 16]
+    x = torch.from_numpy(video).float().div(255).permute(0, 3, 1, 2)  # [V, 3, P, P]
+    x = torch.nn.functional.avg_pool2d(x, 4).flatten(1)  # [V, 3 P^2 / 16]
     t = x.shape[0]
     flagged = np.zeros(t, dtype=bool)
-    d = (x[1:] - x[:-1]).abs().mean(1).numpy()  # [T-1]
+    d = (x[1:] - x[:-1]).abs().mean(1).numpy()  # [V-1]
     frozen = d < FREEZE_TOLERANCE
     for i in range(len(d)):  # a frozen run needs at least two still steps in a row
         if frozen[i] and ((i > 0 and frozen[i - 1]) or (i + 1 < len(d) and frozen[i + 1])):
             flagged[i] = flagged[i + 1] = True
     w = LOOP_WINDOW
     if t >= LOOP_MIN_LAG + w:
-        dist = torch.cdist(x, x, p=1).numpy() / x.shape[1]  # [T, T] mean abs difference
+        dist = torch.cdist(x, x, p=1).numpy() / x.shape[1]  # [V, V] mean abs difference
         for lag in range(LOOP_MIN_LAG, t - w + 1):
-            diag = np.diagonal(dist, offset=lag)  # dist[s, s + lag], s in [0, T - lag)
+            diag = np.diagonal(dist, offset=lag)  # dist[s, s + lag], s in [0, V - lag)
             win = np.convolve(diag, np.ones(w) / w, mode="valid")  # windows of w consecutive pairs
             for s in np.nonzero(win < LOOP_TOLERANCE)[0]:
                 flagged[s + lag: s + lag + w] = True
@@ -265,7 +265,7 @@ def _freeze_loop(video: np.ndarray) -> float:
 
 def video_metrics(video: np.ndarray, colours: list[str], reference: np.ndarray | None = None,
                   reference_tracks: dict | None = None) -> dict[str, float]:
-    """All metrics of one video uint8 [T, P, P, 3] whose prompt names objects of `colours`; with `reference`
+    """All metrics of one video uint8 [V, P, P, 3] whose prompt names objects of `colours`; with `reference`
     (the ground truth video of the same world and length), or its `analyse(...)["tracks"]` as
     `reference_tracks` (analysing a long video takes a while, so a bench that scores many videos against the
     same ground truth passes it once analysed), also REFERENCE_METRICS."""

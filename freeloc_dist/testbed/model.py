@@ -14,7 +14,7 @@ temporal frequencies, 1 to 0.0003 rad per frame; Wan2.1 has 22, 1 to 0.00015), 6
 flow-matching objective on clips of TRAINED_FRAMES latent frames. Text: a frozen random 2-layer UMT5 and
 byte-level tokenizer (freeloc_dist.tiny); the transformer's cross-attention learns to read it.
 
-Shapes (legend): B batch, T video frames, P pixels, C latent channels, F latent frames, H/W latent cells.
+Shapes (legend): B batch, V video frames, P pixels, C latent channels, F latent frames, H/W latent cells.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ VAE_CONFIG = dict(
 
 
 def pack_latents(video: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Un-normalised latents [B, C, F, H, W] of uint8 videos [B, T, P, P, 3] (T = 4(F-1)+1)."""
-    x = torch.as_tensor(np.asarray(video)).float() / 127.5 - 1  # [B, T, P, P, 3]
+    """Un-normalised latents [B, C, F, H, W] of uint8 videos [B, V, P, P, 3] (V = 4(F-1)+1)."""
+    x = torch.as_tensor(np.asarray(video)).float() / 127.5 - 1  # [B, V, P, P, 3]
     x = x[:, ::4].permute(0, 1, 4, 2, 3)  # [B, F, 3, P, P]
     b, f, _, p, _ = x.shape
     x = torch.nn.functional.avg_pool2d(x.reshape(b * f, 3, p, p), POOL)  # [B*F, 3, P/4, P/4]
@@ -72,7 +72,7 @@ def normalise(vae_config, latents: torch.Tensor) -> torch.Tensor:
 
 
 def decode_frames(vae, z: torch.Tensor) -> torch.Tensor:
-    """Differentiable decode of un-normalised latents [B, C, F, H, W] -> video [B, 3, T, P, P] (no clamp).
+    """Differentiable decode of un-normalised latents [B, C, F, H, W] -> video [B, 3, V, P, P] (no clamp).
 
     The same frame-by-frame causal loop as inference (freeloc_dist.decode.causal_decode_steps)."""
     from freeloc_dist.decode import causal_decode_steps

@@ -175,11 +175,11 @@ def decoder_step(vae, params, opt, rng, batch: int, latent_frames: int, std: tor
     Loss: L1 + L2 per pixel, pixels of saturated (object) colour weighted `object_weight` times. The latents
     get a little noise (x `std` [1, C, 1, 1, 1]): sampled latents are never exact, the decoder should not care."""
     video, _ = clip_batch(rng, batch, 4 * (latent_frames - 1) + 1)
-    target = (torch.as_tensor(video).float() / 127.5 - 1).permute(0, 4, 1, 2, 3)  # [b, 3, T, P, P]
+    target = (torch.as_tensor(video).float() / 127.5 - 1).permute(0, 4, 1, 2, 3)  # [b, 3, V, P, P]
     z = tm.pack_latents(video)
     z = z + 0.03 * torch.randn_like(z) * std
     err = tm.decode_frames(vae, z) - target
-    sat = target.amax(1, keepdim=True) - target.amin(1, keepdim=True)  # [b, 1, T, P, P], 0..2
+    sat = target.amax(1, keepdim=True) - target.amin(1, keepdim=True)  # [b, 1, V, P, P], 0..2
     weight = 1 + (object_weight - 1) * (sat > 0.4).float()
     loss = ((err.abs() + err**2) * weight).mean() / weight.mean()
     opt.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ move at constant velocity and bounce off the frame edges. Everything is known ex
 metrics can be measured against ground truth. `render` draws any number of frames, so the same world serves
 as a short training clip and as the reference for a 12x-long sample.
 
-Shapes (legend): T video frames, P pixels (square frames, P x P), K objects.
+Shapes (legend): V video frames, P pixels (square frames, P x P), K objects.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _bounce(p0: float, v: float, t: np.ndarray, lo: float, hi: float) -> np.ndar
 
 
 def trajectories(world: World, num_frames: int) -> np.ndarray:
-    """Object centres [K, T, 2] (y, x) in units of the frame side, frame 0 = the world's initial state."""
+    """Object centres [K, V, 2] (y, x) in units of the frame side, frame 0 = the world's initial state."""
     t = np.arange(num_frames, dtype=np.float64)
     r = RADIUS_FRACTION
     out = np.zeros((len(world.objects), num_frames, 2))
@@ -118,7 +118,7 @@ def object_mask(shape: str, centre: tuple[float, float], size: int, supersample:
 
 
 def render(world: World, num_frames: int, size: int = 64, stride: int = 1) -> np.ndarray:
-    """uint8 video [T, P, P, 3] of frames 0, stride, 2 stride, ... < num_frames; objects are drawn in list
+    """uint8 video [V, P, P, 3] of frames 0, stride, 2 stride, ... < num_frames; objects are drawn in list
     order (the later one on top)."""
     bg = background_image(world, size)
     paths = trajectories(world, num_frames)
