@@ -171,6 +171,11 @@ def test_compile_flag_reaches_the_config(tmp_path):
     spec = importlib.util.spec_from_file_location("generate", "launch/generate.py")
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
-    args = generate._parse_args(["--config", "configs/tiny-random.yaml", "--compile", "blocks"])
-    assert generate._load_config(args).model.compile == "blocks"
-    assert generate._load_config(generate._parse_args(["--config", "configs/tiny-random.yaml"])).model.compile == "none"
+    from freeloc_dist.preflight import load_config
+
+    def compile_mode(*flags):
+        args = generate._parse_args(["--config", "configs/tiny-random.yaml", *flags])
+        return load_config(args.config, generate.overrides_of(args), args.seconds).model.compile
+
+    assert compile_mode("--compile", "blocks") == "blocks"
+    assert compile_mode() == "none"
