@@ -5,6 +5,15 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
+# A profile for a 3-layer tiny transformer: one layer of each kind, trained on 4 latent frames.
+THREE_LAYERS = {
+    "model": "tiny-random",
+    "trained_frames": 4,
+    "source": "test",
+    "layers": {"tsa": [0], "vrpr": [1], "full": [2]},
+    "tsa": {"dense_frames": 1, "stripe_frames": 3, "stripe_width": 2, "sink_frames": [0]},
+}
+
 
 def tiny_transformer(num_layers=2, heads=3, head_dim=12, seed=0):
     """A random Wan transformer: head_dim 12 gives RoPE t/h/w dims 4/4/4."""

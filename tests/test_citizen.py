@@ -9,19 +9,13 @@ import copy
 
 import pytest
 import torch
-from _tiny import TINY_PROFILE, rel_err, render, tiny_pipeline, tiny_transformer, transformer_inputs
+from _tiny import THREE_LAYERS, TINY_PROFILE, rel_err, render, tiny_pipeline, tiny_transformer, transformer_inputs
 
 from freeloc_dist import apply_freeloc, enable_freeloc, remove_freeloc
 
 pytestmark = pytest.mark.unit
 
-PROFILE = {
-    "model": "tiny-random",
-    "trained_frames": 4,
-    "source": "test",
-    "layers": {"tsa": [0], "vrpr": [1], "full": [2]},
-    "tsa": {"dense_frames": 1, "stripe_frames": 3, "stripe_width": 2, "sink_frames": [0]},
-}
+PROFILE = THREE_LAYERS  # tests/_tiny.py: one layer of each kind, T = 4
 
 
 @torch.no_grad()

@@ -12,19 +12,13 @@ import copy
 
 import pytest
 import torch
-from _tiny import rel_err, tiny_transformer, transformer_inputs
+from _tiny import THREE_LAYERS, rel_err, tiny_transformer, transformer_inputs
 
 from freeloc_dist import apply_freeloc
 
 pytestmark = pytest.mark.unit
 
-PROFILE = {
-    "model": "tiny-random",
-    "trained_frames": 4,
-    "source": "test",
-    "layers": {"tsa": [0], "vrpr": [1], "full": [2]},
-    "tsa": {"dense_frames": 1, "stripe_frames": 3, "stripe_width": 2, "sink_frames": [0]},
-}
+PROFILE = THREE_LAYERS  # tests/_tiny.py: one layer of each kind, T = 4
 FRAMES = (3, 9)  # F <= T = 4 and F > T
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _tiny import rel_err, tiny_transformer, transformer_inputs
+from _tiny import THREE_LAYERS, rel_err, tiny_transformer, transformer_inputs
 
 from freeloc_dist import apply_freeloc, load_profile
 from freeloc_dist.profile import ProfileError
@@ -11,13 +11,7 @@ pytestmark = pytest.mark.unit
 
 TOL = 1e-5  # see test_attention.py: float32 kernels vs the float64 oracle backend
 
-PROFILE = {
-    "model": "tiny-random",
-    "trained_frames": 4,
-    "source": "test",
-    "layers": {"tsa": [0], "vrpr": [1], "full": [2]},
-    "tsa": {"dense_frames": 1, "stripe_frames": 3, "stripe_width": 2, "sink_frames": [0]},
-}
+PROFILE = THREE_LAYERS  # tests/_tiny.py: one layer of each kind, T = 4
 
 
 @torch.no_grad()
