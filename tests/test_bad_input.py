@@ -3,7 +3,6 @@ plan that cannot fit) is one stderr line `error: ...` naming the problem, exit c
 rank, and nothing is written under an output name. Run in-process through generate.main (each case fails
 before any weights load); two cases go through a real subprocess per rank."""
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,14 +15,6 @@ from freeloc_dist.config import REPO_ROOT
 
 GENERATE = REPO_ROOT / "launch" / "generate.py"
 TINY = yaml.safe_load((REPO_ROOT / "configs" / "tiny-random.yaml").read_text())
-
-
-@pytest.fixture(scope="module")
-def generate():
-    spec = importlib.util.spec_from_file_location("generate_under_test", GENERATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_config(tmp_path, edit=lambda c: None):

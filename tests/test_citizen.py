@@ -159,12 +159,7 @@ def test_parallelize_pipeline_on_one_process_equals_the_plain_pipeline():
     assert torch.equal(render(pipe, 25), plain)
 
 
-def test_compile_flag_reaches_the_config(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("generate", "launch/generate.py")
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
+def test_compile_flag_reaches_the_config(tmp_path, generate):
     from freeloc_dist.preflight import load_config
 
     def compile_mode(*flags):

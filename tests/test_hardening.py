@@ -2,7 +2,6 @@
 any weight loads; every output path is checked first and owned by one render (a lock); a failed job on one
 rank never leaves the others waiting; any length renders; resume refuses what it cannot continue."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,14 +18,6 @@ from freeloc_dist.config import REPO_ROOT, ConfigError, load_render_config
 GENERATE = REPO_ROOT / "launch" / "generate.py"
 TINY = yaml.safe_load((REPO_ROOT / "configs" / "tiny-random.yaml").read_text())
 SMALL = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "1"]
-
-
-@pytest.fixture(scope="module")
-def generate():
-    spec = importlib.util.spec_from_file_location("generate_hardening", GENERATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
