@@ -40,9 +40,11 @@ def checkpoint_path(cfg: RenderConfig) -> Path:
     return cfg.output.parent / f".{cfg.output.name}.ckpt"
 
 
-def fingerprint(cfg: RenderConfig, profile) -> str:
+def fingerprint(cfg: RenderConfig, profile, *, profile_2=None, boundary_ratio: float | None = None) -> str:
     """Hash of every setting that changes the latents (not output names, parallel layout or checkpointing:
-    a render may resume on a different number of ranks). `profile`: the render's loaded Profile or None."""
+    a render may resume on a different number of ranks). `profile`: the render's loaded Profile or None;
+    two-expert models add the second expert's profile and the boundary (absent keys keep one-expert
+    fingerprints as they were)."""
     key = {
         "model": [str(cfg.model.path), cfg.model.dtype],
         "profile": profile.to_mapping() if profile is not None else None,
@@ -51,6 +53,9 @@ def fingerprint(cfg: RenderConfig, profile) -> str:
         "sampling": dataclasses.asdict(cfg.sampling),
         "prompt": cfg.prompt,
     }
+    if boundary_ratio is not None:
+        key["experts"] = {"profile_2": profile_2.to_mapping() if profile_2 is not None else None,
+                          "boundary_ratio": boundary_ratio}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -31,7 +31,7 @@ def run(config_path: Path, overrides: Mapping[str, Any], options: RunOptions, *,
     dims = init_parallel(cfg_degree=first.parallel.cfg_degree, timeout_s=first.parallel.timeout_s)
     try:
         lead_log = log if (dims.rank == 0 and not options.quiet) else (lambda message: None)
-        session = Session(first, pre.profile, dims, lead_log)
+        session = Session(first, pre.profile, dims, lead_log, profile_2=pre.profile_2)
         from .checkpoint import PreemptionFlag
 
         # From here a preemption signal means "checkpoint at the next step boundary"; before (joining the
@@ -45,7 +45,7 @@ def run(config_path: Path, overrides: Mapping[str, Any], options: RunOptions, *,
 class Session:
     """What stays loaded across the jobs of one run: components, FreeLOC, the parallel engine."""
 
-    def __init__(self, cfg, profile, dims, log_fn):
+    def __init__(self, cfg, profile, dims, log_fn, profile_2=None):
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -59,24 +59,33 @@ class Session:
                f"cfg {dims.cfg_degree} x sp {dims.sp_degree})")
         self.dims, self.profile, self.log = dims, profile, log_fn
         self.parts = load_components(cfg.model.path, cfg.model.dtype, dims.device)
-        if profile is not None:
+        self.profile_2 = profile_2
+        # one profile per expert (Wan2.2 A14B: transformer_2 with profile_2; preflight checked both)
+        pairs = [(self.parts.transformer, profile, cfg.profile)]
+        if self.parts.transformer_2 is not None:
+            pairs.append((self.parts.transformer_2, profile_2, cfg.profile_2))
+        for model, prof, path in pairs:
+            if prof is None:
+                log_fn("FreeLOC: off (stock attention)")
+                continue
             from .install import apply_freeloc
 
             try:
-                apply_freeloc(self.parts.transformer, profile, backend=cfg.attention_backend)
+                apply_freeloc(model, prof, backend=cfg.attention_backend)
             except ValueError as e:
                 raise UserError(first_line(e)) from None
-            log_fn(f"FreeLOC: {cfg.profile} (trained_frames={profile.trained_frames}, "
-                   f"backend={cfg.attention_backend})")
-        else:
-            log_fn("FreeLOC: off (stock attention)")
-        self.predict, self.engine = predict_noise, None
+            log_fn(f"FreeLOC: {path} (trained_frames={prof.trained_frames}, backend={cfg.attention_backend})")
+        self.predict, self.predict_2, self.engine, self.engine_2 = predict_noise, None, None, None
         if dims.world_size > 1:
             from .parallel import parallelize
 
             self.engine = parallelize(self.parts.transformer, dims, backend=cfg.attention_backend,
                                       strategy=cfg.parallel.strategy)
             self.predict = self.engine.predict
+            if self.parts.transformer_2 is not None:  # its own hooks, the same groups and byte counters
+                self.engine_2 = parallelize(self.parts.transformer_2, dims, backend=cfg.attention_backend,
+                                            strategy=cfg.parallel.strategy, comm=self.engine.comm)
+                self.predict_2 = self.engine_2.predict
         from .parallel.comm import Comm
 
         self.comm = self.engine.comm if self.engine is not None else Comm(dims)
@@ -97,7 +106,7 @@ def run_jobs(pre: Preflight, options: RunOptions, session: Session, flag) -> int
             skipped.append(cfg.output)
             continue
         try:
-            job_resume = pre.resume if not queue else (read_checkpoint(cfg, pre.profile) if options.resume else None)
+            job_resume = pre.resume if not queue else (read_checkpoint(cfg, pre.profile, pre.kind, pre.profile_2) if options.resume else None)
             out = render_one(cfg, options, session, flag, job_resume, label)
         except Preempted:
             raise
@@ -132,7 +141,8 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
     lead = dims.rank == 0
     start = time.perf_counter()
     v, s = cfg.video, cfg.sampling
-    ckpt_path, key, every = checkpoint_path(cfg), fingerprint(cfg, session.profile), cfg.checkpoint.every
+    ckpt_path, every = checkpoint_path(cfg), cfg.checkpoint.every
+    key = fingerprint(cfg, session.profile, **expert_key(session.parts, session.profile_2))
     log_fn(f"{label}rendering {v.frames} frames ({cfg.latent_frames} latent) at {v.width}x{v.height}, "
            f"{s.steps} steps, seed {s.seed}" + (f", resuming after step {resume.step}" if resume else ""))
     if resume is None and options.resume:
@@ -152,7 +162,7 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
 
     progress = Progress(log_fn, start_step=resume.step if resume else 0, label=label)
     result = render(session.parts, cfg, decode=False, predict=session.predict, on_step=progress,
-                    resume=resume, after_step=after_step)
+                    resume=resume, after_step=after_step, predict_2=session.predict_2)
     sample_s = time.perf_counter() - sample_start
     if options.report_comm:
         report_comm(session, s.steps)
@@ -194,6 +204,13 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
     ckpt_path.unlink(missing_ok=True)
     log_fn(f"{label}done in {timings['render_s']:.1f}s: {cfg.output}")
     return cfg.output
+
+
+def expert_key(parts, profile_2) -> dict:
+    """What a second expert adds to the checkpoint fingerprint: its profile and the switch point."""
+    if parts.transformer_2 is None:
+        return {}
+    return {"profile_2": profile_2, "boundary_ratio": parts.boundary_ratio}
 
 
 def sidecar(cfg, session: Session, resume, timings) -> dict:
