@@ -106,7 +106,9 @@ def run_jobs(pre: Preflight, options: RunOptions, session: Session, flag) -> int
             skipped.append(cfg.output)
             continue
         try:
-            job_resume = pre.resume if not queue else (read_checkpoint(cfg, pre.profile, pre.kind, pre.profile_2) if options.resume else None)
+            job_resume = pre.resume
+            if queue:
+                job_resume = read_checkpoint(cfg, pre.profile, pre.kind, pre.profile_2) if options.resume else None
             out = render_one(cfg, options, session, flag, job_resume, label)
         except Preempted:
             raise
