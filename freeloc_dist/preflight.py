@@ -93,6 +93,10 @@ def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
         kind = read_model_kind(model_dir)
     except ModelKindError as e:
         raise UserError(f"model.path={str(cfg.model.path)!r}: {first_line(e)}") from None
+    if kind.task != "t2v":  # detected, not yet rendered: refuse before loading rather than crash after
+        raise UserError(f"model.path={str(cfg.model.path)!r}: a {kind.task} model ({kind.pipeline}, "
+                        f"in_channels={kind.in_channels}, expand_timesteps={kind.expand_timesteps}) is not "
+                        "supported yet (text-to-video only: Wan2.1 T2V, Wan2.2 T2V-A14B)")
     if not kind.two_experts:
         for key, value in (("profile_2", cfg.profile_2), ("sampling.guidance_scale_2", cfg.sampling.guidance_scale_2)):
             if value is not None:

@@ -112,3 +112,31 @@ def test_two_experts_equal_diffusers_wan_pipeline():
     # and the second expert matters: the first alone is far off
     alone = render(dataclasses.replace(parts, transformer_2=None, boundary_ratio=None), cfg, decode=False).latents
     assert rel_err(alone, theirs) > 1e-2
+
+
+def test_planner_counts_both_experts_and_the_real_vae_factor():
+    from freeloc_dist.config import load_render_config
+    from freeloc_dist.planner import plan_render
+
+    cfg = load_render_config(ROOT / "configs" / "tiny-random-a14b.yaml")
+    tcfg = json.loads((ROOT / "assets" / "tiny-a14b" / "transformer" / "config.json").read_text())
+    kind = read_model_kind(ROOT / "assets" / "tiny-a14b")
+    one = plan_render(cfg, tcfg, world_size=1)
+    two = plan_render(cfg, tcfg, world_size=1, kind=kind)
+    assert two.memory_bytes["weights: transformer_2"] == one.memory_bytes["weights: transformer"] > 0
+    assert "weights: transformer_2" not in one.memory_bytes
+    sixteen = plan_render(cfg, tcfg, world_size=1, kind=dataclasses.replace(kind, vae_spatial=16))
+    assert sixteen.tokens_per_frame * 4 == two.tokens_per_frame
+
+
+def test_fingerprint_covers_the_second_expert():
+    from freeloc_dist.checkpoint import fingerprint
+    from freeloc_dist.config import load_render_config
+
+    cfg = load_render_config(ROOT / "configs" / "tiny-random-a14b.yaml")
+    p1 = load_profile(ROOT / "configs" / "profiles" / "tiny-random.yaml")
+    p2 = load_profile(ROOT / "configs" / "profiles" / "tiny-random-2.yaml")
+    base = fingerprint(cfg, p1, profile_2=p2, boundary_ratio=0.875)
+    assert base != fingerprint(cfg, p1, profile_2=p1, boundary_ratio=0.875)
+    assert base != fingerprint(cfg, p1, profile_2=p2, boundary_ratio=0.9)
+    assert fingerprint(cfg, p1) == fingerprint(cfg, p1, profile_2=p2)  # no boundary: one expert, unchanged
