@@ -255,7 +255,7 @@ def dry_run(pre: Preflight, options: RunOptions) -> int:
     try:
         plan = plan_render(cfg, pre.transformer_config, pre.profile, world_size=pre.world_size,
                            text_encoder_cfg=text_encoder_cfg, device_memory_gb=options.gpu_memory_gb,
-                           peak_tflops=options.peak_tflops, kind=pre.kind)
+                           peak_tflops=options.peak_tflops, model_kind=pre.kind)
     except RenderPlanError as e:
         raise UserError(str(e)) from None
     print(format_plan(plan))

@@ -122,10 +122,10 @@ def test_planner_counts_both_experts_and_the_real_vae_factor():
     tcfg = json.loads((ROOT / "assets" / "tiny-a14b" / "transformer" / "config.json").read_text())
     kind = read_model_kind(ROOT / "assets" / "tiny-a14b")
     one = plan_render(cfg, tcfg, world_size=1)
-    two = plan_render(cfg, tcfg, world_size=1, kind=kind)
+    two = plan_render(cfg, tcfg, world_size=1, model_kind=kind)
     assert two.memory_bytes["weights: transformer_2"] == one.memory_bytes["weights: transformer"] > 0
     assert "weights: transformer_2" not in one.memory_bytes
-    sixteen = plan_render(cfg, tcfg, world_size=1, kind=dataclasses.replace(kind, vae_spatial=16))
+    sixteen = plan_render(cfg, tcfg, world_size=1, model_kind=dataclasses.replace(kind, vae_spatial=16))
     assert sixteen.tokens_per_frame * 4 == two.tokens_per_frame
 
 
