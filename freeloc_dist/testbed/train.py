@@ -116,7 +116,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     def save():
         ema_parts = tm.WanComponents(transformer=ema, vae=vae.eval(), text_encoder=parts.text_encoder,
                                      tokenizer=parts.tokenizer, scheduler=parts.scheduler,
-                                     trained_frames=tm.TRAINED_FRAMES)
+                                     trained_frames=cfg.trained_frames)
         tm.save_components(ema_parts, out_dir)
         vae.train()
 
