@@ -40,13 +40,14 @@ def checkpoint_path(cfg: RenderConfig) -> Path:
     return cfg.output.parent / f".{cfg.output.name}.ckpt"
 
 
-def fingerprint_settings(cfg: RenderConfig, profile) -> dict:
+def fingerprint_settings(cfg: RenderConfig, profile, *, profile_2=None, boundary_ratio: float | None = None) -> dict:
     """Every setting that changes the latents (not output names, parallel layout or checkpointing: a render
     may resume on a different number of ranks), by name. `profile`: the render's loaded Profile or None.
-    The weights enter by (file, size, mtime): weights replaced in place under the same path change it."""
+    The weights enter by (file, size, mtime): weights replaced in place under the same path change it.
+    Two-expert models add the second expert's profile and the boundary (one-expert settings are unchanged)."""
     from freeloc_dist.models import weights_signature
 
-    return {
+    settings = {
         "model": [str(cfg.model.path), cfg.model.dtype],
         "weights": weights_signature(cfg.model.path),
         "profile": profile.to_mapping() if profile is not None else None,
@@ -55,15 +56,25 @@ def fingerprint_settings(cfg: RenderConfig, profile) -> dict:
         **{f"sampling.{k}": v for k, v in dataclasses.asdict(cfg.sampling).items()},
         "prompt": cfg.prompt,
     }
+    if boundary_ratio is not None:
+        settings["profile_2"] = profile_2.to_mapping() if profile_2 is not None else None
+        settings["boundary_ratio"] = boundary_ratio
+    return settings
+
+
+def expert_key(two_experts: bool, boundary_ratio: float | None, profile_2) -> dict:
+    """What a second expert adds to the fingerprint (keyword arguments of fingerprint_settings): its
+    profile and the switch point; nothing for a one-expert model."""
+    return {"profile_2": profile_2, "boundary_ratio": boundary_ratio} if two_experts else {}
 
 
 def _digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def fingerprint(cfg: RenderConfig, profile) -> str:
-    """Hash of `fingerprint_settings`."""
-    return _digest(fingerprint_settings(cfg, profile))
+def fingerprint(cfg: RenderConfig, profile, **experts) -> str:
+    """Hash of `fingerprint_settings` (`experts`: profile_2 and boundary_ratio of a two-expert model)."""
+    return _digest(fingerprint_settings(cfg, profile, **experts))
 
 
 def _settings_digests(settings: dict) -> dict[str, str]:

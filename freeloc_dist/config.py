@@ -57,6 +57,7 @@ class VideoConfig:
 class SamplingConfig:
     steps: int = 50
     guidance_scale: float = 5.0  # <= 1 runs the conditional pass only
+    guidance_scale_2: float | None = None  # two-expert models: the low-noise expert's (default: guidance_scale)
     shift: float = 3.0  # flow-matching sigma shift
     seed: int = 0
     negative_prompt: str = ""
@@ -86,6 +87,7 @@ class RenderConfig:
     video: VideoConfig
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     profile: Path | None = None  # FreeLOC profile YAML; None renders with stock attention
+    profile_2: Path | None = None  # two-expert models (Wan2.2 A14B): the low-noise expert's profile
     attention_backend: Backend = "sdpa"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -133,6 +135,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[An
     "video.fps": (lambda v: 1 <= v <= MAX_FPS, f"must be >= 1 and <= {MAX_FPS}"),
     "sampling.steps": (lambda v: 1 <= v <= MAX_STEPS, f"must be >= 1 and <= {MAX_STEPS}"),
     "sampling.guidance_scale": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
+    "sampling.guidance_scale_2": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
     "sampling.shift": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
     "sampling.seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)"),
     "sampling.max_text_tokens": (lambda v: 1 <= v <= MAX_TEXT_TOKENS, f"must be >= 1 and <= {MAX_TEXT_TOKENS}"),

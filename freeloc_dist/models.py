@@ -40,6 +40,16 @@ class WanComponents:
     text_encoder: Any  # transformers UMT5EncoderModel
     tokenizer: Any  # transformers tokenizer
     scheduler: Any  # diffusers flow-matching scheduler (a template: sampling copies it per render)
+    # Wan2.2 A14B: the low-noise expert, used for t < boundary_ratio * num_train_timesteps (freeloc_dist.experts)
+    transformer_2: Any = None
+    boundary_ratio: float | None = None
+    expand_timesteps: bool = False  # Wan2.2 TI2V-5B: per-token timesteps
+    # Latent frames the model was trained on, when it is not the family's (tiny test models; freeloc_dist.family)
+    trained_frames: int | None = None
+
+    def experts(self) -> list:
+        """The transformers of this model, high-noise expert first."""
+        return [t for t in (self.transformer, self.transformer_2) if t is not None]
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -64,10 +74,27 @@ def check_model_dir(model_dir: str | Path) -> Path:
     for path in required:
         if not path.is_file():
             raise ConfigError(f"config error: model.path={str(root)!r}: missing {path.relative_to(root)}")
-    for sub in _WEIGHT_SUBFOLDERS:
-        if not _has_weights(root / sub):
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"config error: model.path={str(root)!r}: model_index.json is not readable JSON") from None
+    for sub in weight_subfolders(index):
+        if not (root / sub).is_dir() or not _has_weights(root / sub):
             raise ConfigError(f"config error: model.path={str(root)!r}: no weights in {sub}/")
     return root
+
+
+def weight_subfolders(index) -> tuple[str, ...]:
+    """The subfolders holding weights, from model_index.json's contents (a second expert adds its own)."""
+    second = isinstance(index, dict) and isinstance(index.get("transformer_2"), list) and index["transformer_2"][0]
+    return _WEIGHT_SUBFOLDERS + (("transformer_2",) if second else ())
+
+
+def _index_of(root: Path):
+    try:
+        return json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _weight_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
@@ -107,8 +134,10 @@ def check_weights_match_config(model_dir: str | Path) -> None:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     root = Path(model_dir)
-    for sub, build in (("transformer", WanTransformer3DModel.from_config), ("vae", AutoencoderKLWan.from_config),
-                       ("text_encoder", _umt5_of)):
+    builders = {"transformer": WanTransformer3DModel.from_config, "transformer_2": WanTransformer3DModel.from_config,
+                "vae": AutoencoderKLWan.from_config, "text_encoder": _umt5_of}
+    for sub in weight_subfolders(_index_of(root)):
+        build = builders[sub]
         shapes = _weight_shapes(root / sub)
         if shapes is None:
             continue
@@ -144,7 +173,7 @@ def _umt5_of(config: dict):
 def weights_signature(model_dir: str | Path) -> list:
     """(file, size, mtime) of every weight file: weights replaced in place change it (resume fingerprint)."""
     root, out = Path(model_dir), []
-    for sub in _WEIGHT_SUBFOLDERS:
+    for sub in weight_subfolders(_index_of(root)):
         folder = root / sub
         if folder.is_dir():
             for p in sorted(folder.iterdir()):
@@ -200,12 +229,22 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
                torch_dtype=torch.float32, local_files_only=True)
     text_encoder = load("text_encoder", UMT5EncoderModel.from_pretrained, root / "text_encoder",
                         dtype=dtype, local_files_only=True)
+    index = json.loads((root / "model_index.json").read_text())
+    transformer_2 = None
+    if isinstance(index.get("transformer_2"), list) and index["transformer_2"][0] is not None:
+        transformer_2 = load("transformer_2", WanTransformer3DModel.from_pretrained, root,
+                             subfolder="transformer_2", torch_dtype=dtype, local_files_only=True)
+        transformer_2 = transformer_2.to(device).eval()
     return WanComponents(
         transformer=transformer.to(device).eval(),
         vae=vae.to(device).eval(),
         text_encoder=text_encoder.to(device).eval(),
         tokenizer=tokenizer,
         scheduler=scheduler,
+        transformer_2=transformer_2,
+        boundary_ratio=index.get("boundary_ratio"),
+        expand_timesteps=bool(index.get("expand_timesteps", False)),
+        trained_frames=index.get("trained_frames"),
     )
 
 
@@ -220,6 +259,8 @@ def save_components(parts: WanComponents, out_dir: str | Path) -> Path:
     parts.text_encoder.save_pretrained(out / "text_encoder")
     parts.tokenizer.save_pretrained(out / "tokenizer")
     parts.scheduler.save_pretrained(out / "scheduler")
+    if parts.transformer_2 is not None:
+        parts.transformer_2.save_pretrained(out / "transformer_2")
     index = {
         "_class_name": "WanPipeline",
         "_diffusers_version": diffusers.__version__,
@@ -229,5 +270,13 @@ def save_components(parts: WanComponents, out_dir: str | Path) -> Path:
         "tokenizer": ["transformers", type(parts.tokenizer).__name__],
         "scheduler": ["diffusers", type(parts.scheduler).__name__],
     }
+    # WanPipeline's own config keys (diffusers writes them for Wan2.2), only where they are set
+    if parts.transformer_2 is not None:
+        index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
+        index["boundary_ratio"] = parts.boundary_ratio
+    if parts.expand_timesteps:
+        index["expand_timesteps"] = True
+    if parts.trained_frames is not None:  # ours, not diffusers': a test model's declared T (family.py)
+        index["trained_frames"] = parts.trained_frames
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out

@@ -101,8 +101,10 @@ def text_encoder_params(te: Mapping[str, Any] | None) -> float:
 
 def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=None, *, world_size: int,
                 text_encoder_cfg: Mapping[str, Any] | None = None, device_memory_gb: float = 80.0,
-                peak_tflops: float = 400.0) -> RenderPlan:
-    """Plan one render on `world_size` ranks. Raises RenderPlanError if it cannot run or does not fit."""
+                peak_tflops: float = 400.0, model_kind=None) -> RenderPlan:
+    """Plan one render on `world_size` ranks. Raises RenderPlanError if it cannot run or does not fit.
+    `model_kind`: the model's freeloc_dist.family.ModelKind when its directory is here (the VAE's real spatial
+    factor; a second expert's weights, resident on every rank beside the first)."""
     from freeloc_dist.parallel.decisions import check_world, layer_strategy, received_elements
     from freeloc_dist.parallel.shards import frame_shards
     from freeloc_dist.plan import layer_plan
@@ -118,7 +120,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
                          heads=heads, guidance_scale=cfg.sampling.guidance_scale)
     except ValueError as e:
         raise RenderPlanError(str(e)) from None
-    h, w = cfg.video.height // (VAE_SPATIAL * ph), cfg.video.width // (VAE_SPATIAL * pw)
+    spatial = model_kind.vae_spatial if model_kind is not None else VAE_SPATIAL
+    h, w = cfg.video.height // (spatial * ph), cfg.video.width // (spatial * pw)
     n = h * w
     shards = frame_shards(num_frames, sp)
     local_frames = max(shards.sizes)
@@ -137,6 +140,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     latent_elems = t["out_channels"] * num_frames * (h * ph) * (w * pw)
     memory = {
         "weights: transformer": transformer_params(t) * DTYPE_BYTES[cfg.model.dtype],
+        **({"weights: transformer_2": transformer_params(t) * DTYPE_BYTES[cfg.model.dtype]}
+           if model_kind is not None and model_kind.two_experts else {}),
         "weights: text encoder": text_encoder_params(text_encoder_cfg) * DTYPE_BYTES[cfg.model.dtype],
         "activations": float(local_tokens) * (8 * d + ffn) * act_bytes,
         "K/V buffers": 0.0,

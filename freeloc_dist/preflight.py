@@ -44,6 +44,8 @@ class Preflight:
     resume: Any  # the checkpoint of a single render with --resume (None: start from step 0)
     transformer_config: dict | None  # transformer/config.json (or the planner's built-in copy)
     finished: bool = False  # --resume of a single render whose video exists and has no checkpoint
+    kind: Any = None  # freeloc_dist.family.ModelKind of the model directory (None: --dry-run without one)
+    profile_2: Any = None  # the low-noise expert's profile (two-expert models with a profile)
 
 
 def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptions,
@@ -67,6 +69,7 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
         from .cli import log
 
         log(f"warning: attention_backend={cfg.attention_backend} has no effect without a profile")
+    kind, profile_2 = model_kind_checks(cfg, model_dir, profile)
     heads = (transformer_cfg or {}).get("num_attention_heads")
     configs = queue_configs(config_path, cfg, overrides, options)
     for job in configs:  # per-job frames against the world size and the model's positions
@@ -82,9 +85,45 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
         for job in configs:
             check_host_memory(job)
         if options.resume and options.prompts is None:
-            resume = read_checkpoint(cfg, profile)
+            resume = read_checkpoint(cfg, profile, kind, profile_2)
             finished = resume is None and cfg.output.is_file()
-    return Preflight(configs, profile, world, resume, transformer_cfg, finished)
+    return Preflight(configs, profile, world, resume, transformer_cfg, finished, kind, profile_2)
+
+
+def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
+    """The model's kind from its directory (freeloc_dist.family) and every profile against it; returns
+    (kind, profile_2). Skipped (None, None) only for a --dry-run on a model directory that is not there."""
+    from .family import ModelKindError, check_profile_fits, read_model_kind
+
+    if not (Path(model_dir) / "model_index.json").is_file():
+        if cfg.profile_2 is not None:
+            raise UserError(f"profile_2={str(cfg.profile_2)!r}: needs the model directory to know its experts")
+        return None, None
+    try:
+        kind = read_model_kind(model_dir)
+    except ModelKindError as e:
+        raise UserError(f"model.path={str(cfg.model.path)!r}: {first_line(e)}") from None
+    if kind.task != "t2v":  # detected, not yet rendered: refuse before loading rather than crash after
+        raise UserError(f"model.path={str(cfg.model.path)!r}: a {kind.task} model ({kind.pipeline}, "
+                        f"in_channels={kind.in_channels}, expand_timesteps={kind.expand_timesteps}) is not "
+                        "supported yet (text-to-video only: Wan2.1 T2V, Wan2.2 T2V-A14B)")
+    if not kind.two_experts:
+        for key, value in (("profile_2", cfg.profile_2), ("sampling.guidance_scale_2", cfg.sampling.guidance_scale_2)):
+            if value is not None:
+                raise UserError(f"{key}: the model at {model_dir} has one transformer (no second expert)")
+    profile_2 = None
+    if kind.two_experts and (profile is not None) != (cfg.profile_2 is not None):
+        raise UserError(f"profile_2: the model at {model_dir} has two experts; give a profile for each "
+                        "(profile and profile_2) or for neither")
+    if cfg.profile_2 is not None:
+        profile_2 = load_profile_of(dataclasses.replace(cfg, profile=cfg.profile_2), key="profile_2")
+    try:
+        for key, prof, path in (("profile", profile, cfg.profile), ("profile_2", profile_2, cfg.profile_2)):
+            if prof is not None:
+                check_profile_fits(kind, prof, f"{key}={str(path)!r}")
+    except ModelKindError as e:
+        raise UserError(first_line(e)) from None
+    return kind, profile_2
 
 
 def load_config(config_path: Path, overrides: Mapping[str, Any], seconds: float | None) -> RenderConfig:
@@ -143,14 +182,14 @@ def check_host_memory(cfg: RenderConfig) -> None:
                         f"alone need {need / 2**30:.1f} GiB of memory, this machine has {total / 2**30:.1f} GiB")
 
 
-def load_profile_of(cfg: RenderConfig):
+def load_profile_of(cfg: RenderConfig, key: str = "profile"):
     """The config's FreeLOC profile, parsed and validated (None: stock attention)."""
     if cfg.profile is None:
         return None
     from .profile import load_profile
 
     if not cfg.profile.is_file():
-        raise UserError(f"profile={str(cfg.profile)!r}: profile file not found")
+        raise UserError(f"{key}={str(cfg.profile)!r}: profile file not found")
     try:
         return load_profile(cfg.profile)
     except ValueError as e:
@@ -230,9 +269,10 @@ def queue_configs(config_path: Path, cfg: RenderConfig, overrides: Mapping[str, 
     return configs
 
 
-def read_checkpoint(cfg: RenderConfig, profile):
-    """The checkpoint of this render if it exists (None otherwise); a bad one is a UserError."""
-    from .checkpoint import CheckpointError, checkpoint_path, fingerprint_settings, load_checkpoint
+def read_checkpoint(cfg: RenderConfig, profile, kind=None, profile_2=None):
+    """The checkpoint of this render if it exists (None otherwise); a bad one is a UserError. `kind`,
+    `profile_2`: a two-expert model's second profile and boundary are part of the fingerprint."""
+    from .checkpoint import CheckpointError, checkpoint_path, expert_key, fingerprint_settings, load_checkpoint
     from .checkpoint import fingerprint as digest
 
     path = checkpoint_path(cfg)
@@ -240,9 +280,10 @@ def read_checkpoint(cfg: RenderConfig, profile):
         raise UserError(f"checkpoint {path}: is a directory")
     if not path.is_file():
         return None
-    settings = fingerprint_settings(cfg, profile)
+    experts = expert_key(kind is not None and kind.two_experts, kind.boundary_ratio if kind else None, profile_2)
+    settings = fingerprint_settings(cfg, profile, **experts)
     try:
-        ckpt = load_checkpoint(path, digest(cfg, profile), settings, latent_shape=latent_shape(cfg))
+        ckpt = load_checkpoint(path, digest(cfg, profile, **experts), settings, latent_shape=latent_shape(cfg))
     except CheckpointError as e:
         raise UserError(str(e)) from None
     if ckpt.total_steps != cfg.sampling.steps:

@@ -41,7 +41,7 @@ def run(config_path: Path, overrides: Mapping[str, Any], options: RunOptions, *,
     try:
         with claim_outputs(pre, options, dims):
             lead_log = log if (dims.rank == 0 and not options.quiet) else (lambda message: None)
-            session = Session(first, pre.profile, dims, lead_log)
+            session = Session(first, pre.profile, dims, lead_log, profile_2=pre.profile_2)
             from .checkpoint import PreemptionFlag
 
             # From here a preemption signal means "checkpoint at the next step boundary"; before (joining the
@@ -77,7 +77,7 @@ def claim_outputs(pre: Preflight, options: RunOptions, dims):
 class Session:
     """What stays loaded across the jobs of one run: components, FreeLOC, the parallel engine."""
 
-    def __init__(self, cfg, profile, dims, log_fn):
+    def __init__(self, cfg, profile, dims, log_fn, profile_2=None):
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -91,34 +91,49 @@ class Session:
                f"cfg {dims.cfg_degree} x sp {dims.sp_degree})")
         self.dims, self.profile, self.log = dims, profile, log_fn
         self.parts = load_components(cfg.model.path, cfg.model.dtype, dims.device)
-        if profile is not None:
+        self.profile_2 = profile_2
+        # one profile per expert (Wan2.2 A14B: transformer_2 with profile_2; preflight checked both)
+        pairs = [(self.parts.transformer, profile, cfg.profile)]
+        if self.parts.transformer_2 is not None:
+            pairs.append((self.parts.transformer_2, profile_2, cfg.profile_2))
+        for model, prof, path in pairs:
+            if prof is None:
+                log_fn("FreeLOC: off (stock attention)")
+                continue
             from .install import apply_freeloc
 
             try:
-                apply_freeloc(self.parts.transformer, profile, backend=cfg.attention_backend)
+                apply_freeloc(model, prof, backend=cfg.attention_backend)
             except ValueError as e:
                 raise UserError(first_line(e)) from None
-            log_fn(f"FreeLOC: {cfg.profile} (trained_frames={profile.trained_frames}, "
-                   f"backend={cfg.attention_backend})")
-        else:
-            log_fn("FreeLOC: off (stock attention)")
-        self.predict, self.engine = predict_noise, None
+            log_fn(f"FreeLOC: {path} (trained_frames={prof.trained_frames}, backend={cfg.attention_backend})")
+        self.predict, self.predict_2, self.engine, self.engine_2 = predict_noise, None, None, None
         if dims.world_size > 1:
             from .parallel import parallelize
 
             self.engine = parallelize(self.parts.transformer, dims, backend=cfg.attention_backend,
                                       strategy=cfg.parallel.strategy)
             self.predict = self.engine.predict
+            if self.parts.transformer_2 is not None:  # its own hooks, the same groups and byte counters
+                self.engine_2 = parallelize(self.parts.transformer_2, dims, backend=cfg.attention_backend,
+                                            strategy=cfg.parallel.strategy, comm=self.engine.comm)
+                self.predict_2 = self.engine_2.predict
         from .compile import compile_transformer
 
         # After FreeLOC and the engine (their attention is one custom op, so both modes trace whole blocks;
         # the engine's sharding and gathers stay eager).
-        if compile_transformer(self.parts.transformer, cfg.model.compile):
+        compiled = [compile_transformer(t, cfg.model.compile) for t in self.experts]
+        if any(compiled):
             log_fn(f"torch.compile: {cfg.model.compile} (compiled on the first step)")
         from .parallel.comm import Comm
 
         self.comm = self.engine.comm if self.engine is not None else Comm(dims)
         self.load_s = time.perf_counter() - start
+
+    @property
+    def experts(self) -> list:
+        """The transformers of the model (two for Wan2.2 A14B), high-noise expert first."""
+        return [t for t in (self.parts.transformer, self.parts.transformer_2) if t is not None]
 
     def any_flag(self, flag: bool) -> bool:
         return self.comm.any_flag(flag)
@@ -136,7 +151,9 @@ def run_jobs(pre: Preflight, options: RunOptions, session: Session, flag) -> int
             continue
         error = None
         try:
-            job_resume = pre.resume if not queue else (read_checkpoint(cfg, pre.profile) if options.resume else None)
+            job_resume = pre.resume
+            if queue:
+                job_resume = read_checkpoint(cfg, pre.profile, pre.kind, pre.profile_2) if options.resume else None
             out = render_one(cfg, options, session, flag, job_resume, label)
         except Preempted:
             raise
@@ -170,6 +187,7 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
     from .checkpoint import (
         Checkpoint,
         checkpoint_path,
+        expert_key,
         fingerprint,
         fingerprint_settings,
         save_checkpoint,
@@ -186,9 +204,11 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
     start = time.perf_counter()
     v, s = cfg.video, cfg.sampling
     ckpt_path, every = checkpoint_path(cfg), cfg.checkpoint.every
-    settings = fingerprint_settings(cfg, session.profile)
-    key = fingerprint(cfg, session.profile)
-    grow_rope_tables(session.parts.transformer.rope, cfg.latent_frames)  # past 1024 latent frames
+    experts = expert_key(session.parts.transformer_2 is not None, session.parts.boundary_ratio, session.profile_2)
+    settings = fingerprint_settings(cfg, session.profile, **experts)
+    key = fingerprint(cfg, session.profile, **experts)
+    for transformer in session.experts:  # past 1024 latent frames
+        grow_rope_tables(transformer.rope, cfg.latent_frames)
     log_fn(f"{label}rendering {v.frames} frames ({cfg.latent_frames} latent) at {v.width}x{v.height}, "
            f"{s.steps} steps, seed {s.seed}" + (f", resuming after step {resume.step}" if resume else ""))
     if resume is None and options.resume:
@@ -212,7 +232,7 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
 
     progress = Progress(log_fn, start_step=resume.step if resume else 0, label=label)
     result = render(session.parts, cfg, decode=False, predict=session.predict, on_step=progress,
-                    resume=resume, after_step=after_step)
+                    resume=resume, after_step=after_step, predict_2=session.predict_2)
     sample_s = time.perf_counter() - sample_start
     if options.report_comm:
         report_comm(session, s.steps)
@@ -314,7 +334,7 @@ def dry_run(pre: Preflight, options: RunOptions) -> int:
     try:
         plan = plan_render(cfg, pre.transformer_config, pre.profile, world_size=pre.world_size,
                            text_encoder_cfg=text_encoder_cfg, device_memory_gb=options.gpu_memory_gb,
-                           peak_tflops=options.peak_tflops)
+                           peak_tflops=options.peak_tflops, model_kind=pre.kind)
     except RenderPlanError as e:
         raise UserError(str(e)) from None
     print(format_plan(plan))

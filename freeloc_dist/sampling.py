@@ -115,13 +115,14 @@ def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: tor
 def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
            steps: int, guidance: float, predict: PredictFn = predict_noise,
            on_step: StepCallback | None = None, start_step: int = 0, scheduler_state: dict | None = None,
-           after_step: AfterStep | None = None) -> torch.Tensor:
+           after_step: AfterStep | None = None, experts=None) -> torch.Tensor:
     """Denoise `latents` [B, C, F, H, W] (float32) over `steps` scheduler steps; returns the final latents.
 
     Resuming: `latents` are those after `start_step` steps and `scheduler_state` the scheduler's state then
     (freeloc_dist.checkpoint); the remaining steps give the same result as an uninterrupted loop.
     `after_step(step, latents, scheduler)` runs after every step (checkpointing, preemption); it may raise
-    to stop the loop."""
+    to stop the loop. `experts` (freeloc_dist.experts.ExpertSchedule): which transformer, predict and
+    guidance each step uses (two-expert models); None: `transformer`, `predict` and `guidance` throughout."""
     scheduler.set_timesteps(steps, device=latents.device)
     if scheduler_state is not None:
         from freeloc_dist.checkpoint import load_scheduler_state
@@ -131,7 +132,11 @@ def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, un
     start = time.perf_counter()
     for i in range(start_step, len(timesteps)):
         t = timesteps[i]
-        flow = predict(transformer, latents, t, cond, uncond, guidance)  # [B, C, F, H, W] float32
+        model, step_predict, step_guidance = transformer, predict, guidance
+        if experts is not None:
+            e = experts.at(t)
+            model, step_predict, step_guidance = e.transformer, e.predict, e.guidance
+        flow = step_predict(model, latents, t, cond, uncond, step_guidance)  # [B, C, F, H, W] float32
         latents = scheduler.step(flow, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps), time.perf_counter() - start)
@@ -148,12 +153,14 @@ class RenderResult:
 
 def render(components, cfg: RenderConfig, *, decode: bool = True, predict: PredictFn = predict_noise,
            on_step: StepCallback | None = None, noise: NoiseFn = initial_noise, resume=None,
-           after_step: AfterStep | None = None) -> RenderResult:
+           after_step: AfterStep | None = None, predict_2: PredictFn | None = None) -> RenderResult:
     """Run one text-to-video render of `cfg` with loaded components (see freeloc_dist.models).
 
     `noise(geometry, seed, device)` draws the initial latents (FreeNoise replaces it, freeloc_dist.methods).
     `resume`: a freeloc_dist.checkpoint.Checkpoint of this render to continue from; `after_step` as in
-    `sample`."""
+    `sample`. `predict_2`: the second expert's predict (two-expert models; default `predict`)."""
+    from freeloc_dist.experts import expert_schedule
+
     transformer = components.transformer
     device = next(transformer.parameters()).device
     s = cfg.sampling
@@ -175,8 +182,9 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
         torch.set_rng_state(resume.rng)
     else:
         latents = noise(geometry, s.seed, device)
+    experts = expert_schedule(components, scheduler, s.guidance_scale, s.guidance_scale_2, predict, predict_2)
     latents = sample(transformer, scheduler, latents, cond, uncond, steps=s.steps, guidance=s.guidance_scale,
                      predict=predict, on_step=on_step, start_step=start_step, scheduler_state=state,
-                     after_step=after_step)
+                     after_step=after_step, experts=experts)
     frames = decode_video(components.vae, latents) if decode else None
     return RenderResult(latents=latents, frames=frames)

@@ -20,6 +20,7 @@ from freeloc_dist.models import WanComponents, save_components
 TINY_TEXT_DIM = 32
 TINY_Z_DIM = 4
 TINY_NUM_LAYERS = 3
+TINY_TRAINED_FRAMES = 5  # declared, not trained: the tiny profile's T (configs/profiles/tiny-random.yaml)
 
 _SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5/UMT5
 
@@ -106,9 +107,29 @@ def build_tiny_components(seed: int = 0) -> WanComponents:
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
         scheduler=scheduler,
+        trained_frames=TINY_TRAINED_FRAMES,
     )
 
 
 def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny model to `out_dir` in diffusers format (loadable by freeloc_dist.models)."""
     return save_components(build_tiny_components(seed), out_dir)
+
+
+TINY_BOUNDARY_RATIO = 0.875  # Wan2.2-T2V-A14B's
+
+
+def build_tiny_a14b_components(seed: int = 0) -> WanComponents:
+    """The tiny model with Wan2.2-T2V-A14B's structure: a second (low-noise) expert of the same shape with its
+    own weights, and the boundary ratio in model_index.json."""
+    import dataclasses
+
+    parts = build_tiny_components(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 3)
+        second = type(parts.transformer)(**parts.transformer.config)
+    return dataclasses.replace(parts, transformer_2=second.eval(), boundary_ratio=TINY_BOUNDARY_RATIO)
+
+
+def save_tiny_a14b_model(out_dir: str | Path, seed: int = 0) -> Path:
+    return save_components(build_tiny_a14b_components(seed), out_dir)

@@ -70,6 +70,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     config_flag(p, "--backend", "attention_backend", choices=ATTENTION_BACKENDS, help="FreeLOC attention backend")
     config_flag(p, "--profile", "profile", type=profile_arg, help="FreeLOC profile YAML, or 'none' for stock attention")
     config_flag(p, "--compile", "model.compile", choices=COMPILE_MODES, help="torch.compile the transformer")
+    config_flag(p, "--profile-2", "profile_2", type=profile_arg,
+                help="two-expert models (Wan2.2 A14B): the low-noise expert's profile, or 'none'")
+    config_flag(p, "--guidance-scale", "sampling.guidance_scale", type=float, help="classifier-free guidance scale")
+    config_flag(p, "--guidance-scale-2", "sampling.guidance_scale_2", type=float,
+                help="two-expert models: the low-noise expert's guidance scale (default: --guidance-scale)")
+    config_flag(p, "--negative-prompt", "sampling.negative_prompt", help="negative prompt (default: the config's)")
     config_flag(p, "--cfg-degree", "parallel.cfg_degree", type=int, choices=CFG_DEGREES,
                 help="2: CFG passes on two rank groups")
     config_flag(p, "--strategy", "parallel.strategy", choices=STRATEGY_CHOICES,
@@ -128,8 +134,9 @@ def run(argv: list[str] | None = None) -> int:
                          gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops,
                          report_comm=args.report_comm, quiet=args.quiet, validate_only=args.validate_only)
     overrides = overrides_of(args)
-    if overrides.get("profile") == STOCK:
-        overrides["profile"] = None
+    for key in ("profile", "profile_2"):
+        if overrides.get(key) == STOCK:
+            overrides[key] = None
     return render_run(args.config, overrides, options, seconds=args.seconds)
 
 

@@ -1,8 +1,9 @@
 """Write the tiny random Wan model (freeloc_dist.tiny) in diffusers format.
 
-    python launch/make_tiny.py --out assets/tiny-wan [--seed 0]
+    python launch/make_tiny.py --out assets/tiny-wan [--seed 0] [--family t2v|a14b]
 
 assets/tiny-wan/ in the repository was made with the defaults; it is the model of configs/tiny-random.yaml.
+assets/tiny-a14b/ (--family a14b: two experts, Wan2.2-T2V-A14B's structure) is configs/tiny-random-a14b.yaml's.
 """
 
 import argparse
@@ -11,15 +12,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from freeloc_dist.tiny import save_tiny_model  # noqa: E402
+from freeloc_dist.tiny import save_tiny_a14b_model, save_tiny_model  # noqa: E402
+
+FAMILIES = {"t2v": save_tiny_model, "a14b": save_tiny_a14b_model}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument("--family", choices=FAMILIES, default="t2v", help="model structure (default t2v)")
     args = parser.parse_args()
-    out = save_tiny_model(args.out, seed=args.seed)
+    out = FAMILIES[args.family](args.out, seed=args.seed)
     print(out)
 
 

@@ -39,10 +39,11 @@ def stock_profile(num_layers: int) -> dict:
 class SequenceParallel:
     freeloc_hook_owner = True  # remove_freeloc drops hooks that are bound methods of an engine
 
-    def __init__(self, transformer, dims: ParallelDims, *, backend: str = "sdpa", strategy: str = "auto"):
+    def __init__(self, transformer, dims: ParallelDims, *, backend: str = "sdpa", strategy: str = "auto",
+                 comm: Comm | None = None):
         self.transformer = transformer
         self.dims = dims
-        self.comm = Comm(dims)
+        self.comm = comm if comm is not None else Comm(dims)
         self.backend = backend
         self.strategy = strategy
         self.num_frames: int | None = None  # global latent frames of the current render
@@ -250,7 +251,10 @@ class _Shape:
         self.shape = torch.Size(shape)
 
 
-def parallelize(transformer, dims: ParallelDims, *, backend: str = "sdpa", strategy: str = "auto"):
-    """Install sequence/CFG parallelism; returns the engine whose `predict` the sampler should use."""
+def parallelize(transformer, dims: ParallelDims, *, backend: str = "sdpa", strategy: str = "auto",
+                comm: Comm | None = None):
+    """Install sequence/CFG parallelism; returns the engine whose `predict` the sampler should use.
+    Two-expert models parallelize each transformer, passing the first engine's `comm` to the second so
+    that byte counts (and the process groups of `dims`) are shared."""
     get_backend(backend)
-    return SequenceParallel(transformer, dims, backend=backend, strategy=strategy)
+    return SequenceParallel(transformer, dims, backend=backend, strategy=strategy, comm=comm)

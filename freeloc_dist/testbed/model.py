@@ -100,6 +100,7 @@ def build_toy_components(seed: int = 0, latents_mean=None, latents_std=None,
                                latents_mean=list(latents_mean if latents_mean is not None else [0.0] * Z_DIM),
                                latents_std=list(latents_std if latents_std is not None else [1.0] * Z_DIM))
     return WanComponents(transformer=transformer, vae=vae, text_encoder=base.text_encoder.eval(),
-                         tokenizer=base.tokenizer, scheduler=base.scheduler)
+                         tokenizer=base.tokenizer, scheduler=base.scheduler,
+                         trained_frames=TRAINED_FRAMES)
 
 

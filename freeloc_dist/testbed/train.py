@@ -115,7 +115,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
     def save():
         ema_parts = tm.WanComponents(transformer=ema, vae=vae.eval(), text_encoder=parts.text_encoder,
-                                     tokenizer=parts.tokenizer, scheduler=parts.scheduler)
+                                     tokenizer=parts.tokenizer, scheduler=parts.scheduler,
+                                     trained_frames=cfg.trained_frames)
         tm.save_components(ema_parts, out_dir)
         vae.train()
 

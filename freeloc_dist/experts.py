@@ -1,0 +1,46 @@
+"""Which transformer denoises which step: one expert (Wan2.1, Wan2.2 TI2V-5B) or two (Wan2.2 A14B).
+
+Wan2.2 A14B splits the timesteps between a high-noise expert (`transformer`) and a low-noise expert
+(`transformer_2`): step t runs the first while t >= boundary_ratio x num_train_timesteps, the second
+below, each with its own guidance scale (diffusers' WanPipeline rule, which the tests compare against).
+Each expert carries its own `predict` because a parallel engine is installed per transformer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Expert:
+    transformer: Any
+    predict: Callable  # freeloc_dist.sampling.PredictFn for this transformer
+    guidance: float
+
+
+@dataclass(frozen=True)
+class ExpertSchedule:
+    experts: tuple[Expert, ...]  # high-noise first
+    boundary_timestep: float | None  # None: one expert for every step
+
+    def __post_init__(self):
+        assert len(self.experts) == (1 if self.boundary_timestep is None else 2), self
+
+    def at(self, t) -> Expert:
+        """The expert of timestep t (a scalar tensor or number on the scheduler's 0..num_train scale)."""
+        if self.boundary_timestep is None or float(t) >= self.boundary_timestep:
+            return self.experts[0]
+        return self.experts[1]
+
+
+def expert_schedule(components, scheduler, guidance: float, guidance_2: float | None, predict, predict_2=None):
+    """The schedule of a loaded model: `predict`/`predict_2` for the first/second transformer;
+    `guidance_2` defaults to `guidance` (as in diffusers)."""
+    first = Expert(components.transformer, predict, guidance)
+    if components.transformer_2 is None:
+        return ExpertSchedule((first,), None)
+    boundary = components.boundary_ratio * scheduler.config.num_train_timesteps
+    second = Expert(components.transformer_2, predict_2 if predict_2 is not None else predict,
+                    guidance if guidance_2 is None else guidance_2)
+    return ExpertSchedule((first, second), boundary)
