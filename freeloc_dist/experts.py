@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class Expert:
+    name: str  # the pipeline component: "transformer" (high noise) or "transformer_2"
     transformer: Any
     predict: Callable  # freeloc_dist.sampling.PredictFn for this transformer
     guidance: float
@@ -37,10 +38,10 @@ class ExpertSchedule:
 def expert_schedule(components, scheduler, guidance: float, guidance_2: float | None, predict, predict_2=None):
     """The schedule of a loaded model: `predict`/`predict_2` for the first/second transformer;
     `guidance_2` defaults to `guidance` (as in diffusers)."""
-    first = Expert(components.transformer, predict, guidance)
+    first = Expert("transformer", components.transformer, predict, guidance)
     if components.transformer_2 is None:
         return ExpertSchedule((first,), None)
     boundary = components.boundary_ratio * scheduler.config.num_train_timesteps
-    second = Expert(components.transformer_2, predict_2 if predict_2 is not None else predict,
+    second = Expert("transformer_2", components.transformer_2, predict_2 if predict_2 is not None else predict,
                     guidance if guidance_2 is None else guidance_2)
     return ExpertSchedule((first, second), boundary)

@@ -3,6 +3,7 @@
     python launch/probe.py --config CONFIG --out PROFILE
         [--probe-config configs/probing.yaml] [--prompt TEXT ...] [--frames N] [--trained-frames T]
         [--steps N] [--seed N] [--query-samples M] [--height H] [--width W] [--model-id ID]
+        [--expert transformer|transformer_2]
 
     python launch/probe.py --config configs/tiny.yaml --out configs/profiles/toy-probed.yaml --steps 10 \
         --prompt "a red circle and a blue square" --prompt "a green square"    # the toy (README)
@@ -25,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # runnable from a checkout without installing the package
 
 from freeloc_dist.cli import OneLineParser, config_flag, main_with_exit_codes, overrides_of  # noqa: E402
+from freeloc_dist.family import EXPERT_NAMES  # noqa: E402
 
 PROBING = "probing:"  # dest prefix of flags that set a probing setting (configs/probing.yaml)
 
@@ -47,6 +49,9 @@ def _parse_args(argv):
     config_flag(p, "--height", "video.height", type=int, help="video height in pixels")
     config_flag(p, "--width", "video.width", type=int, help="video width in pixels")
     p.add_argument("--model-id", help="model id written into the profile (default: the config's profile's)")
+    p.add_argument("--expert", default="transformer", choices=EXPERT_NAMES,
+                   help="two-expert models (Wan2.2 A14B): which expert to probe, on its own steps; its base "
+                        "profile is the config's profile (transformer) or profile_2 (transformer_2)")
     return p.parse_args(argv)
 
 
@@ -56,7 +61,8 @@ def run(argv=None) -> Path | None:
 
     args = _parse_args(argv)
     return run_probe(args.config, args.out, probe_config=args.probe_config, render_overrides=overrides_of(args),
-                     probe_overrides=overrides_of(args, PROBING), model_id=args.model_id)
+                     probe_overrides=overrides_of(args, PROBING), model_id=args.model_id,
+                     expert=args.expert)
 
 
 def _run_and_print(argv=None) -> int:

@@ -239,9 +239,10 @@ class _Recorded(Exception):
 
 
 def trajectory_inputs(transformer, scheduler, noise, cond, uncond, *, steps: int, guidance: float,
-                      record: Sequence[int]) -> list[ProbeInput]:
+                      record: Sequence[int], experts=None) -> list[ProbeInput]:
     """Run the sampler (freeloc_dist.sampling.sample, as a render does) from `noise` and return the inputs
-    it sees at the step indices `record`.
+    it sees at the step indices `record`. `experts`: a two-expert model's freeloc_dist.experts.ExpertSchedule
+    (each step runs its own expert, as in a render).
 
     Stops after the last recorded step. The forwards use whatever attention is installed (under a
     Prober: stock at F <= T, vrpr at F > T), with classifier-free guidance as a render would.
@@ -259,7 +260,8 @@ def trajectory_inputs(transformer, scheduler, noise, cond, uncond, *, steps: int
 
     if last > 0:
         try:
-            sample(transformer, scheduler, noise, cond, uncond, steps=steps, guidance=guidance, after_step=after_step)
+            sample(transformer, scheduler, noise, cond, uncond, steps=steps, guidance=guidance, after_step=after_step,
+                   experts=experts)
         except _Recorded:
             pass
     else:

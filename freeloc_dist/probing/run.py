@@ -9,6 +9,7 @@ scores and writes the profile. The scores do not depend on the world size.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -22,9 +23,11 @@ _log = log
 
 
 def _load(config_path: Path, out: Path, probe_config: Path | None, render_overrides: Mapping[str, Any],
-          probe_overrides: Mapping[str, Any]):
-    """Render config, probe settings, base profile and resolved lengths; no weights loaded."""
+          probe_overrides: Mapping[str, Any], expert: str):
+    """Render config, probe settings, base profile and resolved lengths; no weights loaded. The base profile
+    of `expert` is the config's `profile` (first expert) or `profile_2` (the second)."""
     from freeloc_dist.config import latent_frames, load_render_config
+    from freeloc_dist.family import EXPERT_NAMES, ModelKindError, read_model_kind
     from freeloc_dist.models import check_model_dir
     from freeloc_dist.plan import PlanError, resolve_vrpr
     from freeloc_dist.probing import load_probe_settings
@@ -33,10 +36,17 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
     cfg = load_render_config(config_path, render_overrides)
     settings = load_probe_settings(probe_config, probe_overrides)
     check_model_dir(cfg.model.path)
-    base = None
-    if cfg.profile is not None:
+    try:
+        experts = read_model_kind(cfg.model.path).experts
+    except ModelKindError as e:
+        raise UserError(f"model.path={str(cfg.model.path)!r}: {e}") from None
+    if expert not in experts:
+        raise UserError(f"--expert {expert}: the model at {cfg.model.path} has {' and '.join(experts)} "
+                        f"(expected one of {', '.join(EXPERT_NAMES[:len(experts)])})")
+    base, base_path = None, cfg.profile_2 if expert == "transformer_2" else cfg.profile
+    if base_path is not None:
         try:
-            base = load_profile(cfg.profile)
+            base = load_profile(base_path)
         except ValueError as e:
             raise UserError(str(e).splitlines()[0]) from None
     trained = settings.trained_frames or (base.trained_frames if base is not None else None)
@@ -55,6 +65,16 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
     except OSError as e:
         raise UserError(f"cannot create the folder of {out}: {e.strerror}") from None
     return cfg, settings, base, trained, target
+
+
+def expert_steps(schedule, timesteps, expert: str, steps: int) -> tuple[int, int]:
+    """[first, end) of the step indices that `expert` denoises (all steps for a one-expert model); the
+    experts split the trajectory at one timestep, so each expert's steps are contiguous."""
+    mine = [i for i, t in enumerate(timesteps) if schedule.at(t).name == expert]
+    if not mine:
+        raise UserError(f"--expert {expert}: runs none of the {steps} steps (boundary at timestep "
+                        f"{schedule.boundary_timestep:g}); probe with more steps")
+    return mine[0], mine[-1] + 1
 
 
 def _gather(dims, scores: dict, num_layers: int, forwards: int):
@@ -104,7 +124,7 @@ def _encode(parts, prompts, s, use_cfg, dtype, device):
     return [encode(p) for p in prompts], (encode(s.negative_prompt) if use_cfg else None)
 
 
-def _trajectories(transformer, parts, geometry, my_prompts, texts, seed, steps, record, s):
+def _trajectories(transformer, parts, geometry, my_prompts, texts, seed, steps, record, s, experts):
     """Recorded latents of this rank's prompts at one length, stacked: [len(my_prompts) * k, C, F, H, W]."""
     import torch
 
@@ -117,7 +137,8 @@ def _trajectories(transformer, parts, geometry, my_prompts, texts, seed, steps, 
         noise = initial_noise(geometry, seed + p, device)
         scheduler = scheduler_for_render(parts.scheduler, s.shift)
         out += [inp.latents for inp in trajectory_inputs(transformer, scheduler, noise, texts[0][p], texts[1],
-                                                         steps=steps, guidance=s.guidance_scale, record=record)]
+                                                         steps=steps, guidance=s.guidance_scale, record=record,
+                                                         experts=experts)]
     return torch.cat(out) if out else torch.empty((0, *geometry.shape[1:]), device=device)
 
 
@@ -151,16 +172,20 @@ def _shown_path(path: Path) -> str:
 
 def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
               render_overrides: Mapping[str, Any] | None = None, probe_overrides: Mapping[str, Any] | None = None,
-              model_id: str | None = None) -> Path | None:
-    """Probe every layer and write the profile to `out`; returns `out` on rank 0 (None elsewhere)."""
+              model_id: str | None = None, expert: str = "transformer") -> Path | None:
+    """Probe every layer of `expert` (a two-expert model's `transformer` or `transformer_2`) and write the
+    profile to `out`; returns `out` on rank 0 (None elsewhere). A two-expert model's trajectories run both
+    experts, as a render does (the other one stock at T and vrpr at the target length, like the probed one),
+    and the probe points are fractions of the probed expert's own steps."""
     cfg, settings, base, trained, target = _load(config_path, out, probe_config, render_overrides or {},
-                                                 probe_overrides or {})
+                                                 probe_overrides or {}, expert)
 
     # Validation done: from here on, heavy work.
     from diffusers.utils import logging as diffusers_logging
     from tqdm import tqdm
     from transformers.utils import logging as transformers_logging
 
+    from freeloc_dist.experts import expert_schedule
     from freeloc_dist.models import load_components
     from freeloc_dist.parallel import destroy_parallel, init_parallel
     from freeloc_dist.parallel.comm import Comm
@@ -173,7 +198,7 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
         trajectory_steps,
         write_profile,
     )
-    from freeloc_dist.sampling import latent_geometry
+    from freeloc_dist.sampling import latent_geometry, predict_noise, scheduler_for_render
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -185,38 +210,50 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
         steps = settings.steps or s.steps
         seed = s.seed if settings.seed is None else settings.seed
         prompts = settings.prompts or (cfg.prompt,)
-        record = trajectory_steps(settings.timesteps, steps)
         use_cfg = s.guidance_scale > 1.0
         if lead:
             _log(f"loading {cfg.model.path} ({cfg.model.dtype}, {dims.device}); world size {dims.world_size}"
                  + (": prompts' trajectories and layers split over ranks, each rank holds the whole model"
                     if dims.world_size > 1 else ""))
         parts = load_components(cfg.model.path, cfg.model.dtype, dims.device)
-        transformer = parts.transformer
+        transformer = getattr(parts, expert)
+        others = [t for t in (parts.transformer, parts.transformer_2) if t is not None and t is not transformer]
+        schedule = expert_schedule(parts, parts.scheduler, s.guidance_scale, s.guidance_scale_2, predict_noise)
+        scheduler = scheduler_for_render(parts.scheduler, s.shift)
+        scheduler.set_timesteps(steps, device=dims.device)
+        within = expert_steps(schedule, scheduler.timesteps, expert, steps)
+        record = trajectory_steps(settings.timesteps, steps, within)
         num_layers = len(transformer.blocks)
         mine = list(range(dims.rank, num_layers, dims.world_size))
         lengths = [4 * (trained - 1) + 1, 4 * (target - 1) + 1]  # output frames of the two probe lengths
         geometries = [latent_geometry(parts.vae, transformer, f, cfg.video.height, cfg.video.width) for f in lengths]
         if lead:
-            _log(f"probing {num_layers} layers: T={trained} and F={target} latent frames at "
+            which = f" of {expert} (its steps {within[0]}-{within[1] - 1})" if others else ""
+            _log(f"probing {num_layers} layers{which}: T={trained} and F={target} latent frames at "
                  f"{cfg.video.width}x{cfg.video.height}, {len(prompts)} prompt(s), steps {record} of {steps}, "
                  f"seed {seed}")
         comm = Comm(dims)
         prober = Prober(transformer, trained_frames=trained, shifts=settings.shifts,
                         query_samples=settings.query_samples, measure_output=settings.measure_output, seed=seed,
                         vrpr=base.vrpr if base is not None else None, backend=cfg.attention_backend, layers=mine)
+        # the other expert's steps of the trajectories: same attention as the probed one's baseline
+        passive = [Prober(t, trained_frames=trained, vrpr=base.vrpr if base is not None else None,
+                          backend=cfg.attention_backend, layers=[]) for t in others]
         my_prompts = list(range(dims.rank, len(prompts), dims.world_size))
         cfg_passes = 2 if use_cfg else 1
         planned = (2 * len(my_prompts) * max(record) * cfg_passes  # trajectories stop at the last record
                    + len(prompts) * prober.planned_forwards(len(record), len(record)))
         bar = tqdm(total=planned, desc="forward passes", unit="fwd", disable=not lead, file=sys.stderr)
-        prober.on_forward = lambda: bar.update(1)
+        for p in (prober, *passive):
+            p.on_forward = lambda: bar.update(1)
         try:
-            with prober:
+            with contextlib.ExitStack() as stack:
+                for p in (prober, *passive):
+                    stack.enter_context(p)
                 texts = _together(comm, lambda: _encode(parts, prompts, s, use_cfg, transformer.dtype, dims.device))
                 # Trajectories: prompt p on rank p % world; the recorded states are then shared by all ranks.
                 states = [_together(comm, lambda g=g: _trajectories(transformer, parts, g, my_prompts, texts, seed,
-                                                                     steps, record, s))
+                                                                     steps, record, s, schedule))
                           for g in geometries]
                 states = [_share(comm, dims, x, len(prompts), len(record)) for x in states]
                 timesteps = _timesteps(parts, s, steps, record, dims.device)
@@ -230,7 +267,8 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
                 _together(comm, probe_all)
         finally:
             bar.close()
-        scores, forwards = _gather(dims, prober.scores(), num_layers, prober.forward_passes)
+        scores, forwards = _gather(dims, prober.scores(), num_layers,
+                                   prober.forward_passes + sum(p.forward_passes for p in passive))
         if not lead:
             return None
         kinds, applied = assign_kinds(scores, settings.rule)
@@ -259,6 +297,8 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
             "attention_backend": cfg.attention_backend,
             "world_size": dims.world_size,
             "forward_passes": sum(forwards),
+            **({"expert": expert, "expert_steps": list(within), "boundary_ratio": parts.boundary_ratio,
+                "guidance_scale_2": s.guidance_scale_2} if others else {}),
             "seconds": round(seconds, 1),
         }
         model_id = model_id or (base.model if base is not None else Path(cfg.model.path).name)

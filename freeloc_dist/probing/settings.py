@@ -103,11 +103,13 @@ def load_probe_settings(path: str | Path | None = None, overrides: Mapping[str, 
     return parse_probe_settings(raw)
 
 
-def trajectory_steps(fractions: Sequence[float], steps: int) -> list[int]:
-    """Step indices of the trajectory to probe at (fractions of `steps`, deduplicated, in order)."""
+def trajectory_steps(fractions: Sequence[float], steps: int, within: tuple[int, int] | None = None) -> list[int]:
+    """Step indices of the trajectory to probe at (fractions of `steps`, deduplicated, in order).
+    `within` = (first, end): fractions of that step range instead (one expert's steps of a two-expert model)."""
+    first, end = within if within is not None else (0, steps)
     out: list[int] = []
     for frac in fractions:
-        i = min(steps - 1, int(frac * steps))
+        i = min(end - 1, first + int(frac * (end - first)))
         if i not in out:
             out.append(i)
     return out
