@@ -8,7 +8,7 @@ render: setup
 	.venv/bin/python launch/generate.py --config configs/tiny.yaml --out outputs/tiny.mp4
 
 test: setup lint
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=20
 
 test-fast: setup  # the unit tier: plan math, kernels, models in-process (no subprocesses)
 	.venv/bin/python -m pytest -q -m unit
