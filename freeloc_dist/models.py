@@ -31,6 +31,8 @@ _REQUIRED_CONFIGS = {
     "scheduler": "scheduler_config.json",
 }
 _WEIGHT_SUBFOLDERS = ("transformer", "vae", "text_encoder")
+# Image-to-video (Wan2.1 I2V / FLF2V): CLIP's vision tower and its preprocessor, when model_index.json names them
+_IMAGE_ENCODER, _IMAGE_PROCESSOR = "image_encoder", "image_processor"
 
 
 @dataclass
@@ -46,6 +48,9 @@ class WanComponents:
     expand_timesteps: bool = False  # Wan2.2 TI2V-5B: per-token timesteps
     # Latent frames the model was trained on, when it is not the family's (tiny test models; freeloc_dist.family)
     trained_frames: int | None = None
+    # Wan2.1 image-to-video: transformers CLIPVisionModel and CLIPImageProcessor (None for T2V and Wan2.2 I2V)
+    image_encoder: Any = None
+    image_processor: Any = None
 
     def experts(self) -> list:
         """The transformers of this model, high-noise expert first."""
@@ -81,13 +86,25 @@ def check_model_dir(model_dir: str | Path) -> Path:
     for sub in weight_subfolders(index):
         if not (root / sub).is_dir() or not _has_weights(root / sub):
             raise ConfigError(f"config error: model.path={str(root)!r}: no weights in {sub}/")
+    extra = [root / _IMAGE_ENCODER / "config.json"] if _named(index, _IMAGE_ENCODER) else []
+    if _named(index, _IMAGE_PROCESSOR):
+        extra.append(root / _IMAGE_PROCESSOR / "preprocessor_config.json")
+    for path in extra:
+        if not path.is_file():
+            raise ConfigError(f"config error: model.path={str(root)!r}: missing {path.relative_to(root)}")
     return root
+
+
+def _named(index, component: str) -> bool:
+    """model_index.json names `component` (diffusers writes [null, null] for one a pipeline lacks)."""
+    entry = index.get(component) if isinstance(index, dict) else None
+    return isinstance(entry, list) and bool(entry) and entry[0] is not None
 
 
 def weight_subfolders(index) -> tuple[str, ...]:
     """The subfolders holding weights, from model_index.json's contents (a second expert adds its own)."""
-    second = isinstance(index, dict) and isinstance(index.get("transformer_2"), list) and index["transformer_2"][0]
-    return _WEIGHT_SUBFOLDERS + (("transformer_2",) if second else ())
+    return (_WEIGHT_SUBFOLDERS + (("transformer_2",) if _named(index, "transformer_2") else ())
+            + ((_IMAGE_ENCODER,) if _named(index, _IMAGE_ENCODER) else ()))
 
 
 def _index_of(root: Path):
@@ -135,7 +152,7 @@ def check_weights_match_config(model_dir: str | Path) -> None:
 
     root = Path(model_dir)
     builders = {"transformer": WanTransformer3DModel.from_config, "transformer_2": WanTransformer3DModel.from_config,
-                "vae": AutoencoderKLWan.from_config, "text_encoder": _umt5_of}
+                "vae": AutoencoderKLWan.from_config, "text_encoder": _umt5_of, _IMAGE_ENCODER: _clip_of}
     for sub in weight_subfolders(_index_of(root)):
         build = builders[sub]
         shapes = _weight_shapes(root / sub)
@@ -168,6 +185,12 @@ def _umt5_of(config: dict):
     from transformers import UMT5Config, UMT5EncoderModel
 
     return UMT5EncoderModel(UMT5Config.from_dict(config))
+
+
+def _clip_of(config: dict):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    return CLIPVisionModel(CLIPVisionConfig.from_dict(config))
 
 
 def weights_signature(model_dir: str | Path) -> list:
@@ -235,6 +258,18 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
         transformer_2 = load("transformer_2", WanTransformer3DModel.from_pretrained, root,
                              subfolder="transformer_2", torch_dtype=dtype, local_files_only=True)
         transformer_2 = transformer_2.to(device).eval()
+    image_encoder = image_processor = None
+    if _named(index, _IMAGE_ENCODER):
+        from transformers import CLIPVisionModel
+
+        # diffusers' I2V pipeline runs CLIP in the transformer's dtype too
+        image_encoder = load(_IMAGE_ENCODER, CLIPVisionModel.from_pretrained, root / _IMAGE_ENCODER, dtype=dtype,
+                             local_files_only=True).to(device).eval()
+    if _named(index, _IMAGE_PROCESSOR):
+        from transformers import CLIPImageProcessor
+
+        image_processor = load(_IMAGE_PROCESSOR, CLIPImageProcessor.from_pretrained, root / _IMAGE_PROCESSOR,
+                               local_files_only=True)
     return WanComponents(
         transformer=transformer.to(device).eval(),
         vae=vae.to(device).eval(),
@@ -245,6 +280,8 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
         boundary_ratio=index.get("boundary_ratio"),
         expand_timesteps=bool(index.get("expand_timesteps", False)),
         trained_frames=index.get("trained_frames"),
+        image_encoder=image_encoder,
+        image_processor=image_processor,
     )
 
 
@@ -261,8 +298,13 @@ def save_components(parts: WanComponents, out_dir: str | Path) -> Path:
     parts.scheduler.save_pretrained(out / "scheduler")
     if parts.transformer_2 is not None:
         parts.transformer_2.save_pretrained(out / "transformer_2")
+    if parts.image_encoder is not None:
+        parts.image_encoder.save_pretrained(out / _IMAGE_ENCODER)
+    if parts.image_processor is not None:
+        parts.image_processor.save_pretrained(out / _IMAGE_PROCESSOR)
+    conditioned = parts.transformer.config.in_channels != parts.transformer.config.out_channels
     index = {
-        "_class_name": "WanPipeline",
+        "_class_name": "WanImageToVideoPipeline" if conditioned else "WanPipeline",
         "_diffusers_version": diffusers.__version__,
         "transformer": ["diffusers", "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
@@ -270,6 +312,11 @@ def save_components(parts: WanComponents, out_dir: str | Path) -> Path:
         "tokenizer": ["transformers", type(parts.tokenizer).__name__],
         "scheduler": ["diffusers", type(parts.scheduler).__name__],
     }
+    if conditioned:  # WanImageToVideoPipeline's optional CLIP components ([null, null] when absent, as diffusers)
+        index[_IMAGE_ENCODER] = (["transformers", type(parts.image_encoder).__name__]
+                                 if parts.image_encoder is not None else [None, None])
+        index[_IMAGE_PROCESSOR] = (["transformers", type(parts.image_processor).__name__]
+                                   if parts.image_processor is not None else [None, None])
     # WanPipeline's own config keys (diffusers writes them for Wan2.2), only where they are set
     if parts.transformer_2 is not None:
         index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]

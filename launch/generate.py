@@ -75,6 +75,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     config_flag(p, "--guidance-scale", "sampling.guidance_scale", type=float, help="classifier-free guidance scale")
     config_flag(p, "--guidance-scale-2", "sampling.guidance_scale_2", type=float,
                 help="two-expert models: the low-noise expert's guidance scale (default: --guidance-scale)")
+    config_flag(p, "--image", "image", type=cwd_path, metavar="PATH",
+                help="image-to-video models: the first frame (PNG or JPEG, fitted to the render size)")
+    config_flag(p, "--last-image", "last_image", type=cwd_path, metavar="PATH",
+                help="first-last-frame models (Wan2.1 FLF2V): the last frame (PNG or JPEG)")
     config_flag(p, "--negative-prompt", "sampling.negative_prompt", help="negative prompt (default: the config's)")
     config_flag(p, "--cfg-degree", "parallel.cfg_degree", type=int, choices=CFG_DEGREES,
                 help="2: CFG passes on two rank groups")
