@@ -187,6 +187,18 @@ def _umt5_of(config: dict):
     return UMT5EncoderModel(UMT5Config.from_dict(config))
 
 
+def clip_image_processor_class():
+    """transformers' CLIPImageProcessor; without torchvision its PIL implementation, named directly (what
+    transformers falls back to anyway, minus the warning line it prints on every rank)."""
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):
+        return transformers.CLIPImageProcessorPil
+    return transformers.CLIPImageProcessor
+
+
 def _clip_of(config: dict):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -266,10 +278,8 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
         image_encoder = load(_IMAGE_ENCODER, CLIPVisionModel.from_pretrained, root / _IMAGE_ENCODER, dtype=dtype,
                              local_files_only=True).to(device).eval()
     if _named(index, _IMAGE_PROCESSOR):
-        from transformers import CLIPImageProcessor
-
-        image_processor = load(_IMAGE_PROCESSOR, CLIPImageProcessor.from_pretrained, root / _IMAGE_PROCESSOR,
-                               local_files_only=True)
+        image_processor = load(_IMAGE_PROCESSOR, clip_image_processor_class().from_pretrained,
+                               root / _IMAGE_PROCESSOR, local_files_only=True)
     return WanComponents(
         transformer=transformer.to(device).eval(),
         vae=vae.to(device).eval(),

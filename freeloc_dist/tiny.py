@@ -143,14 +143,16 @@ TINY_I2V_BOUNDARY_RATIO = 0.9  # Wan2.2-I2V-A14B's
 def build_tiny_clip(seed: int = 0):
     """A 2-layer CLIPVisionModel (Wan2.1 I2V reads its penultimate layer) and its CLIPImageProcessor, with the
     real OpenAI CLIP normalisation and resize-then-centre-crop, at 28 x 28 instead of 224 x 224."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from freeloc_dist.models import clip_image_processor_class
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = CLIPVisionModel(CLIPVisionConfig(
             hidden_size=TINY_CLIP_DIM, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
             image_size=TINY_CLIP_IMAGE, patch_size=14, projection_dim=TINY_CLIP_DIM))
-    processor = CLIPImageProcessor(size={"shortest_edge": TINY_CLIP_IMAGE},
+    processor = clip_image_processor_class()(size={"shortest_edge": TINY_CLIP_IMAGE},
                                    crop_size={"height": TINY_CLIP_IMAGE, "width": TINY_CLIP_IMAGE})
     return encoder.eval(), processor
 
