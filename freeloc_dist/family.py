@@ -1,8 +1,9 @@
 """Which Wan model a directory holds, read from its configs (never from its name or path).
 
 `read_model_kind(model_dir)` reads model_index.json (pipeline class, `boundary_ratio`, `expand_timesteps`,
-whether `transformer_2` is a component), transformer/config.json (and transformer_2/config.json) and
-vae/config.json, and returns a frozen `ModelKind`: the task (t2v, i2v, ti2v), the experts and their switch
+whether `transformer_2` is a component), transformer/config.json (and transformer_2/config.json),
+vae/config.json and image_encoder/config.json (CLIP tokens per image; FLF2V: two images, `pos_embed_seq_len`),
+and returns a frozen `ModelKind`: the task (t2v, i2v, ti2v), the experts and their switch
 point, the latent and conditioning channels, the VAE's real compression, and T, the latent frames the family
 was trained on. `check_model_kind` checks that the pieces agree with each other (a transformer whose input
 channels do not fit the VAE, an expert without a boundary, ...), so such a model fails in preflight with one

@@ -93,7 +93,8 @@ CASES = [
     ("last-image-no-value", "tiny-random-flf2v.yaml", None, lambda t: ["--last-image"], "--last-image"),
     ("image-key-type", "tiny-random-i2v.yaml", lambda t, raw: raw.update(image=3), lambda t: [],
      "config error: image=3: expected a path"),
-    ("text-not-512", "tiny-random-i2v.yaml", lambda t, raw: raw["sampling"].update(max_text_tokens=32), lambda t: [], "sampling.max_text_tokens=32: this model puts 5"),
+    ("text-not-512", "tiny-random-i2v.yaml", lambda t, raw: raw["sampling"].update(max_text_tokens=32),
+     lambda t: [], "sampling.max_text_tokens=32: this model puts 5"),
     ("profile-trained-frames", "tiny-random-i2v.yaml", None,
      lambda t: ["--profile", profile_with(t, trained_frames=21)],
      "trained_frames=21, but this i2v model was trained on 5"),
@@ -134,3 +135,18 @@ def test_the_i2v_configs_validate(generate, tmp_path, monkeypatch, capsys):
     for name in ("tiny-random-i2v.yaml", "tiny-random-i2v-a14b.yaml", "tiny-random-flf2v.yaml"):
         assert generate.main(["--config", str(REPO_ROOT / "configs" / name), "--validate-only"]) == 0, \
             capsys.readouterr().err
+
+
+def test_probe_refuses_an_i2v_model(tmp_path, monkeypatch, capsys):
+    """launch/probe.py's trajectories take no image yet: an image-to-video model is one line, exit 2."""
+    import importlib.util
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    spec = importlib.util.spec_from_file_location("probe_under_test", REPO_ROOT / "launch" / "probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    config = str(REPO_ROOT / "configs" / "tiny-random-i2v.yaml")
+    code = probe.main(["--config", config, "--out", str(tmp_path / "p.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "probing is not supported yet for i2v models" in err[0], err

@@ -33,6 +33,15 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
     cfg = load_render_config(config_path, render_overrides)
     settings = load_probe_settings(probe_config, probe_overrides)
     check_model_dir(cfg.model.path)
+    from freeloc_dist.family import ModelKindError, read_model_kind
+
+    try:
+        kind = read_model_kind(cfg.model.path)
+    except ModelKindError as e:
+        raise UserError(f"model.path={str(cfg.model.path)!r}: {str(e).splitlines()[0]}") from None
+    if kind.task != "t2v":  # the probe's trajectories take no image conditioning yet: refuse, not crash
+        raise UserError(f"model.path={str(cfg.model.path)!r}: probing is not supported yet for {kind.task} models "
+                        f"({kind.pipeline}); launch/probe.py probes text-to-video models")
     base = None
     if cfg.profile is not None:
         try:
