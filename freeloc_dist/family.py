@@ -173,6 +173,9 @@ def check_model_kind(kind: ModelKind, root: Path, *, z_dim: int) -> None:
                              f"(in_channels={kind.in_channels})")
     if kind.image_tokens and not (root / "image_encoder" / "config.json").is_file():
         raise ModelKindError("transformer/config.json: image_dim is set, but the model has no image_encoder/")
+    if kind.image_tokens and not (root / "image_processor" / "preprocessor_config.json").is_file():
+        raise ModelKindError("transformer/config.json: image_dim is set, but the model has no "
+                             "image_processor/preprocessor_config.json (CLIP's preprocessing)")
     if kind.two_experts != (kind.boundary_ratio is not None):
         raise ModelKindError("model_index.json: transformer_2 and boundary_ratio come together (found "
                              f"transformer_2: {kind.two_experts}, boundary_ratio: {kind.boundary_ratio})")

@@ -30,7 +30,7 @@ class ImageError(ValueError):
 
 def load_image(path: str | Path, key: str = "image"):
     """The image at `path` as an RGB PIL image (fully decoded); ImageError (one line) otherwise."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     where = f"{key}={str(path)!r}"
@@ -55,7 +55,8 @@ def load_image(path: str | Path, key: str = "image"):
                 alpha = img.getchannel("A")
                 if alpha.getextrema()[0] < 255:
                     raise ImageError(f"{where}: has transparent pixels; flatten it onto a background first")
-            return img.convert("RGB")
+            # a camera's JPEG shows its pixels rotated by its EXIF orientation (diffusers' load_image does the same)
+            return ImageOps.exif_transpose(img).convert("RGB")
     except ImageError:
         raise
     except UnidentifiedImageError:

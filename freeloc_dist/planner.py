@@ -178,6 +178,11 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
         "activations": float(local_tokens) * (8 * d + ffn) * act_bytes,
         "K/V buffers": 0.0,
         "latents": float(latent_elems) * 4 * 5,  # latents, prediction, 2 scheduler history, noise
+        # image-to-video: the whole video's conditioning channels (4 mask + C, transformer dtype) and, while it
+        # is built once before the first step, the float32 pixel video the VAE encodes (every rank: DESIGN 10)
+        **({"conditioning": float((t["in_channels"] - t["out_channels"]) * num_frames * h * ph * w * pw) * act_bytes,
+            "conditioning video (once)": 3.0 * 4 * (4 * (num_frames - 1) + 1) * cfg.video.height * cfg.video.width}
+           if t["in_channels"] != t["out_channels"] else {}),
         # every rank plans each layer kind on the host: offsets, tiers and a natural-offset table, Long[F, F]
         "frame tables (host)": 3.0 * 8 * num_frames * num_frames * len(set(kinds)),
     }

@@ -212,9 +212,13 @@ def check_host_memory(cfg: RenderConfig) -> None:
     if shape is None or total <= 0:
         return
     need = math.prod(shape) * 4 * 5
+    what = "the latents alone need"
+    if cfg.image is not None:  # the float32 pixel video the VAE encodes into the conditioning (conditioning.py)
+        need += 3 * 4 * cfg.video.frames * cfg.video.height * cfg.video.width
+        what = "the latents and the conditioning video need"
     if need > total:
-        raise UserError(f"video: {cfg.video.frames} frames at {cfg.video.width}x{cfg.video.height}: the latents "
-                        f"alone need {need / 2**30:.1f} GiB of memory, this machine has {total / 2**30:.1f} GiB")
+        raise UserError(f"video: {cfg.video.frames} frames at {cfg.video.width}x{cfg.video.height}: {what} "
+                        f"{need / 2**30:.1f} GiB of memory, this machine has {total / 2**30:.1f} GiB")
 
 
 def load_profile_of(cfg: RenderConfig, key: str = "profile"):

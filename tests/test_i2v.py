@@ -145,6 +145,10 @@ def test_load_image_accepts_and_refuses(tmp_path):
     opaque = Image.new("RGBA", (4, 4), (10, 20, 30, 255))
     opaque.save(tmp_path / "o.png")
     assert load_image(tmp_path / "o.png").getpixel((0, 0)) == (10, 20, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: shown rotated by 90 degrees (a phone held upright)
+    Image.new("RGB", (12, 8)).save(tmp_path / "r.jpg", exif=exif)
+    assert load_image(tmp_path / "r.jpg").size == (8, 12)
     bad = {
         "missing": (tmp_path / "nope.png", "file not found"),
         "dir": (tmp_path, "is a directory"),
@@ -235,6 +239,9 @@ def test_planner_counts_clip_and_the_image_embedder():
         plan = plan_render(cfg, tcfg, world_size=1, model_kind=read_model_kind(ASSETS / model),
                            image_encoder_cfg=clip)
         assert plan.memory_bytes["weights: image encoder"] == image_encoder_params(clip) * 4
+        v = cfg.video
+        assert plan.memory_bytes["conditioning video (once)"] == 3 * 4 * v.frames * v.height * v.width
+        assert plan.memory_bytes["conditioning"] == 8 * cfg.latent_frames * (v.height // 8) * (v.width // 8) * 4
     real = KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"]
     with torch.device("meta"):
         built = WanTransformer3DModel(**real)
