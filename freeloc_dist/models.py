@@ -1,11 +1,13 @@
-"""Loading the components of a Wan text-to-video model from a local diffusers-format directory.
+"""Loading the components of a Wan model (text- or image-to-video) from a local diffusers-format directory.
 
 The directory layout is the one `diffusers` writes for WanPipeline: model_index.json and the subfolders
 transformer/ (WanTransformer3DModel), vae/ (AutoencoderKLWan), text_encoder/ (transformers UMT5EncoderModel),
 tokenizer/ (anything AutoTokenizer reads) and scheduler/ (the diffusers scheduler class that
-scheduler_config.json names). Nothing here ever downloads: every from_pretrained call is local_files_only,
-and `check_model_dir` verifies the layout first so a wrong path fails in milliseconds with a ConfigError that
-names the missing file, not minutes later inside a loader. The tiny test model (freeloc_dist.tiny) is saved
+scheduler_config.json names); Wan2.2 A14B adds transformer_2/, WanImageToVideoPipeline's Wan2.1 models
+image_encoder/ (transformers CLIPVisionModel) and image_processor/ (CLIPImageProcessor). Nothing here ever
+downloads: every from_pretrained call is local_files_only, and `check_model_dir` verifies the layout first
+so a wrong path fails in milliseconds with a ConfigError that names the missing file, not minutes later
+inside a loader. The tiny test model (freeloc_dist.tiny) is saved
 in the same layout and loaded through this same code.
 """
 
@@ -237,7 +239,8 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
     """Load transformer, VAE, text encoder, tokenizer and scheduler from a local diffusers directory.
 
     The transformer and text encoder are loaded in `dtype`; the VAE stays in float32 (its decode is cheap
-    next to sampling and lower precision visibly bands the output).
+    next to sampling and lower precision visibly bands the output), and so does an image-to-video model's
+    CLIP image encoder (image_encoder/, with its image_processor/), which runs once per render.
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
@@ -274,9 +277,9 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
     if _named(index, _IMAGE_ENCODER):
         from transformers import CLIPVisionModel
 
-        # diffusers' I2V pipeline runs CLIP in the transformer's dtype too
-        image_encoder = load(_IMAGE_ENCODER, CLIPVisionModel.from_pretrained, root / _IMAGE_ENCODER, dtype=dtype,
-                             local_files_only=True).to(device).eval()
+        # float32, as the VAE (and as diffusers' Wan I2V examples load it): it runs once per render, on one image
+        image_encoder = load(_IMAGE_ENCODER, CLIPVisionModel.from_pretrained, root / _IMAGE_ENCODER,
+                             dtype=torch.float32, local_files_only=True).to(device).eval()
     if _named(index, _IMAGE_PROCESSOR):
         image_processor = load(_IMAGE_PROCESSOR, clip_image_processor_class().from_pretrained,
                                root / _IMAGE_PROCESSOR, local_files_only=True)

@@ -173,7 +173,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
         **({"weights: transformer_2": transformer_params(t) * DTYPE_BYTES[cfg.model.dtype]}
            if model_kind is not None and model_kind.two_experts else {}),
         "weights: text encoder": text_encoder_params(text_encoder_cfg) * DTYPE_BYTES[cfg.model.dtype],
-        **({"weights: image encoder": image_encoder_params(image_encoder_cfg) * DTYPE_BYTES[cfg.model.dtype]}
+        **({"weights: image encoder": image_encoder_params(image_encoder_cfg) * 4}  # float32 (models.py)
            if t.get("image_dim") else {}),
         "activations": float(local_tokens) * (8 * d + ffn) * act_bytes,
         "K/V buffers": 0.0,
