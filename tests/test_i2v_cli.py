@@ -154,3 +154,25 @@ def test_probe_refuses_an_i2v_model(tmp_path, monkeypatch, capsys):
     code = probe.main(["--config", config, "--out", str(tmp_path / "p.yaml")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "probing is not supported yet for i2v models" in err[0], err
+
+
+@pytest.mark.parametrize("name", ["wan2.1-i2v-14b-480p.yaml", "wan2.1-i2v-14b-720p.yaml", "wan2.2-i2v-a14b.yaml",
+                                  "wan2.1-flf2v-14b-720p.yaml"])
+def test_real_i2v_configs_parse_and_say_their_profiles_are_not_probed(name):
+    from freeloc_dist.config import load_render_config
+    from freeloc_dist.profile import load_profile
+
+    cfg = load_render_config(REPO_ROOT / "configs" / name)
+    assert cfg.sampling.max_text_tokens == 512 and cfg.image is None  # the image is the user's
+    for path in (cfg.profile, cfg.profile_2):
+        if path is not None:
+            prof = load_profile(path)
+            assert "NOT probed" in prof.source and prof.num_layers == 40 and not prof.tsa_sinks_given
+
+
+def test_dry_run_of_the_wan21_i2v_config_counts_clip(generate, capsys):
+    """No model directory here: the built-in Wan2.1-I2V-14B transformer config and ViT-H/14 are counted."""
+    code = generate.main(["--config", str(REPO_ROOT / "configs" / "wan2.1-i2v-14b-480p.yaml"), "--dry-run",
+                          "--world-size", "8"])
+    out = capsys.readouterr().out
+    assert code == 0 and "weights: image encoder" in out and "conditioning video (once)" in out, out
