@@ -92,6 +92,10 @@ class RenderConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     prompt: str = ""
+    # image-to-video models: the first frame (PNG/JPEG; fitted to video.height x video.width) and, for
+    # first-last-frame models (Wan2.1 FLF2V), the last frame (freeloc_dist.images)
+    image: Path | None = None
+    last_image: Path | None = None
     output: Path = Path("outputs/render.mp4")
 
     @property

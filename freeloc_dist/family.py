@@ -1,8 +1,9 @@
 """Which Wan model a directory holds, read from its configs (never from its name or path).
 
 `read_model_kind(model_dir)` reads model_index.json (pipeline class, `boundary_ratio`, `expand_timesteps`,
-whether `transformer_2` is a component), transformer/config.json (and transformer_2/config.json) and
-vae/config.json, and returns a frozen `ModelKind`: the task (t2v, i2v, ti2v), the experts and their switch
+whether `transformer_2` is a component), transformer/config.json (and transformer_2/config.json),
+vae/config.json and image_encoder/config.json (CLIP tokens per image; FLF2V: two images, `pos_embed_seq_len`),
+and returns a frozen `ModelKind`: the task (t2v, i2v, ti2v), the experts and their switch
 point, the latent and conditioning channels, the VAE's real compression, and T, the latent frames the family
 was trained on. `check_model_kind` checks that the pieces agree with each other (a transformer whose input
 channels do not fit the VAE, an expert without a boundary, ...), so such a model fails in preflight with one
@@ -45,6 +46,12 @@ class ModelKind:
     vae_temporal: int  # video frames per latent frame (after the first)
     vae_spatial: int  # pixels per latent cell, per axis (8, or 16 for the Wan2.2 VAE)
     trained_frames: int  # T
+    condition_images: int = 1  # images the model is conditioned on: 2 for FLF2V (first and last frame)
+
+    @property
+    def first_last_frame(self) -> bool:
+        """Wan2.1 FLF2V: conditioned on a first and a last frame (its CLIP tokens carry two images' positions)."""
+        return self.condition_images == 2
 
     @property
     def conditioned(self) -> bool:
@@ -90,6 +97,19 @@ def _trained_frames(index: dict, expand: bool) -> int:
     return TRAINED_FRAMES_TI2V if expand else TRAINED_FRAMES_WAN
 
 
+def _clip_tokens(root: Path) -> int:
+    """CLIP tokens per image: (image_size / patch_size)^2 patches + the class token, from image_encoder/config.json
+    (257 for Wan2.1's ViT-H/14 at 224); the constant when the encoder's config is not there (checked later)."""
+    path = root / "image_encoder" / "config.json"
+    if not path.is_file():
+        return CLIP_IMAGE_TOKENS
+    clip = _read(path)
+    size, patch = clip.get("image_size"), clip.get("patch_size")
+    if not (isinstance(size, int) and isinstance(patch, int) and patch > 0):
+        return CLIP_IMAGE_TOKENS
+    return (size // patch) ** 2 + 1
+
+
 def read_model_kind(model_dir: str | Path) -> ModelKind:
     """The kind of the diffusers-format Wan model in `model_dir` (configs only; no weights read)."""
     root = Path(model_dir)
@@ -109,10 +129,11 @@ def read_model_kind(model_dir: str | Path) -> ModelKind:
     z_dim = int(vae.get("z_dim", 16))
     in_channels = int(tcfg.get("in_channels", 16))
     out_channels = int(tcfg.get("out_channels") or in_channels)
-    image_tokens = 0
+    image_tokens, images = 0, 1
     if tcfg.get("image_dim") is not None:
         # FLF2V: a learned position embedding over two images' tokens (pos_embed_seq_len = 2 x 257)
-        image_tokens = int(tcfg.get("pos_embed_seq_len") or CLIP_IMAGE_TOKENS)
+        images = 2 if tcfg.get("pos_embed_seq_len") else 1
+        image_tokens = images * _clip_tokens(root)
     if expand:
         task = "ti2v"
     elif in_channels != out_channels:
@@ -126,7 +147,7 @@ def read_model_kind(model_dir: str | Path) -> ModelKind:
         num_layers=int(tcfg.get("num_layers", 0)), num_heads=int(tcfg.get("num_attention_heads", 0)),
         head_dim=int(tcfg.get("attention_head_dim", 0)), patch_size=tuple(tcfg.get("patch_size", (1, 2, 2))),
         vae_temporal=temporal, vae_spatial=spatial,
-        trained_frames=_trained_frames(index, expand),
+        trained_frames=_trained_frames(index, expand), condition_images=images,
     )
     check_model_kind(kind, root, z_dim=z_dim)
     return kind
@@ -152,6 +173,9 @@ def check_model_kind(kind: ModelKind, root: Path, *, z_dim: int) -> None:
                              f"(in_channels={kind.in_channels})")
     if kind.image_tokens and not (root / "image_encoder" / "config.json").is_file():
         raise ModelKindError("transformer/config.json: image_dim is set, but the model has no image_encoder/")
+    if kind.image_tokens and not (root / "image_processor" / "preprocessor_config.json").is_file():
+        raise ModelKindError("transformer/config.json: image_dim is set, but the model has no "
+                             "image_processor/preprocessor_config.json (CLIP's preprocessing)")
     if kind.two_experts != (kind.boundary_ratio is not None):
         raise ModelKindError("model_index.json: transformer_2 and boundary_ratio come together (found "
                              f"transformer_2: {kind.two_experts}, boundary_ratio: {kind.boundary_ratio})")

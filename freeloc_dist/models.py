@@ -1,11 +1,13 @@
-"""Loading the components of a Wan text-to-video model from a local diffusers-format directory.
+"""Loading the components of a Wan model (text- or image-to-video) from a local diffusers-format directory.
 
 The directory layout is the one `diffusers` writes for WanPipeline: model_index.json and the subfolders
 transformer/ (WanTransformer3DModel), vae/ (AutoencoderKLWan), text_encoder/ (transformers UMT5EncoderModel),
 tokenizer/ (anything AutoTokenizer reads) and scheduler/ (the diffusers scheduler class that
-scheduler_config.json names). Nothing here ever downloads: every from_pretrained call is local_files_only,
-and `check_model_dir` verifies the layout first so a wrong path fails in milliseconds with a ConfigError that
-names the missing file, not minutes later inside a loader. The tiny test model (freeloc_dist.tiny) is saved
+scheduler_config.json names); Wan2.2 A14B adds transformer_2/, WanImageToVideoPipeline's Wan2.1 models
+image_encoder/ (transformers CLIPVisionModel) and image_processor/ (CLIPImageProcessor). Nothing here ever
+downloads: every from_pretrained call is local_files_only, and `check_model_dir` verifies the layout first
+so a wrong path fails in milliseconds with a ConfigError that names the missing file, not minutes later
+inside a loader. The tiny test model (freeloc_dist.tiny) is saved
 in the same layout and loaded through this same code.
 """
 
@@ -31,6 +33,8 @@ _REQUIRED_CONFIGS = {
     "scheduler": "scheduler_config.json",
 }
 _WEIGHT_SUBFOLDERS = ("transformer", "vae", "text_encoder")
+# Image-to-video (Wan2.1 I2V / FLF2V): CLIP's vision tower and its preprocessor, when model_index.json names them
+_IMAGE_ENCODER, _IMAGE_PROCESSOR = "image_encoder", "image_processor"
 
 
 @dataclass
@@ -46,6 +50,9 @@ class WanComponents:
     expand_timesteps: bool = False  # Wan2.2 TI2V-5B: per-token timesteps
     # Latent frames the model was trained on, when it is not the family's (tiny test models; freeloc_dist.family)
     trained_frames: int | None = None
+    # Wan2.1 image-to-video: transformers CLIPVisionModel and CLIPImageProcessor (None for T2V and Wan2.2 I2V)
+    image_encoder: Any = None
+    image_processor: Any = None
 
     def experts(self) -> list:
         """The transformers of this model, high-noise expert first."""
@@ -81,13 +88,25 @@ def check_model_dir(model_dir: str | Path) -> Path:
     for sub in weight_subfolders(index):
         if not (root / sub).is_dir() or not _has_weights(root / sub):
             raise ConfigError(f"config error: model.path={str(root)!r}: no weights in {sub}/")
+    extra = [root / _IMAGE_ENCODER / "config.json"] if _named(index, _IMAGE_ENCODER) else []
+    if _named(index, _IMAGE_PROCESSOR):
+        extra.append(root / _IMAGE_PROCESSOR / "preprocessor_config.json")
+    for path in extra:
+        if not path.is_file():
+            raise ConfigError(f"config error: model.path={str(root)!r}: missing {path.relative_to(root)}")
     return root
+
+
+def _named(index, component: str) -> bool:
+    """model_index.json names `component` (diffusers writes [null, null] for one a pipeline lacks)."""
+    entry = index.get(component) if isinstance(index, dict) else None
+    return isinstance(entry, list) and bool(entry) and entry[0] is not None
 
 
 def weight_subfolders(index) -> tuple[str, ...]:
     """The subfolders holding weights, from model_index.json's contents (a second expert adds its own)."""
-    second = isinstance(index, dict) and isinstance(index.get("transformer_2"), list) and index["transformer_2"][0]
-    return _WEIGHT_SUBFOLDERS + (("transformer_2",) if second else ())
+    return (_WEIGHT_SUBFOLDERS + (("transformer_2",) if _named(index, "transformer_2") else ())
+            + ((_IMAGE_ENCODER,) if _named(index, _IMAGE_ENCODER) else ()))
 
 
 def _index_of(root: Path):
@@ -135,7 +154,7 @@ def check_weights_match_config(model_dir: str | Path) -> None:
 
     root = Path(model_dir)
     builders = {"transformer": WanTransformer3DModel.from_config, "transformer_2": WanTransformer3DModel.from_config,
-                "vae": AutoencoderKLWan.from_config, "text_encoder": _umt5_of}
+                "vae": AutoencoderKLWan.from_config, "text_encoder": _umt5_of, _IMAGE_ENCODER: _clip_of}
     for sub in weight_subfolders(_index_of(root)):
         build = builders[sub]
         shapes = _weight_shapes(root / sub)
@@ -170,6 +189,24 @@ def _umt5_of(config: dict):
     return UMT5EncoderModel(UMT5Config.from_dict(config))
 
 
+def clip_image_processor_class():
+    """transformers' CLIPImageProcessor; without torchvision its PIL implementation, named directly (what
+    transformers falls back to anyway, minus the warning line it prints on every rank)."""
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):
+        return transformers.CLIPImageProcessorPil
+    return transformers.CLIPImageProcessor
+
+
+def _clip_of(config: dict):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    return CLIPVisionModel(CLIPVisionConfig.from_dict(config))
+
+
 def weights_signature(model_dir: str | Path) -> list:
     """(file, size, mtime) of every weight file: weights replaced in place change it (resume fingerprint)."""
     root, out = Path(model_dir), []
@@ -202,7 +239,8 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
     """Load transformer, VAE, text encoder, tokenizer and scheduler from a local diffusers directory.
 
     The transformer and text encoder are loaded in `dtype`; the VAE stays in float32 (its decode is cheap
-    next to sampling and lower precision visibly bands the output).
+    next to sampling and lower precision visibly bands the output), and so does an image-to-video model's
+    CLIP image encoder (image_encoder/, with its image_processor/), which runs once per render.
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
@@ -235,6 +273,16 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
         transformer_2 = load("transformer_2", WanTransformer3DModel.from_pretrained, root,
                              subfolder="transformer_2", torch_dtype=dtype, local_files_only=True)
         transformer_2 = transformer_2.to(device).eval()
+    image_encoder = image_processor = None
+    if _named(index, _IMAGE_ENCODER):
+        from transformers import CLIPVisionModel
+
+        # float32, as the VAE (and as diffusers' Wan I2V examples load it): it runs once per render, on one image
+        image_encoder = load(_IMAGE_ENCODER, CLIPVisionModel.from_pretrained, root / _IMAGE_ENCODER,
+                             dtype=torch.float32, local_files_only=True).to(device).eval()
+    if _named(index, _IMAGE_PROCESSOR):
+        image_processor = load(_IMAGE_PROCESSOR, clip_image_processor_class().from_pretrained,
+                               root / _IMAGE_PROCESSOR, local_files_only=True)
     return WanComponents(
         transformer=transformer.to(device).eval(),
         vae=vae.to(device).eval(),
@@ -245,6 +293,8 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
         boundary_ratio=index.get("boundary_ratio"),
         expand_timesteps=bool(index.get("expand_timesteps", False)),
         trained_frames=index.get("trained_frames"),
+        image_encoder=image_encoder,
+        image_processor=image_processor,
     )
 
 
@@ -261,8 +311,13 @@ def save_components(parts: WanComponents, out_dir: str | Path) -> Path:
     parts.scheduler.save_pretrained(out / "scheduler")
     if parts.transformer_2 is not None:
         parts.transformer_2.save_pretrained(out / "transformer_2")
+    if parts.image_encoder is not None:
+        parts.image_encoder.save_pretrained(out / _IMAGE_ENCODER)
+    if parts.image_processor is not None:
+        parts.image_processor.save_pretrained(out / _IMAGE_PROCESSOR)
+    conditioned = parts.transformer.config.in_channels != parts.transformer.config.out_channels
     index = {
-        "_class_name": "WanPipeline",
+        "_class_name": "WanImageToVideoPipeline" if conditioned else "WanPipeline",
         "_diffusers_version": diffusers.__version__,
         "transformer": ["diffusers", "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
@@ -270,6 +325,11 @@ def save_components(parts: WanComponents, out_dir: str | Path) -> Path:
         "tokenizer": ["transformers", type(parts.tokenizer).__name__],
         "scheduler": ["diffusers", type(parts.scheduler).__name__],
     }
+    if conditioned:  # WanImageToVideoPipeline's optional CLIP components ([null, null] when absent, as diffusers)
+        index[_IMAGE_ENCODER] = (["transformers", type(parts.image_encoder).__name__]
+                                 if parts.image_encoder is not None else [None, None])
+        index[_IMAGE_PROCESSOR] = (["transformers", type(parts.image_processor).__name__]
+                                   if parts.image_processor is not None else [None, None])
     # WanPipeline's own config keys (diffusers writes them for Wan2.2), only where they are set
     if parts.transformer_2 is not None:
         index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]

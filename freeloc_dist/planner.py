@@ -36,6 +36,11 @@ KNOWN_TRANSFORMERS = {
                                         "ffn_dim": 13824, "in_channels": 16, "out_channels": 16, "text_dim": 4096,
                                         "freq_dim": 256, "patch_size": [1, 2, 2]},
 }
+# Wan2.1-I2V-14B (480P and 720P share the transformer): 16 noise + 4 mask + 16 conditioning channels, CLIP
+# image cross-attention (image_dim 1280 = ViT-H/14's width, added k/v projections at the model width)
+KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"] = {
+    **KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-T2V-14B-Diffusers"], "in_channels": 36, "image_dim": 1280,
+    "added_kv_proj_dim": 5120}
 UMT5_XXL_PARAMS = 5.68e9  # Wan's text encoder (encoder only), when text_encoder/config.json is absent
 VAE_SPATIAL = 8
 
@@ -88,7 +93,27 @@ def transformer_params(t: Mapping[str, Any]) -> float:
     rest += t.get("text_dim", 4096) * d + d + d * d + d  # text embedder
     rest += t.get("freq_dim", 256) * d + d + d * d + d + d * 6 * d + 6 * d  # time embedder + projection
     rest += d * t["out_channels"] * patch + t["out_channels"] * patch + 2 * d  # head
+    image_dim = t.get("image_dim")
+    if image_dim:  # Wan2.1 I2V / FLF2V: image k/v projections (+ k norm) in every cross-attention, image embedder
+        added = t.get("added_kv_proj_dim") or d
+        block += 2 * (added * d + d) + d
+        rest += 2 * image_dim + image_dim * image_dim + image_dim + image_dim * d + d + 2 * d
+        rest += (t.get("pos_embed_seq_len") or 0) * image_dim
     return layers * block + rest
+
+
+CLIP_VIT_H14 = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "image_size": 224,
+                "patch_size": 14, "num_channels": 3}  # Wan2.1 I2V's image encoder, when its config is absent
+
+
+def image_encoder_params(clip: Mapping[str, Any] | None) -> float:
+    """Parameter count of a transformers CLIPVisionModel from its config (Wan2.1 I2V's image encoder)."""
+    c = {**CLIP_VIT_H14, **(clip or {})}
+    h, inner, layers, patch = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["patch_size"]
+    positions = (c["image_size"] // patch) ** 2 + 1
+    embeddings = c.get("num_channels", 3) * patch * patch * h + h + positions * h  # patch conv, class, positions
+    layer = 4 * (h * h + h) + 2 * (h * inner) + inner + h + 4 * h  # attention, MLP, two layer norms
+    return embeddings + layers * layer + 4 * h  # + pre and post layer norms
 
 
 def text_encoder_params(te: Mapping[str, Any] | None) -> float:
@@ -101,10 +126,13 @@ def text_encoder_params(te: Mapping[str, Any] | None) -> float:
 
 def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=None, *, world_size: int,
                 text_encoder_cfg: Mapping[str, Any] | None = None, device_memory_gb: float = 80.0,
-                peak_tflops: float = 400.0, model_kind=None) -> RenderPlan:
+                peak_tflops: float = 400.0, model_kind=None,
+                image_encoder_cfg: Mapping[str, Any] | None = None) -> RenderPlan:
     """Plan one render on `world_size` ranks. Raises RenderPlanError if it cannot run or does not fit.
     `model_kind`: the model's freeloc_dist.family.ModelKind when its directory is here (the VAE's real spatial
-    factor; a second expert's weights, resident on every rank beside the first)."""
+    factor; a second expert's weights, resident on every rank beside the first). A transformer with image
+    cross-attention (`image_dim`, Wan2.1 I2V) adds its CLIP image encoder (`image_encoder_cfg`, else ViT-H/14)
+    and its image tokens to the cross-attention length."""
     from freeloc_dist.parallel.decisions import check_world, layer_strategy, received_elements
     from freeloc_dist.parallel.shards import frame_shards
     from freeloc_dist.plan import layer_plan
@@ -129,6 +157,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     use_cfg = cfg.sampling.guidance_scale > 1.0
     passes = (2 if use_cfg else 1) // (cfg_degree if use_cfg else 1)  # transformer passes per rank per step
     text_len = cfg.sampling.max_text_tokens
+    if t.get("image_dim"):  # CLIP tokens join the cross-attention keys
+        text_len += model_kind.image_tokens if model_kind is not None else 257
 
     kinds = list(profile.kinds) if profile is not None else ["full"] * layers
     if len(kinds) != layers:
@@ -143,9 +173,16 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
         **({"weights: transformer_2": transformer_params(t) * DTYPE_BYTES[cfg.model.dtype]}
            if model_kind is not None and model_kind.two_experts else {}),
         "weights: text encoder": text_encoder_params(text_encoder_cfg) * DTYPE_BYTES[cfg.model.dtype],
+        **({"weights: image encoder": image_encoder_params(image_encoder_cfg) * 4}  # float32 (models.py)
+           if t.get("image_dim") else {}),
         "activations": float(local_tokens) * (8 * d + ffn) * act_bytes,
         "K/V buffers": 0.0,
         "latents": float(latent_elems) * 4 * 5,  # latents, prediction, 2 scheduler history, noise
+        # image-to-video: the whole video's conditioning channels (4 mask + C, transformer dtype) and, while it
+        # is built once before the first step, the float32 pixel video the VAE encodes (every rank: DESIGN 10)
+        **({"conditioning": float((t["in_channels"] - t["out_channels"]) * num_frames * h * ph * w * pw) * act_bytes,
+            "conditioning video (once)": 3.0 * 4 * (4 * (num_frames - 1) + 1) * cfg.video.height * cfg.video.width}
+           if t["in_channels"] != t["out_channels"] else {}),
         # every rank plans each layer kind on the host: offsets, tiers and a natural-offset table, Long[F, F]
         "frame tables (host)": 3.0 * 8 * num_frames * num_frames * len(set(kinds)),
     }

@@ -103,10 +103,11 @@ def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
         kind = read_model_kind(model_dir)
     except ModelKindError as e:
         raise UserError(f"model.path={str(cfg.model.path)!r}: {first_line(e)}") from None
-    if kind.task != "t2v":  # detected, not yet rendered: refuse before loading rather than crash after
+    if kind.task not in ("t2v", "i2v"):  # detected, not yet rendered: refuse before loading rather than crash after
         raise UserError(f"model.path={str(cfg.model.path)!r}: a {kind.task} model ({kind.pipeline}, "
                         f"in_channels={kind.in_channels}, expand_timesteps={kind.expand_timesteps}) is not "
-                        "supported yet (text-to-video only: Wan2.1 T2V, Wan2.2 T2V-A14B)")
+                        "supported yet (Wan2.1 T2V, Wan2.2 T2V-A14B, Wan2.1/2.2 I2V, Wan2.1 FLF2V)")
+    image_checks(cfg, kind, model_dir)
     if not kind.two_experts:
         for key, value in (("profile_2", cfg.profile_2), ("sampling.guidance_scale_2", cfg.sampling.guidance_scale_2)):
             if value is not None:
@@ -124,6 +125,40 @@ def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
     except ModelKindError as e:
         raise UserError(first_line(e)) from None
     return kind, profile_2
+
+
+def image_checks(cfg: RenderConfig, kind, model_dir: Path) -> None:
+    """Conditioning images against the model (one line each), then each image read and decoded
+    (freeloc_dist.images), so a bad file fails here on every rank, before any weight loads."""
+    from .images import ImageError, load_image
+
+    if kind.task == "t2v":
+        for key, value in (("image", cfg.image), ("last_image", cfg.last_image)):
+            if value is not None:
+                raise UserError(f"{key}: the model at {model_dir} is text-to-video ({kind.pipeline}); it takes no "
+                                "image")
+        return
+    if cfg.image is None:
+        raise UserError(f"image: the model at {model_dir} is image-to-video ({kind.pipeline}, in_channels="
+                        f"{kind.in_channels}); give its first frame (--image PATH or image: in the config)")
+    if cfg.last_image is not None and not kind.first_last_frame:
+        raise UserError(f"last_image: the model at {model_dir} is not a first-last-frame model (only Wan2.1 "
+                        "FLF2V, whose transformer has pos_embed_seq_len, takes a last image)")
+    if kind.first_last_frame and cfg.last_image is None:
+        raise UserError(f"last_image: the model at {model_dir} is a first-last-frame model (FLF2V); give its last "
+                        "frame too (--last-image PATH or last_image: in the config)")
+    if kind.image_tokens and cfg.sampling.max_text_tokens != 512:
+        raise UserError(f"sampling.max_text_tokens={cfg.sampling.max_text_tokens}: this model puts "
+                        f"{kind.image_tokens} CLIP image tokens before the text and diffusers' Wan attention "
+                        "takes the last 512 tokens as text; it must be 512")
+    if cfg.video.frames < 2 and cfg.last_image is not None:
+        raise UserError(f"video.frames={cfg.video.frames}: a first and a last frame need at least 5 frames")
+    for key, path in (("image", cfg.image), ("last_image", cfg.last_image)):
+        if path is not None:
+            try:
+                load_image(path, key)
+            except ImageError as e:
+                raise UserError(first_line(e)) from None
 
 
 def load_config(config_path: Path, overrides: Mapping[str, Any], seconds: float | None) -> RenderConfig:
@@ -177,9 +212,13 @@ def check_host_memory(cfg: RenderConfig) -> None:
     if shape is None or total <= 0:
         return
     need = math.prod(shape) * 4 * 5
+    what = "the latents alone need"
+    if cfg.image is not None:  # the float32 pixel video the VAE encodes into the conditioning (conditioning.py)
+        need += 3 * 4 * cfg.video.frames * cfg.video.height * cfg.video.width
+        what = "the latents and the conditioning video need"
     if need > total:
-        raise UserError(f"video: {cfg.video.frames} frames at {cfg.video.width}x{cfg.video.height}: the latents "
-                        f"alone need {need / 2**30:.1f} GiB of memory, this machine has {total / 2**30:.1f} GiB")
+        raise UserError(f"video: {cfg.video.frames} frames at {cfg.video.width}x{cfg.video.height}: {what} "
+                        f"{need / 2**30:.1f} GiB of memory, this machine has {total / 2**30:.1f} GiB")
 
 
 def load_profile_of(cfg: RenderConfig, key: str = "profile"):

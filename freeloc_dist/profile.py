@@ -28,6 +28,9 @@ class Profile:
     vrpr: VRPRParams | None = None  # user override (checked against each F at plan time); None: derived per F
     tsa: TSAParams | None = None  # None: the defaults of DESIGN 5
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. probing scores
+    # The profile names tsa.sink_frames itself; otherwise a conditioned render (image-to-video) puts the sinks
+    # on its conditioning frames (freeloc_dist.conditioning.use_condition_sinks).
+    tsa_sinks_given: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -113,6 +116,7 @@ def parse_profile(m: Mapping[str, Any], *, where: str = "profile", allow_extra: 
         vrpr=vrpr,
         tsa=tsa,
         extra=extra,
+        tsa_sinks_given=isinstance(m.get("tsa"), Mapping) and "sink_frames" in m["tsa"],
     )
 
 

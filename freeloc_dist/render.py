@@ -331,10 +331,12 @@ def dry_run(pre: Preflight, options: RunOptions) -> int:
     cfg = pre.configs[0]
     te_path = Path(cfg.model.path) / "text_encoder" / "config.json"
     text_encoder_cfg = read_json(te_path) if te_path.is_file() else None
+    ie_path = Path(cfg.model.path) / "image_encoder" / "config.json"
     try:
         plan = plan_render(cfg, pre.transformer_config, pre.profile, world_size=pre.world_size,
                            text_encoder_cfg=text_encoder_cfg, device_memory_gb=options.gpu_memory_gb,
-                           peak_tflops=options.peak_tflops, model_kind=pre.kind)
+                           peak_tflops=options.peak_tflops, model_kind=pre.kind,
+                           image_encoder_cfg=read_json(ie_path) if ie_path.is_file() else None)
     except RenderPlanError as e:
         raise UserError(str(e)) from None
     print(format_plan(plan))

@@ -97,17 +97,24 @@ def scheduler_for_render(scheduler, shift: float):
 
 
 def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                  uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:
+                  uncond: torch.Tensor | None, guidance: float, *, condition=None) -> torch.Tensor:
     """Guided flow prediction for latents [B, C, F, H, W] at timestep t; float32, same shape.
 
-    With guidance <= 1 (or no negative embedding) only the conditional pass runs.
+    With guidance <= 1 (or no negative embedding) only the conditional pass runs. `condition`
+    (freeloc_dist.conditioning.Conditioning, image-to-video): its channels join the input and its image
+    tokens go to both passes; predict functions that take no image are called without it.
     """
     x = latents.to(transformer.dtype)
+    extra = {}
+    if condition is not None:
+        x, extra = condition.input_for(x), condition.transformer_kwargs()
     timestep = t.reshape(1).expand(x.shape[0]).to(x.device)  # [B]
-    pos = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
+    pos = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False,
+                      **extra)[0]
     if not uses_cfg(uncond, guidance):
         return pos.float()
-    neg = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False)[0]
+    neg = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False,
+                      **extra)[0]
     return combine(pos, neg, guidance)
 
 
@@ -115,14 +122,15 @@ def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: tor
 def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
            steps: int, guidance: float, predict: PredictFn = predict_noise,
            on_step: StepCallback | None = None, start_step: int = 0, scheduler_state: dict | None = None,
-           after_step: AfterStep | None = None, experts=None) -> torch.Tensor:
+           after_step: AfterStep | None = None, experts=None, condition=None) -> torch.Tensor:
     """Denoise `latents` [B, C, F, H, W] (float32) over `steps` scheduler steps; returns the final latents.
 
     Resuming: `latents` are those after `start_step` steps and `scheduler_state` the scheduler's state then
     (freeloc_dist.checkpoint); the remaining steps give the same result as an uninterrupted loop.
     `after_step(step, latents, scheduler)` runs after every step (checkpointing, preemption); it may raise
     to stop the loop. `experts` (freeloc_dist.experts.ExpertSchedule): which transformer, predict and
-    guidance each step uses (two-expert models); None: `transformer`, `predict` and `guidance` throughout."""
+    guidance each step uses (two-expert models); None: `transformer`, `predict` and `guidance` throughout.
+    `condition`: the image conditioning of the whole video (image-to-video), passed to every predict."""
     scheduler.set_timesteps(steps, device=latents.device)
     if scheduler_state is not None:
         from freeloc_dist.checkpoint import load_scheduler_state
@@ -136,7 +144,8 @@ def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, un
         if experts is not None:
             e = experts.at(t)
             model, step_predict, step_guidance = e.transformer, e.predict, e.guidance
-        flow = step_predict(model, latents, t, cond, uncond, step_guidance)  # [B, C, F, H, W] float32
+        extra = {} if condition is None else {"condition": condition}
+        flow = step_predict(model, latents, t, cond, uncond, step_guidance, **extra)  # [B, C, F, H, W] float32
         latents = scheduler.step(flow, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps), time.perf_counter() - start)
@@ -183,8 +192,13 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
     else:
         latents = noise(geometry, s.seed, device)
     experts = expert_schedule(components, scheduler, s.guidance_scale, s.guidance_scale_2, predict, predict_2)
+    condition = None
+    if cfg.image is not None:  # image-to-video: conditioning of the whole video, TSA sinks on its frames
+        from freeloc_dist.conditioning import condition_of_render
+
+        condition = condition_of_render(components, cfg, device=device, dtype=transformer.dtype)
     latents = sample(transformer, scheduler, latents, cond, uncond, steps=s.steps, guidance=s.guidance_scale,
                      predict=predict, on_step=on_step, start_step=start_step, scheduler_state=state,
-                     after_step=after_step, experts=experts)
+                     after_step=after_step, experts=experts, condition=condition)
     frames = decode_video(components.vae, latents) if decode else None
     return RenderResult(latents=latents, frames=frames)

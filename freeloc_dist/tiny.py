@@ -133,3 +133,77 @@ def build_tiny_a14b_components(seed: int = 0) -> WanComponents:
 
 def save_tiny_a14b_model(out_dir: str | Path, seed: int = 0) -> Path:
     return save_components(build_tiny_a14b_components(seed), out_dir)
+
+
+TINY_CLIP_DIM = 16
+TINY_CLIP_IMAGE = 28  # CLIP input size: (28 / 14)^2 = 4 patches + the class token = 5 image tokens
+TINY_I2V_BOUNDARY_RATIO = 0.9  # Wan2.2-I2V-A14B's
+
+
+def build_tiny_clip(seed: int = 0):
+    """A 2-layer CLIPVisionModel (Wan2.1 I2V reads its penultimate layer) and its CLIPImageProcessor, with the
+    real OpenAI CLIP normalisation and resize-then-centre-crop, at 28 x 28 instead of 224 x 224."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from freeloc_dist.models import clip_image_processor_class
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=TINY_CLIP_DIM, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            image_size=TINY_CLIP_IMAGE, patch_size=14, projection_dim=TINY_CLIP_DIM))
+    processor = clip_image_processor_class()(size={"shortest_edge": TINY_CLIP_IMAGE},
+                                   crop_size={"height": TINY_CLIP_IMAGE, "width": TINY_CLIP_IMAGE})
+    return encoder.eval(), processor
+
+
+def _i2v_transformer(config: dict, seed: int, *, clip: bool, images: int = 1):
+    """The tiny transformer with Wan I2V's input (noise + 4 mask + conditioning channels) and, with `clip`,
+    Wan2.1's image cross-attention (image_dim, added_kv_proj_dim = the model width, as in the real config;
+    `images` 2: FLF2V's position embedding over both images' tokens)."""
+    from diffusers import WanTransformer3DModel
+
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config.update(in_channels=2 * TINY_Z_DIM + 4, out_channels=TINY_Z_DIM)
+    if clip:
+        tokens = (TINY_CLIP_IMAGE // 14) ** 2 + 1
+        config.update(image_dim=TINY_CLIP_DIM,
+                      added_kv_proj_dim=config["num_attention_heads"] * config["attention_head_dim"],
+                      pos_embed_seq_len=images * tokens if images == 2 else None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(**config).eval()
+
+
+def build_tiny_i2v_components(seed: int = 0, *, last_frame: bool = False) -> WanComponents:
+    """Wan2.1-I2V-14B's structure, tiny: a 12-channel-input transformer with CLIP image cross-attention, a
+    CLIP vision encoder and its image processor (`last_frame`: Wan2.1-FLF2V's two-image variant)."""
+    import dataclasses
+
+    parts = build_tiny_components(seed)
+    transformer = _i2v_transformer(dict(parts.transformer.config), seed + 4, clip=True, images=2 if last_frame else 1)
+    encoder, processor = build_tiny_clip(seed + 5)
+    return dataclasses.replace(parts, transformer=transformer, image_encoder=encoder, image_processor=processor)
+
+
+def build_tiny_i2v_a14b_components(seed: int = 0) -> WanComponents:
+    """Wan2.2-I2V-A14B's structure, tiny: two 12-channel-input experts, no CLIP, boundary ratio 0.9."""
+    import dataclasses
+
+    parts = build_tiny_components(seed)
+    config = dict(parts.transformer.config)
+    return dataclasses.replace(parts, transformer=_i2v_transformer(config, seed + 4, clip=False),
+                               transformer_2=_i2v_transformer(config, seed + 6, clip=False),
+                               boundary_ratio=TINY_I2V_BOUNDARY_RATIO)
+
+
+def save_tiny_i2v_model(out_dir: str | Path, seed: int = 0) -> Path:
+    return save_components(build_tiny_i2v_components(seed), out_dir)
+
+
+def save_tiny_i2v_a14b_model(out_dir: str | Path, seed: int = 0) -> Path:
+    return save_components(build_tiny_i2v_a14b_components(seed), out_dir)
+
+
+def save_tiny_flf2v_model(out_dir: str | Path, seed: int = 0) -> Path:
+    return save_components(build_tiny_i2v_components(seed, last_frame=True), out_dir)

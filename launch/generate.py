@@ -1,8 +1,9 @@
-"""Render one text-to-video clip with Wan2.1 (+ FreeLOC when the config names a profile), or a queue of them.
+"""Render one clip with a Wan model (+ FreeLOC when the config names a profile), or a queue of them:
+text-to-video, or image-to-video with --image (and --last-image for first-last-frame models).
 
     python launch/generate.py --config configs/tiny.yaml [--prompt TEXT] [--frames N | --seconds S]
         [--seed N] [--out PATH] [--save-latents PATH] [--steps N] [--height H] [--width W]
-        [--backend sdpa|flex] [--profile PATH|none]
+        [--backend sdpa|flex] [--profile PATH|none] [--image PATH] [--last-image PATH]
 
 Under torchrun every rank runs this script: world = cfg_degree x sp_degree (config `parallel:`), latent
 frames are sharded over the sp ranks, and rank 0 writes the outputs. This file only parses flags: flags that
@@ -55,7 +56,7 @@ def profile_arg(text: str):
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(description="Render a text-to-video clip with Wan2.1 and FreeLOC.")
+    p = OneLineParser(description="Render a video clip with a Wan model and FreeLOC (text- or image-to-video).")
     p.add_argument("--config", required=True, type=Path, help="render config YAML (e.g. configs/tiny.yaml)")
     config_flag(p, "--prompt", "prompt", help="text prompt (default: the config's)")
     length = p.add_mutually_exclusive_group()
@@ -75,6 +76,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     config_flag(p, "--guidance-scale", "sampling.guidance_scale", type=float, help="classifier-free guidance scale")
     config_flag(p, "--guidance-scale-2", "sampling.guidance_scale_2", type=float,
                 help="two-expert models: the low-noise expert's guidance scale (default: --guidance-scale)")
+    config_flag(p, "--image", "image", type=cwd_path, metavar="PATH",
+                help="image-to-video models: the first frame (PNG or JPEG, fitted to the render size)")
+    config_flag(p, "--last-image", "last_image", type=cwd_path, metavar="PATH",
+                help="first-last-frame models (Wan2.1 FLF2V): the last frame (PNG or JPEG)")
     config_flag(p, "--negative-prompt", "sampling.negative_prompt", help="negative prompt (default: the config's)")
     config_flag(p, "--cfg-degree", "parallel.cfg_degree", type=int, choices=CFG_DEGREES,
                 help="2: CFG passes on two rank groups")

@@ -138,12 +138,17 @@ class SequenceParallel:
         return layer_strategy(plan, self.shards, self.heads, head_dim, self.strategy)
 
     # -- the sampler's contract -----------------------------------------------------------------
-    def predict(self, transformer, latents, t, cond, uncond, guidance):
-        """Global latents [B, C, F, H, W] -> global guided prediction (float32)."""
+    def predict(self, transformer, latents, t, cond, uncond, guidance, *, condition=None):
+        """Global latents [B, C, F, H, W] -> global guided prediction (float32). `condition` (image-to-video,
+        freeloc_dist.conditioning.Conditioning) holds the whole video's conditioning: this rank's frames of
+        it join its latents, and its image tokens (not sharded) go to every pass of every rank."""
         dims = self.dims
         self.num_frames = latents.shape[2]
         s, e = self.shards.ranges[dims.sp_rank]
         x = latents[:, :, s:e].to(transformer.dtype)
+        extra = {}
+        if condition is not None:
+            x, extra = condition.input_for(x, s, e), condition.transformer_kwargs()
         timestep = t.reshape(1).expand(x.shape[0]).to(x.device)
         use_cfg = uses_cfg(uncond, guidance)
 
@@ -151,7 +156,7 @@ class SequenceParallel:
             self._local = True
             try:
                 return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text,
-                                   return_dict=False)[0]
+                                   return_dict=False, **extra)[0]
             finally:
                 self._local = False
 

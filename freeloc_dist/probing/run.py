@@ -37,9 +37,13 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
     settings = load_probe_settings(probe_config, probe_overrides)
     check_model_dir(cfg.model.path)
     try:
-        experts = read_model_kind(cfg.model.path).experts
+        kind = read_model_kind(cfg.model.path)
     except ModelKindError as e:
-        raise UserError(f"model.path={str(cfg.model.path)!r}: {e}") from None
+        raise UserError(f"model.path={str(cfg.model.path)!r}: {str(e).splitlines()[0]}") from None
+    if kind.task != "t2v":  # the probe's trajectories take no image conditioning yet: refuse, not crash
+        raise UserError(f"model.path={str(cfg.model.path)!r}: probing is not supported yet for {kind.task} models "
+                        f"({kind.pipeline}); launch/probe.py probes text-to-video models")
+    experts = kind.experts
     if expert not in experts:
         raise UserError(f"--expert {expert}: the model at {cfg.model.path} has {' and '.join(experts)} "
                         f"(expected one of {', '.join(EXPERT_NAMES[:len(experts)])})")
