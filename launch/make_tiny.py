@@ -1,9 +1,11 @@
 """Write the tiny random Wan model (freeloc_dist.tiny) in diffusers format.
 
-    python launch/make_tiny.py --out assets/tiny-wan [--seed 0] [--family t2v|a14b]
+    python launch/make_tiny.py --out assets/tiny-wan [--seed 0] [--family t2v|a14b|ti2v]
 
 assets/tiny-wan/ in the repository was made with the defaults; it is the model of configs/tiny-random.yaml.
 assets/tiny-a14b/ (--family a14b: two experts, Wan2.2-T2V-A14B's structure) is configs/tiny-random-a14b.yaml's.
+assets/tiny-ti2v/ (--family ti2v: Wan2.2-TI2V-5B's 48-channel residual VAE and per-token timesteps) is
+configs/tiny-random-ti2v.yaml's.
 """
 
 import argparse
@@ -12,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from freeloc_dist.tiny import save_tiny_a14b_model, save_tiny_model  # noqa: E402
+from freeloc_dist.tiny import save_tiny_a14b_model, save_tiny_model, save_tiny_ti2v_model  # noqa: E402
 
-FAMILIES = {"t2v": save_tiny_model, "a14b": save_tiny_a14b_model}
+FAMILIES = {"t2v": save_tiny_model, "a14b": save_tiny_a14b_model, "ti2v": save_tiny_ti2v_model}
 
 
 def main() -> None:
