@@ -103,10 +103,11 @@ def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
         kind = read_model_kind(model_dir)
     except ModelKindError as e:
         raise UserError(f"model.path={str(cfg.model.path)!r}: {first_line(e)}") from None
-    if kind.task != "t2v":  # detected, not yet rendered: refuse before loading rather than crash after
+    if kind.task == "i2v":  # detected, not yet rendered: refuse before loading rather than crash after
         raise UserError(f"model.path={str(cfg.model.path)!r}: a {kind.task} model ({kind.pipeline}, "
                         f"in_channels={kind.in_channels}, expand_timesteps={kind.expand_timesteps}) is not "
-                        "supported yet (text-to-video only: Wan2.1 T2V, Wan2.2 T2V-A14B)")
+                        "supported yet (text-to-video: Wan2.1 T2V, Wan2.2 T2V-A14B, Wan2.2 TI2V-5B)")
+    check_size_fits(cfg, kind)
     if not kind.two_experts:
         for key, value in (("profile_2", cfg.profile_2), ("sampling.guidance_scale_2", cfg.sampling.guidance_scale_2)):
             if value is not None:
@@ -124,6 +125,16 @@ def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
     except ModelKindError as e:
         raise UserError(first_line(e)) from None
     return kind, profile_2
+
+
+def check_size_fits(cfg: RenderConfig, kind) -> None:
+    """Height and width in whole tokens of this model (VAE factor x patch: 16 for Wan2.1, 32 for Wan2.2 TI2V's
+    16x VAE), checked here rather than by the sampler after the weights load."""
+    for key, value, step in (("video.height", cfg.video.height, kind.tokens_per_pixel_axis[0]),
+                             ("video.width", cfg.video.width, kind.tokens_per_pixel_axis[1])):
+        if value % step:
+            raise UserError(f"{key}={value}: must be a multiple of {step} for this model (its VAE's "
+                            f"{kind.vae_spatial}x x the transformer's patch)")
 
 
 def load_config(config_path: Path, overrides: Mapping[str, Any], seconds: float | None) -> RenderConfig:
