@@ -1,7 +1,7 @@
 """The dry-run planner: what a render will cost per rank, from shapes and configs alone (no weights).
 
-Inputs: the render config, the transformer's config.json (a built-in copy for the published Wan2.1 models and Wan2.2 TI2V-5B
-when the weights are not on this machine), the FreeLOC profile, the world size. Outputs, per rank:
+Inputs: the render config, the transformer's config.json (a built-in copy for the published Wan2.1 models and
+Wan2.2 TI2V-5B when the weights are not on this machine), the FreeLOC profile, the world size. Outputs, per rank:
 tokens; memory (weights, activations, K/V buffers, latents); attention FLOPs by layer kind (TSA from its
 plan's density); bytes received per step (the engine's own byte model, freeloc_dist.parallel.shards) and a
 time estimate at a stated peak throughput. Frame tables only (freeloc_dist.plan.layer_plan), so it is
