@@ -81,6 +81,20 @@ def test_kind_of_the_committed_model():
     assert vae["is_residual"] and vae["patch_size"] == 2 and len(vae["latents_mean"]) == len(vae["latents_std"]) == 48
 
 
+def test_committed_model_matches_builder():
+    """assets/tiny-ti2v is what `launch/make_tiny.py --family ti2v` writes (regenerate it if this fails)."""
+    from safetensors.torch import load_file
+
+    from freeloc_dist.tiny import build_tiny_ti2v_components
+
+    built = build_tiny_ti2v_components(seed=0)
+    for sub, model in (("transformer", built.transformer), ("vae", built.vae)):
+        saved = load_file(MODEL / sub / "diffusion_pytorch_model.safetensors")
+        state = model.state_dict()
+        assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved), sub
+    assert list(built.vae.config.latents_std) == json.loads((MODEL / "vae" / "config.json").read_text())["latents_std"]
+
+
 @torch.no_grad()
 def test_text_mode_equals_diffusers_wan_pipeline(parts):
     from diffusers import WanPipeline
