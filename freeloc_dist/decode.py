@@ -42,13 +42,24 @@ def _denormalise(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 def can_decode_ranges(vae) -> bool:
-    """Whether `iter_decode` can decode part of a video (Wan's causal VAE without tiling or patching)."""
+    """Whether `iter_decode` can decode part of a video (Wan's causal VAE, Wan2.1's or Wan2.2's, untiled)."""
     return _streaming_vae(vae)
 
 
 def _streaming_vae(vae) -> bool:
     return (all(hasattr(vae, a) for a in ("clear_cache", "post_quant_conv", "decoder"))
-            and getattr(vae.config, "patch_size", None) is None and not getattr(vae, "use_tiling", False))
+            and not getattr(vae, "use_tiling", False))
+
+
+def _unpatchify(vae, out: torch.Tensor) -> torch.Tensor:
+    """Wan2.2's VAE decodes to 2x2 pixel patches as channels (patch_size 2, 12 channels): back to pixels, per
+    chunk (a spatial reshuffle, so chunk by chunk equals the whole video's)."""
+    patch = getattr(vae.config, "patch_size", None)
+    if patch is None:
+        return out
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    return unpatchify(out, patch_size=patch)
 
 
 def decode_warmup_frames(vae) -> int:
@@ -102,7 +113,7 @@ def iter_decode(vae, latents: torch.Tensor, start: int = 0, end: int | None = No
     try:
         for f in range(first, end):
             with torch.inference_mode():
-                out = next(steps)  # [1, 3, 1 or 4, Hp, Wp]
+                out = _unpatchify(vae, next(steps))  # [1, 3, 1 or 4, Hp, Wp]
                 chunk = _to_uint8(out) if f >= start else None
                 del out
             if chunk is not None:
@@ -114,12 +125,17 @@ def iter_decode(vae, latents: torch.Tensor, start: int = 0, end: int | None = No
 def causal_decode_steps(vae, x: torch.Tensor, first: int = 0) -> Iterator[torch.Tensor]:
     """Wan's causal VAE decoder driven one latent frame at a time: the one home of that loop (inference here,
     differentiable in the testbed's training). `x` is `post_quant_conv` output [B, C, F', H, W] whose frame 0
-    is latent frame `first`; yields each frame's decoder output [B, 3, 1 (latent frame 0) or 4, Hp, Wp]. The
-    caller resets the VAE's feature cache (`vae.clear_cache()`) before and after."""
+    is latent frame `first`; yields each frame's decoder output [B, 3, 1 (latent frame 0) or 4, Hp, Wp] (Wan2.2:
+    12 channels of 2x2 patches at half the size, see `_unpatchify`). The caller resets the VAE's feature cache
+    (`vae.clear_cache()`) before and after.
+
+    `first_chunk` is "the cache is empty", true for the first frame decoded whatever `first` is: Wan2.2's
+    residual decoder then drops the duplicated frames of its shortcut in step with the upsamplers' empty-cache
+    path, which would otherwise disagree in length; in a range that starts later that frame is a discarded
+    warm-up frame. Wan2.1's decoder ignores the flag."""
     for i in range(x.shape[2]):
         vae._conv_idx = [0]
-        yield vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                          first_chunk=(first + i == 0))
+        yield vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=(i == 0))
 
 
 def decode_video(vae, latents: torch.Tensor) -> np.ndarray:

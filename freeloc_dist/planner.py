@@ -1,7 +1,7 @@
 """The dry-run planner: what a render will cost per rank, from shapes and configs alone (no weights).
 
-Inputs: the render config, the transformer's config.json (a built-in copy for the published Wan2.1 models
-when the weights are not on this machine), the FreeLOC profile, the world size. Outputs, per rank:
+Inputs: the render config, the transformer's config.json (a built-in copy for the published Wan2.1 models and
+Wan2.2 TI2V-5B when the weights are not on this machine), the FreeLOC profile, the world size. Outputs, per rank:
 tokens; memory (weights, activations, K/V buffers, latents); attention FLOPs by layer kind (TSA from its
 plan's density); bytes received per step (the engine's own byte model, freeloc_dist.parallel.shards) and a
 time estimate at a stated peak throughput. Frame tables only (freeloc_dist.plan.layer_plan), so it is
@@ -14,6 +14,9 @@ Model of memory (inference, one layer live at a time, every rank holds all weigh
   K/V buffers  = K and V frames a rank receives for its worst layer (neighbour: all needed frames at once;
                  Ulysses / hybrid: what it receives; ring: two blocks in flight)
   latents      = global latents, prediction and scheduler history, float32 (every rank holds the video)
+  timestep tables (per-token timesteps, Wan2.2 TI2V) = local tokens x d x (7 x dtype bytes + 6 x 4): the
+                 modulation of every token, timestep_proj [L, 6 d] and temb [L, d] in the model's dtype for the
+                 whole forward, and one block's float32 [L, 6 d] sum with its scale-shift table
 """
 
 from __future__ import annotations
@@ -35,12 +38,18 @@ KNOWN_TRANSFORMERS = {
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": {"num_layers": 40, "num_attention_heads": 40, "attention_head_dim": 128,
                                         "ffn_dim": 13824, "in_channels": 16, "out_channels": 16, "text_dim": 4096,
                                         "freq_dim": 256, "patch_size": [1, 2, 2]},
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": {"num_layers": 30, "num_attention_heads": 24, "attention_head_dim": 128,
+                                        "ffn_dim": 14336, "in_channels": 48, "out_channels": 48, "text_dim": 4096,
+                                        "freq_dim": 256, "patch_size": [1, 2, 2]},
 }
 # Wan2.1-I2V-14B (480P and 720P share the transformer): 16 noise + 4 mask + 16 conditioning channels, CLIP
 # image cross-attention (image_dim 1280 = ViT-H/14's width, added k/v projections at the model width)
 KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"] = {
     **KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-T2V-14B-Diffusers"], "in_channels": 36, "image_dim": 1280,
     "added_kv_proj_dim": 5120}
+# What the planner needs of a published model's VAE and pipeline when its directory is not here (otherwise it
+# is read from the directory: freeloc_dist.family.ModelKind).
+KNOWN_KINDS = {"Wan-AI/Wan2.2-TI2V-5B-Diffusers": {"vae_spatial": 16, "expand_timesteps": True}}
 UMT5_XXL_PARAMS = 5.68e9  # Wan's text encoder (encoder only), when text_encoder/config.json is absent
 VAE_SPATIAL = 8
 
@@ -148,7 +157,9 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
                          heads=heads, guidance_scale=cfg.sampling.guidance_scale)
     except ValueError as e:
         raise RenderPlanError(str(e)) from None
-    spatial = model_kind.vae_spatial if model_kind is not None else VAE_SPATIAL
+    known = KNOWN_KINDS.get(profile.model, {}) if profile is not None else {}
+    spatial = model_kind.vae_spatial if model_kind is not None else known.get("vae_spatial", VAE_SPATIAL)
+    per_token = model_kind.expand_timesteps if model_kind is not None else known.get("expand_timesteps", False)
     h, w = cfg.video.height // (spatial * ph), cfg.video.width // (spatial * pw)
     n = h * w
     shards = frame_shards(num_frames, sp)
@@ -176,6 +187,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
         **({"weights: image encoder": image_encoder_params(image_encoder_cfg) * 4}  # float32 (models.py)
            if t.get("image_dim") else {}),
         "activations": float(local_tokens) * (8 * d + ffn) * act_bytes,
+        **({"timestep tables": float(local_tokens) * d * (7 * act_bytes + 6 * 4)} if per_token else {}),
         "K/V buffers": 0.0,
         "latents": float(latent_elems) * 4 * 5,  # latents, prediction, 2 scheduler history, noise
         # image-to-video: the whole video's conditioning channels (4 mask + C, transformer dtype) and, while it

@@ -103,11 +103,8 @@ def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
         kind = read_model_kind(model_dir)
     except ModelKindError as e:
         raise UserError(f"model.path={str(cfg.model.path)!r}: {first_line(e)}") from None
-    if kind.task not in ("t2v", "i2v"):  # detected, not yet rendered: refuse before loading rather than crash after
-        raise UserError(f"model.path={str(cfg.model.path)!r}: a {kind.task} model ({kind.pipeline}, "
-                        f"in_channels={kind.in_channels}, expand_timesteps={kind.expand_timesteps}) is not "
-                        "supported yet (Wan2.1 T2V, Wan2.2 T2V-A14B, Wan2.1/2.2 I2V, Wan2.1 FLF2V)")
     image_checks(cfg, kind, model_dir)
+    check_size_fits(cfg, kind)
     if not kind.two_experts:
         for key, value in (("profile_2", cfg.profile_2), ("sampling.guidance_scale_2", cfg.sampling.guidance_scale_2)):
             if value is not None:
@@ -138,7 +135,11 @@ def image_checks(cfg: RenderConfig, kind, model_dir: Path) -> None:
                 raise UserError(f"{key}: the model at {model_dir} is text-to-video ({kind.pipeline}); it takes no "
                                 "image")
         return
-    if cfg.image is None:
+    if kind.task == "ti2v":  # Wan2.2 TI2V-5B: text only, or an image as the clean first frame
+        if cfg.last_image is not None:
+            raise UserError(f"last_image: the model at {model_dir} ({kind.pipeline}, expand_timesteps) takes one "
+                            "image, its first frame, or none")
+    elif cfg.image is None:
         raise UserError(f"image: the model at {model_dir} is image-to-video ({kind.pipeline}, in_channels="
                         f"{kind.in_channels}); give its first frame (--image PATH or image: in the config)")
     if cfg.last_image is not None and not kind.first_last_frame:
@@ -159,6 +160,16 @@ def image_checks(cfg: RenderConfig, kind, model_dir: Path) -> None:
                 load_image(path, key)
             except ImageError as e:
                 raise UserError(first_line(e)) from None
+
+
+def check_size_fits(cfg: RenderConfig, kind) -> None:
+    """Height and width in whole tokens of this model (VAE factor x patch: 16 for Wan2.1, 32 for Wan2.2 TI2V's
+    16x VAE), checked here rather than by the sampler after the weights load."""
+    for key, value, step in (("video.height", cfg.video.height, kind.tokens_per_pixel_axis[0]),
+                             ("video.width", cfg.video.width, kind.tokens_per_pixel_axis[1])):
+        if value % step:
+            raise UserError(f"{key}={value}: must be a multiple of {step} for this model (its VAE's "
+                            f"{kind.vae_spatial}x x the transformer's patch)")
 
 
 def load_config(config_path: Path, overrides: Mapping[str, Any], seconds: float | None) -> RenderConfig:

@@ -96,9 +96,17 @@ def scheduler_for_render(scheduler, shift: float):
     return type(scheduler).from_config(config, **overrides)
 
 
+def batch_timestep(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The transformer's timestep argument: a step's scalar t as [B], or per-token timesteps [B, L] as they are."""
+    if t.ndim == 2:
+        return t.to(x.device)
+    return t.reshape(1).expand(x.shape[0]).to(x.device)
+
+
 def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                   uncond: torch.Tensor | None, guidance: float, *, condition=None) -> torch.Tensor:
-    """Guided flow prediction for latents [B, C, F, H, W] at timestep t; float32, same shape.
+    """Guided flow prediction for latents [B, C, F, H, W] at timestep t (a scalar, or per-token timesteps
+    [B, L=F h w] in frame-major token order for expand_timesteps models); float32, same shape.
 
     With guidance <= 1 (or no negative embedding) only the conditional pass runs. `condition`
     (freeloc_dist.conditioning.Conditioning, image-to-video): its channels join the input and its image
@@ -108,7 +116,7 @@ def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: tor
     extra = {}
     if condition is not None:
         x, extra = condition.input_for(x), condition.transformer_kwargs()
-    timestep = t.reshape(1).expand(x.shape[0]).to(x.device)  # [B]
+    timestep = batch_timestep(t, x)  # [B], or [B, L] per token (Wan2.2 TI2V)
     pos = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False,
                       **extra)[0]
     if not uses_cfg(uncond, guidance):
@@ -122,7 +130,8 @@ def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: tor
 def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
            steps: int, guidance: float, predict: PredictFn = predict_noise,
            on_step: StepCallback | None = None, start_step: int = 0, scheduler_state: dict | None = None,
-           after_step: AfterStep | None = None, experts=None, condition=None) -> torch.Tensor:
+           after_step: AfterStep | None = None, experts=None, condition=None,
+           token_timesteps=None) -> torch.Tensor:
     """Denoise `latents` [B, C, F, H, W] (float32) over `steps` scheduler steps; returns the final latents.
 
     Resuming: `latents` are those after `start_step` steps and `scheduler_state` the scheduler's state then
@@ -130,7 +139,10 @@ def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, un
     `after_step(step, latents, scheduler)` runs after every step (checkpointing, preemption); it may raise
     to stop the loop. `experts` (freeloc_dist.experts.ExpertSchedule): which transformer, predict and
     guidance each step uses (two-expert models); None: `transformer`, `predict` and `guidance` throughout.
-    `condition`: the image conditioning of the whole video (image-to-video), passed to every predict."""
+    `condition`: the image conditioning of the whole video (image-to-video), passed to every predict.
+    `token_timesteps` (freeloc_dist.token_timesteps.TokenTimesteps, Wan2.2 TI2V): `predict` gets per-token
+    timesteps and, in image mode, latents whose frame 0 is the clean conditioning latent, which the returned
+    latents also carry; the scheduler's own latents (and checkpoints) stay unblended, as in diffusers."""
     scheduler.set_timesteps(steps, device=latents.device)
     if scheduler_state is not None:
         from freeloc_dist.checkpoint import load_scheduler_state
@@ -145,13 +157,16 @@ def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, un
             e = experts.at(t)
             model, step_predict, step_guidance = e.transformer, e.predict, e.guidance
         extra = {} if condition is None else {"condition": condition}
-        flow = step_predict(model, latents, t, cond, uncond, step_guidance, **extra)  # [B, C, F, H, W] float32
+        x, t_in = latents, t
+        if token_timesteps is not None:
+            x, t_in = token_timesteps.model_input(latents), token_timesteps.timestep(t)  # t_in [1, L]
+        flow = step_predict(model, x, t_in, cond, uncond, step_guidance, **extra)  # [B, C, F, H, W] float32
         latents = scheduler.step(flow, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps), time.perf_counter() - start)
         if after_step is not None:
             after_step(i + 1, latents, scheduler)
-    return latents
+    return latents if token_timesteps is None else token_timesteps.finish(latents)
 
 
 @dataclass
@@ -162,12 +177,15 @@ class RenderResult:
 
 def render(components, cfg: RenderConfig, *, decode: bool = True, predict: PredictFn = predict_noise,
            on_step: StepCallback | None = None, noise: NoiseFn = initial_noise, resume=None,
-           after_step: AfterStep | None = None, predict_2: PredictFn | None = None) -> RenderResult:
+           after_step: AfterStep | None = None, predict_2: PredictFn | None = None,
+           image: torch.Tensor | None = None) -> RenderResult:
     """Run one text-to-video render of `cfg` with loaded components (see freeloc_dist.models).
 
     `noise(geometry, seed, device)` draws the initial latents (FreeNoise replaces it, freeloc_dist.methods).
     `resume`: a freeloc_dist.checkpoint.Checkpoint of this render to continue from; `after_step` as in
-    `sample`. `predict_2`: the second expert's predict (two-expert models; default `predict`)."""
+    `sample`. `predict_2`: the second expert's predict (two-expert models; default `predict`).
+    `image`: Wan2.2 TI2V's image mode, the conditioning image [1, 3, Hp, Wp] in [-1, 1] at the render size
+    (frame 0 becomes its clean latent, with timestep 0); None renders text only."""
     from freeloc_dist.experts import expert_schedule
 
     transformer = components.transformer
@@ -193,12 +211,40 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
         latents = noise(geometry, s.seed, device)
     experts = expert_schedule(components, scheduler, s.guidance_scale, s.guidance_scale_2, predict, predict_2)
     condition = None
-    if cfg.image is not None:  # image-to-video: conditioning of the whole video, TSA sinks on its frames
+    if cfg.image is not None and not components.expand_timesteps:
+        # image-to-video: conditioning of the whole video, TSA sinks on its frames
         from freeloc_dist.conditioning import condition_of_render
 
         condition = condition_of_render(components, cfg, device=device, dtype=transformer.dtype)
+    elif cfg.image is not None and image is None:  # Wan2.2 TI2V image mode: the image is the clean first frame
+        from freeloc_dist.conditioning import pixel_tensor
+        from freeloc_dist.images import fit, load_image
+
+        picture = fit(load_image(cfg.image, "image"), cfg.video.height, cfg.video.width)
+        image = pixel_tensor(picture).to(device)
+    per_token = token_timesteps_of(components, geometry, image, device)
     latents = sample(transformer, scheduler, latents, cond, uncond, steps=s.steps, guidance=s.guidance_scale,
                      predict=predict, on_step=on_step, start_step=start_step, scheduler_state=state,
-                     after_step=after_step, experts=experts, condition=condition)
+                     after_step=after_step, experts=experts, condition=condition, token_timesteps=per_token)
     frames = decode_video(components.vae, latents) if decode else None
     return RenderResult(latents=latents, frames=frames)
+
+
+def token_timesteps_of(components, geometry: LatentGeometry, image: torch.Tensor | None, device):
+    """Per-token timesteps of an expand_timesteps model (Wan2.2 TI2V), with the encoded first frame in image
+    mode; None for every other model (which takes no image here: I2V models condition through channels)."""
+    if not components.expand_timesteps:
+        if image is not None:
+            raise ValueError("a conditioning image needs an expand_timesteps (Wan2.2 TI2V) model here")
+        return None
+    from freeloc_dist.token_timesteps import encode_first_frame, token_timesteps
+
+    first = None
+    if image is not None:
+        spatial = vae_scale_factors(components.vae)[1]
+        want = (geometry.height * spatial, geometry.width * spatial)
+        if tuple(image.shape[-2:]) != want:
+            raise ValueError(f"conditioning image is {tuple(image.shape[-2:])} (H, W), the render is {want}")
+        first = encode_first_frame(components.vae, image)
+    return token_timesteps(geometry.frames, geometry.height, geometry.width,
+                           tuple(components.transformer.config.patch_size), first, device)

@@ -207,3 +207,45 @@ def save_tiny_i2v_a14b_model(out_dir: str | Path, seed: int = 0) -> Path:
 
 def save_tiny_flf2v_model(out_dir: str | Path, seed: int = 0) -> Path:
     return save_components(build_tiny_i2v_components(seed, last_frame=True), out_dir)
+
+
+TINY_TI2V_Z_DIM = 48  # Wan2.2's VAE: 48 latent channels (the real z_dim; everything else is reduced)
+TINY_TI2V_FLOW_SHIFT = 5.0  # Wan2.2-TI2V-5B's scheduler
+
+
+def build_tiny_ti2v_components(seed: int = 0) -> WanComponents:
+    """A tiny model with Wan2.2-TI2V-5B's structure: one transformer over the 48 latent channels (no mask or
+    conditioning channels), the Wan2.2 residual VAE (z_dim 48, patch_size 2 inside the VAE, 16x spatial =
+    8x from three upsamplings x the 2x patch, 4x temporal, 48 per-channel statistics) and expand_timesteps
+    (per-token timesteps) in model_index.json. Text encoder and tokenizer are the tiny model's."""
+    import dataclasses
+
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+
+    parts = build_tiny_components(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 4)
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=TINY_TI2V_Z_DIM,
+            out_channels=TINY_TI2V_Z_DIM, text_dim=TINY_TEXT_DIM, freq_dim=32, ffn_dim=48,
+            num_layers=TINY_NUM_LAYERS, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        )
+        torch.manual_seed(seed + 5)
+        gen = torch.Generator().manual_seed(seed + 6)
+        vae = AutoencoderKLWan(
+            base_dim=8, decoder_base_dim=8, z_dim=TINY_TI2V_Z_DIM, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+            attn_scales=[], temperal_downsample=[False, True, True], is_residual=True,
+            in_channels=12, out_channels=12,  # 3 colours x the 2 x 2 patch
+            patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16,
+            # non-trivial statistics so that the normalisation of every one of the 48 channels is exercised
+            latents_mean=(torch.randn(TINY_TI2V_Z_DIM, generator=gen) * 0.2).tolist(),
+            latents_std=(0.5 + torch.rand(TINY_TI2V_Z_DIM, generator=gen)).tolist(),
+        )
+    scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                        use_flow_sigmas=True, flow_shift=TINY_TI2V_FLOW_SHIFT, solver_order=2)
+    return dataclasses.replace(parts, transformer=transformer.eval(), vae=vae.eval(), scheduler=scheduler,
+                               expand_timesteps=True)
+
+
+def save_tiny_ti2v_model(out_dir: str | Path, seed: int = 0) -> Path:
+    return save_components(build_tiny_ti2v_components(seed), out_dir)

@@ -1,11 +1,13 @@
 """Write the tiny random Wan model (freeloc_dist.tiny) in diffusers format.
 
-    python launch/make_tiny.py --out assets/tiny-wan [--seed 0] [--family t2v|a14b|i2v|i2v-a14b|flf2v]
+    python launch/make_tiny.py --out assets/tiny-wan [--seed 0] [--family t2v|a14b|i2v|i2v-a14b|flf2v|ti2v]
 
 assets/tiny-wan/ in the repository was made with the defaults; it is the model of configs/tiny-random.yaml.
 assets/tiny-a14b/ (--family a14b: two experts, Wan2.2-T2V-A14B's structure) is configs/tiny-random-a14b.yaml's.
 assets/tiny-i2v/ (--family i2v: Wan2.1-I2V's, CLIP included), assets/tiny-i2v-a14b/ (--family i2v-a14b:
 Wan2.2-I2V-A14B's) and assets/tiny-flf2v/ (--family flf2v: Wan2.1-FLF2V's) are configs/tiny-random-i2v*.yaml's.
+assets/tiny-ti2v/ (--family ti2v: Wan2.2-TI2V-5B's 48-channel residual VAE and per-token timesteps) is
+configs/tiny-random-ti2v.yaml's.
 """
 
 import argparse
@@ -20,10 +22,11 @@ from freeloc_dist.tiny import (  # noqa: E402
     save_tiny_i2v_a14b_model,
     save_tiny_i2v_model,
     save_tiny_model,
+    save_tiny_ti2v_model,
 )
 
 FAMILIES = {"t2v": save_tiny_model, "a14b": save_tiny_a14b_model, "i2v": save_tiny_i2v_model,
-            "i2v-a14b": save_tiny_i2v_a14b_model, "flf2v": save_tiny_flf2v_model}
+            "i2v-a14b": save_tiny_i2v_a14b_model, "flf2v": save_tiny_flf2v_model, "ti2v": save_tiny_ti2v_model}
 
 
 def main() -> None:

@@ -139,9 +139,11 @@ class SequenceParallel:
 
     # -- the sampler's contract -----------------------------------------------------------------
     def predict(self, transformer, latents, t, cond, uncond, guidance, *, condition=None):
-        """Global latents [B, C, F, H, W] -> global guided prediction (float32). `condition` (image-to-video,
-        freeloc_dist.conditioning.Conditioning) holds the whole video's conditioning: this rank's frames of
-        it join its latents, and its image tokens (not sharded) go to every pass of every rank."""
+        """Global latents [B, C, F, H, W] -> global guided prediction (float32). `t`: the step's timestep, or
+        per-token timesteps [B, F n] of the whole video (Wan2.2 TI2V), sliced here like the latents.
+        `condition` (image-to-video, freeloc_dist.conditioning.Conditioning) holds the whole video's
+        conditioning: this rank's frames of it join its latents, and its image tokens (not sharded) go to
+        every pass of every rank."""
         dims = self.dims
         self.num_frames = latents.shape[2]
         s, e = self.shards.ranges[dims.sp_rank]
@@ -149,7 +151,9 @@ class SequenceParallel:
         extra = {}
         if condition is not None:
             x, extra = condition.input_for(x, s, e), condition.transformer_kwargs()
-        timestep = t.reshape(1).expand(x.shape[0]).to(x.device)
+        timestep = self._local_timestep(t).to(x.device)  # [B], or this rank's tokens [B, (e - s) n]
+        if timestep.ndim < 2:
+            timestep = timestep.reshape(1).expand(x.shape[0])
         use_cfg = uses_cfg(uncond, guidance)
 
         def run(text):
@@ -177,10 +181,17 @@ class SequenceParallel:
         """Global latents [B, C, F, H, W] -> this rank's frames (and per-token timesteps, Wan 2.2 TI2V)."""
         self.num_frames = hidden_states.shape[2]
         s, e = self.shards.ranges[self.dims.sp_rank]
-        if timestep is not None and timestep.ndim == 2:  # [B, tokens]: slice this rank's tokens
-            n = timestep.shape[1] // self.num_frames
-            timestep = timestep[:, s * n : e * n]
-        return hidden_states[:, :, s:e], timestep
+        return hidden_states[:, :, s:e], self._local_timestep(timestep)
+
+    def _local_timestep(self, timestep):
+        """Per-token timesteps [B, F n] (frame-major) -> this rank's tokens [B, (e - s) n], the same frames as its
+        latents; a scalar or per-sample timestep passes through."""
+        if timestep is None or timestep.ndim != 2:
+            return timestep
+        s, e = self.shards.ranges[self.dims.sp_rank]
+        n, rest = divmod(timestep.shape[1], self.num_frames)
+        assert rest == 0, (tuple(timestep.shape), self.num_frames)
+        return timestep[:, s * n : e * n]
 
     @torch.compiler.disable
     def check_same_inputs(self, *tensors):
