@@ -255,3 +255,34 @@ def test_profiles_must_be_made_for_t_31(tmp_path):
     wan21 = REPO_ROOT / "configs" / "profiles" / "wan2.1-t2v-1.3b.yaml"  # also 30 layers, but T = 21
     with pytest.raises(UserError, match="trained_frames=21, but this ti2v model was trained on 31 latent frames"):
         model_kind_checks(dataclasses.replace(cfg, profile=wan21), root, load_profile(wan21))
+
+
+def test_image_flag_drives_image_mode(parts, generate, tmp_path, monkeypatch):
+    """`generate.py --image` on a TI2V model renders image mode: the saved latents equal the library's
+    image-mode render of the same picture (fitted to the render size, [-1, 1]) and differ from text mode;
+    a last image is refused (TI2V takes one picture, its first frame)."""
+    from safetensors.torch import load_file
+
+    from freeloc_dist.conditioning import pixel_tensor
+    from freeloc_dist.sampling import render
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    picture = tmp_path / "first.png"
+    _image().resize((96, 64)).save(picture)  # another aspect: fitted (scaled and centre-cropped) to 64 x 64
+    args = ["--config", str(REPO_ROOT / "configs" / "tiny-random-ti2v.yaml"), "--profile", "none", "--frames", "9",
+            "--steps", "2", "--quiet"]
+    latents = tmp_path / "image.safetensors"
+    assert generate.main([*args, "--image", str(picture), "--out", str(tmp_path / "i.mp4"),
+                          "--save-latents", str(latents)]) == 0
+    from freeloc_dist.config import load_render_config
+    from freeloc_dist.images import fit, load_image
+
+    cfg = load_render_config(REPO_ROOT / "configs" / "tiny-random-ti2v.yaml", {"video.frames": 9, "sampling.steps": 2})
+    image = pixel_tensor(fit(load_image(picture), 64, 64))
+    ours = load_file(str(latents))["latents"]
+    library = render(parts, cfg, decode=False, image=image).latents
+    text = render(parts, cfg, decode=False).latents
+    assert rel_err(ours, library) < 1e-6 and rel_err(ours, text) > 1e-2
+    assert generate.main([*args, "--image", str(picture), "--last-image", str(picture),
+                          "--out", str(tmp_path / "j.mp4")]) == 2
