@@ -2,8 +2,8 @@
 
 Inputs: the render config, the transformer's config.json (a built-in copy for the published Wan2.1 models
 when the weights are not on this machine), the FreeLOC profile, the world size. Outputs, per rank:
-tokens; memory (weights, activations, K/V buffers, latents); attention FLOPs by layer kind (TSA from its
-plan's density); bytes received per step (the engine's own byte model, freeloc_dist.parallel.shards) and a
+tokens; memory (weights, activations, K/V buffers, latents); attention FLOPs by layer kind (TSA and long-range
+layers, reported as "vrpr+long", from their plan's density); bytes received per step (the engine's own byte model, freeloc_dist.parallel.shards) and a
 time estimate at a stated peak throughput. Frame tables only (freeloc_dist.plan.layer_plan), so it is
 instant even at F=481. Every number is an estimate with the formula next to it; the time is a lower bound
 (compute at the stated peak, communication not overlapped is not added).
@@ -130,7 +130,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     passes = (2 if use_cfg else 1) // (cfg_degree if use_cfg else 1)  # transformer passes per rank per step
     text_len = cfg.sampling.max_text_tokens
 
-    kinds = list(profile.kinds) if profile is not None else ["full"] * layers
+    # Layer specs, not bare kinds: "vrpr+long" layers (a sparse long range) are planned and reported apart.
+    kinds = [profile.layer_spec(i) for i in range(profile.num_layers)] if profile is not None else ["full"] * layers
     if len(kinds) != layers:
         raise RenderPlanError(f"the profile lists {len(kinds)} layers, the model has {layers}")
     trained = profile.trained_frames if profile is not None else 1 << 30
@@ -156,9 +157,11 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     for kind in sorted(set(kinds)):
         count = kinds.count(kind)
         layers_by_kind[kind] = count
-        plan = layer_plan(kind, (num_frames, h, w), trained,
+        base, _, long = kind.partition("+")
+        plan = layer_plan(base, (num_frames, h, w), trained,
                           vrpr=profile.vrpr if profile is not None else None,
-                          tsa=profile.tsa if profile is not None else None)
+                          tsa=profile.tsa if profile is not None else None,
+                          long_range=profile.long_range.params if long else None)
         dens = plan.density()
         density[kind] = dens
         # QK^T and PV: 2 x 2 x Lq x Lk x d multiply-adds at the attended density, for this rank's queries

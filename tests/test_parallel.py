@@ -153,3 +153,39 @@ def test_torchrun_render_equals_single_process(tmp_path):
 
     assert read_mp4_frame_count(tmp_path / "b.mp4") == read_mp4_frame_count(tmp_path / "a.mp4") == 33
     assert "decoded on 2 ranks" in multi.stderr
+
+
+@torch.no_grad()
+def _single_long(num_frames, heads, backend):
+    from dist_worker import build_long
+
+    latents, cond, uncond = case_inputs(num_frames)
+    return predict_noise(build_long(heads, backend), latents, torch.tensor(700.0), cond, uncond, GUIDANCE)
+
+
+@pytest.mark.parametrize("nproc, frames, backend", [(2, 11, "sdpa"), (3, 13, "sdpa"), (3, 13, "flex")],
+                         ids=["sp2", "sp3", "sp3-flex"])
+@pytest.mark.dist
+def test_long_range_parallel_equals_single_process(tmp_path, nproc, frames, backend):
+    """Long-range dense layers (issue 18) under every strategy equal one process; their bytes equal the byte
+    model; auto serves them by neighbour exchange, which receives only the band, the key frames and the sinks."""
+    from freeloc_dist.parallel.shards import exchange_plan, frame_shards
+    from freeloc_dist.plan import layer_plan
+
+    out = tmp_path / "long.pt"
+    proc = launch(nproc, out, "--frames", str(frames), "--case", "long", "--backend", backend)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = torch.load(out)
+    for heads in (6, 5):
+        ref = _single_long(frames, heads, backend)
+        for strategy in strategies_for(heads, nproc):
+            assert rel_err(results[f"pred/h{heads}/{strategy}"], ref) < TOL, (heads, strategy)
+            measured, predicted, used = results[f"long_bytes/h{heads}/{strategy}"]
+            assert measured == predicted > 0, (heads, strategy, measured, predicted)
+        assert results[f"long_bytes/h{heads}/auto"][2] == "neighbour"
+    plan = layer_plan("vrpr", (frames, 2, 3), 4, long_range={"band_frames": 1, "stride_frames": 3, "sink_frames": [0, 4]})
+    shards = frame_shards(frames, nproc)
+    ex = exchange_plan(plan, shards)
+    s, e = shards.ranges[0]
+    allowed = set(range(max(0, s - 1), min(frames, e + 1))) | set(range(0, frames, 3)) | {0, 4}
+    assert set(ex.needed[0]) == allowed  # band around the shard, strided key frames, sinks: nothing else
