@@ -3,10 +3,10 @@
 Inputs: the render config, the transformer's config.json (a built-in copy for the published Wan2.1 models
 when the weights are not on this machine), the FreeLOC profile, the world size. Outputs, per rank:
 tokens; memory (weights, activations, K/V buffers, latents); attention FLOPs by layer kind (TSA and long-range
-layers, reported as "vrpr+long", from their plan's density); bytes received per step (the engine's own byte model, freeloc_dist.parallel.shards) and a
-time estimate at a stated peak throughput. Frame tables only (freeloc_dist.plan.layer_plan), so it is
-instant even at F=481. Every number is an estimate with the formula next to it; the time is a lower bound
-(compute at the stated peak, communication not overlapped is not added).
+layers, reported as "vrpr+long", from their plan's density); bytes received per step (the engine's own byte
+model, freeloc_dist.parallel.shards) and a time estimate at a stated peak throughput. Frame tables only
+(freeloc_dist.plan.layer_plan), so it is instant even at F=481. Every number is an estimate with the formula
+next to it; the time is a lower bound (compute at the stated peak, communication not overlapped is not added).
 
 Model of memory (inference, one layer live at a time, every rank holds all weights):
   weights      = transformer params x dtype bytes + text encoder params x dtype bytes (both on every rank)
@@ -223,6 +223,7 @@ def format_plan(p: RenderPlan) -> str:
         f"  {'total':<24}{p.memory_total / GiB:9.2f} GiB of {p.device_memory_gb:g} GiB",
         "compute per rank per step:",
         *[f"  attention {k:<14}{_si(v, 'FLOP'):>14}" for k, v in p.attention_flops_by_kind.items()],
+        f"  {'attention (all kinds)':<24}{_si(sum(p.attention_flops_by_kind.values()), 'FLOP'):>14}",
         f"  {'linear + cross-attn':<24}{_si(p.linear_flops, 'FLOP'):>14}",
         "bytes received per rank per step:" + ("" if p.bytes_per_step else " none (one rank)"),
         *[f"  {k:<24}{_si(v, 'B'):>14}" for k, v in p.bytes_per_step.items()],

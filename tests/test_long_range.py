@@ -154,3 +154,42 @@ def test_profile_long_range_errors_are_one_line(section, message):
     with pytest.raises(ProfileError, match=message) as e:
         parse_profile(_profile(**section))
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------ probing
+def test_long_range_rule_picks_the_layers_at_or_below_the_threshold():
+    from freeloc_dist.probing.long_range import choose_long_range
+
+    assert choose_long_range({2: 0.01, 3: 0.05, 5: 0.02, 7: 0.0}, 0.02) == [2, 5, 7]
+    assert choose_long_range({2: 0.01}, 0.0) == []
+    with pytest.raises(ValueError, match="threshold"):
+        choose_long_range({2: 0.01}, -1.0)
+
+
+@torch.no_grad()
+def test_long_range_probe_on_a_known_answer():
+    """Layer 2's self-attention output projection is zero, so its keys cannot matter: its change is exactly 0 and
+    the rule gives it the long range; layer 1 attends normally and its change is positive. The written profile
+    loads back with the probed section."""
+    from _tiny import tiny_transformer, transformer_inputs
+
+    from freeloc_dist.probing.long_range import long_range_profile, measure_long_range
+    from freeloc_dist.probing.prober import ProbeInput
+
+    tr = tiny_transformer(num_layers=3)
+    tr.blocks[2].attn1.to_out[0].weight.zero_()
+    tr.blocks[2].attn1.to_out[0].bias.zero_()
+    prof = {"model": "tiny", "trained_frames": T, "source": "test",
+            "layers": {"tsa": [0], "vrpr": [1, 2], "full": []}, "tsa": {"dense_frames": 1, "stripe_frames": 2}}
+    x = transformer_inputs(4 * T)
+    inputs = [ProbeInput(latents=x["hidden_states"], timestep=x["timestep"][0], text=x["encoder_hidden_states"])]
+    params = {"band_frames": 1, "stride_frames": 4}
+    before = [p.clone() for p in tr.parameters()]
+    changes = measure_long_range(tr, prof, inputs, params)
+    assert set(changes) == {1, 2} and changes[2] == 0.0 and changes[1] > 1e-4
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.parameters()))
+    assert not hasattr(tr, "freeloc_state") or tr.freeloc_state is None  # the model is restored
+    m = long_range_profile(prof, params, changes, 1e-6, target_frames=4 * T, inputs="test")
+    p = parse_profile(m)
+    assert p.long_range.layers == (2,) and p.long_range.probe["threshold"] == 1e-6
+    assert "layers [2]" in p.source

@@ -183,7 +183,8 @@ def test_long_range_parallel_equals_single_process(tmp_path, nproc, frames, back
             measured, predicted, used = results[f"long_bytes/h{heads}/{strategy}"]
             assert measured == predicted > 0, (heads, strategy, measured, predicted)
         assert results[f"long_bytes/h{heads}/auto"][2] == "neighbour"
-    plan = layer_plan("vrpr", (frames, 2, 3), 4, long_range={"band_frames": 1, "stride_frames": 3, "sink_frames": [0, 4]})
+    long_range = {"band_frames": 1, "stride_frames": 3, "sink_frames": [0, 4]}
+    plan = layer_plan("vrpr", (frames, 2, 3), 4, long_range=long_range)
     shards = frame_shards(frames, nproc)
     ex = exchange_plan(plan, shards)
     s, e = shards.ranges[0]
