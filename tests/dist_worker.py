@@ -81,15 +81,15 @@ def build_long(heads, backend="sdpa"):
 
 
 @torch.no_grad()
-def long_range_results(dims, num_frames, backend):
-    """Predictions of the long-range profile under every strategy, and the long-range layers' bytes (rank 0's,
-    measured) beside the byte model's (fp32, 2 layers, cond + uncond passes)."""
+def long_range_results(dims, num_frames, backend, heads_list, only=None):
+    """Predictions of the long-range profile under every strategy (or those in `only`), and the long-range
+    layers' bytes (rank 0's, measured) beside the byte model's (fp32, 2 layers, cond + uncond passes)."""
     from freeloc_dist.parallel.decisions import received_elements
 
     latents, cond, uncond = case_inputs(num_frames)
     results = {}
-    for heads in (6, 5):
-        for strategy in strategies_for(heads, dims.sp_degree):
+    for heads in heads_list:
+        for strategy in [s for s in strategies_for(heads, dims.sp_degree) if only is None or s in only]:
             model = build_long(heads, backend)
             engine = parallelize(model, dims, backend=backend, strategy=strategy)
             results[f"pred/h{heads}/{strategy}"] = engine.predict(
@@ -110,6 +110,7 @@ def main():
     ap.add_argument("--cfg", type=int, default=1)
     ap.add_argument("--heads", default="6,5")
     ap.add_argument("--backend", default="sdpa")
+    ap.add_argument("--strategies", default=None, help="--case long: only these strategies (comma-separated)")
     ap.add_argument("--fail-rank", type=int, default=-1)
     ap.add_argument("--case", choices=["equivalence", "bytes", "long"], default="equivalence")
     ap.add_argument("--timeout", type=float, default=600)
@@ -123,7 +124,8 @@ def main():
             torch.save(tsa_bytes(dims, args.frames), f"{args.out}.rank{dims.rank}")
             return
         if args.case == "long":
-            results = long_range_results(dims, args.frames, args.backend)
+            only = None if args.strategies is None else args.strategies.split(",")
+            results = long_range_results(dims, args.frames, args.backend, [int(h) for h in args.heads.split(",")], only)
             if dims.rank == 0:
                 torch.save(results, args.out)
             return
