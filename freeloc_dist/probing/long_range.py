@@ -96,9 +96,10 @@ def long_range_profile(profile, params, changes: Mapping[int, float], threshold:
             "rule": RULE_TEXT, "threshold": threshold, "target_frames": target_frames, "inputs": inputs,
             "change": {int(i): float(f"{c:.6g}") for i, c in sorted(changes.items())},
         }
+    measured = ", ".join(f"{i}: {c:.4g}" for i, c in sorted(changes.items()))
     m["source"] = (f"{prof.source.strip()}; long range (band {params.band_frames}, stride {params.stride_frames}) "
-                   f"probed at {target_frames} latent frames on {inputs}: layers {chosen} have change <= "
-                   f"{threshold:g} (freeloc_dist.probing.long_range)")
+                   f"probed at {target_frames} latent frames on {inputs}: change per dense layer {{{measured}}}; "
+                   f"layers {chosen} have change <= {threshold:g} (freeloc_dist.probing.long_range)")
     return m
 
 
