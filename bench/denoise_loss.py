@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--noise", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.97], help="noise levels s")
     p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "freenoise"], choices=METHODS)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--against", default="direct", choices=METHODS,
+                   help="the method of the paired-difference column (default direct)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -79,11 +81,13 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     results: dict[tuple[int, str], np.ndarray] = {}  # (F, method) -> [pairs, levels, 2] (all frames, first T)
+    cpu: dict[tuple[int, str], float] = {}  # (F, method) -> CPU seconds of this process per forward
     for f in latents:
         for name in a.methods:
             method = get_method(name, trained_frames=trained, profile=profile, backend=cfg.attention_backend)
             undo = method.install(transformer, f)
             out = np.zeros((a.pairs, len(a.noise), 2))
+            cpu_start = time.process_time()
             try:
                 for i in range(a.pairs):
                     x0 = x0_all[i][:, :, :f]
@@ -96,10 +100,11 @@ def main(argv=None) -> int:
             finally:
                 undo()
             results[(f, name)] = out
+            cpu[(f, name)] = (time.process_time() - cpu_start) / (a.pairs * len(a.noise))
             label = length_label(f, trained)
             print(f"[{time.perf_counter() - start:5.0f}s] {label} {name:15s} mean loss {out[..., 0].mean():.4f}",
                   file=sys.stderr, flush=True)
-    print(table(results, a.noise, trained, a.pairs))
+    print(table(results, a.noise, trained, a.pairs, a.against, cpu))
     return 0
 
 
@@ -108,25 +113,31 @@ def length_label(latent_frames: int, trained: int) -> str:
     return f"{r:.0f}x" if latent_frames % trained == 0 else f"{r:.1f}x"
 
 
-def table(results: dict, levels: list[float], trained: int, pairs: int) -> str:
+def table(results: dict, levels: list[float], trained: int, pairs: int, against: str = "direct",
+          cpu: dict | None = None) -> str:
+    """`- {against}`: paired difference against that method; `CPU s`: CPU seconds per forward (one process, the
+    --threads given; sliding windows count all their window forwards as one)."""
+    cpu = cpu or {}
     ref_key = min(f for f, _ in results), "direct"
     ref = results[ref_key][..., 0].mean() if ref_key in results else None
     lines = [f"Flow-matching loss on held-out worlds, T = {trained} latent frames, mean +- std over {pairs} worlds "
              "(lower is better).", "",
-             "| length | method | " + " | ".join(f"s={s:g}" for s in levels) + " | mean | first T | x 1x | - direct |",
-             "|---|---|" + "---|" * (len(levels) + 4)]
+             "| length | method | " + " | ".join(f"s={s:g}" for s in levels)
+             + f" | mean | first T | x 1x | - {against} | CPU s |",
+             "|---|---|" + "---|" * (len(levels) + 5)]
     for (f, name), out in results.items():
         cells = [f"{out[:, j, 0].mean():.3f} +- {out[:, j, 0].std():.3f}" for j in range(len(levels))]
         per_world = out[..., 0].mean(1)
         first = out[..., 1].mean(1)
         ratio = f"{per_world.mean() / ref:.2f}" if ref else "-"
+        cpu_cell = f"{cpu[(f, name)]:.2f}" if (f, name) in cpu else "-"
         paired = "-"
-        if name != "direct" and (f, "direct") in results:
-            d = per_world - results[(f, "direct")][..., 0].mean(1)
+        if name != against and (f, against) in results:
+            d = per_world - results[(f, against)][..., 0].mean(1)
             paired = f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f} ({int((d < 0).sum())}/{len(d)})"
         lines.append(f"| {length_label(f, trained)} | {name} | " + " | ".join(cells)
                      + f" | {per_world.mean():.3f} +- {per_world.std():.3f} | {first.mean():.3f} +- {first.std():.3f}"
-                     + f" | {ratio} | {paired} |")
+                     + f" | {ratio} | {paired} | {cpu_cell} |")
     return "\n".join(lines)
 
 

@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=Path, default=None, help="keep rendered videos here (.npy) and reuse them")
     p.add_argument("--cached-only", action="store_true",
                    help="with --cache: score only the videos already cached, render nothing (to rescore a run)")
+    p.add_argument("--against", default="direct", choices=METHODS,
+                   help="the method the paired-difference table compares with (default direct)")
     p.add_argument("--strip", type=Path, default=None,
                    help="write a PNG strip (bench/strip.py) of the first pair at the longest length here")
     a = p.parse_args(argv)
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
         rows = [r for path in a.merge for r in json.loads(path.read_text())]
         rows.sort(key=lambda r: (r["frames"], r["pair"]))
         print(table(rows, load_profile(load_render_config(a.config).profile).trained_frames,
-                    len({r["pair"] for r in rows})))
+                    len({r["pair"] for r in rows}), a.against))
         return 0
 
     base = load_render_config(a.config)
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
         write_strip(a.strip, strip_rows, tm.colours_of_prompt(worlds[a.first_pair].prompt), base.video.fps)
         print(f"wrote {a.strip}")
     print()
-    print(table(rows, trained, len(worlds)))
+    print(table(rows, trained, len(worlds), a.against))
     return 0
 
 
@@ -150,9 +152,10 @@ def length_label(latent_frames: int, trained: int) -> str:
     return f"{r:.0f}x" if latent_frames % trained == 0 else f"{r:.1f}x"
 
 
-def table(rows: list[dict], trained: int, pairs: int) -> str:
+def table(rows: list[dict], trained: int, pairs: int, against: str = "direct") -> str:
     """Markdown: mean +- std over pairs per (length, method) for the appearance and the motion metrics, then
-    each method's paired differences against direct on the same world and seed (mean +- standard error)."""
+    each method's paired differences against `against` (direct) on the same world and seed (mean +- standard
+    error)."""
     keys = []
     for r in sorted(rows, key=lambda r: r["frames"]):
         if (r["length"], r["method"]) not in keys:
@@ -172,13 +175,13 @@ def table(rows: list[dict], trained: int, pairs: int) -> str:
         for k, name in keys:
             sel = [r for r in rows if r["length"] == k and r["method"] == name]
             out.append(f"| {k} | {name} | " + " | ".join(cell(np.array([r[m] for r in sel]), m) for m in shown) + " |")
-    out += ["", "Paired differences against direct (method - direct on the same world and seed; mean +- standard "
-            "error over the pairs; in brackets the pairs where the method is better):", "",
+    out += ["", f"Paired differences against {against} (method - {against} on the same world and seed; mean +- "
+            "standard error over the pairs; in brackets the pairs where the method is better):", "",
             "| length | method | " + " | ".join(PAIRED) + " |", "|---|---|" + "---|" * len(PAIRED)]
     for k, name in keys:
-        if name in ("direct", "ground truth"):
+        if name in (against, "ground truth"):
             continue
-        ref = {r["pair"]: r for r in rows if r["length"] == k and r["method"] == "direct"}
+        ref = {r["pair"]: r for r in rows if r["length"] == k and r["method"] == against}
         sel = [r for r in rows if r["length"] == k and r["method"] == name and r["pair"] in ref]
         if not sel:
             continue

@@ -145,6 +145,6 @@ def apply_freeloc(transformer, profile, backend: str = "sdpa") -> FreeLOCHandle:
         )
     state = FreeLOCState(prof, temporal_rope_of(transformer), get_backend(backend).run)
     state.backend = backend
-    kinds = prof.kinds
-    install_processors(transformer, lambda i, original: FreeLOCAttnProcessor(kinds[i], state), state)
+    specs = [prof.layer_spec(i) for i in range(prof.num_layers)]  # "vrpr+long" on long-range layers
+    install_processors(transformer, lambda i, original: FreeLOCAttnProcessor(specs[i], state), state)
     return FreeLOCHandle(transformer, state)

@@ -17,6 +17,8 @@ model's trained length T (latent frames); every method reduces to direct samplin
 - freeloc, freeloc-all, freeloc-random: FreeLOC with a profile (the probed or published one), with TSA (both
   fixes: re-encoded positions and tiered sparse attention) on every layer, and with a random assignment of
   the same number of TSA/VRPR layers (the paper's ablation).
+- freeloc-long: FreeLOC with the profile's long variant (issue 18: a sparse long range on some dense layers):
+  the sibling file `<profile stem>-long.yaml` (configs/profiles/toy.yaml -> toy-long.yaml), or `long_profile`.
 
 Shapes (legend): B batch, C latent channels, F latent frames, H/W latent cells.
 """
@@ -32,7 +34,7 @@ import torch
 
 from freeloc_dist.sampling import LatentGeometry, PredictFn, initial_noise, predict_noise
 
-METHODS = ("direct", "sliding", "freenoise", "riflex", "freeloc", "freeloc-all", "freeloc-random")
+METHODS = ("direct", "sliding", "freenoise", "riflex", "freeloc", "freeloc-all", "freeloc-random", "freeloc-long")
 
 Undo = Callable[[], None]
 
@@ -166,8 +168,20 @@ def profile_variant(profile, variant: str, seed: int = 0) -> dict:
 
 # ----------------------------------------------------------------------------------------------- registry
 
+def long_variant(profile) -> str:
+    """The long variant of a profile file: `<stem>-long.yaml` beside it (freeloc-long)."""
+    import os
+
+    if not isinstance(profile, (str, os.PathLike)):
+        raise ValueError("method 'freeloc-long' needs a profile path (its long variant is <stem>-long.yaml) "
+                         "or long_profile")
+    path = os.fspath(profile)
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-long{ext}"
+
+
 def get_method(name: str, *, trained_frames: int, profile=None, stride: int | None = None,
-               backend: str = "sdpa", seed: int = 0) -> Method:
+               backend: str = "sdpa", seed: int = 0, long_profile=None) -> Method:
     """Build a method by name (see METHODS); FreeLOC methods need `profile`."""
     t = trained_frames
     stride = stride or max(1, t // 2)
@@ -183,5 +197,12 @@ def get_method(name: str, *, trained_frames: int, profile=None, stride: int | No
         if profile is None:
             raise ValueError(f"method {name!r} needs a FreeLOC profile")
         m = profile_variant(profile, name, seed)
+        return Method(name, install=lambda tr, f: install_freeloc_profile(tr, m, backend))
+    if name == "freeloc-long":
+        if profile is None and long_profile is None:
+            raise ValueError("method 'freeloc-long' needs a FreeLOC profile")
+        from freeloc_dist.profile import load_profile
+
+        m = load_profile(long_profile if long_profile is not None else long_variant(profile)).to_mapping()
         return Method(name, install=lambda tr, f: install_freeloc_profile(tr, m, backend))
     raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")

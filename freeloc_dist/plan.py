@@ -25,7 +25,8 @@ PAPER_VRPR = {
     (21, 81): ((10, 14), (2, 8)),
 }
 
-# Tier codes of a (query frame, key frame) pair in a TSA layer.
+# Tier codes of a (query frame, key frame) pair. SINK: the whole key frame is attended at any distance
+# (TSA's sink frames, and a long-range layer's key frames and sinks beyond its dense band).
 NONE, DENSE, STRIPE, SINK = 0, 1, 2, 3
 
 
@@ -243,6 +244,68 @@ def default_stripe_width(tokens_per_frame: int, dense_frames: int, stripe_frames
     return max(1, (k * tokens_per_frame) // (2 * span))
 
 
+# -------------------------------------------------------------------------------------- long range
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LongRangeParams:
+    """A sparse long range for a dense (vrpr or full) layer: every key frame within band_frames of the query
+    frame (exact, whole frames), and beyond it only the key frames b with b % stride_frames == 0 and the sink
+    frames. Key frames are absolute (the same for every query), so a rank needs the band around its frames
+    plus one shared set of F / stride_frames frames. Every attended pair is scored with phi."""
+
+    band_frames: int  # B
+    stride_frames: int  # S
+    sink_frames: tuple[int, ...] = (0,)
+
+    @classmethod
+    def from_mapping(cls, m, where: str = "long_range") -> "LongRangeParams":
+        if isinstance(m, LongRangeParams):
+            return m
+        if not isinstance(m, (dict,)) and not hasattr(m, "keys"):
+            raise PlanError(f"{where}: must be a mapping with band_frames, stride_frames, optional sink_frames")
+        allowed = {"band_frames", "stride_frames", "sink_frames"}
+        unknown = set(m) - allowed
+        if unknown:
+            raise PlanError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        kwargs = {}
+        for key in ("band_frames", "stride_frames"):
+            if key not in m:
+                raise PlanError(f"{where}.{key}: missing")
+            if not _is_int(m[key]):
+                raise PlanError(f"{where}.{key}={m[key]!r}: must be an integer")
+            kwargs[key] = m[key]
+        if "sink_frames" in m:
+            sinks = m["sink_frames"]
+            if not isinstance(sinks, (list, tuple)) or not all(_is_int(x) for x in sinks):
+                raise PlanError(f"{where}.sink_frames={sinks!r}: must be a list of integers")
+            kwargs["sink_frames"] = tuple(sorted(set(sinks)))
+        p = cls(**kwargs)
+        p.check(where)
+        return p
+
+    def check(self, where: str = "long_range") -> None:
+        if self.band_frames < 0:
+            raise PlanError(f"{where}.band_frames={self.band_frames}: must be >= 0")
+        if self.stride_frames < 1:
+            raise PlanError(f"{where}.stride_frames={self.stride_frames}: must be >= 1")
+        if any(x < 0 for x in self.sink_frames):
+            raise PlanError(f"{where}.sink_frames={list(self.sink_frames)}: frame indices must be >= 0")
+
+    def key_frames(self, num_frames: int) -> tuple[int, ...]:
+        """The absolute key frames (strided frames and sinks) of a video of num_frames latent frames."""
+        strided = set(range(0, num_frames, self.stride_frames))
+        return tuple(sorted(strided | {x for x in self.sink_frames if x < num_frames}))
+
+
+def long_range_tiers(num_frames: int, p: LongRangeParams) -> torch.Tensor:
+    """Long[F, F] tiers of a long-range layer: DENSE within the band, SINK on key frames beyond it."""
+    f = torch.arange(num_frames)
+    d = (f[:, None] - f[None, :]).abs()
+    is_key = torch.zeros(num_frames, dtype=torch.bool)
+    is_key[list(p.key_frames(num_frames))] = True
+    tiers = torch.where(is_key[None, :], SINK, NONE)
+    return torch.where(d <= p.band_frames, DENSE, tiers)
+
+
 # --------------------------------------------------------------------------------------- layer plan
 @dataclasses.dataclass(frozen=True)
 class Group:
@@ -271,6 +334,12 @@ class LayerPlan:
     groups: tuple[tuple[Group, ...], ...]  # per query frame, disjoint runs of key frames
     vrpr: VRPRParams | None
     tsa: TSAParams | None
+    long_range: LongRangeParams | None = None  # set on a vrpr/full layer given a sparse long range (F > T)
+
+    @property
+    def label(self) -> str:
+        """The kind as reports and byte counters name it: "vrpr+long" for a long-range vrpr layer."""
+        return self.kind + ("+long" if self.long_range is not None else "")
 
     @property
     def num_frames(self) -> int:
@@ -282,8 +351,8 @@ class LayerPlan:
 
     @property
     def is_stock(self) -> bool:
-        """True when the layer equals stock attention (kind full, or F <= T)."""
-        return self.kind == "full"
+        """True when the layer equals stock attention (kind full without long range, or F <= T)."""
+        return self.kind == "full" and self.long_range is None
 
     def density(self) -> float:
         """Fraction of (query, key) token pairs attended."""
@@ -300,15 +369,18 @@ def band_pair_count(n: int, width: int) -> float:
     return float(n * (2 * width - 1) - width * (width - 1))
 
 
-def layer_plan(kind: str, grid: Sequence[int], trained_frames: int, vrpr=None, tsa=None) -> LayerPlan:
-    """Cached plan of one layer kind on a (F, H, W) token grid; vrpr/tsa are mappings or params."""
+def layer_plan(kind: str, grid: Sequence[int], trained_frames: int, vrpr=None, tsa=None,
+               long_range=None) -> LayerPlan:
+    """Cached plan of one layer kind on a (F, H, W) token grid; vrpr/tsa/long_range are mappings or params.
+    `long_range` applies to vrpr and full layers only (a tsa layer is already sparse)."""
     vrpr_params = None if vrpr is None else VRPRParams.from_mapping(vrpr)
     tsa_params = TSAParams.from_mapping(tsa)
-    return _layer_plan(kind, tuple(int(g) for g in grid), int(trained_frames), vrpr_params, tsa_params)
+    lr_params = None if long_range is None else LongRangeParams.from_mapping(long_range)
+    return _layer_plan(kind, tuple(int(g) for g in grid), int(trained_frames), vrpr_params, tsa_params, lr_params)
 
 
 @functools.lru_cache(maxsize=128)
-def _layer_plan(kind, grid, trained_frames, vrpr, tsa) -> LayerPlan:
+def _layer_plan(kind, grid, trained_frames, vrpr, tsa, long_range=None) -> LayerPlan:
     if kind not in KINDS:
         raise PlanError(f"layer kind {kind!r}: must be one of {', '.join(KINDS)}")
     num_frames, h, w = grid
@@ -320,9 +392,17 @@ def _layer_plan(kind, grid, trained_frames, vrpr, tsa) -> LayerPlan:
     tsa_params.check()
     f = torch.arange(num_frames)
     natural = f[:, None] - f[None, :]
+    if long_range is not None and kind == "tsa":
+        raise PlanError("long_range: applies to vrpr and full layers only, not tsa")
     if vrpr_params is None:  # F <= T: nothing out of distribution, every layer is stock
-        kind = "full"
-    if kind == "full":
+        kind, long_range = "full", None
+    if long_range is not None:
+        # A long-range layer re-encodes every attended pair with phi whatever its base kind: beyond the band
+        # the distances exceed R, which a full layer would leave out of the trained range.
+        offsets = relative_positions(num_frames, trained_frames, vrpr_params)
+        tiers = long_range_tiers(num_frames, long_range)
+        stripe_width = n
+    elif kind == "full":
         offsets = natural
         tiers = torch.full((num_frames, num_frames), DENSE, dtype=torch.long)
         stripe_width = n
@@ -355,8 +435,9 @@ def _layer_plan(kind, grid, trained_frames, vrpr, tsa) -> LayerPlan:
         tiers=tiers,
         stripe_width=stripe_width,
         groups=groups,
-        vrpr=vrpr_params if kind != "full" else None,
+        vrpr=vrpr_params if kind != "full" or long_range is not None else None,
         tsa=tsa_params if kind == "tsa" else None,
+        long_range=long_range,
     )
 
 
@@ -378,9 +459,10 @@ def _groups_of_row(offsets_row, natural_row, tiers_row) -> tuple[Group, ...]:
 
 
 # ------------------------------------------------------------------------------- token-level tables
-def token_plan(kind: str, grid: Sequence[int], trained_frames: int, vrpr=None, tsa=None):
-    """(mask Bool[L, L], offset Long[L, L]) of one layer on a small grid, frame-major token order."""
-    plan = layer_plan(kind, grid, trained_frames, vrpr, tsa)
+def token_plan(kind: str, grid: Sequence[int], trained_frames: int, vrpr=None, tsa=None, long_range=None):
+    """(mask Bool[L, L], offset Long[L, L]) of one layer on a small grid, frame-major token order;
+    `long_range` (vrpr/full layers) gives the band + strided key frames + sinks pattern."""
+    plan = layer_plan(kind, grid, trained_frames, vrpr, tsa, long_range)
     return expand_to_tokens(plan)
 
 
@@ -400,6 +482,8 @@ __all__ = [
     "PlanError",
     "VRPRParams",
     "TSAParams",
+    "LongRangeParams",
+    "long_range_tiers",
     "LayerPlan",
     "Group",
     "derive_vrpr",

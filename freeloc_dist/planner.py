@@ -2,11 +2,11 @@
 
 Inputs: the render config, the transformer's config.json (a built-in copy for the published Wan2.1 models and
 Wan2.2 TI2V-5B when the weights are not on this machine), the FreeLOC profile, the world size. Outputs, per rank:
-tokens; memory (weights, activations, K/V buffers, latents); attention FLOPs by layer kind (TSA from its
-plan's density); bytes received per step (the engine's own byte model, freeloc_dist.parallel.shards) and a
-time estimate at a stated peak throughput. Frame tables only (freeloc_dist.plan.layer_plan), so it is
-instant even at F=481. Every number is an estimate with the formula next to it; the time is a lower bound
-(compute at the stated peak, communication not overlapped is not added).
+tokens; memory (weights, activations, K/V buffers, latents); attention FLOPs by layer kind (TSA and long-range
+layers, reported as "vrpr+long", from their plan's density); bytes received per step (the engine's own byte
+model, freeloc_dist.parallel.shards) and a time estimate at a stated peak throughput. Frame tables only
+(freeloc_dist.plan.layer_plan), so it is instant even at F=481. Every number is an estimate with the formula
+next to it; the time is a lower bound (compute at the stated peak, communication not overlapped is not added).
 
 Model of memory (inference, one layer live at a time, every rank holds all weights):
   weights      = transformer params x dtype bytes + text encoder params x dtype bytes (both on every rank)
@@ -171,7 +171,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     if t.get("image_dim"):  # CLIP tokens join the cross-attention keys
         text_len += model_kind.image_tokens if model_kind is not None else 257
 
-    kinds = list(profile.kinds) if profile is not None else ["full"] * layers
+    # Layer specs, not bare kinds: "vrpr+long" layers (a sparse long range) are planned and reported apart.
+    kinds = [profile.layer_spec(i) for i in range(profile.num_layers)] if profile is not None else ["full"] * layers
     if len(kinds) != layers:
         raise RenderPlanError(f"the profile lists {len(kinds)} layers, the model has {layers}")
     trained = profile.trained_frames if profile is not None else 1 << 30
@@ -205,9 +206,11 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     for kind in sorted(set(kinds)):
         count = kinds.count(kind)
         layers_by_kind[kind] = count
-        plan = layer_plan(kind, (num_frames, h, w), trained,
+        base, _, long = kind.partition("+")
+        plan = layer_plan(base, (num_frames, h, w), trained,
                           vrpr=profile.vrpr if profile is not None else None,
-                          tsa=profile.tsa if profile is not None else None)
+                          tsa=profile.tsa if profile is not None else None,
+                          long_range=profile.long_range.params if long else None)
         dens = plan.density()
         density[kind] = dens
         # QK^T and PV: 2 x 2 x Lq x Lk x d multiply-adds at the attended density, for this rank's queries
@@ -269,6 +272,7 @@ def format_plan(p: RenderPlan) -> str:
         f"  {'total':<24}{p.memory_total / GiB:9.2f} GiB of {p.device_memory_gb:g} GiB",
         "compute per rank per step:",
         *[f"  attention {k:<14}{_si(v, 'FLOP'):>14}" for k, v in p.attention_flops_by_kind.items()],
+        f"  {'attention (all kinds)':<24}{_si(sum(p.attention_flops_by_kind.values()), 'FLOP'):>14}",
         f"  {'linear + cross-attn':<24}{_si(p.linear_flops, 'FLOP'):>14}",
         "bytes received per rank per step:" + ("" if p.bytes_per_step else " none (one rank)"),
         *[f"  {k:<24}{_si(v, 'B'):>14}" for k, v in p.bytes_per_step.items()],

@@ -57,8 +57,11 @@ class FreeLOCState:
         return new
 
     def plan_for(self, kind: str, grid) -> LayerPlan:
+        """`kind` is a layer spec (Profile.layer_spec): "vrpr", or "vrpr+long" for a long-range layer."""
         p = self.profile
-        return layer_plan(kind, grid, p.trained_frames, p.vrpr, p.tsa)
+        base, _, long = kind.partition("+")
+        long_range = p.long_range.params if long and p.long_range is not None else None
+        return layer_plan(base, grid, p.trained_frames, p.vrpr, p.tsa, long_range)
 
     def plan(self, kind: str) -> LayerPlan:
         if self.grid is None:
@@ -68,7 +71,7 @@ class FreeLOCState:
     def is_stock(self, kind: str, grid) -> bool:
         """The plan's is_stock without building it (plain Python on the grid: traceable by dynamo)."""
         # F first: at F <= T the kind is never read, so dynamo compiles one graph for every block
-        return grid[0] <= self.profile.trained_frames or kind == "full"
+        return grid[0] <= self.profile.trained_frames or kind == "full"  # "full+long" is not stock
 
 
 @torch.library.custom_op("freeloc::attention", mutates_args=())

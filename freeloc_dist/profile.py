@@ -11,12 +11,28 @@ from typing import Any, Mapping
 
 import yaml
 
-from .plan import KINDS, PlanError, TSAParams, VRPRParams, check_vrpr_params
+from .plan import KINDS, LongRangeParams, PlanError, TSAParams, VRPRParams, check_vrpr_params
 from .yamlio import load_yaml, yaml_problem
 
 
 class ProfileError(ValueError):
     """A profile that does not describe a valid layer assignment."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LongRange:
+    """The optional `long_range:` section: which dense (vrpr/full) layers attend a sparse long range, its
+    pattern, and (`probe`) how the layers were chosen, kept verbatim (rule, threshold, scores)."""
+
+    layers: tuple[int, ...]
+    params: LongRangeParams
+    probe: Mapping[str, Any] | None = None
+
+    def to_mapping(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"layers": list(self.layers), **_plain(self.params)}
+        if self.probe is not None:
+            out["probe"] = dict(self.probe)
+        return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,6 +43,7 @@ class Profile:
     source: str
     vrpr: VRPRParams | None = None  # user override (checked against each F at plan time); None: derived per F
     tsa: TSAParams | None = None  # None: the defaults of DESIGN 5
+    long_range: LongRange | None = None  # None: dense layers attend every key frame (the default)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. probing scores
     # The profile names tsa.sink_frames itself; otherwise a conditioned render (image-to-video) puts the sinks
     # on its conditioning frames (freeloc_dist.conditioning.use_condition_sinks).
@@ -35,6 +52,11 @@ class Profile:
     @property
     def num_layers(self) -> int:
         return len(self.kinds)
+
+    def layer_spec(self, i: int) -> str:
+        """What layer i runs, as the processors and plans name it: its kind, "+long" with a long range."""
+        lr = self.long_range
+        return self.kinds[i] + ("+long" if lr is not None and i in lr.layers else "")
 
     def layers(self) -> dict[str, list[int]]:
         return {k: [i for i, kind in enumerate(self.kinds) if kind == k] for k in KINDS}
@@ -50,6 +72,8 @@ class Profile:
             out["vrpr"] = _plain(self.vrpr)
         if self.tsa is not None:
             out["tsa"] = _plain(self.tsa)
+        if self.long_range is not None:
+            out["long_range"] = self.long_range.to_mapping()
         out.update(self.extra)
         return out
 
@@ -60,7 +84,7 @@ def _plain(params) -> dict[str, Any]:
 
 
 _REQUIRED = ("model", "trained_frames", "layers", "source")
-_OPTIONAL = ("vrpr", "tsa")
+_OPTIONAL = ("vrpr", "tsa", "long_range")
 
 
 def parse_profile(m: Mapping[str, Any], *, where: str = "profile", allow_extra: bool = True) -> Profile:
@@ -108,16 +132,46 @@ def parse_profile(m: Mapping[str, Any], *, where: str = "profile", allow_extra: 
             check_vrpr_params(vrpr, t)
     except PlanError as e:
         raise ProfileError(f"{where}: {e}") from None
+    kinds = tuple(owner[i] for i in range(num_layers))
+    long_range = None if m.get("long_range") is None else _parse_long_range(m["long_range"], kinds, where)
     return Profile(
         model=m["model"],
         trained_frames=t,
-        kinds=tuple(owner[i] for i in range(num_layers)),
+        kinds=kinds,
         source=m["source"],
         vrpr=vrpr,
         tsa=tsa,
+        long_range=long_range,
         extra=extra,
         tsa_sinks_given=isinstance(m.get("tsa"), Mapping) and "sink_frames" in m["tsa"],
     )
+
+
+def _parse_long_range(m, kinds: tuple[str, ...], where: str) -> LongRange:
+    """`long_range: {layers: [...], band_frames: B, stride_frames: S, sink_frames: [...], probe: {...}}`."""
+    at = f"{where}.long_range"
+    if not isinstance(m, Mapping):
+        raise ProfileError(f"{at}: must be a mapping with layers, band_frames, stride_frames")
+    if "layers" not in m:
+        raise ProfileError(f"{at}.layers: missing (the vrpr/full layers that use the long range)")
+    layers = m["layers"]
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ProfileError(f"{at}.layers: must be a list of layer indices")
+    for i in layers:
+        if not 0 <= i < len(kinds):
+            raise ProfileError(f"{at}.layers: layer {i} is not in the profile (layers 0..{len(kinds) - 1})")
+        if kinds[i] == "tsa":
+            raise ProfileError(f"{at}.layers: layer {i} is tsa; a long range applies to vrpr and full layers")
+    if len(set(layers)) != len(layers):
+        raise ProfileError(f"{at}.layers: a layer is listed twice")
+    probe = m.get("probe")
+    if probe is not None and not isinstance(probe, Mapping):
+        raise ProfileError(f"{at}.probe: must be a mapping (how the layers were chosen)")
+    try:
+        params = LongRangeParams.from_mapping({k: v for k, v in m.items() if k not in ("layers", "probe")}, at)
+    except PlanError as e:
+        raise ProfileError(str(e)) from None
+    return LongRange(layers=tuple(sorted(layers)), params=params, probe=probe)
 
 
 def load_profile(profile) -> Profile:

@@ -69,6 +69,39 @@ def tsa_bytes(dims, num_frames):
     return out
 
 
+# Layers 1 (vrpr) and 2 (full) with a sparse long range: band 1, every third key frame, sinks 0 and 4.
+LONG_PROFILE = {**PROFILE,
+                "long_range": {"layers": [1, 2], "band_frames": 1, "stride_frames": 3, "sink_frames": [0, 4]}}
+
+
+def build_long(heads, backend="sdpa"):
+    model = tiny_transformer(num_layers=3, heads=heads, head_dim=12, seed=0)
+    apply_freeloc(model, LONG_PROFILE, backend=backend)
+    return model
+
+
+@torch.no_grad()
+def long_range_results(dims, num_frames, backend, heads_list, only=None):
+    """Predictions of the long-range profile under every strategy (or those in `only`), and the long-range
+    layers' bytes (rank 0's, measured) beside the byte model's (fp32, 2 layers, cond + uncond passes)."""
+    from freeloc_dist.parallel.decisions import received_elements
+
+    latents, cond, uncond = case_inputs(num_frames)
+    results = {}
+    for heads in heads_list:
+        for strategy in [s for s in strategies_for(heads, dims.sp_degree) if only is None or s in only]:
+            model = build_long(heads, backend)
+            engine = parallelize(model, dims, backend=backend, strategy=strategy)
+            results[f"pred/h{heads}/{strategy}"] = engine.predict(
+                model, latents, torch.tensor(700.0), cond, uncond, GUIDANCE)
+            plan = model.freeloc_state.plan("vrpr+long")
+            used = engine.strategy_for(plan, 12)
+            predicted = received_elements(used, plan, engine.shards, heads, 12)[dims.sp_rank] * 4 * 2 * 2
+            measured = engine.comm.bytes["vrpr+long"] + engine.comm.bytes["full+long"]
+            results[f"long_bytes/h{heads}/{strategy}"] = (measured, predicted, used)
+    return results
+
+
 @torch.no_grad()
 def main():
     ap = argparse.ArgumentParser()
@@ -77,8 +110,9 @@ def main():
     ap.add_argument("--cfg", type=int, default=1)
     ap.add_argument("--heads", default="6,5")
     ap.add_argument("--backend", default="sdpa")
+    ap.add_argument("--strategies", default=None, help="--case long: only these strategies (comma-separated)")
     ap.add_argument("--fail-rank", type=int, default=-1)
-    ap.add_argument("--case", choices=["equivalence", "bytes"], default="equivalence")
+    ap.add_argument("--case", choices=["equivalence", "bytes", "long"], default="equivalence")
     ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args()
     faulthandler.dump_traceback_later(args.timeout, exit=True)  # a hang prints every stack, then exits
@@ -88,6 +122,12 @@ def main():
             raise RuntimeError(f"rank {dims.rank} fails on purpose")
         if args.case == "bytes":
             torch.save(tsa_bytes(dims, args.frames), f"{args.out}.rank{dims.rank}")
+            return
+        if args.case == "long":
+            only = None if args.strategies is None else args.strategies.split(",")
+            results = long_range_results(dims, args.frames, args.backend, [int(h) for h in args.heads.split(",")], only)
+            if dims.rank == 0:
+                torch.save(results, args.out)
             return
         from diffusers import FlowMatchEulerDiscreteScheduler
 

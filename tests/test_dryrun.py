@@ -69,3 +69,18 @@ def test_cli_dry_run_needs_no_weights(tmp_path):
     assert "375,960 tokens" in proc.stdout and "bytes received per rank per step" in proc.stdout
     assert "weights: transformer" in proc.stdout and "time: >=" in proc.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.unit
+def test_long_profile_cuts_minute_scale_attention_three_fold():
+    """Issue 18's figure: the long profile's attention (and total) FLOPs per rank per step at 961 frames on 8 ranks
+    are at least 3x below the plain profile's; long-range layers run neighbour exchange and receive fewer bytes."""
+    long = load_profile(REPO_ROOT / "configs" / "profiles" / "wan2.1-t2v-1.3b-long.yaml")
+    plain = plan_render(cfg13(961), WAN13, PROFILE13, world_size=8)
+    p = plan_render(cfg13(961), WAN13, long, world_size=8)
+    assert p.layers_by_kind == {"tsa": 17, "vrpr+long": 13}
+    assert p.strategy_by_kind["vrpr+long"] == "neighbour"
+    assert sum(plain.attention_flops_by_kind.values()) >= 3 * sum(p.attention_flops_by_kind.values())
+    assert plain.flops_per_step >= 3 * p.flops_per_step
+    assert p.bytes_per_step["vrpr+long"] < plain.bytes_per_step["vrpr"]
+    assert p.attention_flops_by_kind["tsa"] == plain.attention_flops_by_kind["tsa"]

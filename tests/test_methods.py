@@ -13,6 +13,7 @@ pytestmark = pytest.mark.unit
 T = 4
 PROFILE = {"model": "tiny", "trained_frames": T, "source": "test",
            "layers": {"tsa": [0], "vrpr": [1], "full": []}, "tsa": {"dense_frames": 1, "stripe_frames": 3}}
+LONG = {**PROFILE, "long_range": {"layers": [1], "band_frames": 1, "stride_frames": 3}}
 
 
 def _predict(method, tr, num_frames):
@@ -78,7 +79,7 @@ def test_profile_variants_keep_layer_counts():
 def test_every_method_is_direct_when_f_le_t_and_undo_restores(name):
     torch.set_num_threads(1)
     tr = tiny_transformer()
-    method = M.get_method(name, trained_frames=T, profile=PROFILE, stride=2)
+    method = M.get_method(name, trained_frames=T, profile=PROFILE, stride=2, long_profile=LONG)
     direct = M.get_method("direct", trained_frames=T)
     torch.testing.assert_close(_predict(method, tr, T), _predict(direct, tr, T), rtol=1e-5, atol=1e-5)
     long_direct = _predict(direct, tr, 3 * T)
@@ -86,3 +87,17 @@ def test_every_method_is_direct_when_f_le_t_and_undo_restores(name):
     if name != "direct":
         assert (long - long_direct).abs().max() > 1e-4  # the method does change long renders
     torch.testing.assert_close(_predict(direct, tr, 3 * T), long_direct)  # undo left the model stock
+
+
+def test_freeloc_long_uses_the_long_variant_beside_the_profile(tmp_path):
+    import yaml
+
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(PROFILE))
+    (tmp_path / "p-long.yaml").write_text(yaml.safe_dump(LONG))
+    assert M.long_variant(tmp_path / "p.yaml") == str(tmp_path / "p-long.yaml")
+    tr = tiny_transformer()
+    long = _predict(M.get_method("freeloc-long", trained_frames=T, profile=tmp_path / "p.yaml"), tr, 3 * T)
+    plain = _predict(M.get_method("freeloc", trained_frames=T, profile=PROFILE), tr, 3 * T)
+    assert (long - plain).abs().max() > 1e-4  # the long range changes the render
+    with pytest.raises(ValueError, match="needs a profile path"):
+        M.get_method("freeloc-long", trained_frames=T, profile=PROFILE)

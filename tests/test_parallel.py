@@ -153,3 +153,44 @@ def test_torchrun_render_equals_single_process(tmp_path):
 
     assert read_mp4_frame_count(tmp_path / "b.mp4") == read_mp4_frame_count(tmp_path / "a.mp4") == 33
     assert "decoded on 2 ranks" in multi.stderr
+
+
+@torch.no_grad()
+def _single_long(num_frames, heads, backend):
+    from dist_worker import build_long
+
+    latents, cond, uncond = case_inputs(num_frames)
+    return predict_noise(build_long(heads, backend), latents, torch.tensor(700.0), cond, uncond, GUIDANCE)
+
+
+# Every strategy is covered: sp 2 with 6 heads (Ulysses), sp 3 with 5 heads (ring, degenerate hybrid), flex under
+# neighbour exchange (auto) and Ulysses; all with frame counts that do not divide.
+@pytest.mark.parametrize("nproc, frames, backend, heads, only", [
+    (2, 11, "sdpa", 6, None), (3, 13, "sdpa", 5, None), (3, 13, "flex", 6, "auto,ulysses")],
+    ids=["sp2", "sp3", "sp3-flex"])
+@pytest.mark.dist
+def test_long_range_parallel_equals_single_process(tmp_path, nproc, frames, backend, heads, only):
+    """Long-range dense layers (issue 18) under every strategy equal one process; their bytes equal the byte
+    model; auto serves them by neighbour exchange, which receives only the band, the key frames and the sinks."""
+    from freeloc_dist.parallel.shards import exchange_plan, frame_shards
+    from freeloc_dist.plan import layer_plan
+
+    out = tmp_path / "long.pt"
+    extra = ["--strategies", only] if only else []
+    proc = launch(nproc, out, "--frames", str(frames), "--case", "long", "--backend", backend, "--heads", str(heads),
+                  *extra)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = torch.load(out)
+    ref = _single_long(frames, heads, backend)
+    for strategy in [s for s in strategies_for(heads, nproc) if only is None or s in only.split(",")]:
+        assert rel_err(results[f"pred/h{heads}/{strategy}"], ref) < TOL, (heads, strategy)
+        measured, predicted, used = results[f"long_bytes/h{heads}/{strategy}"]
+        assert measured == predicted > 0, (heads, strategy, measured, predicted)
+    assert results[f"long_bytes/h{heads}/auto"][2] == "neighbour"
+    long_range = {"band_frames": 1, "stride_frames": 3, "sink_frames": [0, 4]}
+    plan = layer_plan("vrpr", (frames, 2, 3), 4, long_range=long_range)
+    shards = frame_shards(frames, nproc)
+    ex = exchange_plan(plan, shards)
+    s, e = shards.ranges[0]
+    allowed = set(range(max(0, s - 1), min(frames, e + 1))) | set(range(0, frames, 3)) | {0, 4}
+    assert set(ex.needed[0]) == allowed  # band around the shard, strided key frames, sinks: nothing else

@@ -59,7 +59,9 @@ def slot_plan(plan: LayerPlan) -> SlotPlan:
     n_pad = -(-n // block) * block
     tiers = plan.tiers
     a = torch.arange(num_frames)[:, None]
-    if plan.tsa is None:  # every key frame, in order; no bands
+    if plan.long_range is not None:  # key frames first (absolute slots), then the band (relative slots)
+        slot_frames, banded = _long_range_slots(plan)
+    elif plan.tsa is None:  # every key frame, in order; no bands
         slot_frames = torch.arange(num_frames).expand(num_frames, num_frames).clone()
         slot_frames[tiers[a, slot_frames] == NONE] = -1
         banded = torch.zeros(num_frames, dtype=torch.bool)
@@ -85,6 +87,22 @@ def slot_plan(plan: LayerPlan) -> SlotPlan:
         banded = banded & (plan.stripe_width < n)
     _check_cover(plan, slot_frames, banded)
     return SlotPlan(slot_frames=slot_frames, banded=banded, block=block, n_pad=n_pad)
+
+
+def _long_range_slots(plan: LayerPlan):
+    """Slots of a long-range layer: one absolute slot per key frame (strided frames and sinks; unused where
+    the key frame is inside the query's band), then 2B + 1 relative slots for the band. No bands inside
+    slots: every attended pair is a whole frame. S = |key frames| + 2B + 1 slots instead of F."""
+    num_frames = plan.num_frames
+    a = torch.arange(num_frames)[:, None]
+    reach = min(plan.long_range.band_frames, num_frames - 1)
+    rel = torch.arange(-reach, reach + 1)[None, :]
+    b = a + rel
+    rel_frames = torch.where((b >= 0) & (b < num_frames), b, -1)
+    keys = torch.tensor(plan.long_range.key_frames(num_frames), dtype=torch.long)[None, :]
+    abs_frames = torch.where((a - keys).abs() <= reach, -1, keys.expand(num_frames, -1))
+    slot_frames = torch.cat([abs_frames, rel_frames], 1)
+    return slot_frames, torch.zeros(slot_frames.shape[1], dtype=torch.bool)
 
 
 def _check_cover(plan: LayerPlan, slot_frames, banded) -> None:

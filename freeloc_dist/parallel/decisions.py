@@ -107,11 +107,12 @@ def received_elements(strategy: str, plan, shards, heads: int, head_dim: int) ->
 @functools.lru_cache(maxsize=256)
 def layer_strategy(plan, shards, heads: int, head_dim: int, forced: str = "auto") -> str:
     """The strategy a layer runs: `forced` unless auto; else the cheapest by bytes received (worst rank)
-    among the dense strategy and, for TSA, neighbour exchange (ties go to neighbour exchange)."""
+    among the dense strategy and, for sparse layers (TSA, and dense layers given a long range: band, key frames,
+    sinks), neighbour exchange (ties go to neighbour exchange)."""
     if forced != "auto":
         return forced
     candidates = [dense_strategy(heads, len(shards.ranges))]
-    if plan.kind == "tsa":
+    if plan.kind == "tsa" or plan.long_range is not None:
         candidates.append("neighbour")
     cost = {c: max(received_elements(c, plan, shards, heads, head_dim)) for c in candidates}
     return min(candidates, key=lambda c: (cost[c], c != "neighbour"))

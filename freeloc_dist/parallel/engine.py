@@ -129,7 +129,7 @@ class SequenceParallel:
             t_rope=t_rope,
             comm=self.comm,
             backend=self.backend,
-            tag=plan.kind,
+            tag=plan.label,  # "vrpr+long" for long-range layers: their bytes are counted apart
         )
         return STRATEGIES[self.strategy_for(plan, q.shape[-1])](q, k, v, ctx)
 

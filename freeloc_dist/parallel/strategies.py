@@ -153,7 +153,8 @@ def hybrid(q, k, v, ctx: SPContext):
 
 # ------------------------------------------------------------------------------- neighbour
 def neighbour(q, k, v, ctx: SPContext):
-    """TSA: receive exactly the key frames this rank's queries attend, from the ranks that own them."""
+    """Sparse layers (TSA, long-range dense layers): receive exactly the key frames this rank's queries attend
+    (exchange_plan reads them from the plan's tiers), from the ranks that own them."""
     me = ctx.sp_rank
     n = ctx.plan.tokens_per_frame
     ex = exchange_plan(ctx.plan, ctx.shards)
