@@ -1,7 +1,8 @@
 """Per-token timesteps and first-frame conditioning of Wan2.2 TI2V-5B (`expand_timesteps` in model_index.json).
 
 The TI2V transformer takes one timestep per token instead of one per video. In text mode every token gets the
-step's t (the model was trained that way, so the numbers differ slightly from a scalar t: per-token modulation).
+step's t: the same math as a scalar t, computed per token (as diffusers' WanPipeline calls this model; 3e-7
+apart from a scalar t on the tiny model).
 In image mode the conditioning image is encoded once by the VAE into a clean latent frame; frame 0 of the
 transformer input is that latent at every step and its tokens get timestep 0, so the model treats it as
 already denoised, and the final latents carry it in frame 0. The scheduler itself still steps frame 0 of its
