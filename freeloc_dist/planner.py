@@ -49,7 +49,13 @@ KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"] = {
     "added_kv_proj_dim": 5120}
 # What the planner needs of a published model's VAE and pipeline when its directory is not here (otherwise it
 # is read from the directory: freeloc_dist.family.ModelKind).
-KNOWN_KINDS = {"Wan-AI/Wan2.2-TI2V-5B-Diffusers": {"vae_spatial": 16, "expand_timesteps": True}}
+KNOWN_KINDS = {"Wan-AI/Wan2.2-TI2V-5B-Diffusers": {"vae_spatial": 16, "expand_timesteps": True},
+               "Wan-AI/Wan2.2-T2V-A14B-Diffusers": {"two_experts": True},
+               "Wan-AI/Wan2.2-I2V-A14B-Diffusers": {"two_experts": True}}
+# Wan2.2 A14B: two experts, each of Wan2.1-14B's shape (I2V: 16 noise + 4 mask + 16 conditioning channels, no CLIP)
+KNOWN_TRANSFORMERS["Wan-AI/Wan2.2-T2V-A14B-Diffusers"] = dict(KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-T2V-14B-Diffusers"])
+KNOWN_TRANSFORMERS["Wan-AI/Wan2.2-I2V-A14B-Diffusers"] = {
+    **KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-T2V-14B-Diffusers"], "in_channels": 36}
 UMT5_XXL_PARAMS = 5.68e9  # Wan's text encoder (encoder only), when text_encoder/config.json is absent
 VAE_SPATIAL = 8
 
@@ -160,6 +166,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     known = KNOWN_KINDS.get(profile.model, {}) if profile is not None else {}
     spatial = model_kind.vae_spatial if model_kind is not None else known.get("vae_spatial", VAE_SPATIAL)
     per_token = model_kind.expand_timesteps if model_kind is not None else known.get("expand_timesteps", False)
+    two_experts = model_kind.two_experts if model_kind is not None else known.get("two_experts", False)
     h, w = cfg.video.height // (spatial * ph), cfg.video.width // (spatial * pw)
     n = h * w
     shards = frame_shards(num_frames, sp)
@@ -183,7 +190,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     memory = {
         "weights: transformer": transformer_params(t) * DTYPE_BYTES[cfg.model.dtype],
         **({"weights: transformer_2": transformer_params(t) * DTYPE_BYTES[cfg.model.dtype]}
-           if model_kind is not None and model_kind.two_experts else {}),
+           if two_experts else {}),  # the idle expert stays resident on every rank (no offload)
         "weights: text encoder": text_encoder_params(text_encoder_cfg) * DTYPE_BYTES[cfg.model.dtype],
         **({"weights: image encoder": image_encoder_params(image_encoder_cfg) * 4}  # float32 (models.py)
            if t.get("image_dim") else {}),

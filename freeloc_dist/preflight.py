@@ -92,13 +92,18 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
 
 def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
     """The model's kind from its directory (freeloc_dist.family) and every profile against it; returns
-    (kind, profile_2). Skipped (None, None) only for a --dry-run on a model directory that is not there."""
+    (kind, profile_2). Skipped (kind None) only for a --dry-run on a model directory that is not there; then a
+    profile_2 is taken only for a published two-expert model the planner knows (planner.KNOWN_KINDS)."""
     from .family import ModelKindError, check_profile_fits, read_model_kind
 
     if not (Path(model_dir) / "model_index.json").is_file():
-        if cfg.profile_2 is not None:
+        if cfg.profile_2 is None:
+            return None, None
+        from .planner import KNOWN_KINDS
+
+        if profile is None or not KNOWN_KINDS.get(profile.model, {}).get("two_experts"):
             raise UserError(f"profile_2={str(cfg.profile_2)!r}: needs the model directory to know its experts")
-        return None, None
+        return None, load_profile_of(dataclasses.replace(cfg, profile=cfg.profile_2), key="profile_2")
     try:
         kind = read_model_kind(model_dir)
     except ModelKindError as e:

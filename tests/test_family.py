@@ -12,6 +12,7 @@ import pytest
 import torch
 from _tiny import rel_err
 
+from freeloc_dist.config import REPO_ROOT
 from freeloc_dist.family import ModelKindError, check_profile_fits, read_model_kind
 from freeloc_dist.profile import load_profile
 
@@ -140,3 +141,14 @@ def test_fingerprint_covers_the_second_expert():
     assert base != fingerprint(cfg, p1, profile_2=p1, boundary_ratio=0.875)
     assert base != fingerprint(cfg, p1, profile_2=p2, boundary_ratio=0.9)
     assert fingerprint(cfg, p1) == fingerprint(cfg, p1, profile_2=p2)  # no boundary: one expert, unchanged
+
+
+@pytest.mark.parametrize("config", ["wan2.2-t2v-a14b.yaml", "wan2.2-i2v-a14b.yaml"])
+def test_a14b_dry_run_without_the_model_directory_counts_both_experts(generate, capsys, config):
+    """A published two-expert model plans from the built-in configs (planner.KNOWN_KINDS) before its weights
+    are downloaded: both experts resident, the same shape."""
+    assert generate.main(["--config", str(REPO_ROOT / "configs" / config), "--dry-run", "--world-size", "8"]) == 0
+    out = capsys.readouterr().out
+    first = [line for line in out.splitlines() if "weights: transformer " in line]
+    second = [line for line in out.splitlines() if "weights: transformer_2" in line]
+    assert len(first) == len(second) == 1 and first[0].split()[-2:] == second[0].split()[-2:]
