@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import yaml
+from _cli import assert_refused, edited_config
 from PIL import Image
 
 from freeloc_dist.config import REPO_ROOT
@@ -14,16 +15,6 @@ from freeloc_dist.config import REPO_ROOT
 pytestmark = pytest.mark.unit
 PROFILES = REPO_ROOT / "configs" / "profiles"
 FIRST = str(REPO_ROOT / "assets" / "i2v-first.png")
-
-
-def config(tmp_path, name, edit=None):
-    raw = yaml.safe_load((REPO_ROOT / "configs" / name).read_text())
-    raw["output"] = str(tmp_path / "out" / "v.mp4")
-    if edit is not None:
-        edit(tmp_path, raw)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def image(tmp_path, name, mode="RGB", fmt=None, color=0):
@@ -120,17 +111,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,edit,argv,needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_i2v_bad_input_is_one_line_exit_2(generate, tmp_path, monkeypatch, capsys, name, edit, argv,  # noqa: F811
+def test_i2v_bad_input_is_one_line_exit_2(generate, tmp_path, monkeypatch, capsys, name, edit, argv,
                                           needle):
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.chdir(tmp_path)
-    code = generate.main(["--config", str(config(tmp_path, name, edit)), *argv(tmp_path)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert needle.replace("{t}", str(tmp_path)) in err[0], err[0]
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    flags = ["--config", str(edited_config(tmp_path, name, edit)), *argv(tmp_path)]
+    assert_refused(generate, flags, tmp_path, monkeypatch, capsys, needle.replace("{t}", str(tmp_path)))
 
 
 def test_the_i2v_configs_validate(generate, tmp_path, monkeypatch, capsys):
