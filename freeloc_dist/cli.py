@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 EXIT_OK = 0
@@ -120,3 +121,8 @@ def main_with_exit_codes(run: Callable[[list[str] | None], int | None], argv: li
         print(f"{rank_prefix()}error: {first_line(e)}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     return EXIT_OK if code is None else int(code)
+
+
+def cwd_path(text: str) -> str:
+    """A path given on the command line: relative to the working directory (config paths: to the repo)."""
+    return str(Path.cwd() / text)

@@ -103,6 +103,16 @@ def batch_timestep(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(1).expand(x.shape[0]).to(x.device)
 
 
+def transformer_inputs(dtype: torch.dtype, latents: torch.Tensor, t: torch.Tensor, condition=None):
+    """(hidden_states, timestep, extra kwargs) of a transformer call on latents [B, C, F, H, W] at t (a scalar,
+    or per-token [B, L]): the conditioning channels appended and its image tokens passed (image-to-video)."""
+    x = latents.to(dtype)
+    extra = {}
+    if condition is not None:
+        x, extra = condition.input_for(x), condition.transformer_kwargs()
+    return x, batch_timestep(t, x), extra  # timestep [B], or [B, L] per token (Wan2.2 TI2V)
+
+
 def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                   uncond: torch.Tensor | None, guidance: float, *, condition=None) -> torch.Tensor:
     """Guided flow prediction for latents [B, C, F, H, W] at timestep t (a scalar, or per-token timesteps
@@ -112,11 +122,7 @@ def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: tor
     (freeloc_dist.conditioning.Conditioning, image-to-video): its channels join the input and its image
     tokens go to both passes; predict functions that take no image are called without it.
     """
-    x = latents.to(transformer.dtype)
-    extra = {}
-    if condition is not None:
-        x, extra = condition.input_for(x), condition.transformer_kwargs()
-    timestep = batch_timestep(t, x)  # [B], or [B, L] per token (Wan2.2 TI2V)
+    x, timestep, extra = transformer_inputs(transformer.dtype, latents, t, condition)
     pos = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False,
                       **extra)[0]
     if not uses_cfg(uncond, guidance):

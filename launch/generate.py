@@ -35,6 +35,7 @@ from freeloc_dist.cli import (  # noqa: E402
     OneLineParser,
     UserError,
     config_flag,
+    cwd_path,
     given,
     main_with_exit_codes,
     overrides_of,
@@ -44,11 +45,6 @@ from freeloc_dist.parallel.decisions import CFG_DEGREES  # noqa: E402
 __all__ = ["main", "run", "UserError", "EXIT_USAGE", "EXIT_PREEMPTED", "EXIT_FAILED"]
 
 STOCK = "none"  # --profile none: stock attention
-
-
-def cwd_path(text: str) -> str:
-    """A path given on the command line: relative to the working directory (config paths: to the repo)."""
-    return str(Path.cwd() / text)
 
 
 def profile_arg(text: str):

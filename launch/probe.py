@@ -3,7 +3,7 @@
     python launch/probe.py --config CONFIG --out PROFILE
         [--probe-config configs/probing.yaml] [--prompt TEXT ...] [--frames N] [--trained-frames T]
         [--steps N] [--seed N] [--query-samples M] [--height H] [--width W] [--model-id ID]
-        [--expert transformer|transformer_2]
+        [--expert transformer|transformer_2] [--image PATH] [--last-image PATH]
 
     python launch/probe.py --config configs/tiny.yaml --out configs/profiles/toy-probed.yaml --steps 10 \
         --prompt "a red circle and a blue square" --prompt "a green square"    # the toy (README)
@@ -11,7 +11,8 @@
 The render config gives the model, resolution, sampler and (through its profile) the trained length T;
 configs/probing.yaml gives the probe settings and the decision rule; flags override both. For each
 prompt the sampler runs at T frames (stock attention) and at the target length (every layer vrpr), and
-each layer is probed at a few points of those trajectories. Runs under torchrun too (trajectories and
+each layer is probed at a few points of those trajectories. Image-to-video models (and TI2V-5B in image
+mode) are conditioned on the config's image at both lengths, as a render is. Runs under torchrun too (trajectories and
 layers split over the ranks; freeloc_dist.probing.run). This file only parses flags: a flag that sets a
 render-config key or a probing setting is declared with that key. User errors are one line `error: ...`
 on stderr and exit code 2.
@@ -25,7 +26,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # runnable from a checkout without installing the package
 
-from freeloc_dist.cli import OneLineParser, config_flag, main_with_exit_codes, overrides_of  # noqa: E402
+from freeloc_dist.cli import OneLineParser, config_flag, cwd_path, main_with_exit_codes, overrides_of  # noqa: E402
 from freeloc_dist.family import EXPERT_NAMES  # noqa: E402
 
 PROBING = "probing:"  # dest prefix of flags that set a probing setting (configs/probing.yaml)
@@ -48,6 +49,10 @@ def _parse_args(argv):
                 help="query rows per layer for attention statistics")
     config_flag(p, "--height", "video.height", type=int, help="video height in pixels")
     config_flag(p, "--width", "video.width", type=int, help="video width in pixels")
+    config_flag(p, "--image", "image", type=cwd_path, metavar="PATH",
+                help="image-to-video models: the first frame the trajectories are conditioned on (as rendered)")
+    config_flag(p, "--last-image", "last_image", type=cwd_path, metavar="PATH",
+                help="first-last-frame models (Wan2.1 FLF2V): the last frame")
     p.add_argument("--model-id", help="model id written into the profile (default: the config's profile's)")
     p.add_argument("--expert", default="transformer", choices=EXPERT_NAMES,
                    help="two-expert models (Wan2.2 A14B): which expert to probe, on its own steps; its base "

@@ -14,7 +14,7 @@ from ..attention.sdpa import grouped_attention
 from ..plan import layer_plan
 from ..processor import project_out, project_qkv
 from ..rope import apply_rotary, split_rotations, temporal_rope_of
-from ..sampling import sample
+from ..sampling import sample, transformer_inputs
 from .stats import context_stats, position_stats, sample_rows, window_plan
 
 
@@ -25,6 +25,19 @@ class ProbeInput:
     latents: torch.Tensor  # [1, C, F, H, W]
     timestep: torch.Tensor  # scalar
     text: torch.Tensor  # [1, L_text, D] conditional text states
+    # image-to-video: the whole video's freeloc_dist.conditioning.Conditioning (channels and CLIP tokens)
+    condition: Any = None
+    # Wan2.2 TI2V: freeloc_dist.token_timesteps.TokenTimesteps (per-token t, clean frame 0 in image mode)
+    token_timesteps: Any = None
+
+    def transformer_call(self, dtype) -> dict:
+        """The keyword arguments of the transformer call that sees this point, as the sampler builds them
+        (freeloc_dist.sampling.sample and predict_noise): same input, timesteps and image tokens."""
+        x, t = self.latents, self.timestep
+        if self.token_timesteps is not None:
+            x, t = self.token_timesteps.model_input(x), self.token_timesteps.timestep(t)
+        x, timestep, extra = transformer_inputs(dtype, x, t, self.condition)
+        return {"hidden_states": x, "timestep": timestep, "encoder_hidden_states": self.text, **extra}
 
 
 class _ProbeState:
@@ -172,11 +185,8 @@ class Prober:
         st = self.state
         st.stats_layers, st.perturb, st.stats = frozenset(stats), perturb, {}
         try:
-            x = inp.latents.to(self.transformer.dtype)
-            t = inp.timestep.reshape(1).expand(x.shape[0]).to(x.device)
             with torch.inference_mode():
-                return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=inp.text,
-                                        return_dict=False)[0]
+                return self.transformer(**inp.transformer_call(self.transformer.dtype), return_dict=False)[0]
         finally:
             st.stats_layers, st.perturb = frozenset(), None
 
@@ -239,10 +249,12 @@ class _Recorded(Exception):
 
 
 def trajectory_inputs(transformer, scheduler, noise, cond, uncond, *, steps: int, guidance: float,
-                      record: Sequence[int], experts=None) -> list[ProbeInput]:
+                      record: Sequence[int], experts=None, condition=None,
+                      token_timesteps=None) -> list[ProbeInput]:
     """Run the sampler (freeloc_dist.sampling.sample, as a render does) from `noise` and return the inputs
     it sees at the step indices `record`. `experts`: a two-expert model's freeloc_dist.experts.ExpertSchedule
-    (each step runs its own expert, as in a render).
+    (each step runs its own expert, as in a render). `condition` / `token_timesteps`: an image-to-video or
+    TI2V model's conditioning of this length, as `sample` takes them; the inputs carry them too.
 
     Stops after the last recorded step. The forwards use whatever attention is installed (under a
     Prober: stock at F <= T, vrpr at F > T), with classifier-free guidance as a render would.
@@ -261,10 +273,11 @@ def trajectory_inputs(transformer, scheduler, noise, cond, uncond, *, steps: int
     if last > 0:
         try:
             sample(transformer, scheduler, noise, cond, uncond, steps=steps, guidance=guidance, after_step=after_step,
-                   experts=experts)
+                   experts=experts, condition=condition, token_timesteps=token_timesteps)
         except _Recorded:
             pass
     else:
         scheduler.set_timesteps(steps, device=noise.device)
     timesteps = scheduler.timesteps
-    return [ProbeInput(latents=out[i], timestep=timesteps[i], text=cond) for i in sorted(out, key=list(record).index)]
+    return [ProbeInput(latents=out[i], timestep=timesteps[i], text=cond, condition=condition,
+                       token_timesteps=token_timesteps) for i in sorted(out, key=list(record).index)]

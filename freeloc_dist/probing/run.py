@@ -30,6 +30,7 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
     from freeloc_dist.family import EXPERT_NAMES, ModelKindError, read_model_kind
     from freeloc_dist.models import check_model_dir
     from freeloc_dist.plan import PlanError, resolve_vrpr
+    from freeloc_dist.preflight import image_checks
     from freeloc_dist.probing import load_probe_settings
     from freeloc_dist.profile import load_profile
 
@@ -40,9 +41,7 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
         kind = read_model_kind(cfg.model.path)
     except ModelKindError as e:
         raise UserError(f"model.path={str(cfg.model.path)!r}: {str(e).splitlines()[0]}") from None
-    if kind.task != "t2v":  # the probe's trajectories take no image conditioning yet: refuse, not crash
-        raise UserError(f"model.path={str(cfg.model.path)!r}: probing is not supported yet for {kind.task} models "
-                        f"({kind.pipeline}); launch/probe.py probes text-to-video models")
+    image_checks(cfg, kind, cfg.model.path)  # an image-to-video model probes with its image, as it renders
     experts = kind.experts
     if expert not in experts:
         raise UserError(f"--expert {expert}: the model at {cfg.model.path} has {' and '.join(experts)} "
@@ -128,8 +127,33 @@ def _encode(parts, prompts, s, use_cfg, dtype, device):
     return [encode(p) for p in prompts], (encode(s.negative_prompt) if use_cfg else None)
 
 
-def _trajectories(transformer, parts, geometry, my_prompts, texts, seed, steps, record, s, experts):
-    """Recorded latents of this rank's prompts at one length, stacked: [len(my_prompts) * k, C, F, H, W]."""
+def _conditioning(parts, cfg, geometry, frames: int, device, dtype) -> dict:
+    """The conditioning of a probe length (`frames` video frames), as a render of that length builds it:
+    {"condition": ...} for an image-to-video model, {"token_timesteps": ...} for Wan2.2 TI2V (with the clean
+    first frame when the config gives an image), {} for text-to-video."""
+    import dataclasses
+
+    from freeloc_dist.sampling import token_timesteps_of
+
+    if parts.expand_timesteps:
+        image = None
+        if cfg.image is not None:
+            from freeloc_dist.conditioning import pixel_tensor
+            from freeloc_dist.images import fit, load_image
+
+            image = pixel_tensor(fit(load_image(cfg.image, "image"), cfg.video.height, cfg.video.width)).to(device)
+        return {"token_timesteps": token_timesteps_of(parts, geometry, image, device)}
+    if cfg.image is None:
+        return {}
+    from freeloc_dist.conditioning import condition_of_render
+
+    length = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, frames=frames))
+    return {"condition": condition_of_render(parts, length, device=device, dtype=dtype)}
+
+
+def _trajectories(transformer, parts, geometry, my_prompts, texts, seed, steps, record, s, experts, conditioning):
+    """Recorded latents of this rank's prompts at one length, stacked: [len(my_prompts) * k, C, F, H, W];
+    `conditioning`: that length's (`_conditioning`)."""
     import torch
 
     from freeloc_dist.probing import trajectory_inputs
@@ -142,7 +166,7 @@ def _trajectories(transformer, parts, geometry, my_prompts, texts, seed, steps, 
         scheduler = scheduler_for_render(parts.scheduler, s.shift)
         out += [inp.latents for inp in trajectory_inputs(transformer, scheduler, noise, texts[0][p], texts[1],
                                                          steps=steps, guidance=s.guidance_scale, record=record,
-                                                         experts=experts)]
+                                                         experts=experts, **conditioning)]
     return torch.cat(out) if out else torch.empty((0, *geometry.shape[1:]), device=device)
 
 
@@ -255,18 +279,23 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
                 for p in (prober, *passive):
                     stack.enter_context(p)
                 texts = _together(comm, lambda: _encode(parts, prompts, s, use_cfg, transformer.dtype, dims.device))
+                # the same on every rank (deterministic), so each rank builds its own
+                conditions = [_together(comm, lambda g=g, f=f: _conditioning(parts, cfg, g, f, dims.device,
+                                                                               transformer.dtype))
+                              for g, f in zip(geometries, lengths)]
                 # Trajectories: prompt p on rank p % world; the recorded states are then shared by all ranks.
-                states = [_together(comm, lambda g=g: _trajectories(transformer, parts, g, my_prompts, texts, seed,
-                                                                     steps, record, s, schedule))
-                          for g in geometries]
+                states = [_together(comm, lambda g=g, c=c: _trajectories(transformer, parts, g, my_prompts, texts,
+                                                                         seed, steps, record, s, schedule, c))
+                          for g, c in zip(geometries, conditions)]
                 states = [_share(comm, dims, x, len(prompts), len(record)) for x in states]
                 timesteps = _timesteps(parts, s, steps, record, dims.device)
 
                 def probe_all():
                     for p in range(len(prompts)):
-                        for latents, probe in zip(states, (prober.probe_position, prober.probe_context)):
+                        for latents, probe, c in zip(states, (prober.probe_position, prober.probe_context),
+                                                     conditions):
                             for j, t in enumerate(timesteps):
-                                probe(ProbeInput(latents=latents[p][j : j + 1], timestep=t, text=texts[0][p]))
+                                probe(ProbeInput(latents=latents[p][j : j + 1], timestep=t, text=texts[0][p], **c))
 
                 _together(comm, probe_all)
         finally:
@@ -279,6 +308,8 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
         seconds = time.perf_counter() - start
         settings_out = {
             "model_path": _shown_path(cfg.model.path),
+            **({"image": _shown_path(cfg.image)} if cfg.image is not None else {}),
+            **({"last_image": _shown_path(cfg.last_image)} if cfg.last_image is not None else {}),
             "dtype": cfg.model.dtype,
             "prompts": list(prompts),
             "seed": seed,
