@@ -125,21 +125,6 @@ def test_the_i2v_configs_validate(generate, tmp_path, monkeypatch, capsys):
             capsys.readouterr().err
 
 
-def test_probe_refuses_an_i2v_model(tmp_path, monkeypatch, capsys):
-    """launch/probe.py's trajectories take no image yet: an image-to-video model is one line, exit 2."""
-    import importlib.util
-
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
-    spec = importlib.util.spec_from_file_location("probe_under_test", REPO_ROOT / "launch" / "probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    config = str(REPO_ROOT / "configs" / "tiny-random-i2v.yaml")
-    code = probe.main(["--config", config, "--out", str(tmp_path / "p.yaml")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "probing is not supported yet for i2v models" in err[0], err
-
-
 @pytest.mark.parametrize("name", ["wan2.1-i2v-14b-480p.yaml", "wan2.1-i2v-14b-720p.yaml", "wan2.2-i2v-a14b.yaml",
                                   "wan2.1-flf2v-14b-720p.yaml"])
 def test_real_i2v_configs_parse_and_say_their_profiles_are_not_probed(name):
