@@ -70,8 +70,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.merge:
-        rows = [r for path in a.merge for r in json.loads(path.read_text())]
-        rows.sort(key=lambda r: (r["frames"], r["pair"]))
+        rows = merged_rows(json.loads(path.read_text()) for path in a.merge)
         print(table(rows, load_profile(load_render_config(a.config).profile).trained_frames,
                     len({r["pair"] for r in rows}), a.against))
         return 0
@@ -144,6 +143,16 @@ def main(argv=None) -> int:
     print()
     print(table(rows, trained, len(worlds), a.against))
     return 0
+
+
+def merged_rows(runs) -> list[dict]:
+    """The rows of several runs' --json lists, one per (frames, method, pair): split runs of one length each
+    score the ground truth again, and a video rendered twice scores the same (renders are deterministic)."""
+    rows = {}
+    for run in runs:
+        for r in run:
+            rows.setdefault((r["frames"], r["method"], r["pair"]), r)
+    return sorted(rows.values(), key=lambda r: (r["frames"], r["pair"]))
 
 
 def length_label(latent_frames: int, trained: int) -> str:
