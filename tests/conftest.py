@@ -30,14 +30,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def generate():
     """launch/generate.py loaded as a module, for in-process CLI tests (its main returns the exit code)."""
-    import importlib.util
+    from _scripts import load_script
 
-    from freeloc_dist.config import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("generate_under_test", REPO_ROOT / "launch" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("launch/generate.py")
 
 
 # ---- generation-side fixtures (config / models / sampling / CLI tests) -------------------------------------

@@ -7,12 +7,11 @@ Tolerances: the trajectory and the forward run the same float32 math as a render
 attention processor (its own SDPA call and rotary application, not diffusers' dispatch), so they agree to
 rounding: within 1e-5 relative (measured <= 1e-6); a missing conditioning is O(1) off or crashes."""
 
-import importlib.util
-
 import pytest
 import torch
 import yaml
 from _cli import assert_refused, edited_config
+from _scripts import load_script
 from _tiny import rel_err
 
 from freeloc_dist.config import REPO_ROOT, load_render_config
@@ -23,10 +22,7 @@ TRAINED = 5  # the tiny profiles' T (latent frames): 17 video frames
 
 
 def _probe_script():
-    spec = importlib.util.spec_from_file_location("_launch_probe_conditioned", REPO_ROOT / "launch" / "probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("launch/probe.py")
 
 
 def _render_and_probe_trajectory(config: str, overrides: dict, record: list[int]):

@@ -1,10 +1,9 @@
 """Probing a two-expert model (Wan2.2 A14B, assets/tiny-a14b): each expert is probed on its own steps of a
 trajectory that runs both experts, as a render does (freeloc_dist.probing.run, launch/probe.py --expert)."""
 
-import importlib.util
-
 import pytest
 import yaml
+from _scripts import load_script
 
 from freeloc_dist.config import REPO_ROOT
 from freeloc_dist.probing import trajectory_steps
@@ -13,10 +12,7 @@ pytestmark = pytest.mark.unit
 
 
 def _probe_script():
-    spec = importlib.util.spec_from_file_location("_launch_probe", REPO_ROOT / "launch" / "probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("launch/probe.py")
 
 
 def test_trajectory_steps_within_an_expert_range():

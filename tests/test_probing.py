@@ -1,11 +1,10 @@
 """Layer probing (freeloc_dist.probing, launch/probe.py): the statistics against naive references, the
 window plan against the oracle, constructed layers ranked first, and a probed profile driving generate."""
 
-import importlib.util
-
 import pytest
 import torch
 import yaml
+from _scripts import load_script
 from _tiny import rel_err, tiny_transformer, transformer_inputs
 
 from freeloc_dist import apply_freeloc, load_profile
@@ -238,10 +237,7 @@ def test_written_profile_loads_through_apply_freeloc(tmp_path):
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_launch_{name}", REPO_ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"launch/{name}.py")
 
 
 def test_probe_cli_writes_a_profile_that_drives_generate(tmp_path, tiny_model_dir, monkeypatch, capsys):

@@ -1,11 +1,8 @@
 """bench/quality.py's arithmetic, which the README's testbed tables come from: merging split runs (one row per
 video) and the paired differences against direct (mean, standard error, pairs better)."""
 
-import importlib.util
-
 import pytest
-
-from freeloc_dist.config import REPO_ROOT
+from _scripts import load_script
 
 pytestmark = pytest.mark.unit
 METRICS = ("subject", "missing", "duplicated", "background", "imaging", "smoothness", "freeze_loop", "overall",
@@ -14,10 +11,7 @@ METRICS = ("subject", "missing", "duplicated", "background", "imaging", "smoothn
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("_bench_quality", REPO_ROOT / "bench" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/quality.py")
 
 
 def _row(method, pair, frames=621, **values):

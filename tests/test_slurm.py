@@ -7,7 +7,6 @@ otherwise. Jobs run the checkout's .venv python (the recipes call .venv/bin/torc
 model with a few frames and steps; every wait has a timeout so that a hang fails fast.
 """
 
-import importlib.util
 import os
 import re
 import shutil
@@ -17,15 +16,14 @@ import sys
 import time
 
 import pytest
+from _scripts import load_script
 from safetensors.torch import load_file
 
 from freeloc_dist.config import REPO_ROOT
 
 pytestmark = pytest.mark.slurm
 
-_spec = importlib.util.spec_from_file_location("slurm_cluster", REPO_ROOT / "scripts" / "slurm_cluster.py")
-slurm_cluster = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(slurm_cluster)
+slurm_cluster = load_script("scripts/slurm_cluster.py")
 
 GENERATE = REPO_ROOT / "launch" / "generate.py"
 HARNESS = REPO_ROOT / "tests" / "slurm_harness"  # sitecustomize.py: slow transformer calls, a failing rank
