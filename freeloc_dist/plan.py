@@ -207,22 +207,7 @@ class TSAParams:
             return cls()
         if isinstance(m, TSAParams):
             return m
-        allowed = {"dense_frames", "stripe_frames", "stripe_width", "sink_frames"}
-        unknown = set(m) - allowed
-        if unknown:
-            raise PlanError(f"tsa: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
-        kwargs = {}
-        for key in ("dense_frames", "stripe_frames", "stripe_width"):
-            if key in m and m[key] is not None:
-                if not _is_int(m[key]):
-                    raise PlanError(f"tsa.{key}={m[key]!r}: must be an integer")
-                kwargs[key] = m[key]
-        if "sink_frames" in m:
-            sinks = m["sink_frames"]
-            if not isinstance(sinks, (list, tuple)) or not all(_is_int(s) for s in sinks):
-                raise PlanError(f"tsa.sink_frames={sinks!r}: must be a list of integers")
-            kwargs["sink_frames"] = tuple(sinks)
-        return cls(**kwargs)
+        return cls(**_section_fields(m, "tsa", ("dense_frames", "stripe_frames", "stripe_width")))
 
     def check(self) -> None:
         if self.dense_frames < 0:
@@ -233,6 +218,31 @@ class TSAParams:
             raise PlanError(f"tsa.stripe_width={self.stripe_width}: must be >= 1")
         if any(s < 0 for s in self.sink_frames):
             raise PlanError(f"tsa.sink_frames={list(self.sink_frames)}: frame indices must be >= 0")
+
+
+def _section_fields(m, where: str, ints: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
+    """Keyword arguments of a profile section (`tsa`, `long_range`): the integer fields `ints` (those in
+    `required` must be given; another one given as None keeps its default) and an optional `sink_frames` list
+    of integers; any other key is an error naming the allowed ones."""
+    allowed = {*ints, "sink_frames"}
+    unknown = set(m) - allowed
+    if unknown:
+        raise PlanError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    kwargs = {}
+    for key in ints:
+        if m.get(key) is None:
+            if key in required:
+                raise PlanError(f"{where}.{key}: missing")
+            continue
+        if not _is_int(m[key]):
+            raise PlanError(f"{where}.{key}={m[key]!r}: must be an integer")
+        kwargs[key] = m[key]
+    if "sink_frames" in m:
+        sinks = m["sink_frames"]
+        if not isinstance(sinks, (list, tuple)) or not all(_is_int(x) for x in sinks):
+            raise PlanError(f"{where}.sink_frames={sinks!r}: must be a list of integers")
+        kwargs["sink_frames"] = tuple(sinks)
+    return kwargs
 
 
 def default_stripe_width(tokens_per_frame: int, dense_frames: int, stripe_frames: int) -> int:
@@ -262,22 +272,10 @@ class LongRangeParams:
             return m
         if not isinstance(m, (dict,)) and not hasattr(m, "keys"):
             raise PlanError(f"{where}: must be a mapping with band_frames, stride_frames, optional sink_frames")
-        allowed = {"band_frames", "stride_frames", "sink_frames"}
-        unknown = set(m) - allowed
-        if unknown:
-            raise PlanError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
-        kwargs = {}
-        for key in ("band_frames", "stride_frames"):
-            if key not in m:
-                raise PlanError(f"{where}.{key}: missing")
-            if not _is_int(m[key]):
-                raise PlanError(f"{where}.{key}={m[key]!r}: must be an integer")
-            kwargs[key] = m[key]
-        if "sink_frames" in m:
-            sinks = m["sink_frames"]
-            if not isinstance(sinks, (list, tuple)) or not all(_is_int(x) for x in sinks):
-                raise PlanError(f"{where}.sink_frames={sinks!r}: must be a list of integers")
-            kwargs["sink_frames"] = tuple(sorted(set(sinks)))
+        fields = ("band_frames", "stride_frames")
+        kwargs = _section_fields(m, where, fields, required=fields)
+        if "sink_frames" in kwargs:
+            kwargs["sink_frames"] = tuple(sorted(set(kwargs["sink_frames"])))
         p = cls(**kwargs)
         p.check(where)
         return p
