@@ -187,6 +187,8 @@ def test_failing_rank_fails_the_job_without_hanging(cluster, tmp_path):
     text = log_text(log)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, text)
     assert "[rank 1] test harness: failing on purpose at start" in text, text
-    assert "task 1: Exited with exit code 1" in text, text  # srun saw node 2's torchrun fail
+    # srun saw a torchrun fail: node 2's (its rank failed), or under load node 1's first (its agent saw the
+    # rendezvous close before node 2's agent reported), after which srun terminates the other task
+    assert re.search(r"task [01]: Exited with exit code 1", text), text
     assert not (tmp_path / "never.mp4").exists()
     print(f"failed job {job} ended {time.monotonic() - start:.0f} s after sbatch")
