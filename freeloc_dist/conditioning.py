@@ -76,6 +76,14 @@ def pixel_tensor(image) -> torch.Tensor:
     return (array.permute(2, 0, 1)[None] * 2.0 - 1.0).contiguous()
 
 
+def image_pixels(cfg, device) -> torch.Tensor:
+    """The config's `image` read and fitted to the render size, as [1, 3, Hp, Wp] in [-1, 1] on `device` (Wan2.2
+    TI2V's image mode: the clean first frame)."""
+    from .images import fit, load_image
+
+    return pixel_tensor(fit(load_image(cfg.image, "image"), cfg.video.height, cfg.video.width)).to(device)
+
+
 @torch.inference_mode()
 def encode_video_condition(vae, first: torch.Tensor, last: torch.Tensor | None, video_frames: int) -> torch.Tensor:
     """Normalised VAE latents [1, C, F, H, W] (float32) of the conditioning video (images in [-1, 1])."""

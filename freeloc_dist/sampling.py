@@ -223,11 +223,9 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
 
         condition = condition_of_render(components, cfg, device=device, dtype=transformer.dtype)
     elif cfg.image is not None and image is None:  # Wan2.2 TI2V image mode: the image is the clean first frame
-        from freeloc_dist.conditioning import pixel_tensor
-        from freeloc_dist.images import fit, load_image
+        from freeloc_dist.conditioning import image_pixels
 
-        picture = fit(load_image(cfg.image, "image"), cfg.video.height, cfg.video.width)
-        image = pixel_tensor(picture).to(device)
+        image = image_pixels(cfg, device)
     per_token = token_timesteps_of(components, geometry, image, device)
     latents = sample(transformer, scheduler, latents, cond, uncond, steps=s.steps, guidance=s.guidance_scale,
                      predict=predict, on_step=on_step, start_step=start_step, scheduler_state=state,

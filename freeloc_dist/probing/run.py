@@ -136,12 +136,9 @@ def _conditioning(parts, cfg, geometry, frames: int, device, dtype) -> dict:
     from freeloc_dist.sampling import token_timesteps_of
 
     if parts.expand_timesteps:
-        image = None
-        if cfg.image is not None:
-            from freeloc_dist.conditioning import pixel_tensor
-            from freeloc_dist.images import fit, load_image
+        from freeloc_dist.conditioning import image_pixels
 
-            image = pixel_tensor(fit(load_image(cfg.image, "image"), cfg.video.height, cfg.video.width)).to(device)
+        image = image_pixels(cfg, device) if cfg.image is not None else None
         return {"token_timesteps": token_timesteps_of(parts, geometry, image, device)}
     if cfg.image is None:
         return {}
