@@ -1,7 +1,8 @@
-"""apply_freeloc / remove_freeloc: the one place that installs processors on a diffusers Wan transformer.
+"""apply_freeloc / remove_freeloc: the one place that installs processors on a diffusers transformer of a
+supported family (the attention layers are the family adapter's, freeloc_dist.families).
 
 An installation is three things, all found again from the model itself (nothing held in a handle a
-`copy.deepcopy` could not follow): the processors of every self-attention layer (each keeps the
+`copy.deepcopy` could not follow): the processors of every attention layer FreeLOC replaces (each keeps the
 processor it replaced), a forward pre-hook object that records the token grid, and the
 `freeloc_state` attribute. Removing puts back the replaced processor objects and drops the hook and
 the attribute, so the model is bitwise stock again. FreeLOC (and the probe, and the parallel engine)
@@ -11,11 +12,9 @@ install through `install_processors`; `apply_freeloc` is the public entry point 
 from __future__ import annotations
 
 from .attention import get_backend
-from .processor import FreeLOCAttnProcessor, FreeLOCState, grid_of
+from .families import family_of
+from .processor import PARALLEL_HINT, FreeLOCAttnProcessor, FreeLOCState
 from .profile import ProfileError, load_profile
-from .rope import temporal_rope_of
-
-PARALLEL_HINT = "use freeloc_dist.parallelize_pipeline(pipe) for sequence parallelism with FreeLOC"
 
 
 class GridHook:
@@ -29,7 +28,7 @@ class GridHook:
 
     def __call__(self, module, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]
-        self.state.grid = grid_of(module, hidden_states)
+        self.state.grid = self.state.family.grid_of(module, hidden_states)
         on_forward = getattr(self.state, "on_forward", None)
         if on_forward is not None:
             on_forward()
@@ -59,12 +58,13 @@ def check_not_diffusers_parallel(transformer) -> None:
 
 
 def installed_processors(transformer):
-    """(block, processor) of every self-attention layer carrying a processor installed here."""
-    return [(b, b.attn1.processor) for b in transformer.blocks if hasattr(b.attn1.processor, "replaced")]
+    """(attention layer, processor) of every FreeLOC layer carrying a processor installed here."""
+    layers = family_of(transformer).attention_layers(transformer)
+    return [(attn, attn.processor) for attn in layers if hasattr(attn.processor, "replaced")]
 
 
 def install_processors(transformer, make_processor, state, *, on_forward=None):
-    """Give every block's attn1 `make_processor(index, replaced_processor)`, record the grid into
+    """Give every FreeLOC attention layer `make_processor(index, replaced_processor)`, record the grid into
     `state` before each forward, and guard against diffusers parallelism. Replaces any previous
     installation (FreeLOC, probe or engine): the processors restored later are always the stock ones."""
     check_not_diffusers_parallel(transformer)
@@ -73,10 +73,10 @@ def install_processors(transformer, make_processor, state, *, on_forward=None):
         raise RuntimeError("this transformer is parallelised: install FreeLOC (apply_freeloc / enable_freeloc) "
                            "before parallelize_pipeline, or remove the parallelism first")
     stock = remove_freeloc(transformer)  # the original processors, whatever was installed
-    for i, (block, original) in enumerate(zip(transformer.blocks, stock)):
+    for i, (attn, original) in enumerate(zip(family_of(transformer).attention_layers(transformer), stock)):
         proc = make_processor(i, original)
         proc.replaced = original
-        block.attn1.set_processor(proc)
+        attn.set_processor(proc)
     state.on_forward = on_forward
     transformer.register_forward_pre_hook(GridHook(state), with_kwargs=True)
     transformer.freeloc_state = state
@@ -89,25 +89,24 @@ def remove_freeloc(transformer) -> list:
     self-attention processors now in place. A no-op on a model without an installation."""
     state = getattr(transformer, "freeloc_state", None)
     if getattr(state, "engine", None) is not None:
-        from .parallel.engine import _drop_engine_hooks
-
-        _drop_engine_hooks(transformer)
+        state.engine.detach()  # the engine removes the hooks it holds the handles of
         state.engine = None
-    for block, proc in installed_processors(transformer):
-        block.attn1.set_processor(proc.replaced)
+    for attn, proc in installed_processors(transformer):
+        attn.set_processor(proc.replaced)
     for hook_id, hook in list(transformer._forward_pre_hooks.items()):
         if isinstance(hook, GridHook):
             del transformer._forward_pre_hooks[hook_id]
             transformer._forward_pre_hooks_with_kwargs.pop(hook_id, None)
     for name in ("freeloc_state", "enable_parallelism"):
         transformer.__dict__.pop(name, None)
-    return [b.attn1.processor for b in transformer.blocks]
+    return [attn.processor for attn in family_of(transformer).attention_layers(transformer)]
 
 
 def snapshot(transformer):
     """The current installation (state and processors, or None), for `restore` after a temporary one."""
     state = getattr(transformer, "freeloc_state", None)
-    return None if state is None else (state, [block.attn1.processor for block in transformer.blocks])
+    layers = family_of(transformer).attention_layers(transformer)
+    return None if state is None else (state, [attn.processor for attn in layers])
 
 
 def restore(transformer, snap) -> None:
@@ -138,12 +137,13 @@ def apply_freeloc(transformer, profile, backend: str = "sdpa") -> FreeLOCHandle:
     previous installation. Works before or after dtype/device casts and survives copy.deepcopy.
     """
     prof = load_profile(profile)
-    blocks = transformer.blocks
-    if prof.num_layers != len(blocks):
+    family = family_of(transformer)
+    layers = family.attention_layers(transformer)
+    if prof.num_layers != len(layers):
         raise ProfileError(
-            f"profile for {prof.model!r} lists {prof.num_layers} layers, the transformer has {len(blocks)}"
+            f"profile for {prof.model!r} lists {prof.num_layers} layers, the transformer has {len(layers)}"
         )
-    state = FreeLOCState(prof, temporal_rope_of(transformer), get_backend(backend).run)
+    state = FreeLOCState(family, prof, family.temporal_rope(transformer), get_backend(backend).run)
     state.backend = backend
     specs = [prof.layer_spec(i) for i in range(prof.num_layers)]  # "vrpr+long" on long-range layers
     install_processors(transformer, lambda i, original: FreeLOCAttnProcessor(specs[i], state), state)

@@ -115,24 +115,14 @@ def riflex_frequency(t_dim: int, trained_frames: int, theta: float = 10000.0) ->
 
 
 def install_riflex(transformer, num_frames: int, trained_frames: int) -> Undo:
-    """Lower the intrinsic temporal frequency in the rope tables (diffusers' WanRotaryPosEmbed buffers)."""
+    """Lower the intrinsic temporal frequency in the model's RoPE tables (its family's set_temporal_frequency)."""
     if num_frames <= trained_frames:
         return lambda: None
-    rope = transformer.rope
-    k = riflex_frequency(rope.t_dim, trained_frames)
-    old_cos, old_sin = rope.freqs_cos.clone(), rope.freqs_sin.clone()
-    omega = 0.9 * 2 * math.pi / num_frames
-    pos = torch.arange(rope.freqs_cos.shape[0], dtype=torch.float64)
-    cos, sin = torch.cos(pos * omega), torch.sin(pos * omega)
-    for col in (2 * k, 2 * k + 1):  # interleaved pairs: columns 2k, 2k+1 hold frequency k
-        rope.freqs_cos[:, col] = cos.to(rope.freqs_cos.dtype)
-        rope.freqs_sin[:, col] = sin.to(rope.freqs_sin.dtype)
+    from .families import family_of
 
-    def undo():
-        rope.freqs_cos.copy_(old_cos)
-        rope.freqs_sin.copy_(old_sin)
-
-    return undo
+    family = family_of(transformer)
+    k = riflex_frequency(family.temporal_rope(transformer).t_dim, trained_frames)
+    return family.set_temporal_frequency(transformer, k, 0.9 * 2 * math.pi / num_frames)
 
 
 # ----------------------------------------------------------------------------------------------- FreeLOC

@@ -193,7 +193,7 @@ def load_config(config_path: Path, overrides: Mapping[str, Any], seconds: float 
 def check_length(cfg: RenderConfig, profile, transformer_cfg: dict | None) -> None:
     """Stock Wan (no profile) has RoPE positions for rope_max_seq_len latent frames (1024): past them its
     tables end and diffusers fails. With FreeLOC every temporal offset stays within the trained range and the
-    tables grow to any length (freeloc_dist.long_rope), so only stock renders are bounded here."""
+    tables grow to any length (the family's grow_rope), so only stock renders are bounded here."""
     if profile is not None or transformer_cfg is None:
         return
     limit = int(transformer_cfg.get("rope_max_seq_len", 1024))

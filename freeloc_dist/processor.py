@@ -1,8 +1,8 @@
-"""The attention processor FreeLOC installs on each Wan self-attention layer.
+"""The attention processor FreeLOC installs on each attention layer its model's family names.
 
-It computes q, k, v exactly as diffusers' WanAttnProcessor does, then hands them with the layer's
-kind and the token grid to an attention function; when the plan is stock (kind full, or F <= T) it
-defers to the stock processor so the output is diffusers' own. It holds no rank logic: sequence
+It computes q, k, v exactly as the family's stock processor does (the family adapter's project_qkv), then
+hands them with the layer's kind and the token grid to an attention function; when the plan is stock (kind
+full, or F <= T) it defers to the stock processor so the output is diffusers' own. It holds no rank logic: sequence
 parallelism, when installed, replaces `state.attention` with a distributed function of the same
 signature.
 
@@ -19,9 +19,10 @@ import itertools
 import weakref
 
 import torch
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from .plan import LayerPlan, layer_plan
+
+PARALLEL_HINT = "use freeloc_dist.parallelize_pipeline(pipe) for sequence parallelism with FreeLOC"
 
 _STATES: "weakref.WeakValueDictionary[int, FreeLOCState]" = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
@@ -30,7 +31,8 @@ _KEYS = itertools.count()
 class FreeLOCState:
     """Shared by all processors of one transformer: profile, grid of the current forward, attention fn."""
 
-    def __init__(self, profile, t_rope, attention):
+    def __init__(self, family, profile, t_rope, attention):
+        self.family = family  # freeloc_dist.families.Family of the transformer
         self.profile = profile
         self.t_rope = t_rope
         self.attention = attention  # (q, k, v, rotary_emb, plan, t_rope) -> out, all [B, L, h, d]
@@ -93,7 +95,7 @@ class FreeLOCAttnProcessor:
     def __init__(self, kind: str, state: FreeLOCState):
         self.kind = kind
         self.state = state
-        self.stock = WanAttnProcessor()
+        self.stock = state.family.stock_processor()
 
     # diffusers' set_attention_backend is honoured where diffusers' attention runs (stock plans);
     # its context parallelism is refused (install.py), so _parallel_config stays None.
@@ -112,43 +114,20 @@ class FreeLOCAttnProcessor:
     @_parallel_config.setter
     def _parallel_config(self, config):
         if config is not None:
-            from .install import PARALLEL_HINT
-
             raise RuntimeError(f"diffusers' parallel_config cannot be set on FreeLOC processors; {PARALLEL_HINT}")
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if encoder_hidden_states is not None or rotary_emb is None or attention_mask is not None:
-            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+    def __call__(self, attn, hidden_states, *args, **kwargs):
         state = self.state
+        family = state.family
+        rotary_emb = family.freeloc_rotary(args, kwargs)
+        if rotary_emb is None:  # a call FreeLOC leaves alone (the family says which)
+            return self.stock(attn, hidden_states, *args, **kwargs)
         grid = state.grid
         if grid is None:
             raise RuntimeError("FreeLOC: token grid unknown; call the transformer, not a block, directly")
         if state.is_stock(self.kind, grid) and not state.route_stock:
-            return self.stock(attn, hidden_states, None, None, rotary_emb)
-        q, k, v = project_qkv(attn, hidden_states)
+            return self.stock(attn, hidden_states, *args, **kwargs)
+        q, k, v = family.project_qkv(attn, hidden_states)
         cos, sin = rotary_emb
         out = freeloc_attention(q, k, v, cos, sin, state.key, self.kind, list(grid))
-        return project_out(attn, out, q.dtype)
-
-
-def project_qkv(attn, hidden_states: torch.Tensor):
-    """Wan self-attention's q, k, v [B, L, h, d] (q and k normalised, not yet rotated), as WanAttnProcessor."""
-    if getattr(attn, "fused_projections", False):
-        q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    else:
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
-    k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
-    return q, k, v.unflatten(2, (attn.heads, -1))
-
-
-def project_out(attn, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The output projection of attention out [B, L, h, d]."""
-    return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(dtype)))
-
-
-def grid_of(transformer, hidden_states: torch.Tensor) -> tuple[int, int, int]:
-    """(F, H, W) after patching, from the transformer input [B, C, F, H, W]."""
-    p_t, p_h, p_w = transformer.config.patch_size
-    _, _, f, h, w = hidden_states.shape
-    return f // p_t, h // p_h, w // p_w
+        return family.project_out(attn, out, q.dtype)

@@ -194,7 +194,7 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
         scheduler_state,
     )
     from .decode import DecodeStopped, can_decode_ranges, decode_ranges, iter_decode_spread
-    from .long_rope import grow_rope_tables
+    from .families import family_of
     from .progress import Progress
     from .sampling import render
     from .video import save_latents, write_json, write_mp4
@@ -208,7 +208,7 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
     settings = fingerprint_settings(cfg, session.profile, **experts)
     key = fingerprint(cfg, session.profile, **experts)
     for transformer in session.experts:  # past 1024 latent frames
-        grow_rope_tables(transformer.rope, cfg.latent_frames)
+        family_of(transformer).grow_rope(transformer, cfg.latent_frames)
     log_fn(f"{label}rendering {v.frames} frames ({cfg.latent_frames} latent) at {v.width}x{v.height}, "
            f"{s.steps} steps, seed {s.seed}" + (f", resuming after step {resume.step}" if resume else ""))
     if resume is None and options.resume:

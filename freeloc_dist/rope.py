@@ -1,6 +1,7 @@
-"""Wan's 3-D RoPE, split so the temporal part can carry any (re-encoded) offset.
+"""3-D RoPE in the interleaved-pair layout (Wan's and HunyuanVideo's), split so the temporal part can carry any
+(re-encoded) offset. A family's own tables (which channels, theta) are read by its adapter (freeloc_dist.families).
 
-Wan rotates interleaved channel pairs of each head; the first `t_dim` channels carry the temporal
+The model rotates interleaved channel pairs of each head; the first `t_dim` channels carry the temporal
 position, the rest the spatial (h, w) positions. FreeLOC only ever changes the temporal part, so we
 keep diffusers' spatial rotation and apply the temporal one ourselves, at integer positions that may
 be negative (a re-encoded offset o is scored as query at temporal position o, key at 0).
@@ -53,22 +54,6 @@ def rotate_temporal_(x: torch.Tensor, t_rope: TemporalRope, positions: torch.Ten
         rotated = torch.view_as_complex(temporal.to(work).unflatten(-1, (half_t, 2)).contiguous()) * phase
         temporal.copy_(torch.view_as_real(rotated).flatten(-2))
     return x
-
-
-def temporal_rope_of(transformer) -> TemporalRope:
-    """TemporalRope matching a diffusers WanTransformer3DModel's rope, checked against its tables."""
-    rope = transformer.rope
-    t = TemporalRope(t_dim=rope.t_dim)
-    positions = torch.arange(min(8, rope.max_seq_len))
-    cos, _ = t.cos_sin(positions, "cpu")
-    table = rope.freqs_cos
-    theirs = table[: len(positions), : rope.t_dim : 2].double().cpu()
-    # The table follows the model's casts (pipe.to(torch.bfloat16) rounds it): compare at the
-    # precision it is stored in, never at float64's (which misread a cast table as another base).
-    atol = max(1e-6, 2 * torch.finfo(table.dtype).eps) if table.is_floating_point() else 1e-6
-    if not torch.allclose(cos.double(), theirs, atol=atol):
-        raise ValueError("transformer.rope uses a temporal frequency base other than 10000; not supported")
-    return t
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

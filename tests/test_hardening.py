@@ -304,7 +304,7 @@ def test_lock_leftovers_modes_and_finished_resume(generate, tmp_path, clean_env,
 def test_rope_tables_grow_bitwise_equal_below_1024():
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-    from freeloc_dist.long_rope import grow_rope_tables, rope_table
+    from freeloc_dist.families.wan.rope import grow_rope_tables, rope_table
 
     rope = WanRotaryPosEmbed(128, (1, 2, 2), 1024)
     cos, sin = rope_table(rope, 1030)

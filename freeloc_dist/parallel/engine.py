@@ -1,10 +1,11 @@
-"""parallelize(): install sequence and CFG parallelism on a built Wan transformer.
+"""parallelize(): install sequence and CFG parallelism on a built transformer of a supported family.
 
 The model code stays stock. Four hooks carry everything: the FreeLOC processors' attention function
-(replaced by a distributed one), a forward hook on `transformer.rope` (each rank gets the rows of the
+(replaced by a distributed one), a forward hook on the family's rope module (each rank gets the rows of the
 whole video's RoPE table for its own frames), a pre-hook that records the global token grid, and a
 wrapper of `transformer.forward` (GlobalForward) so that a direct call, as a stock diffusers pipeline
-makes it, takes global latents and returns the global prediction. The engine's `predict` has the
+makes it, takes global latents and returns the global prediction. The engine keeps the handles of its hooks
+and `detach()` removes exactly those. The engine's `predict` has the
 sampler's contract: global latents in, global guided prediction out; in between, each rank runs the
 transformer on its frames only. `remove()` (or freeloc_dist.remove_freeloc) takes it all out again.
 """
@@ -16,9 +17,7 @@ import torch
 from ..attention import get_backend
 from ..guidance import combine, uses_cfg
 from ..install import apply_freeloc, remove_freeloc
-from ..long_rope import grow_rope_tables
 from ..plan import LayerPlan
-from ..processor import grid_of
 from .comm import Comm
 from .decisions import check_strategy, layer_strategy, ulysses_degree
 from .dims import ParallelDims
@@ -37,8 +36,6 @@ def stock_profile(num_layers: int) -> dict:
 
 
 class SequenceParallel:
-    freeloc_hook_owner = True  # remove_freeloc drops hooks that are bound methods of an engine
-
     def __init__(self, transformer, dims: ParallelDims, *, backend: str = "sdpa", strategy: str = "auto",
                  comm: Comm | None = None):
         self.transformer = transformer
@@ -48,20 +45,25 @@ class SequenceParallel:
         self.strategy = strategy
         self.num_frames: int | None = None  # global latent frames of the current render
         self._rope_cache: dict[tuple, tuple] = {}
+        self._hooks: list = []  # RemovableHandles of the hooks this engine registered
         state = getattr(transformer, "freeloc_state", None)
         if state is not None and state.engine is not None:
             raise RuntimeError("this transformer is already parallelised (parallelize / parallelize_pipeline)")
         self.owns_install = state is None
         if state is None:
-            apply_freeloc(transformer, stock_profile(len(transformer.blocks)), backend=backend)
+            from ..families import family_of
+
+            num_layers = len(family_of(transformer).attention_layers(transformer))
+            apply_freeloc(transformer, stock_profile(num_layers), backend=backend)
             state = transformer.freeloc_state
         self.state = state
+        self.family = state.family
         state.engine = self
         self._saved_attention = state.attention
         self._local = False  # True inside predict: the transformer is then called with this rank's frames
         self.forward = GlobalForward(self, transformer.forward)
         transformer.forward = self.forward
-        self.heads = transformer.blocks[0].attn1.heads
+        self.heads = self.family.num_heads(transformer)
         check_strategy(strategy, self.heads, dims.sp_degree, degenerate_hybrid=True)
         if dims.sp_degree > 1:
             u = ulysses_degree(self.heads, dims.sp_degree)
@@ -69,20 +71,30 @@ class SequenceParallel:
                 dims.sub_sp_group(u)  # every rank creates the sub-groups now, not in a forward
             state.attention = self._attention
             state.route_stock = True  # stock layers must see the whole sequence too
-            transformer.rope.register_forward_hook(self._rope_rows)
-            transformer.register_forward_pre_hook(self._global_grid, with_kwargs=True)
+            self._hooks = [
+                self.family.rope_module(transformer).register_forward_hook(self._rope_rows),
+                transformer.register_forward_pre_hook(self._global_grid, with_kwargs=True),
+            ]
 
     def remove(self) -> None:
         """Undo parallelize: the engine's hooks go; FreeLOC stays if it was installed before."""
         if self.state.engine is not self:
             return
         if self.owns_install:
-            remove_freeloc(self.transformer)
+            remove_freeloc(self.transformer)  # which detaches this engine first
             return
-        _drop_engine_hooks(self.transformer)
+        self.detach()
         self.state.attention = self._saved_attention
         self.state.route_stock = False
         self.state.engine = None
+
+    def detach(self) -> None:
+        """Remove this engine's hooks and its forward wrapper (remove_freeloc calls it before the processors go)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if self.transformer.__dict__.get("forward") is self.forward:
+            del self.transformer.__dict__["forward"]
 
     # -- shapes ---------------------------------------------------------------------------------
     @property
@@ -90,15 +102,12 @@ class SequenceParallel:
         return frame_shards(self.num_frames, self.dims.sp_degree)
 
     def _rope_tables(self, num_frames, height, width, device):
-        """Wan's RoPE (cos, sin) of the whole video, built once per shape (kept on the engine, not a global cache)."""
+        """The RoPE (cos, sin) of the whole video, built once per shape (kept on the engine, not a global cache)."""
         key = (num_frames, height, width, device)
         if key not in self._rope_cache:
             if len(self._rope_cache) >= 4:  # a queue of many lengths: keep the newest few (each is L x d floats)
                 self._rope_cache.pop(next(iter(self._rope_cache)))
-            # Past diffusers' 1024 rows the tables grow first (any length); the rope module reads only its
-            # input's shape; forward() directly skips our own hook.
-            grow_rope_tables(self.transformer.rope, num_frames)
-            self._rope_cache[key] = self.transformer.rope.forward(_Shape((1, 1, num_frames, height, width)))
+            self._rope_cache[key] = self.family.global_rope(self.transformer, num_frames, height, width)
         return self._rope_cache[key]
 
     @torch.compiler.disable
@@ -116,7 +125,7 @@ class SequenceParallel:
         latents = args[0] if args else kwargs["hidden_states"]
         if not self._local:  # a direct call: the input is the whole video (GlobalForward shards it next)
             self.num_frames = latents.shape[2]
-        _, h, w = grid_of(module, latents)
+        _, h, w = self.family.grid_of(module, latents)
         self.state.grid = (self.num_frames, h, w)
 
     # -- attention ------------------------------------------------------------------------------
@@ -216,8 +225,6 @@ class GlobalForward:
     through. `pairing`, when set (parallelize_pipeline with cfg_degree 2), pairs a pipeline's cond and
     uncond calls over the two CFG groups."""
 
-    freeloc_hook = True
-
     def __init__(self, engine: SequenceParallel, inner):
         self.engine = engine
         self.inner = inner
@@ -244,27 +251,6 @@ class GlobalForward:
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=out)
-
-
-def _drop_engine_hooks(transformer) -> None:
-    """Remove the engine's hooks (bound methods of a SequenceParallel) and its forward wrapper."""
-    for module in (transformer, transformer.rope):
-        for table in (module._forward_pre_hooks, module._forward_hooks):
-            for hook_id, hook in list(table.items()):
-                if getattr(getattr(hook, "__self__", None), "freeloc_hook_owner", False):
-                    del table[hook_id]
-                    for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
-                                  "_forward_hooks_always_called"):
-                        getattr(module, extra, {}).pop(hook_id, None)
-    if getattr(transformer.__dict__.get("forward"), "freeloc_hook", False):
-        del transformer.__dict__["forward"]
-
-
-class _Shape:
-    """Stand-in for a tensor of which only `.shape` is read (WanRotaryPosEmbed.forward)."""
-
-    def __init__(self, shape):
-        self.shape = torch.Size(shape)
 
 
 def parallelize(transformer, dims: ParallelDims, *, backend: str = "sdpa", strategy: str = "auto",

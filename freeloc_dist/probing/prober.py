@@ -1,4 +1,5 @@
-"""The prober: probe processors installed on a WanTransformer3DModel (restored on exit), the forwards
+"""The prober: probe processors installed on a transformer's FreeLOC layers (its family's attention layers;
+restored on exit), the forwards
 that perturb one layer at a time, and the scores they accumulate (freeloc_dist.probing's docstring)."""
 
 from __future__ import annotations
@@ -7,13 +8,12 @@ import dataclasses
 from typing import Any, Callable, Sequence
 
 import torch
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from ..attention import get_backend
 from ..attention.sdpa import grouped_attention
+from ..families import family_of
 from ..plan import layer_plan
-from ..processor import project_out, project_qkv
-from ..rope import apply_rotary, split_rotations, temporal_rope_of
+from ..rope import apply_rotary, split_rotations
 from ..sampling import sample, transformer_inputs
 from .stats import context_stats, position_stats, sample_rows, window_plan
 
@@ -44,7 +44,8 @@ class _ProbeState:
     """Shared by the probe processors of one transformer: grid, perturbation, statistics, counters."""
 
     def __init__(self, transformer, *, trained_frames, vrpr, backend, seed, query_samples, deltas):
-        self.t_rope = temporal_rope_of(transformer)
+        self.family = family_of(transformer)
+        self.t_rope = self.family.temporal_rope(transformer)
         self.trained_frames = trained_frames
         self.vrpr = vrpr
         self.attention = get_backend(backend).run
@@ -80,13 +81,14 @@ class ProbeAttnProcessor:
     def __init__(self, layer: int, state: _ProbeState):
         self.layer = layer
         self.state = state
-        self.stock = WanAttnProcessor()
+        self.stock = state.family.stock_processor()
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if encoder_hidden_states is not None or rotary_emb is None or attention_mask is not None:
-            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+    def __call__(self, attn, hidden_states, *args, **kwargs):
         st = self.state
-        q, k, v = project_qkv(attn, hidden_states)  # [B, L, h, d]
+        rotary_emb = st.family.freeloc_rotary(args, kwargs)
+        if rotary_emb is None:  # a call FreeLOC leaves alone (the family says which)
+            return self.stock(attn, hidden_states, *args, **kwargs)
+        q, k, v = st.family.project_qkv(attn, hidden_states)  # [B, L, h, d]
         num_frames, h, w = st.grid
         frames = torch.arange(num_frames).repeat_interleave(h * w)  # [L]
         active = st.perturb is not None and st.perturb[0] == self.layer
@@ -115,7 +117,7 @@ class ProbeAttnProcessor:
                 out = out.transpose(1, 2)
             else:
                 out = st.attention(q, k, v, rotary_emb, plan, st.t_rope)
-        return project_out(attn, out, q.dtype)
+        return st.family.project_out(attn, out, q.dtype)
 
 
 def _rel_change(y, y0) -> float:
@@ -123,7 +125,7 @@ def _rel_change(y, y0) -> float:
 
 
 class Prober:
-    """Installs probe processors on a WanTransformer3DModel (restored on exit) and accumulates scores.
+    """Installs probe processors on a transformer's FreeLOC layers (restored on exit) and accumulates scores.
 
         with Prober(transformer, trained_frames=T, layers=[...]) as prober:
             prober.probe_position(inp)   # inp.latents has T frames
@@ -138,7 +140,7 @@ class Prober:
                  measure_output=True, seed=0, vrpr=None, backend="sdpa", layers=None,
                  on_forward: Callable[[], None] | None = None):
         self.transformer = transformer
-        self.num_layers = len(transformer.blocks)
+        self.num_layers = len(family_of(transformer).attention_layers(transformer))
         self.layers = list(range(self.num_layers)) if layers is None else sorted(layers)
         self.trained_frames = trained_frames
         self.shifts = tuple(shifts)

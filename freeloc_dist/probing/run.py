@@ -211,6 +211,7 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
     from transformers.utils import logging as transformers_logging
 
     from freeloc_dist.experts import expert_schedule
+    from freeloc_dist.families import family_of
     from freeloc_dist.models import load_components
     from freeloc_dist.parallel import destroy_parallel, init_parallel
     from freeloc_dist.parallel.comm import Comm
@@ -248,7 +249,7 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
         scheduler.set_timesteps(steps, device=dims.device)
         within = expert_steps(schedule, scheduler.timesteps, expert, steps)
         record = trajectory_steps(settings.timesteps, steps, within)
-        num_layers = len(transformer.blocks)
+        num_layers = len(family_of(transformer).attention_layers(transformer))
         mine = list(range(dims.rank, num_layers, dims.world_size))
         lengths = [4 * (trained - 1) + 1, 4 * (target - 1) + 1]  # output frames of the two probe lengths
         geometries = [latent_geometry(parts.vae, transformer, f, cfg.video.height, cfg.video.width) for f in lengths]

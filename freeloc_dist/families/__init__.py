@@ -1,0 +1,47 @@
+"""Model families behind one adapter (DESIGN 11).
+
+A family is one folder of this package (families/wan/, ...) holding every fact of its models: which attention
+modules FreeLOC replaces and how they compute q, k, v and the output, the RoPE tables and their temporal part,
+and (as the move continues) inputs, VAE and planner counts. The engine, the processors, probing and the
+render loop see only the `Family` object `family_of(transformer)` returns; nothing outside families/ names a
+family's classes. A family registers itself with `register` when its folder is imported; the registry imports
+the known folders on first use, so shared code never imports a family folder itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import Family
+
+__all__ = ["Family", "register", "family_of", "registered"]
+
+# The folders imported on first use (each calls `register`); a test may register more.
+_BUILTIN = ("freeloc_dist.families.wan",)
+_REGISTRY: list[Family] = []
+_loaded = False
+
+
+def register(family: Family) -> Family:
+    """Add a family (replacing one of the same name); returns it."""
+    _REGISTRY[:] = [f for f in _REGISTRY if f.name != family.name] + [family]
+    return family
+
+
+def registered() -> list[Family]:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in _BUILTIN:
+            importlib.import_module(module)
+    return list(_REGISTRY)
+
+
+def family_of(transformer) -> Family:
+    """The family of a built diffusers transformer; a clear error for a model no family serves."""
+    families = registered()
+    for family in families:
+        if family.owns(transformer):
+            return family
+    names = ", ".join(cls for f in families for cls in f.transformer_classes)
+    raise TypeError(f"{type(transformer).__name__}: not a supported transformer (supported: {names})")
