@@ -33,13 +33,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from freeloc_dist.config import REPO_ROOT, load_render_config  # noqa: E402
+from freeloc_dist.families.wan import toy as tm  # noqa: E402
+from freeloc_dist.families.wan.toy_train import EVAL_SEED_BASE, keyframe_latents, noised  # noqa: E402
 from freeloc_dist.methods import METHODS, get_method  # noqa: E402
 from freeloc_dist.models import load_components  # noqa: E402
 from freeloc_dist.profile import load_profile  # noqa: E402
 from freeloc_dist.sampling import encode_prompt  # noqa: E402
-from freeloc_dist.testbed import model as tm  # noqa: E402
 from freeloc_dist.testbed import world as tw  # noqa: E402
-from freeloc_dist.testbed.train import EVAL_SEED_BASE, keyframe_latents, noised  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         x0_all = [keyframe_latents(parts.vae.config, tw.render(w, frames_longest, tm.VIDEO_SIZE, 4)[None],
                                    frames_longest) for w in worlds]  # [1, C, F_max, H, W] each
-        conds = [encode_prompt(parts.text_encoder, parts.tokenizer, w.prompt, tm.MAX_TEXT_TOKENS)[0][None]
+        conds = [encode_prompt(parts, w.prompt, tm.MAX_TEXT_TOKENS)[0][None]
                  for w in worlds]
     noises = [[torch.randn(x.shape, generator=torch.Generator().manual_seed(1000 * i + j))
                for j in range(len(a.noise))] for i, x in enumerate(x0_all)]

@@ -19,15 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from freeloc_dist.config import REPO_ROOT, load_render_config  # noqa: E402
+from freeloc_dist.families.wan import toy as tm  # noqa: E402
+from freeloc_dist.families.wan.toy_train import keyframe_latents, noised  # noqa: E402
 from freeloc_dist.models import load_components  # noqa: E402
 from freeloc_dist.probing.decide import write_profile  # noqa: E402
 from freeloc_dist.probing.long_range import DEFAULT_THRESHOLD, long_range_profile, measure_long_range  # noqa: E402
 from freeloc_dist.probing.prober import ProbeInput  # noqa: E402
 from freeloc_dist.profile import load_profile  # noqa: E402
 from freeloc_dist.sampling import encode_prompt  # noqa: E402
-from freeloc_dist.testbed import model as tm  # noqa: E402
 from freeloc_dist.testbed import world as tw  # noqa: E402
-from freeloc_dist.testbed.train import keyframe_latents, noised  # noqa: E402
 
 PROBE_SEEDS = (7, 8)  # training-range world seeds (< EVAL_SEED_BASE): calibration, not evaluation
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         for seed in PROBE_SEEDS:
             w = tw.sample_world(seed)
             x0 = keyframe_latents(parts.vae.config, tw.render(w, frames, tm.VIDEO_SIZE, 4)[None], frames)
-            text = encode_prompt(parts.text_encoder, parts.tokenizer, w.prompt, tm.MAX_TEXT_TOKENS)[0][None]
+            text = encode_prompt(parts, w.prompt, tm.MAX_TEXT_TOKENS)[0][None]
             for j, s in enumerate(a.noise):
                 e = torch.randn(x0.shape, generator=torch.Generator().manual_seed(100 * seed + j))
                 xs, _ = noised(x0, torch.tensor([s]), e)

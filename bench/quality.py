@@ -28,13 +28,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from freeloc_dist.config import REPO_ROOT, load_render_config  # noqa: E402
+from freeloc_dist.families.wan.toy_train import EVAL_SEED_BASE  # noqa: E402
 from freeloc_dist.methods import METHODS, get_method  # noqa: E402
 from freeloc_dist.models import load_components  # noqa: E402
 from freeloc_dist.profile import load_profile  # noqa: E402
 from freeloc_dist.sampling import render  # noqa: E402
 from freeloc_dist.testbed import metrics as tm  # noqa: E402
 from freeloc_dist.testbed import world as tw  # noqa: E402
-from freeloc_dist.testbed.train import EVAL_SEED_BASE  # noqa: E402
 from freeloc_dist.video import write_mp4  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from freeloc_dist.families.wan.toy_train import EVAL_SEED_BASE  # noqa: E402
 from freeloc_dist.methods import METHODS  # noqa: E402
 from freeloc_dist.testbed import metrics as tm  # noqa: E402
 from freeloc_dist.testbed import world as tw  # noqa: E402
-from freeloc_dist.testbed.train import EVAL_SEED_BASE  # noqa: E402
 
 COLUMNS = 8
 SCALE = 2  # 64 px frames drawn at 128 px

@@ -25,11 +25,13 @@ import torch
 
 from freeloc_dist.config import RenderConfig
 
+from .errors import UserError
+
 FORMAT_VERSION = 1
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be resumed (corrupt, or from a different render); message is one line."""
 
 

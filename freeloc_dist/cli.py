@@ -1,8 +1,8 @@
 """What every launch/ entry point shares: one-line user errors with exit code 2, rank-prefixed logging,
 and the documented exit codes.
 
-A user error (bad flag, config, prompts file, model directory, profile) is raised as `UserError` (or any
-`ValueError` subclass named in `USER_ERRORS`, e.g. config.ConfigError) and `main_with_exit_codes` turns it
+A user error (bad flag, config, prompts file, model directory, profile) is a `UserError` (freeloc_dist.errors:
+config.ConfigError, profile.ProfileError, ... all derive from it) and `main_with_exit_codes` turns it
 into exactly one stderr line `error: ...` and exit code 2. Entry points validate everything on every rank
 before joining a process group, so every rank prints the same line and none is left waiting.
 This module imports nothing heavy (no torch), so a bad flag fails in milliseconds.
@@ -23,14 +23,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .errors import UserError
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
-
-
-class UserError(Exception):
-    """An error in what the user asked for; printed as one line, exit code 2."""
 
 
 class RenderFailed(Exception):
@@ -93,15 +91,7 @@ def first_line(e: BaseException) -> str:
 
 
 def is_user_error(e: BaseException) -> bool:
-    if isinstance(e, UserError):
-        return True
-    # Imported lazily by the callers; only count them if already loaded (flag errors need no heavy import).
-    for module, name in (("freeloc_dist.config", "ConfigError"), ("freeloc_dist.profile", "ProfileError"),
-                         ("freeloc_dist.plan", "PlanError")):
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(e, cls):
-            return True
-    return False
+    return isinstance(e, UserError)
 
 
 def main_with_exit_codes(run: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from .choices import ATTENTION_BACKENDS, COMPILE_MODES, STRATEGY_CHOICES
+from .errors import UserError
 from .yamlio import load_yaml, yaml_problem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ Backend = Literal[ATTENTION_BACKENDS]  # names from freeloc_dist.choices, which 
 Strategy = Literal[STRATEGY_CHOICES]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user error in a config file, an override or a command-line flag. The message is one line."""
 
 

@@ -2,7 +2,7 @@
 
 Wan2.2 A14B splits the timesteps between a high-noise expert (`transformer`) and a low-noise expert
 (`transformer_2`): step t runs the first while t >= boundary_ratio x num_train_timesteps, the second
-below, each with its own guidance scale (diffusers' WanPipeline rule, which the tests compare against).
+below, each with its own guidance scale (the rule of diffusers' Wan pipeline, which the tests compare against).
 Each expert carries its own `predict` because a parallel engine is installed per transformer.
 """
 

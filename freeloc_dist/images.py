@@ -4,8 +4,8 @@ Read with Pillow (no torch): this runs in preflight, on every rank, before any w
 unreadable or unsupported file is one line `error: ...` (exit 2) and nothing is written. Any image-conditioned
 family can use it (Wan2.1/2.2 I2V, FLF2V here; Wan2.2 TI2V's image mode reads its first frame the same way).
 
-What the model sees, as in diffusers' WanImageToVideoPipeline:
-- the CLIP image encoder (Wan2.1 I2V) gets the image as read (RGB); its CLIPImageProcessor resizes and
+What the model sees, as in diffusers' Wan image-to-video pipeline:
+- the CLIP image encoder (Wan2.1 I2V) gets the image as read (RGB); its image processor resizes and
   crops to its own 224 x 224;
 - the VAE gets the image fitted to the render size (`fit`): scaled with Lanczos to cover height x width and
   centre-cropped, the result of diffusers' VaeImageProcessor resize_mode="crop". When the aspect ratio
@@ -18,13 +18,15 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from .errors import UserError
+
 FORMATS = ("PNG", "JPEG")  # what Pillow reports for .png and .jpg/.jpeg files
 # Modes that become RGB without changing what the picture shows (grayscale, palette, opaque alpha).
 CONVERTIBLE = ("RGB", "L", "P", "RGBA", "LA")
 MAX_PIXELS = 100_000_000  # a decompression bomb is refused, not decoded
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """A conditioning image that cannot be used; the message is one line naming the flag's config key."""
 
 

@@ -1,4 +1,4 @@
-"""FreeLOC and the sequence-parallel engine on a stock diffusers Wan pipeline (DESIGN 9).
+"""FreeLOC and the sequence-parallel engine on a stock diffusers pipeline of a supported family (DESIGN 9).
 
     enable_freeloc(pipe, profile)          # every transformer of the pipeline
     parallelize_pipeline(pipe)             # under torchrun, on every rank
@@ -8,9 +8,9 @@ The pipeline's own loop, scheduler and VAE run unchanged on every rank; only the
 distributed (each rank runs its frames, the prediction is gathered: parallel/engine.py GlobalForward),
 so every rank returns what one process returns. With cfg_degree 2 the pipeline's serial cond / uncond
 calls are paired: at the cond call the two CFG groups compute cond and uncond at once (the negative
-embeddings are taken from the pipeline's own encode_prompt), and the uncond call that follows with the
-same latents, timestep and negative embeddings gets the cached result. Any other call is computed as
-asked, so the result is exact whatever the pipeline does.
+embeddings are taken from the pipeline's own encode_prompt, read as its family says), and the uncond call
+that follows with the same latents, timestep and negative embeddings gets the cached result. Any other call
+is computed as asked, so the result is exact whatever the pipeline does.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ COMPONENTS = ("transformer", "transformer_2")
 
 
 def pipeline_transformers(pipe) -> dict:
-    """{component name: transformer} of a diffusers Wan pipeline (transformer_2 when present and set)."""
+    """{component name: transformer} of a diffusers pipeline (transformer_2 when present and set)."""
     found = {name: getattr(pipe, name, None) for name in COMPONENTS}
     found = {name: model for name, model in found.items() if model is not None}
     if not found:
@@ -97,7 +97,9 @@ def parallelize_pipeline(pipe, cfg_degree: int = 1, strategy: str = "auto", *, b
         engines[name] = parallelize(model, dims, backend=chosen, strategy=strategy)
     undo = None
     if dims.cfg_degree == 2:
-        capture = _PromptCapture(pipe)
+        from .families import family_of
+
+        capture = _PromptCapture(pipe, family_of(next(iter(engines.values())).transformer))
         for engine in engines.values():
             engine.forward.pairing = CFGPairing(pipe, capture, engine)
         undo = capture.remove
@@ -107,15 +109,16 @@ def parallelize_pipeline(pipe, cfg_degree: int = 1, strategy: str = "auto", *, b
 class _PromptCapture:
     """Wraps pipe.encode_prompt (an instance attribute, removed again) to keep the last embeddings."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, family):
         self.pipe = pipe
+        self.family = family  # reads the pipeline's encode_prompt output and its guidance flag
         self.inner = pipe.encode_prompt
         self.embeds: tuple | None = None  # (prompt_embeds, negative_prompt_embeds or None)
         pipe.encode_prompt = self
 
     def __call__(self, *args, **kwargs):
         out = self.inner(*args, **kwargs)
-        self.embeds = (out[0], out[1])
+        self.embeds = self.family.pipeline_prompt_embeds(out)
         return out
 
     def remove(self):
@@ -139,7 +142,7 @@ class CFGPairing:
         self.pending = None  # (latents, timestep, negative embeds, uncond prediction)
 
     def _negative_for(self, text):
-        if not getattr(self.pipe, "do_classifier_free_guidance", False) or self.capture.embeds is None:
+        if not self.capture.family.pipeline_uses_cfg(self.pipe) or self.capture.embeds is None:
             return None
         pos, neg = self.capture.embeds
         if neg is None or not _same(text, pos):

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from .errors import UserError
+
 KINDS = ("full", "vrpr", "tsa")
 
 # Published settings for Wan2.1 (T=21) from the FreeLOC paper, keyed by (T, F).
@@ -30,7 +32,7 @@ PAPER_VRPR = {
 NONE, DENSE, STRIPE, SINK = 0, 1, 2, 3
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A FreeLOC setting that breaks a property of DESIGN 4/5."""
 
 

@@ -22,45 +22,16 @@ Model of memory (inference, one layer live at a time, every rank holds all weigh
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 from freeloc_dist.config import RenderConfig
 
+from .errors import UserError
+
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# The published diffusers transformer configs, for planning without the weights present.
-KNOWN_TRANSFORMERS = {
-    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": {"num_layers": 30, "num_attention_heads": 12, "attention_head_dim": 128,
-                                         "ffn_dim": 8960, "in_channels": 16, "out_channels": 16, "text_dim": 4096,
-                                         "freq_dim": 256, "patch_size": [1, 2, 2]},
-    "Wan-AI/Wan2.1-T2V-14B-Diffusers": {"num_layers": 40, "num_attention_heads": 40, "attention_head_dim": 128,
-                                        "ffn_dim": 13824, "in_channels": 16, "out_channels": 16, "text_dim": 4096,
-                                        "freq_dim": 256, "patch_size": [1, 2, 2]},
-    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": {"num_layers": 30, "num_attention_heads": 24, "attention_head_dim": 128,
-                                        "ffn_dim": 14336, "in_channels": 48, "out_channels": 48, "text_dim": 4096,
-                                        "freq_dim": 256, "patch_size": [1, 2, 2]},
-}
-# Wan2.1-I2V-14B (480P and 720P share the transformer): 16 noise + 4 mask + 16 conditioning channels, CLIP
-# image cross-attention (image_dim 1280 = ViT-H/14's width, added k/v projections at the model width)
-KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"] = {
-    **KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-T2V-14B-Diffusers"], "in_channels": 36, "image_dim": 1280,
-    "added_kv_proj_dim": 5120}
-# What the planner needs of a published model's VAE and pipeline when its directory is not here (otherwise it
-# is read from the directory: freeloc_dist.family.ModelKind).
-KNOWN_KINDS = {"Wan-AI/Wan2.2-TI2V-5B-Diffusers": {"vae_spatial": 16, "expand_timesteps": True},
-               "Wan-AI/Wan2.2-T2V-A14B-Diffusers": {"two_experts": True},
-               "Wan-AI/Wan2.2-I2V-A14B-Diffusers": {"two_experts": True}}
-# Wan2.2 A14B: two experts, each of Wan2.1-14B's shape (I2V: 16 noise + 4 mask + 16 conditioning channels, no CLIP)
-KNOWN_TRANSFORMERS["Wan-AI/Wan2.2-T2V-A14B-Diffusers"] = dict(KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-T2V-14B-Diffusers"])
-KNOWN_TRANSFORMERS["Wan-AI/Wan2.2-I2V-A14B-Diffusers"] = {
-    **KNOWN_TRANSFORMERS["Wan-AI/Wan2.1-T2V-14B-Diffusers"], "in_channels": 36}
-UMT5_XXL_PARAMS = 5.68e9  # Wan's text encoder (encoder only), when text_encoder/config.json is absent
-VAE_SPATIAL = 8
-
-
-class RenderPlanError(ValueError):
+class RenderPlanError(UserError, ValueError):
     """The render cannot be planned or does not fit; one line."""
 
 
@@ -97,46 +68,31 @@ class RenderPlan:
         return self.flops_per_step * self.steps / (self.peak_tflops * 1e12)
 
 
+def _family(transformer_cfg: Mapping[str, Any]):
+    """The family of a transformer config (config.json's `_class_name`, built-in configs carry it too)."""
+    from freeloc_dist.families import registered
+
+    name = transformer_cfg.get("_class_name")
+    for family in registered():
+        if name in family.transformer_classes:
+            return family
+    raise RenderPlanError(f"transformer config: _class_name={name!r}: not a supported transformer")
+
+
+def _known(table: str) -> dict[str, dict[str, Any]]:
+    """A planner table (published configs by model id) over every registered family."""
+    from freeloc_dist.families import registered
+
+    return {model: entry for family in registered() for model, entry in getattr(family, table)().items()}
+
+
+KNOWN_TRANSFORMERS = _known("known_transformers")
+KNOWN_KINDS = _known("known_kinds")
+
+
 def transformer_params(t: Mapping[str, Any]) -> float:
-    """Parameter count of a WanTransformer3DModel from its config (biases and norms included)."""
-    d = t["num_attention_heads"] * t["attention_head_dim"]
-    ffn, layers = t["ffn_dim"], t["num_layers"]
-    patch = math.prod(t.get("patch_size", [1, 2, 2]))
-    block = (4 * d * d + 4 * d + 2 * d) * 2 + d * 2  # self + cross attention (q k v o, qk norms), cross norm
-    block += 2 * d * ffn + ffn + d + 6 * d  # FFN, modulation table
-    rest = t["in_channels"] * patch * d + d  # patch embedding
-    rest += t.get("text_dim", 4096) * d + d + d * d + d  # text embedder
-    rest += t.get("freq_dim", 256) * d + d + d * d + d + d * 6 * d + 6 * d  # time embedder + projection
-    rest += d * t["out_channels"] * patch + t["out_channels"] * patch + 2 * d  # head
-    image_dim = t.get("image_dim")
-    if image_dim:  # Wan2.1 I2V / FLF2V: image k/v projections (+ k norm) in every cross-attention, image embedder
-        added = t.get("added_kv_proj_dim") or d
-        block += 2 * (added * d + d) + d
-        rest += 2 * image_dim + image_dim * image_dim + image_dim + image_dim * d + d + 2 * d
-        rest += (t.get("pos_embed_seq_len") or 0) * image_dim
-    return layers * block + rest
-
-
-CLIP_VIT_H14 = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "image_size": 224,
-                "patch_size": 14, "num_channels": 3}  # Wan2.1 I2V's image encoder, when its config is absent
-
-
-def image_encoder_params(clip: Mapping[str, Any] | None) -> float:
-    """Parameter count of a transformers CLIPVisionModel from its config (Wan2.1 I2V's image encoder)."""
-    c = {**CLIP_VIT_H14, **(clip or {})}
-    h, inner, layers, patch = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["patch_size"]
-    positions = (c["image_size"] // patch) ** 2 + 1
-    embeddings = c.get("num_channels", 3) * patch * patch * h + h + positions * h  # patch conv, class, positions
-    layer = 4 * (h * h + h) + 2 * (h * inner) + inner + h + 4 * h  # attention, MLP, two layer norms
-    return embeddings + layers * layer + 4 * h  # + pre and post layer norms
-
-
-def text_encoder_params(te: Mapping[str, Any] | None) -> float:
-    if not te:
-        return UMT5_XXL_PARAMS
-    d, ff, layers = te["d_model"], te["d_ff"], te["num_layers"]
-    inner = te.get("num_heads", 1) * te.get("d_kv", d // max(1, te.get("num_heads", 1)))
-    return te["vocab_size"] * d + layers * (4 * d * inner + 3 * d * ff + 2 * d) + d
+    """Parameter count of a transformer from its config (the family's formula)."""
+    return _family(t).transformer_params(t)
 
 
 def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=None, *, world_size: int,
@@ -153,6 +109,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     from freeloc_dist.plan import layer_plan
 
     t = transformer_cfg
+    family = _family(t)
     heads, head_dim, layers = t["num_attention_heads"], t["attention_head_dim"], t["num_layers"]
     d, ffn = heads * head_dim, t["ffn_dim"]
     _, ph, pw = t.get("patch_size", [1, 2, 2])
@@ -164,7 +121,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     except ValueError as e:
         raise RenderPlanError(str(e)) from None
     known = KNOWN_KINDS.get(profile.model, {}) if profile is not None else {}
-    spatial = model_kind.vae_spatial if model_kind is not None else known.get("vae_spatial", VAE_SPATIAL)
+    spatial = model_kind.vae_spatial if model_kind is not None else known.get("vae_spatial", family.vae_spatial)
     per_token = model_kind.expand_timesteps if model_kind is not None else known.get("expand_timesteps", False)
     two_experts = model_kind.two_experts if model_kind is not None else known.get("two_experts", False)
     h, w = cfg.video.height // (spatial * ph), cfg.video.width // (spatial * pw)
@@ -176,7 +133,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     passes = (2 if use_cfg else 1) // (cfg_degree if use_cfg else 1)  # transformer passes per rank per step
     text_len = cfg.sampling.max_text_tokens
     if t.get("image_dim"):  # CLIP tokens join the cross-attention keys
-        text_len += model_kind.image_tokens if model_kind is not None else 257
+        text_len += model_kind.image_tokens if model_kind is not None else family.image_tokens
 
     # Layer specs, not bare kinds: "vrpr+long" layers (a sparse long range) are planned and reported apart.
     kinds = [profile.layer_spec(i) for i in range(profile.num_layers)] if profile is not None else ["full"] * layers
@@ -191,8 +148,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
         "weights: transformer": transformer_params(t) * DTYPE_BYTES[cfg.model.dtype],
         **({"weights: transformer_2": transformer_params(t) * DTYPE_BYTES[cfg.model.dtype]}
            if two_experts else {}),  # the idle expert stays resident on every rank (no offload)
-        "weights: text encoder": text_encoder_params(text_encoder_cfg) * DTYPE_BYTES[cfg.model.dtype],
-        **({"weights: image encoder": image_encoder_params(image_encoder_cfg) * 4}  # float32 (models.py)
+        "weights: text encoder": family.text_encoder_params(text_encoder_cfg) * DTYPE_BYTES[cfg.model.dtype],
+        **({"weights: image encoder": family.image_encoder_params(image_encoder_cfg) * 4}  # float32 (models.py)
            if t.get("image_dim") else {}),
         "activations": float(local_tokens) * (8 * d + ffn) * act_bytes,
         **({"timestep tables": float(local_tokens) * d * (7 * act_bytes + 6 * 4)} if per_token else {}),

@@ -11,11 +11,12 @@ from typing import Any, Mapping
 
 import yaml
 
+from .errors import UserError
 from .plan import KINDS, LongRangeParams, PlanError, TSAParams, VRPRParams, check_vrpr_params
 from .yamlio import load_yaml, yaml_problem
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError, ValueError):
     """A profile that does not describe a valid layer assignment."""
 
 
@@ -46,7 +47,7 @@ class Profile:
     long_range: LongRange | None = None  # None: dense layers attend every key frame (the default)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. probing scores
     # The profile names tsa.sink_frames itself; otherwise a conditioned render (image-to-video) puts the sinks
-    # on its conditioning frames (freeloc_dist.conditioning.use_condition_sinks).
+    # on its conditioning frames (freeloc_dist.families.wan.conditioning.use_condition_sinks).
     tsa_sinks_given: bool = False
 
     @property

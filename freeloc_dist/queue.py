@@ -17,11 +17,13 @@ import json
 import re
 from pathlib import Path, PurePosixPath
 
+from .errors import UserError
+
 SLUG_MAX = 60
 _JOB_KEYS = ("prompt", "seed", "frames", "output")
 
 
-class QueueError(ValueError):
+class QueueError(UserError, ValueError):
     """A problem in a prompts file; one line naming file, line and field."""
 
 

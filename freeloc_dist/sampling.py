@@ -41,16 +41,10 @@ class LatentGeometry:
         return (1, self.channels, self.frames, self.height, self.width)
 
 
-def vae_scale_factors(vae) -> tuple[int, int]:
-    """(temporal, spatial) compression of a Wan VAE, from its config."""
-    cfg = vae.config
-    temporal = getattr(cfg, "scale_factor_temporal", None) or 2 ** sum(cfg.temperal_downsample)
-    spatial = getattr(cfg, "scale_factor_spatial", None) or 2 ** (len(cfg.dim_mult) - 1)
-    return int(temporal), int(spatial)
-
-
 def latent_geometry(vae, transformer, frames: int, height: int, width: int) -> LatentGeometry:
-    temporal, spatial = vae_scale_factors(vae)
+    from freeloc_dist.families import family_of
+
+    temporal, spatial = family_of(transformer).vae_scale_factors(vae)
     _, patch_h, patch_w = transformer.config.patch_size
     if (frames - 1) % temporal:
         raise ValueError(f"frames={frames} must be {temporal}k+1 for this VAE")
@@ -66,16 +60,11 @@ def initial_noise(geometry: LatentGeometry, seed: int, device: torch.device | st
     return torch.randn(geometry.shape, generator=gen, dtype=torch.float32).to(device)
 
 
-@torch.inference_mode()
-def encode_prompt(text_encoder, tokenizer, prompt: str, max_tokens: int) -> torch.Tensor:
-    """UMT5 last hidden state [1, L=max_tokens, D]; positions past the prompt's real length are zero."""
-    enc = tokenizer([prompt], padding="max_length", max_length=max_tokens, truncation=True,
-                    add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-    device = text_encoder.device
-    ids = enc["input_ids"].to(device)  # [1, L]
-    mask = enc["attention_mask"].to(device)  # [1, L]
-    hidden = text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [1, L, D]
-    return hidden * mask[..., None].to(hidden.dtype)
+def encode_prompt(components, prompt: str, max_tokens: int) -> torch.Tensor:
+    """Text states [1, L=max_tokens, D] of `prompt`, as the model's family encodes it (zeros past its length)."""
+    from freeloc_dist.families import family_of
+
+    return family_of(components.transformer).encode_prompt(components, prompt, max_tokens)
 
 
 def scheduler_for_render(scheduler, shift: float):
@@ -119,7 +108,7 @@ def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: tor
     [B, L=F h w] in frame-major token order for expand_timesteps models); float32, same shape.
 
     With guidance <= 1 (or no negative embedding) only the conditional pass runs. `condition`
-    (freeloc_dist.conditioning.Conditioning, image-to-video): its channels join the input and its image
+    (freeloc_dist.families.wan.conditioning.Conditioning, image-to-video): its channels join the input and its image
     tokens go to both passes; predict functions that take no image are called without it.
     """
     x, timestep, extra = transformer_inputs(transformer.dtype, latents, t, condition)
@@ -146,7 +135,7 @@ def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, un
     to stop the loop. `experts` (freeloc_dist.experts.ExpertSchedule): which transformer, predict and
     guidance each step uses (two-expert models); None: `transformer`, `predict` and `guidance` throughout.
     `condition`: the image conditioning of the whole video (image-to-video), passed to every predict.
-    `token_timesteps` (freeloc_dist.token_timesteps.TokenTimesteps, Wan2.2 TI2V): `predict` gets per-token
+    `token_timesteps` (freeloc_dist.families.wan.token_timesteps.TokenTimesteps, Wan2.2 TI2V): `predict` gets per-token
     timesteps and, in image mode, latents whose frame 0 is the clean conditioning latent, which the returned
     latents also carry; the scheduler's own latents (and checkpoints) stay unblended, as in diffusers."""
     scheduler.set_timesteps(steps, device=latents.device)
@@ -199,9 +188,8 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
     s = cfg.sampling
     geometry = latent_geometry(components.vae, transformer, cfg.video.frames, cfg.video.height, cfg.video.width)
     use_cfg = s.guidance_scale > 1.0
-    cond = encode_prompt(components.text_encoder, components.tokenizer, cfg.prompt, s.max_text_tokens)
-    uncond = (encode_prompt(components.text_encoder, components.tokenizer, s.negative_prompt, s.max_text_tokens)
-              if use_cfg else None)
+    cond = encode_prompt(components, cfg.prompt, s.max_text_tokens)
+    uncond = encode_prompt(components, s.negative_prompt, s.max_text_tokens) if use_cfg else None
     cond = cond.to(device=device, dtype=transformer.dtype)
     uncond = uncond.to(device=device, dtype=transformer.dtype) if uncond is not None else None
     scheduler = scheduler_for_render(components.scheduler, s.shift)
@@ -216,39 +204,13 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
     else:
         latents = noise(geometry, s.seed, device)
     experts = expert_schedule(components, scheduler, s.guidance_scale, s.guidance_scale_2, predict, predict_2)
-    condition = None
-    if cfg.image is not None and not components.expand_timesteps:
-        # image-to-video: conditioning of the whole video, TSA sinks on its frames
-        from freeloc_dist.conditioning import condition_of_render
+    # image-to-video conditioning of the whole video (TSA sinks on its frames) and per-token timesteps
+    from freeloc_dist.families import family_of
 
-        condition = condition_of_render(components, cfg, device=device, dtype=transformer.dtype)
-    elif cfg.image is not None and image is None:  # Wan2.2 TI2V image mode: the image is the clean first frame
-        from freeloc_dist.conditioning import image_pixels
-
-        image = image_pixels(cfg, device)
-    per_token = token_timesteps_of(components, geometry, image, device)
+    condition, per_token = family_of(transformer).render_inputs(components, cfg, geometry, image, device,
+                                                                transformer.dtype)
     latents = sample(transformer, scheduler, latents, cond, uncond, steps=s.steps, guidance=s.guidance_scale,
                      predict=predict, on_step=on_step, start_step=start_step, scheduler_state=state,
                      after_step=after_step, experts=experts, condition=condition, token_timesteps=per_token)
     frames = decode_video(components.vae, latents) if decode else None
     return RenderResult(latents=latents, frames=frames)
-
-
-def token_timesteps_of(components, geometry: LatentGeometry, image: torch.Tensor | None, device):
-    """Per-token timesteps of an expand_timesteps model (Wan2.2 TI2V), with the encoded first frame in image
-    mode; None for every other model (which takes no image here: I2V models condition through channels)."""
-    if not components.expand_timesteps:
-        if image is not None:
-            raise ValueError("a conditioning image needs an expand_timesteps (Wan2.2 TI2V) model here")
-        return None
-    from freeloc_dist.token_timesteps import encode_first_frame, token_timesteps
-
-    first = None
-    if image is not None:
-        spatial = vae_scale_factors(components.vae)[1]
-        want = (geometry.height * spatial, geometry.width * spatial)
-        if tuple(image.shape[-2:]) != want:
-            raise ValueError(f"conditioning image is {tuple(image.shape[-2:])} (H, W), the render is {want}")
-        first = encode_first_frame(components.vae, image)
-    return token_timesteps(geometry.frames, geometry.height, geometry.width,
-                           tuple(components.transformer.config.patch_size), first, device)

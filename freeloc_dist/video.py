@@ -12,9 +12,20 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """Decoded pixels [B=1, 3, V, Hp, Wp] in [-1, 1] -> uint8 numpy [V, Hp, Wp, 3]."""
+    import torch
+
+    x = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [3, V, Hp, Wp]
+    return x.permute(1, 2, 3, 0).cpu().numpy()
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Write the tiny random Wan model (freeloc_dist.tiny) in diffusers format.
+"""Write the tiny random Wan model (freeloc_dist.families.wan.tiny) in diffusers format.
 
     python launch/make_tiny.py --out assets/tiny-wan [--seed 0] [--family t2v|a14b|i2v|i2v-a14b|flf2v|ti2v]
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from freeloc_dist.tiny import (  # noqa: E402
+from freeloc_dist.families.wan.tiny import (  # noqa: E402
     save_tiny_a14b_model,
     save_tiny_flf2v_model,
     save_tiny_i2v_a14b_model,

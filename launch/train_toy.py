@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from freeloc_dist.testbed.train import TrainConfig, train  # noqa: E402
+from freeloc_dist.families.wan.toy_train import TrainConfig, train  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
                    help="train only the VAE decoder, starting from INIT_DIR/vae; writes OUT/vae")
     a = p.parse_args(argv)
     if a.decoder_only is not None:
-        from freeloc_dist.testbed.train import train_decoder
+        from freeloc_dist.families.wan.toy_train import train_decoder
 
         train_decoder(a.decoder_only, a.out, a.minutes, threads=a.threads, seed=a.seed + 1)
         return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import sysconfig
 from importlib import metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +47,11 @@ def read_lock(path: str = LOCK) -> dict[str, tuple[str, list[str]]]:
 
 
 def installed() -> dict[str, str]:
-    return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
+    """{canonical name: version} of what is installed in this environment's site-packages (not whatever else is
+    on sys.path at the time, e.g. setuptools' vendored copies once something imported setuptools)."""
+    paths = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+    return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions(path=paths)
+            if d.metadata["Name"]}
 
 
 def compare(lock: dict[str, tuple[str, list[str]]], have: dict[str, str]) -> tuple[list[str], list[str]]:

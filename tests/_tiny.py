@@ -48,7 +48,7 @@ def rel_err(a, b):
 def tiny_pipeline(two_experts=False):
     from diffusers import WanPipeline
 
-    from freeloc_dist.tiny import build_tiny_components
+    from freeloc_dist.families.wan.tiny import build_tiny_components
 
     c = build_tiny_components(seed=0)
     extra = {}

@@ -27,8 +27,8 @@ def pipeline_and_args(model="tiny-i2v"):
     pipe.set_progress_bar_config(disable=True)
     enable_freeloc(pipe, os.path.join(ROOT, "configs", "profiles", "tiny-random-i2v.yaml"))
     image = Image.open(os.path.join(ROOT, "assets", "i2v-first.png")).convert("RGB").resize((32, 32))
-    args = dict(image=image, prompt_embeds=encode_prompt(parts.text_encoder, parts.tokenizer, "a fox", 512),
-                negative_prompt_embeds=encode_prompt(parts.text_encoder, parts.tokenizer, "blurry", 512),
+    args = dict(image=image, prompt_embeds=encode_prompt(parts, "a fox", 512),
+                negative_prompt_embeds=encode_prompt(parts, "blurry", 512),
                 height=32, width=32, num_frames=33, num_inference_steps=2, guidance_scale=4.0, output_type="latent",
                 generator=torch.Generator().manual_seed(0))
     return pipe, args

@@ -19,7 +19,8 @@ from freeloc_dist.config import REPO_ROOT
 CHILD = r"""
 import json, sys, torch
 from freeloc_dist.models import load_components
-from freeloc_dist.decode import _denormalise, iter_decode
+from freeloc_dist.decode import iter_decode
+from freeloc_dist.families.wan.vae import denormalise
 from freeloc_dist.video import read_mp4_frame_count, write_mp4
 torch.set_num_threads(1)
 vae = load_components(sys.argv[1], "float32", "cpu").vae
@@ -41,7 +42,7 @@ def streamed(z):
 
 def whole(z):
     with torch.no_grad():
-        vae.decode(_denormalise(vae, z))
+        vae.decode(denormalise(vae, z))
 
 warm = torch.randn(1, 4, 3, 8, 8)
 streamed(warm); whole(warm)
@@ -76,15 +77,17 @@ def test_decode_memory_does_not_grow_with_frames(tmp_path):
 
 @pytest.mark.unit
 def test_iter_decode_chunks_concatenate_to_whole_decode(tiny_model_dir):
-    from freeloc_dist.decode import _denormalise, _to_uint8, iter_decode
+    from freeloc_dist.decode import iter_decode
+    from freeloc_dist.families.wan.vae import denormalise
     from freeloc_dist.models import load_components
+    from freeloc_dist.video import to_uint8
 
     vae = load_components(tiny_model_dir, "float32", "cpu").vae
     z = torch.randn(1, 4, 4, 4, 6, generator=torch.Generator().manual_seed(1))
     chunks = list(iter_decode(vae, z))
     assert [c.shape[0] for c in chunks] == [1, 4, 4, 4]
     with torch.no_grad():
-        ref = _to_uint8(vae.decode(_denormalise(vae, z)).sample)
+        ref = to_uint8(vae.decode(denormalise(vae, z)).sample)
     assert np.array_equal(np.concatenate(chunks), ref)
 
 
@@ -108,7 +111,8 @@ def test_write_mp4_from_chunks_is_atomic_on_failure(tmp_path):
 @pytest.mark.unit
 def test_decode_ranges_with_warmup_equal_one_pass(tiny_model_dir):
     """Any split of the latent frames into ranges (e.g. one per rank) decodes to exactly one pass's frames."""
-    from freeloc_dist.decode import decode_warmup_frames, iter_decode
+    from freeloc_dist.decode import iter_decode
+    from freeloc_dist.families.wan.vae import decode_warmup_frames
     from freeloc_dist.models import load_components
 
     vae = load_components(tiny_model_dir, "float32", "cpu").vae
@@ -149,7 +153,7 @@ def test_decode_spread_over_ranks_equals_one_pass(tiny_model_dir, tmp_path, npro
     assert got.shape == want.shape == (4 * (frames - 1) + 1, 64, 64, 3)
     assert np.array_equal(got, want)
     ranges = decode_ranges(frames, nproc)
-    others = sum(video_frames_of(s, e) for s, e in ranges[1:])
+    others = sum(video_frames_of(s, e, 4) for s, e in ranges[1:])
     assert torch.load(tmp_path / "v.npy.bytes") == ({"decode": others * 64 * 64 * 3} if others else {})
 
 
@@ -172,4 +176,4 @@ def test_decode_ranges_cover_the_video_once():
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
             sizes = [e - s for s, e in ranges if e > s]
             assert max(sizes) - min(sizes) <= 1
-            assert sum(video_frames_of(s, e) for s, e in ranges) == 4 * (frames - 1) + 1
+            assert sum(video_frames_of(s, e, 4) for s, e in ranges) == 4 * (frames - 1) + 1

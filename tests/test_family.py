@@ -84,8 +84,8 @@ def test_two_experts_equal_diffusers_wan_pipeline():
     from diffusers import WanPipeline
 
     from freeloc_dist.config import parse_render_config
+    from freeloc_dist.families.wan.tiny import build_tiny_a14b_components
     from freeloc_dist.sampling import encode_prompt, initial_noise, latent_geometry, render, scheduler_for_render
-    from freeloc_dist.tiny import build_tiny_a14b_components
 
     parts = build_tiny_a14b_components(seed=0)
     cfg = parse_render_config({
@@ -104,8 +104,8 @@ def test_two_experts_equal_diffusers_wan_pipeline():
                        transformer_2=parts.transformer_2, boundary_ratio=parts.boundary_ratio)
     pipe.set_progress_bar_config(disable=True)
     geometry = latent_geometry(parts.vae, parts.transformer, 17, 32, 32)
-    theirs = pipe(prompt_embeds=encode_prompt(parts.text_encoder, parts.tokenizer, cfg.prompt, 16),
-                  negative_prompt_embeds=encode_prompt(parts.text_encoder, parts.tokenizer, s.negative_prompt, 16),
+    theirs = pipe(prompt_embeds=encode_prompt(parts, cfg.prompt, 16),
+                  negative_prompt_embeds=encode_prompt(parts, s.negative_prompt, 16),
                   latents=initial_noise(geometry, s.seed, "cpu"), height=32, width=32, num_frames=17,
                   num_inference_steps=s.steps, guidance_scale=s.guidance_scale, guidance_scale_2=s.guidance_scale_2,
                   output_type="latent", return_dict=False)[0]

@@ -86,8 +86,8 @@ def test_render_equals_diffusers_image_to_video_pipeline(images, model, last, sa
     pipe.set_progress_bar_config(disable=True)
     size = (cfg.video.height, cfg.video.width)
     theirs = pipe(image=first, last_image=final if last else None,
-                  prompt_embeds=encode_prompt(parts.text_encoder, parts.tokenizer, cfg.prompt, 512),
-                  negative_prompt_embeds=encode_prompt(parts.text_encoder, parts.tokenizer, s.negative_prompt, 512),
+                  prompt_embeds=encode_prompt(parts, cfg.prompt, 512),
+                  negative_prompt_embeds=encode_prompt(parts, s.negative_prompt, 512),
                   latents=initial_noise(latent_geometry(parts.vae, parts.transformer, 17, *size), s.seed, "cpu"),
                   height=size[0], width=size[1], num_frames=cfg.video.frames, num_inference_steps=s.steps,
                   guidance_scale=s.guidance_scale, guidance_scale_2=s.guidance_scale_2, output_type="latent",
@@ -101,7 +101,7 @@ def test_render_equals_diffusers_image_to_video_pipeline(images, model, last, sa
 def test_mask_marks_the_given_frames():
     """Latent frame 0 stands for video frame 0 (all 4 channels); frame f >= 1 for video frames 4f-3 .. 4f, so
     FLF2V's last image (video frame V-1) is the last latent frame's last channel only."""
-    from freeloc_dist.conditioning import frame_mask, sink_frames
+    from freeloc_dist.families.wan.conditioning import frame_mask, sink_frames
 
     first = frame_mask(4, 4, False, 1, 1)[0, :, :, 0, 0]  # [channel, latent frame]
     assert first.tolist() == [[1, 0, 0, 0]] * 4
@@ -111,7 +111,7 @@ def test_mask_marks_the_given_frames():
 
 
 def test_condition_is_sliced_like_the_latents():
-    from freeloc_dist.conditioning import Conditioning
+    from freeloc_dist.families.wan.conditioning import Conditioning
 
     cond = Conditioning(latents=torch.arange(2 * 6.0).view(1, 2, 6, 1, 1), image_embeds=None)
     x = torch.zeros(1, 3, 2, 1, 1)
@@ -171,7 +171,7 @@ def test_load_image_accepts_and_refuses(tmp_path):
 
 @torch.no_grad()
 def test_tsa_sinks_default_to_the_conditioning_frames():
-    from freeloc_dist.conditioning import condition_of_render
+    from freeloc_dist.families.wan.conditioning import condition_of_render
     from freeloc_dist.install import apply_freeloc
     from freeloc_dist.models import load_components
 
@@ -226,8 +226,9 @@ def test_planner_counts_clip_and_the_image_embedder():
     Wan2.1-I2V-14B shapes (built on the meta device) too."""
     from diffusers import WanTransformer3DModel
 
+    from freeloc_dist.families.wan.counts import image_encoder_params
     from freeloc_dist.models import load_components
-    from freeloc_dist.planner import KNOWN_TRANSFORMERS, image_encoder_params, plan_render, transformer_params
+    from freeloc_dist.planner import KNOWN_TRANSFORMERS, plan_render, transformer_params
 
     for model in ("tiny-i2v", "tiny-flf2v"):
         parts = load_components(ASSETS / model, "float32")

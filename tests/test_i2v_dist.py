@@ -46,15 +46,15 @@ def single(tmp_path_factory):
     return get
 
 
+# No torchrun world of 1: at world 1 no engine is installed, so it would compare the one-process path with itself.
 @pytest.mark.parametrize("config, nproc, extra", [
-    ("tiny-random-i2v.yaml", 1, []),
     ("tiny-random-i2v.yaml", 2, []),
     ("tiny-random-i2v.yaml", 3, []),
     ("tiny-random-i2v.yaml", 4, ["--cfg-degree", "2"]),
     ("tiny-random-flf2v.yaml", 3, []),
     ("tiny-random-i2v-a14b.yaml", 3, []),
     ("tiny-random-i2v-a14b.yaml", 4, ["--cfg-degree", "2"]),
-], ids=["i2v-sp1", "i2v-sp2", "i2v-sp3", "i2v-cfg2xsp2", "flf2v-sp3", "i2v-a14b-sp3", "i2v-a14b-cfg2xsp2"])
+], ids=["i2v-sp2", "i2v-sp3", "i2v-cfg2xsp2", "flf2v-sp3", "i2v-a14b-sp3", "i2v-a14b-cfg2xsp2"])
 def test_i2v_parallel_equals_one_process(single, tmp_path, config, nproc, extra):
     assert rel_err(render(tmp_path, config, "multi", nproc, *extra), single(config)) < TOL
 

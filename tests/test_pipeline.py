@@ -9,15 +9,16 @@ import torch
 from safetensors.torch import load_file
 
 from freeloc_dist.config import REPO_ROOT, ConfigError, parse_render_config
-from freeloc_dist.decode import _denormalise, _to_uint8, decode_video
-from freeloc_dist.models import WanComponents, check_model_dir, load_components
+from freeloc_dist.decode import decode_video
+from freeloc_dist.families.wan.vae import denormalise
+from freeloc_dist.models import Components, check_model_dir, load_components
 from freeloc_dist.sampling import (
     encode_prompt,
     latent_geometry,
     predict_noise,
     render,
 )
-from freeloc_dist.video import read_mp4_frame_count, save_latents, write_mp4
+from freeloc_dist.video import read_mp4_frame_count, save_latents, to_uint8, write_mp4
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +44,7 @@ def test_load_components(parts):
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
     from transformers import UMT5EncoderModel
 
-    assert isinstance(parts, WanComponents)
+    assert isinstance(parts, Components)
     assert isinstance(parts.transformer, WanTransformer3DModel)
     assert isinstance(parts.vae, AutoencoderKLWan)
     assert isinstance(parts.text_encoder, UMT5EncoderModel)
@@ -59,7 +60,7 @@ def _weight_files(model_dir) -> list[Path]:
 
 
 def test_saved_model_is_small_and_deterministic(tiny_model_dir, tmp_path):
-    from freeloc_dist.tiny import save_tiny_model
+    from freeloc_dist.families.wan.tiny import save_tiny_model
 
     size = sum(p.stat().st_size for p in Path(tiny_model_dir).rglob("*") if p.is_file())
     assert size < 5 * 2**20
@@ -94,7 +95,7 @@ def test_check_model_dir_names_missing_file(tiny_model_dir, tmp_path, missing):
 
 
 def test_encode_prompt_zeroes_padding(parts):
-    emb = encode_prompt(parts.text_encoder, parts.tokenizer, "abc", 16)  # 3 bytes + </s> = 4 real tokens
+    emb = encode_prompt(parts, "abc", 16)  # 3 bytes + </s> = 4 real tokens
     assert emb.shape == (1, 16, parts.text_encoder.config.d_model)
     assert emb[0, :4].abs().sum(-1).gt(0).all()
     assert emb[0, 4:].abs().sum() == 0
@@ -150,7 +151,7 @@ def test_streaming_decode_matches_vae_decode(parts):
     latents = torch.randn(1, 4, 3, 4, 6, generator=torch.Generator().manual_seed(0))
     ours = decode_video(parts.vae, latents)
     with torch.no_grad():
-        ref = _to_uint8(parts.vae.decode(_denormalise(parts.vae, latents)).sample)
+        ref = to_uint8(parts.vae.decode(denormalise(parts.vae, latents)).sample)
     assert ours.shape == (9, 32, 48, 3)
     assert np.array_equal(ours, ref)
 

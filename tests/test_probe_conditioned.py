@@ -50,8 +50,8 @@ def _render_and_probe_trajectory(config: str, overrides: dict, record: list[int]
     s = cfg.sampling
     geometry = latent_geometry(parts.vae, parts.transformer, frames, cfg.video.height, cfg.video.width)
     conditioning = _conditioning(parts, cfg, geometry, frames, "cpu", torch.float32)
-    cond = encode_prompt(parts.text_encoder, parts.tokenizer, cfg.prompt, s.max_text_tokens)
-    uncond = encode_prompt(parts.text_encoder, parts.tokenizer, s.negative_prompt, s.max_text_tokens)
+    cond = encode_prompt(parts, cfg.prompt, s.max_text_tokens)
+    uncond = encode_prompt(parts, s.negative_prompt, s.max_text_tokens)
     schedule = expert_schedule(parts, parts.scheduler, s.guidance_scale, s.guidance_scale_2, predict_noise)
     probers = [Prober(t, trained_frames=TRAINED, layers=[]) for t in parts.experts()]
     for p in probers:

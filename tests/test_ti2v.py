@@ -50,8 +50,8 @@ def _pipe_args(parts, cfg):
 
     s, v = cfg.sampling, cfg.video
     geometry = latent_geometry(parts.vae, parts.transformer, v.frames, v.height, v.width)
-    return dict(prompt_embeds=encode_prompt(parts.text_encoder, parts.tokenizer, cfg.prompt, 16),
-                negative_prompt_embeds=encode_prompt(parts.text_encoder, parts.tokenizer, s.negative_prompt, 16),
+    return dict(prompt_embeds=encode_prompt(parts, cfg.prompt, 16),
+                negative_prompt_embeds=encode_prompt(parts, s.negative_prompt, 16),
                 latents=initial_noise(geometry, s.seed, "cpu"), height=v.height, width=v.width, num_frames=v.frames,
                 num_inference_steps=s.steps, guidance_scale=s.guidance_scale, output_type="latent",
                 return_dict=False)
@@ -85,7 +85,7 @@ def test_committed_model_matches_builder():
     """assets/tiny-ti2v is what `launch/make_tiny.py --family ti2v` writes (regenerate it if this fails)."""
     from safetensors.torch import load_file
 
-    from freeloc_dist.tiny import build_tiny_ti2v_components
+    from freeloc_dist.families.wan.tiny import build_tiny_ti2v_components
 
     built = build_tiny_ti2v_components(seed=0)
     for sub, model in (("transformer", built.transformer), ("vae", built.vae)):
@@ -116,8 +116,8 @@ def test_text_mode_equals_diffusers_wan_pipeline(parts):
 def test_image_mode_equals_diffusers_image_to_video_pipeline(parts):
     from diffusers import WanImageToVideoPipeline
 
+    from freeloc_dist.families.wan.token_timesteps import encode_first_frame
     from freeloc_dist.sampling import render, scheduler_for_render
-    from freeloc_dist.token_timesteps import encode_first_frame
 
     cfg = _cfg()
     pipe = WanImageToVideoPipeline(tokenizer=parts.tokenizer, text_encoder=parts.text_encoder, vae=parts.vae,
@@ -157,8 +157,8 @@ def test_image_mode_resume_equals_uninterrupted(parts, tmp_path):
 
 
 def test_image_of_the_wrong_size_or_model_is_refused(parts):
+    from freeloc_dist.families.wan.tiny import build_tiny_components
     from freeloc_dist.sampling import render
-    from freeloc_dist.tiny import build_tiny_components
 
     with pytest.raises(ValueError, match=r"conditioning image is \(32, 32\)"):
         render(parts, _cfg(steps=1), decode=False, image=torch.zeros(1, 3, 32, 32))
@@ -167,7 +167,7 @@ def test_image_of_the_wrong_size_or_model_is_refused(parts):
 
 
 def test_per_token_timesteps_are_frame_major():
-    from freeloc_dist.token_timesteps import token_timesteps
+    from freeloc_dist.families.wan.token_timesteps import token_timesteps
 
     text = token_timesteps(3, 4, 6, (1, 2, 2))
     assert torch.equal(text.timestep(torch.tensor(700.0)), torch.full((1, 3 * 2 * 3), 700.0))
@@ -183,20 +183,15 @@ def test_residual_vae_decode_equals_diffusers_and_splits_over_ranges(parts):
     latent frames) runs its warm-up from a later frame and still gives the frames of one pass, bitwise."""
     import numpy as np
 
-    from freeloc_dist.decode import (
-        _denormalise,
-        _to_uint8,
-        can_decode_ranges,
-        decode_video,
-        decode_warmup_frames,
-        iter_decode,
-    )
+    from freeloc_dist.decode import can_decode_ranges, decode_video, iter_decode
+    from freeloc_dist.families.wan.vae import decode_warmup_frames, denormalise
+    from freeloc_dist.video import to_uint8
 
     assert can_decode_ranges(parts.vae)
     short = torch.randn(1, 48, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     ours = decode_video(parts.vae, short)
     assert ours.shape == (9, 64, 64, 3)
-    theirs = _to_uint8(parts.vae.decode(_denormalise(parts.vae, short), return_dict=False)[0])
+    theirs = to_uint8(parts.vae.decode(denormalise(parts.vae, short), return_dict=False)[0])
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1  # uint8 rounding of float32 noise
     frames = decode_warmup_frames(parts.vae) + 2  # the last frame's warm-up starts at latent frame 1
     z = torch.randn(1, 48, frames, 2, 2, generator=torch.Generator().manual_seed(0))
@@ -263,7 +258,7 @@ def test_image_flag_drives_image_mode(parts, generate, tmp_path, monkeypatch):
     a last image is refused (TI2V takes one picture, its first frame)."""
     from safetensors.torch import load_file
 
-    from freeloc_dist.conditioning import pixel_tensor
+    from freeloc_dist.families.wan.conditioning import pixel_tensor
     from freeloc_dist.sampling import render
 
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):

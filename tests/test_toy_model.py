@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from freeloc_dist.config import REPO_ROOT, load_render_config
+from freeloc_dist.families.wan.toy import TRAINED_FRAMES
+from freeloc_dist.families.wan.toy_train import EVAL_SEED_BASE
 from freeloc_dist.models import load_components
 from freeloc_dist.sampling import render
 from freeloc_dist.testbed import metrics as M
 from freeloc_dist.testbed import world as tw
-from freeloc_dist.testbed.model import TRAINED_FRAMES
-from freeloc_dist.testbed.train import EVAL_SEED_BASE
 
 pytestmark = pytest.mark.unit
 

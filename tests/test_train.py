@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from freeloc_dist.families.wan.toy_train import TrainConfig, train
 from freeloc_dist.models import load_components
-from freeloc_dist.testbed.train import TrainConfig, train
 
 pytestmark = pytest.mark.unit
 

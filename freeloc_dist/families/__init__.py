@@ -14,7 +14,7 @@ import importlib
 
 from .base import Family
 
-__all__ = ["Family", "register", "family_of", "registered"]
+__all__ = ["Family", "register", "family_of", "family_of_vae", "registered"]
 
 # The folders imported on first use (each calls `register`); a test may register more.
 _BUILTIN = ("freeloc_dist.families.wan",)
@@ -23,12 +23,14 @@ _loaded = False
 
 
 def register(family: Family) -> Family:
-    """Add a family (replacing one of the same name); returns it."""
-    _REGISTRY[:] = [f for f in _REGISTRY if f.name != family.name] + [family]
+    """Add a family (replacing one of the same name); returns it. Lookups ask the newest family first, so a
+    family whose classes subclass another family's is found before that one."""
+    _REGISTRY[:] = [family] + [f for f in _REGISTRY if f.name != family.name]
     return family
 
 
 def registered() -> list[Family]:
+    """Every family, newest first (the built-in folders are imported on the first call)."""
     global _loaded
     if not _loaded:
         _loaded = True
@@ -45,3 +47,13 @@ def family_of(transformer) -> Family:
             return family
     names = ", ".join(cls for f in families for cls in f.transformer_classes)
     raise TypeError(f"{type(transformer).__name__}: not a supported transformer (supported: {names})")
+
+
+def family_of_vae(vae) -> Family:
+    """The family of a built diffusers VAE (decode.py streams through it)."""
+    families = registered()
+    for family in families:
+        if family.owns_vae(vae):
+            return family
+    raise TypeError(f"{type(vae).__name__}: not the VAE of a supported model family "
+                    f"({', '.join(f.name for f in families)})")

@@ -5,16 +5,98 @@ logic. Tensor shapes: B batch, L tokens (frame-major), h heads, d head channels,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the registry is imported before any heavy work (preflight): no torch at import time
+    import torch
 
-from ..rope import TemporalRope
+    from ..rope import TemporalRope
 
 
 class Family:
     name: str = ""
     transformer_classes: tuple[str, ...] = ()  # class names this family serves, for error messages
+    pipelines: tuple[str, ...] = ()  # model_index.json `_class_name`s of its model directories
+
+    # -- model directories (configs only, no torch: preflight runs these before any heavy work) ------------
+    def read_model_kind(self, model_dir) -> Any:
+        """The freeloc_dist.families.kind.ModelKind of a model directory of this family."""
+        raise NotImplementedError
+
+    def check_model_dir(self, model_dir):
+        """Verify the directory's layout without loading anything (ConfigError naming the missing file)."""
+        raise NotImplementedError
+
+    def check_weights_match_config(self, model_dir) -> None:
+        """Every weight tensor's shape against the model its config builds (meta device); ConfigError."""
+        raise NotImplementedError
+
+    def weights_signature(self, model_dir) -> list:
+        """[file, size, mtime] of every weight file (the resume fingerprint's view of the weights)."""
+        raise NotImplementedError
+
+    def load_components(self, model_dir, dtype, device):
+        """Every component of the model (freeloc_dist.models.Components), from a local directory; no download."""
+        raise NotImplementedError
+
+    # -- inputs and VAE ---------------------------------------------------------------------------------------
+    def encode_prompt(self, components, prompt: str, max_tokens: int):
+        """Text states [1, L=max_tokens, D] of one prompt; positions past its real length are zero."""
+        raise NotImplementedError
+
+    def vae_scale_factors(self, vae) -> tuple[int, int]:
+        """(temporal, spatial) compression of the model's VAE."""
+        raise NotImplementedError
+
+    def owns_vae(self, vae) -> bool:
+        """True if `vae` is this family's VAE."""
+        raise NotImplementedError
+
+    def can_decode_ranges(self, vae) -> bool:
+        """Whether `iter_decode` can decode a part [start, end) of a video (else whole videos only)."""
+        raise NotImplementedError
+
+    def iter_decode(self, vae, latents, start: int = 0, end: int | None = None):
+        """uint8 frame chunks [t, Hp, Wp, 3] of latent frames [start, end) of normalised latents [1, C, F, H, W],
+        in order; any split of [0, F) into ranges decodes to exactly the frames of one pass."""
+        raise NotImplementedError
+
+    # -- a stock diffusers pipeline (freeloc_dist.pipeline) --------------------------------------------------
+    def pipeline_prompt_embeds(self, encode_prompt_output) -> tuple:
+        """(prompt embeds, negative embeds or None) from what the pipeline's encode_prompt returned."""
+        raise NotImplementedError
+
+    def pipeline_uses_cfg(self, pipe) -> bool:
+        """Whether the pipeline's current call runs a separate unconditional pass (classifier-free guidance)."""
+        raise NotImplementedError
+
+    # -- the dry-run planner (freeloc_dist.planner) -----------------------------------------------------------
+    vae_spatial: int = 8  # pixels per latent cell when the model directory is not here
+    image_tokens: int = 0  # image tokens before the text when the model directory is not here
+
+    def known_transformers(self) -> dict[str, dict[str, Any]]:
+        """Published transformer configs by model id (with `_class_name`), for planning without weights."""
+        return {}
+
+    def known_kinds(self) -> dict[str, dict[str, Any]]:
+        """What the planner needs of a published model's VAE and pipeline (vae_spatial, expand_timesteps,
+        two_experts) when its directory is not here, by model id."""
+        return {}
+
+    def transformer_params(self, config) -> float:
+        raise NotImplementedError
+
+    def text_encoder_params(self, config) -> float:
+        """From text_encoder/config.json, or the published encoder's count when it is None."""
+        raise NotImplementedError
+
+    def image_encoder_params(self, config) -> float:
+        raise NotImplementedError
+
+    def render_inputs(self, components, cfg, geometry, image, device, dtype):
+        """(condition, token_timesteps) of a render: the image conditioning of the whole video (or None) and
+        per-token timesteps (or None), as the family's pipeline builds them from the config's image(s)."""
+        raise NotImplementedError
 
     def __deepcopy__(self, memo):
         return self  # stateless: a copied model keeps the one registered adapter

@@ -150,7 +150,7 @@ class SequenceParallel:
     def predict(self, transformer, latents, t, cond, uncond, guidance, *, condition=None):
         """Global latents [B, C, F, H, W] -> global guided prediction (float32). `t`: the step's timestep, or
         per-token timesteps [B, F n] of the whole video (Wan2.2 TI2V), sliced here like the latents.
-        `condition` (image-to-video, freeloc_dist.conditioning.Conditioning) holds the whole video's
+        `condition` (image-to-video, freeloc_dist.families.wan.conditioning.Conditioning) holds the whole video's
         conditioning: this rank's frames of it join its latents, and its image tokens (not sharded) go to
         every pass of every rank."""
         dims = self.dims

@@ -25,9 +25,9 @@ class ProbeInput:
     latents: torch.Tensor  # [1, C, F, H, W]
     timestep: torch.Tensor  # scalar
     text: torch.Tensor  # [1, L_text, D] conditional text states
-    # image-to-video: the whole video's freeloc_dist.conditioning.Conditioning (channels and CLIP tokens)
+    # image-to-video: the whole video's freeloc_dist.families.wan.conditioning.Conditioning (channels and CLIP tokens)
     condition: Any = None
-    # Wan2.2 TI2V: freeloc_dist.token_timesteps.TokenTimesteps (per-token t, clean frame 0 in image mode)
+    # Wan2.2 TI2V: freeloc_dist.families.wan.token_timesteps.TokenTimesteps (per-token t, clean frame 0 in image mode)
     token_timesteps: Any = None
 
     def transformer_call(self, dtype) -> dict:

@@ -122,30 +122,23 @@ def _encode(parts, prompts, s, use_cfg, dtype, device):
     from freeloc_dist.sampling import encode_prompt
 
     def encode(text):
-        return encode_prompt(parts.text_encoder, parts.tokenizer, text, s.max_text_tokens).to(device, dtype)
+        return encode_prompt(parts, text, s.max_text_tokens).to(device, dtype)
 
     return [encode(p) for p in prompts], (encode(s.negative_prompt) if use_cfg else None)
 
 
 def _conditioning(parts, cfg, geometry, frames: int, device, dtype) -> dict:
-    """The conditioning of a probe length (`frames` video frames), as a render of that length builds it:
-    {"condition": ...} for an image-to-video model, {"token_timesteps": ...} for Wan2.2 TI2V (with the clean
-    first frame when the config gives an image), {} for text-to-video."""
+    """The conditioning of a probe length (`frames` video frames), as a render of that length builds it (the
+    family's render_inputs): {"condition": ...} for an image-to-video model, {"token_timesteps": ...} for
+    per-token-timestep models, {} for text-to-video."""
     import dataclasses
 
-    from freeloc_dist.sampling import token_timesteps_of
-
-    if parts.expand_timesteps:
-        from freeloc_dist.conditioning import image_pixels
-
-        image = image_pixels(cfg, device) if cfg.image is not None else None
-        return {"token_timesteps": token_timesteps_of(parts, geometry, image, device)}
-    if cfg.image is None:
-        return {}
-    from freeloc_dist.conditioning import condition_of_render
+    from freeloc_dist.families import family_of
 
     length = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, frames=frames))
-    return {"condition": condition_of_render(parts, length, device=device, dtype=dtype)}
+    condition, per_token = family_of(parts.transformer).render_inputs(parts, length, geometry, None, device, dtype)
+    return {key: value for key, value in (("condition", condition), ("token_timesteps", per_token))
+            if value is not None}
 
 
 def _trajectories(transformer, parts, geometry, my_prompts, texts, seed, steps, record, s, experts, conditioning):

@@ -7,15 +7,71 @@ never touched); q, k, v are computed exactly as diffusers' WanAttnProcessor does
 
 from __future__ import annotations
 
-import torch
-
 from ..base import Family
-from . import rope as wan_rope
+from . import counts
 
 
 class WanFamily(Family):
     name = "wan"
     transformer_classes = ("WanTransformer3DModel",)
+    pipelines = ("WanPipeline", "WanImageToVideoPipeline")
+
+    # -- model directories ---------------------------------------------------------------------------------
+    def read_model_kind(self, model_dir):
+        from .kind import read_model_kind
+
+        return read_model_kind(model_dir)
+
+    def check_model_dir(self, model_dir):
+        from .loading import check_model_dir
+
+        return check_model_dir(model_dir)
+
+    def check_weights_match_config(self, model_dir):
+        from .loading import check_weights_match_config
+
+        check_weights_match_config(model_dir)
+
+    def weights_signature(self, model_dir):
+        from .loading import weights_signature
+
+        return weights_signature(model_dir)
+
+    def load_components(self, model_dir, dtype, device):
+        from .loading import load_components
+
+        return load_components(model_dir, dtype, device)
+
+    # -- inputs and VAE ---------------------------------------------------------------------------------------
+    def encode_prompt(self, components, prompt, max_tokens):
+        from .text import encode_prompt
+
+        return encode_prompt(components.text_encoder, components.tokenizer, prompt, max_tokens)
+
+    def vae_scale_factors(self, vae):
+        from .vae import vae_scale_factors
+
+        return vae_scale_factors(vae)
+
+    def owns_vae(self, vae):
+        from diffusers import AutoencoderKLWan
+
+        return isinstance(vae, AutoencoderKLWan)
+
+    def can_decode_ranges(self, vae):
+        from .vae import can_decode_ranges
+
+        return can_decode_ranges(vae)
+
+    def iter_decode(self, vae, latents, start=0, end=None):
+        from .vae import iter_decode
+
+        return iter_decode(vae, latents, start, end)
+
+    def render_inputs(self, components, cfg, geometry, image, device, dtype):
+        from .conditioning import render_inputs
+
+        return render_inputs(components, cfg, geometry, image, device, dtype)
 
     def owns(self, transformer) -> bool:
         from diffusers import WanTransformer3DModel
@@ -57,18 +113,52 @@ class WanFamily(Family):
         _, _, f, h, w = hidden_states.shape
         return f // p_t, h // p_h, w // p_w
 
+    # -- a stock diffusers pipeline ---------------------------------------------------------------------------
+    def pipeline_prompt_embeds(self, encode_prompt_output):
+        return encode_prompt_output[0], encode_prompt_output[1]  # WanPipeline: (prompt_embeds, negative_embeds)
+
+    def pipeline_uses_cfg(self, pipe):
+        return bool(getattr(pipe, "do_classifier_free_guidance", False))
+
+    # -- the dry-run planner ---------------------------------------------------------------------------------
+    vae_spatial = counts.VAE_SPATIAL
+    image_tokens = counts.IMAGE_TOKENS
+
+    def known_transformers(self):
+        return counts.KNOWN_TRANSFORMERS
+
+    def known_kinds(self):
+        return counts.KNOWN_KINDS
+
+    def transformer_params(self, config):
+        return counts.transformer_params(config)
+
+    def text_encoder_params(self, config):
+        return counts.text_encoder_params(config)
+
+    def image_encoder_params(self, config):
+        return counts.image_encoder_params(config)
+
     # -- RoPE ---------------------------------------------------------------------------------------------
     def temporal_rope(self, transformer):
-        return wan_rope.temporal_rope_of(transformer)
+        from .rope import temporal_rope_of
 
-    def rope_module(self, transformer) -> torch.nn.Module:
+        return temporal_rope_of(transformer)
+
+    def rope_module(self, transformer):
         return transformer.rope
 
     def global_rope(self, transformer, num_frames, height, width):
-        return wan_rope.global_rope(transformer, num_frames, height, width)
+        from .rope import global_rope
+
+        return global_rope(transformer, num_frames, height, width)
 
     def grow_rope(self, transformer, num_frames):
-        return wan_rope.grow_rope_tables(transformer.rope, num_frames)
+        from .rope import grow_rope_tables
+
+        return grow_rope_tables(transformer.rope, num_frames)
 
     def set_temporal_frequency(self, transformer, index, omega):
-        return wan_rope.set_temporal_frequency(transformer, index, omega)
+        from .rope import set_temporal_frequency
+
+        return set_temporal_frequency(transformer, index, omega)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .vae import latent_stats, vae_scale_factors
+
 MASK_CHANNELS = 4
 TEXT_TOKENS_WITH_IMAGE = 512  # WanAttnProcessor's hard-coded text length when image tokens come first
 
@@ -79,7 +81,7 @@ def pixel_tensor(image) -> torch.Tensor:
 def image_pixels(cfg, device) -> torch.Tensor:
     """The config's `image` read and fitted to the render size, as [1, 3, Hp, Wp] in [-1, 1] on `device` (Wan2.2
     TI2V's image mode: the clean first frame)."""
-    from .images import fit, load_image
+    from ...images import fit, load_image
 
     return pixel_tensor(fit(load_image(cfg.image, "image"), cfg.video.height, cfg.video.width)).to(device)
 
@@ -95,8 +97,7 @@ def encode_video_condition(vae, first: torch.Tensor, last: torch.Tensor | None, 
         parts.append(last[:, :, None])
     video = torch.cat(parts, dim=2).to(device=device, dtype=vae.dtype)  # [1, 3, V, Hp, Wp]
     z = vae.encode(video).latent_dist.mode().float()
-    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
+    mean, std = latent_stats(vae, z.device)
     return (z - mean) / std
 
 
@@ -112,8 +113,7 @@ def build_conditioning(components, image, last_image, *, frames: int, height: in
                        device, dtype: torch.dtype) -> Conditioning:
     """The Conditioning of a render: `image` / `last_image` are RGB PIL images as read
     (freeloc_dist.images.load_image; None: no last image); `frames` video frames at height x width."""
-    from .images import fit
-    from .sampling import vae_scale_factors
+    from ...images import fit
 
     vae = components.vae
     temporal, spatial = vae_scale_factors(vae)
@@ -139,7 +139,7 @@ def use_condition_sinks(transformer, sinks: tuple[int, ...]) -> None:
     profile sets `tsa.sink_frames` itself (then the profile wins). Per render: the last frame moves with F."""
     import dataclasses
 
-    from .plan import TSAParams
+    from ...plan import TSAParams
 
     state = getattr(transformer, "freeloc_state", None)
     profile = getattr(state, "profile", None)
@@ -152,7 +152,7 @@ def use_condition_sinks(transformer, sinks: tuple[int, ...]) -> None:
 def condition_of_render(components, cfg, *, device, dtype: torch.dtype) -> Conditioning:
     """The Conditioning of a render config (`image`, `last_image`, video size), with every expert's TSA sinks
     set to the conditioning frames (`use_condition_sinks`)."""
-    from .images import load_image
+    from ...images import load_image
 
     image = load_image(cfg.image, "image")
     last = load_image(cfg.last_image, "last_image") if cfg.last_image is not None else None
@@ -162,3 +162,35 @@ def condition_of_render(components, cfg, *, device, dtype: torch.dtype) -> Condi
     for transformer in components.experts():
         use_condition_sinks(transformer, sinks)
     return condition
+
+
+def token_timesteps_of(components, geometry, image: torch.Tensor | None, device):
+    """Per-token timesteps of an expand_timesteps model (Wan2.2 TI2V), with the encoded first frame in image
+    mode; None for every other model (which takes no image here: I2V models condition through channels)."""
+    if not components.expand_timesteps:
+        if image is not None:
+            raise ValueError("a conditioning image needs an expand_timesteps (Wan2.2 TI2V) model here")
+        return None
+    from .token_timesteps import encode_first_frame, token_timesteps
+
+    first = None
+    if image is not None:
+        spatial = vae_scale_factors(components.vae)[1]
+        want = (geometry.height * spatial, geometry.width * spatial)
+        if tuple(image.shape[-2:]) != want:
+            raise ValueError(f"conditioning image is {tuple(image.shape[-2:])} (H, W), the render is {want}")
+        first = encode_first_frame(components.vae, image)
+    return token_timesteps(geometry.frames, geometry.height, geometry.width,
+                           tuple(components.transformer.config.patch_size), first, device)
+
+
+def render_inputs(components, cfg, geometry, image: torch.Tensor | None, device, dtype: torch.dtype):
+    """(condition, token_timesteps) of a render of `cfg` (freeloc_dist.families.Family.render_inputs): the
+    image-to-video Conditioning of the whole video (TSA sinks on its frames) or None; Wan2.2 TI2V's per-token
+    timesteps (its image mode: `image`, else the config's image, is the clean first frame) or None."""
+    condition = None
+    if cfg.image is not None and not components.expand_timesteps:
+        condition = condition_of_render(components, cfg, device=device, dtype=dtype)
+    elif cfg.image is not None and image is None:  # Wan2.2 TI2V image mode: the image is the clean first frame
+        image = image_pixels(cfg, device)
+    return condition, token_timesteps_of(components, geometry, image, device)

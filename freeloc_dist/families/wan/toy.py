@@ -12,7 +12,7 @@ them), so the sampling loop's un-normalisation applies unchanged. The decoder mu
 Transformer: WanTransformer3DModel, patch 1x2x2, 2 heads x head_dim 48 (temporal RoPE dims 16, i.e. eight
 temporal frequencies, 1 to 0.0003 rad per frame; Wan2.1 has 22, 1 to 0.00015), 6 layers, trained with Wan's
 flow-matching objective on clips of TRAINED_FRAMES latent frames. Text: a frozen random 2-layer UMT5 and
-byte-level tokenizer (freeloc_dist.tiny); the transformer's cross-attention learns to read it.
+byte-level tokenizer (freeloc_dist.families.wan.tiny); the transformer's cross-attention learns to read it.
 
 Shapes (legend): B batch, V video frames, P pixels, C latent channels, F latent frames, H/W latent cells.
 """
@@ -22,7 +22,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from freeloc_dist.models import WanComponents, save_components  # noqa: F401 (re-exported)
+from freeloc_dist.models import Components
+
+from .loading import save_components  # noqa: F401 (re-exported)
 
 TRAINED_FRAMES = 13  # latent frames per training clip (49 video frames)
 VIDEO_SIZE = 64  # pixels per side
@@ -37,7 +39,7 @@ TRANSFORMER_CONFIG = dict(
     attention_head_dim=48,  # RoPE split t/h/w = 16 / 16 / 16
     in_channels=Z_DIM,
     out_channels=Z_DIM,
-    text_dim=32,  # freeloc_dist.tiny's UMT5 width
+    text_dim=32,  # freeloc_dist.families.wan.tiny's UMT5 width
     freq_dim=64,
     ffn_dim=256,
     num_layers=6,
@@ -74,8 +76,8 @@ def normalise(vae_config, latents: torch.Tensor) -> torch.Tensor:
 def decode_frames(vae, z: torch.Tensor) -> torch.Tensor:
     """Differentiable decode of un-normalised latents [B, C, F, H, W] -> video [B, 3, V, P, P] (no clamp).
 
-    The same frame-by-frame causal loop as inference (freeloc_dist.decode.causal_decode_steps)."""
-    from freeloc_dist.decode import causal_decode_steps
+    The same frame-by-frame causal loop as inference (freeloc_dist.families.wan.vae.causal_decode_steps)."""
+    from .vae import causal_decode_steps
 
     vae.clear_cache()
     outs = list(causal_decode_steps(vae, vae.post_quant_conv(z)))
@@ -84,12 +86,12 @@ def decode_frames(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 def build_toy_components(seed: int = 0, latents_mean=None, latents_std=None,
-                         transformer_overrides: dict | None = None) -> WanComponents:
+                         transformer_overrides: dict | None = None) -> Components:
     """The untrained toy model (float32, CPU). The text encoder is fixed by TEXT_SEED, never trained.
     `transformer_overrides` replace entries of TRANSFORMER_CONFIG (e.g. num_attention_heads, attention_head_dim)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-    from freeloc_dist.tiny import build_tiny_components
+    from .tiny import build_tiny_components
 
     base = build_tiny_components(TEXT_SEED)  # text encoder, tokenizer, scheduler
     with torch.random.fork_rng(devices=[]):
@@ -99,7 +101,7 @@ def build_toy_components(seed: int = 0, latents_mean=None, latents_std=None,
         vae = AutoencoderKLWan(**VAE_CONFIG,
                                latents_mean=list(latents_mean if latents_mean is not None else [0.0] * Z_DIM),
                                latents_std=list(latents_std if latents_std is not None else [1.0] * Z_DIM))
-    return WanComponents(transformer=transformer, vae=vae, text_encoder=base.text_encoder.eval(),
+    return Components(transformer=transformer, vae=vae, text_encoder=base.text_encoder.eval(),
                          tokenizer=base.tokenizer, scheduler=base.scheduler,
                          trained_frames=TRAINED_FRAMES)
 

@@ -1,4 +1,4 @@
-"""Training of the toy Wan (freeloc_dist.testbed.model) on clips of the procedural world.
+"""Training of the toy Wan (freeloc_dist.families.wan.toy) on clips of the procedural world.
 
 One process, one loop, a wall-clock budget: every iteration takes a flow-matching step of the transformer
 on TRAINED_FRAMES-latent-frame clips, and every `decoder_every`-th iteration (0: never; the shipped model
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from freeloc_dist.sampling import encode_prompt
-from freeloc_dist.testbed import model as tm
 from freeloc_dist.testbed import world as tw
+
+from . import toy as tm
 
 EVAL_SEED_BASE = 10**9  # training never draws a world seed at or above this
 
@@ -99,7 +100,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
     prompts = all_prompts()
     with torch.no_grad():
-        table = {p: encode_prompt(parts.text_encoder, parts.tokenizer, p, tm.MAX_TEXT_TOKENS)[0]
+        table = {p: encode_prompt(parts, p, tm.MAX_TEXT_TOKENS)[0]
                  for p in prompts + [""]}  # [L, D] each
 
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -114,7 +115,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     loss_avg = dec_avg = None
 
     def save():
-        ema_parts = tm.WanComponents(transformer=ema, vae=vae.eval(), text_encoder=parts.text_encoder,
+        ema_parts = tm.Components(transformer=ema, vae=vae.eval(), text_encoder=parts.text_encoder,
                                      tokenizer=parts.tokenizer, scheduler=parts.scheduler,
                                      trained_frames=cfg.trained_frames)
         tm.save_components(ema_parts, out_dir)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from freeloc_dist.models import WanComponents, save_components
+from freeloc_dist.models import Components
+
+from .loading import save_components
 
 TINY_TEXT_DIM = 32
 TINY_Z_DIM = 4
@@ -42,7 +44,7 @@ def build_tiny_tokenizer():
     )
 
 
-def build_tiny_components(seed: int = 0) -> WanComponents:
+def build_tiny_components(seed: int = 0) -> Components:
     """Build the tiny model in memory (float32, CPU, eval mode). Deterministic for a seed."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -101,7 +103,7 @@ def build_tiny_components(seed: int = 0) -> WanComponents:
         flow_shift=3.0,
         solver_order=2,
     )
-    return WanComponents(
+    return Components(
         transformer=transformer.eval(),
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
@@ -119,7 +121,7 @@ def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
 TINY_BOUNDARY_RATIO = 0.875  # Wan2.2-T2V-A14B's
 
 
-def build_tiny_a14b_components(seed: int = 0) -> WanComponents:
+def build_tiny_a14b_components(seed: int = 0) -> Components:
     """The tiny model with Wan2.2-T2V-A14B's structure: a second (low-noise) expert of the same shape with its
     own weights, and the boundary ratio in model_index.json."""
     import dataclasses
@@ -145,7 +147,7 @@ def build_tiny_clip(seed: int = 0):
     real OpenAI CLIP normalisation and resize-then-centre-crop, at 28 x 28 instead of 224 x 224."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from freeloc_dist.models import clip_image_processor_class
+    from .loading import clip_image_processor_class
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -175,7 +177,7 @@ def _i2v_transformer(config: dict, seed: int, *, clip: bool, images: int = 1):
         return WanTransformer3DModel(**config).eval()
 
 
-def build_tiny_i2v_components(seed: int = 0, *, last_frame: bool = False) -> WanComponents:
+def build_tiny_i2v_components(seed: int = 0, *, last_frame: bool = False) -> Components:
     """Wan2.1-I2V-14B's structure, tiny: a 12-channel-input transformer with CLIP image cross-attention, a
     CLIP vision encoder and its image processor (`last_frame`: Wan2.1-FLF2V's two-image variant)."""
     import dataclasses
@@ -186,7 +188,7 @@ def build_tiny_i2v_components(seed: int = 0, *, last_frame: bool = False) -> Wan
     return dataclasses.replace(parts, transformer=transformer, image_encoder=encoder, image_processor=processor)
 
 
-def build_tiny_i2v_a14b_components(seed: int = 0) -> WanComponents:
+def build_tiny_i2v_a14b_components(seed: int = 0) -> Components:
     """Wan2.2-I2V-A14B's structure, tiny: two 12-channel-input experts, no CLIP, boundary ratio 0.9."""
     import dataclasses
 
@@ -213,7 +215,7 @@ TINY_TI2V_Z_DIM = 48  # Wan2.2's VAE: 48 latent channels (the real z_dim; everyt
 TINY_TI2V_FLOW_SHIFT = 5.0  # Wan2.2-TI2V-5B's scheduler
 
 
-def build_tiny_ti2v_components(seed: int = 0) -> WanComponents:
+def build_tiny_ti2v_components(seed: int = 0) -> Components:
     """A tiny model with Wan2.2-TI2V-5B's structure: one transformer over the 48 latent channels (no mask or
     conditioning channels), the Wan2.2 residual VAE (z_dim 48, patch_size 2 inside the VAE, 16x spatial =
     8x from three upsamplings x the 2x patch, 4x temporal, 48 per-channel statistics) and expand_timesteps

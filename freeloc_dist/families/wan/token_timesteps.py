@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .vae import latent_stats
+
 
 @dataclass(frozen=True)
 class TokenTimesteps:
@@ -66,7 +68,7 @@ def token_timesteps(num_frames: int, height: int, width: int, patch: tuple[int, 
 def encode_first_frame(vae, image: torch.Tensor) -> torch.Tensor:
     """The conditioning image [1, 3, Hp, Wp] (or [3, Hp, Wp]) in [-1, 1], already at the render size, to the
     normalised clean latent frame [1, C, 1, H, W] float32: the VAE posterior's mode, then (z - mean) / std
-    per channel, the latents' normalisation (freeloc_dist.decode undoes it)."""
+    per channel, the latents' normalisation (families/wan/vae.py's denormalise undoes it)."""
     if image.ndim == 3:
         image = image[None]
     if image.ndim != 4 or image.shape[:2] != (1, 3):
@@ -74,7 +76,5 @@ def encode_first_frame(vae, image: torch.Tensor) -> torch.Tensor:
     device = next(vae.parameters()).device
     x = image[:, :, None].to(device=device, dtype=vae.dtype)  # [1, 3, 1, Hp, Wp]
     z = vae.encode(x).latent_dist.mode().float()  # [1, C, 1, H, W]
-    cfg = vae.config
-    mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
-    inv_std = 1.0 / torch.tensor(cfg.latents_std, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
-    return (z - mean) * inv_std
+    mean, std = latent_stats(vae, z.device)
+    return (z - mean) * (1.0 / std)  # times the reciprocal, as diffusers' WanPipeline (bitwise its latents)

@@ -1,0 +1,78 @@
+"""What a model directory holds, as every family reports it (DESIGN 11): `ModelKind`, read from the directory's
+configs by the family whose pipeline class model_index.json names (freeloc_dist.family.read_model_kind), never
+from its name or path. No torch import: this runs before any heavy work.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+EXPERT_NAMES = ("transformer", "transformer_2")  # high-noise expert first (diffusers' component names)
+
+
+class ModelKindError(UserError, ValueError):
+    """The model directory's configs disagree with each other or with what this engine supports."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelKind:
+    pipeline: str  # model_index.json _class_name
+    task: str  # "t2v" (text only), "i2v" (image-conditioned channels), "ti2v" (expand_timesteps)
+    experts: tuple[str, ...]  # ("transformer",) or ("transformer", "transformer_2")
+    boundary_ratio: float | None  # the second expert runs at t < boundary_ratio * num_train_timesteps
+    expand_timesteps: bool  # per-token timesteps
+    latent_channels: int  # C: VAE z_dim = transformer out_channels
+    in_channels: int  # transformer input: C, or C + 4 mask + C conditioning (i2v)
+    image_tokens: int  # CLIP tokens before the text (0: no image encoder)
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    patch_size: tuple[int, int, int]
+    vae_temporal: int  # video frames per latent frame (after the first)
+    vae_spatial: int  # pixels per latent cell, per axis
+    trained_frames: int  # T
+    condition_images: int = 1  # images the model is conditioned on: 2 for FLF2V (first and last frame)
+
+    @property
+    def first_last_frame(self) -> bool:
+        """Conditioned on a first and a last frame."""
+        return self.condition_images == 2
+
+    @property
+    def conditioned(self) -> bool:
+        """The transformer takes mask + conditioning-video channels (image-to-video)."""
+        return self.in_channels != self.latent_channels
+
+    @property
+    def two_experts(self) -> bool:
+        return len(self.experts) == 2
+
+    @property
+    def tokens_per_pixel_axis(self) -> tuple[int, int]:
+        """Pixels per token along height and width (VAE factor x patch)."""
+        return self.vae_spatial * self.patch_size[1], self.vae_spatial * self.patch_size[2]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelKindError(f"model directory: missing {path.parent.name}/{path.name}") from None
+    except (OSError, ValueError) as e:
+        raise ModelKindError(f"model directory: {path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelKindError(f"model directory: {path}: expected a JSON object")
+    return data
+
+
+def check_profile_fits(kind: ModelKind, profile, where: str) -> None:
+    """A FreeLOC profile must list this model's layers and be made for its trained length; one line."""
+    if profile.num_layers != kind.num_layers:
+        raise ModelKindError(f"{where}: lists {profile.num_layers} layers, the model has {kind.num_layers}")
+    if profile.trained_frames != kind.trained_frames:
+        raise ModelKindError(f"{where}: trained_frames={profile.trained_frames}, but this {kind.task} model was "
+                             f"trained on {kind.trained_frames} latent frames")
