@@ -71,12 +71,14 @@ def render(out_dir: str, name: str, config: str, frames: int, world: int, resume
 def main(argv: list[str]) -> int:
     if argv[0] == "--compare":
         a, b = argv[1], argv[2]
-        names = sorted(os.listdir(a))
+        # the saved latents; the sidecar JSON of each render holds timings and paths, which differ run to run
+        names = sorted(n for n in os.listdir(a) if n.endswith(".safetensors"))
         match, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
         for n in names:
             print(("same  " if n in match else "DIFFER") + f" {n}")
         print(f"{len(match)} bitwise identical, {len(mismatch) + len(errors)} differ or missing")
-        return 0 if names and not mismatch and not errors and sorted(os.listdir(b)) == names else 1
+        theirs = sorted(n for n in os.listdir(b) if n.endswith(".safetensors"))
+        return 0 if names and not mismatch and not errors and theirs == names else 1
     out = os.path.abspath(argv[0])
     os.makedirs(out, exist_ok=True)
     for config, (short, long) in CONFIGS.items():
