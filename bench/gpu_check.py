@@ -95,8 +95,9 @@ def shapes(smoke: bool) -> Shapes:
         return Shapes("cpu", backends, ("bfloat16", "float32"), (3, 4), 19, 4, 3, 12, 2,
                       {"dense_frames": 1, "stripe_frames": 3, "stripe_width": 3, "sink_frames": [0]},
                       (9, 13), (3, 4), 2, 12, TINY_PROFILE, (1, 1),
-                      dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                           out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3), 7)
+                      dict(_class_name="WanTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2,
+                           attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                           num_layers=3), 7)
     cfg = dict(KNOWN_TRANSFORMERS[MODEL_ID])
     cfg["patch_size"] = tuple(cfg["patch_size"])
     # 8x16 tokens: one 128-token block per frame for flex (Triton tiles need whole blocks); stripes of 20.
