@@ -5,7 +5,6 @@ The lock is the one list of versions; nothing else in the repository names a dep
     python scripts/lockfile.py check [--uninstall-list]   # this python's packages against the lock; exit 1 on a
                                                           # mismatch; --uninstall-list prints installed extras
     python scripts/lockfile.py pins NAME ...              # `name==version --hash=...` lines, for pip -r
-    python scripts/lockfile.py version NAME               # one locked version
 """
 
 from __future__ import annotations
@@ -86,7 +85,7 @@ def pins(names: list[str], lock: dict[str, tuple[str, list[str]]]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("check", "pins", "version"):
+    if not argv or argv[0] not in ("check", "pins"):
         print(__doc__, file=sys.stderr)
         return 2
     lock = read_lock()
@@ -104,11 +103,8 @@ def main(argv: list[str]) -> int:
         print(f"lock: all {len(lock)} locked packages installed at their locked versions, nothing else")
         return 0
     try:
-        if argv[0] == "pins":
-            print("\n".join(pins(argv[1:], lock)))
-        else:
-            print(lock[canonical(argv[1])][0])
-    except (KeyError, IndexError) as err:
+        print("\n".join(pins(argv[1:], lock)))
+    except KeyError as err:
         print(f"lock: {err}", file=sys.stderr)
         return 2
     return 0

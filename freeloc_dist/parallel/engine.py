@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import get_backend
+from ..families import family_of
 from ..guidance import combine, uses_cfg
 from ..install import apply_freeloc, remove_freeloc
 from ..plan import LayerPlan
@@ -51,8 +52,6 @@ class SequenceParallel:
             raise RuntimeError("this transformer is already parallelised (parallelize / parallelize_pipeline)")
         self.owns_install = state is None
         if state is None:
-            from ..families import family_of
-
             num_layers = len(family_of(transformer).attention_layers(transformer))
             apply_freeloc(transformer, stock_profile(num_layers), backend=backend)
             state = transformer.freeloc_state

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from ..base import Family
 from . import counts
+from .kind import PIPELINES
 
 
 class WanFamily(Family):
     name = "wan"
     transformer_classes = ("WanTransformer3DModel",)
-    pipelines = ("WanPipeline", "WanImageToVideoPipeline")
+    pipelines = PIPELINES
 
     # -- model directories ---------------------------------------------------------------------------------
     def read_model_kind(self, model_dir):

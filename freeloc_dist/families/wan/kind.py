@@ -18,6 +18,7 @@ from pathlib import Path
 from ..kind import EXPERT_NAMES, ModelKind, ModelKindError
 from ..kind import read_json as _read
 
+PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")  # model_index.json _class_name of a Wan directory
 CLIP_IMAGE_TOKENS = 257  # Wan2.1 I2V: CLIP ViT-H/14 penultimate layer, 256 patches + class token
 
 # T per family (latent frames the family was trained on). Wan2.1 and Wan2.2 A14B: 81 video frames at 16 fps
@@ -61,9 +62,8 @@ def read_model_kind(model_dir: str | Path) -> ModelKind:
     root = Path(model_dir)
     index = _read(root / "model_index.json")
     pipeline = str(index.get("_class_name", ""))
-    if pipeline not in ("WanPipeline", "WanImageToVideoPipeline"):
-        raise ModelKindError(f"model_index.json: _class_name={pipeline!r}: expected WanPipeline or "
-                             "WanImageToVideoPipeline")
+    if pipeline not in PIPELINES:
+        raise ModelKindError(f"model_index.json: _class_name={pipeline!r}: expected {' or '.join(PIPELINES)}")
     # A component that a pipeline does not use is saved as [null, null] by diffusers.
     has_second = isinstance(index.get("transformer_2"), list) and index["transformer_2"][0] is not None
     experts = EXPERT_NAMES if has_second else EXPERT_NAMES[:1]
