@@ -102,6 +102,25 @@ def long_range_results(dims, num_frames, backend, heads_list, only=None):
     return results
 
 
+def group_timeout(dims, timeout_s):
+    """Rank 0 waits in a sequence-parallel collective that rank 1 never joins (rank 1 stays alive, so torchrun
+    does not end the world for it): the collective must fail after about timeout_s, not gloo's 30 minutes."""
+    import time
+
+    import torch.distributed as dist
+
+    if dims.rank != 0:
+        time.sleep(timeout_s * 4)
+        return {}
+    start = time.perf_counter()
+    try:
+        dist.all_reduce(torch.ones(1), group=dims.sp_group)
+        error = None
+    except RuntimeError as e:
+        error = str(e).splitlines()[0]
+    return {"elapsed": time.perf_counter() - start, "error": error}
+
+
 @torch.no_grad()
 def main():
     ap = argparse.ArgumentParser()
@@ -112,14 +131,18 @@ def main():
     ap.add_argument("--backend", default="sdpa")
     ap.add_argument("--strategies", default=None, help="--case long: only these strategies (comma-separated)")
     ap.add_argument("--fail-rank", type=int, default=-1)
-    ap.add_argument("--case", choices=["equivalence", "bytes", "long"], default="equivalence")
+    ap.add_argument("--case", choices=["equivalence", "bytes", "long", "group-timeout"], default="equivalence")
     ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args()
-    faulthandler.dump_traceback_later(args.timeout, exit=True)  # a hang prints every stack, then exits
+    # a hang prints every stack, then exits (group-timeout waits out the timeout on purpose, the dump comes later)
+    faulthandler.dump_traceback_later(args.timeout * (8 if args.case == "group-timeout" else 1), exit=True)
     dims = init_parallel(cfg_degree=args.cfg, timeout_s=args.timeout)
     try:
         if dims.rank == args.fail_rank:
             raise RuntimeError(f"rank {dims.rank} fails on purpose")
+        if args.case == "group-timeout":
+            torch.save(group_timeout(dims, args.timeout), f"{args.out}.rank{dims.rank}")
+            return
         if args.case == "bytes":
             torch.save(tsa_bytes(dims, args.frames), f"{args.out}.rank{dims.rank}")
             return

@@ -105,6 +105,17 @@ def test_a_failing_rank_stops_every_rank(tmp_path):
     assert time.perf_counter() - start < timeout + 30
 
 
+@pytest.mark.dist
+def test_sequence_parallel_group_honours_the_timeout(tmp_path):
+    """parallel.timeout_s reaches the groups the engine talks on (torch gives a new_group gloo's 30-minute default
+    unless told), so a collective one rank never joins fails in about timeout_s."""
+    timeout = 2
+    proc = launch(2, tmp_path / "t.pt", "--frames", "9", "--case", "group-timeout", "--timeout", str(timeout))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = torch.load(f"{tmp_path / 't.pt'}.rank0")
+    assert result["error"] is not None and timeout <= result["elapsed"] < 3 * timeout, result
+
+
 @pytest.mark.cli
 def test_cli_rejects_bad_input_on_every_rank(tmp_path):
     # Each rank alone, as torchrun starts it: the error must come before any rendezvous (no peer needed).

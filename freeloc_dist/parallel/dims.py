@@ -25,6 +25,10 @@ class ParallelDims:
     sp_degree: int
     device: torch.device
     backend: str | None  # None: single process, no process group
+    # How long a collective of this run's groups may wait before it fails every rank (parallel.timeout_s).
+    timeout: datetime.timedelta = datetime.timedelta(seconds=600)
+    # init_parallel made the default group (a library user's own group, made before, is left to them)
+    owns_default_group: bool = False
     _sp_group: object = None
     _cfg_group: object = None
     _sub_sp_groups: dict = dataclasses.field(default_factory=dict)  # size -> this rank's sub-group
@@ -63,7 +67,7 @@ class ParallelDims:
             for c in range(self.cfg_degree):
                 for g in range(self.sp_degree // size):
                     ranks = [c * self.sp_degree + g * size + j for j in range(size)]
-                    group = dist.new_group(ranks)
+                    group = dist.new_group(ranks, timeout=self.timeout)
                     if self.rank in ranks:
                         mine = group
             self._sub_sp_groups[size] = mine
@@ -76,7 +80,10 @@ class ParallelDims:
 
 
 def init_parallel(*, cfg_degree: int = 1, timeout_s: float = 600.0) -> ParallelDims:
-    """Read torchrun's environment, init the default group and the cfg/sp groups once."""
+    """Read torchrun's environment, init the default group (unless the caller made one) and the cfg/sp groups.
+
+    Every group gets `timeout_s`: torch's new_group otherwise gives a sub-group gloo's 30-minute default, so a
+    rank stuck in a sequence-parallel collective would outwait parallel.timeout_s."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -88,21 +95,33 @@ def init_parallel(*, cfg_degree: int = 1, timeout_s: float = 600.0) -> ParallelD
         device, backend = torch.device("cpu"), "gloo"
     if world_size == 1:
         return ParallelDims(1, 0, 1, 1, device, None)
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    dims = ParallelDims(world_size, rank, cfg_degree, sp_degree, device, backend)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend, timeout=timeout)
+    dims = ParallelDims(world_size, rank, cfg_degree, sp_degree, device, backend, timeout, owns)
     # Every rank must create every group, in the same order.
     for c in range(cfg_degree):
-        g = dist.new_group([c * sp_degree + s for s in range(sp_degree)])
+        g = dist.new_group([c * sp_degree + s for s in range(sp_degree)], timeout=timeout)
         if c == dims.cfg_rank:
             dims._sp_group = g
     for s in range(sp_degree):
-        g = dist.new_group([c * sp_degree + s for c in range(cfg_degree)])
+        g = dist.new_group([c * sp_degree + s for c in range(cfg_degree)], timeout=timeout)
         if s == dims.sp_rank:
             dims._cfg_group = g
     return dims
 
 
 def destroy_parallel(dims: ParallelDims | None) -> None:
-    if dims is not None and dims.distributed and dist.is_initialized():
+    """Destroy what init_parallel made: the default group when it made it, else only this run's own groups
+    (a caller that made the default group, such as a test world serving many renders, keeps it)."""
+    if dims is None or not dims.distributed or not dist.is_initialized():
+        return
+    if dims.owns_default_group:
         dist.destroy_process_group()
+        return
+    for group in (dims._sp_group, dims._cfg_group, *dims._sub_sp_groups.values()):
+        if group is not None:
+            dist.destroy_process_group(group)
+    dims._sp_group, dims._cfg_group = None, None
+    dims._sub_sp_groups.clear()
