@@ -102,53 +102,6 @@ def test_the_cycle_finder_finds_a_cycle():
 
 # ---- a second family, registered by this test alone ----------------------------------------------------------
 
-def _skeleton_family():
-    """A family of its own classes (a transformer class and a pipeline name no other family claims) that reuses
-    Wan's layer code, standing in for the next family: nothing outside families/ and tests/ changes for it."""
-    from diffusers import WanTransformer3DModel
-
-    from freeloc_dist.families.wan.adapter import WanFamily
-
-    class SkeletonTransformer(WanTransformer3DModel):
-        pass
-
-    class SkeletonFamily(WanFamily):
-        name = "skeleton"
-        transformer_classes = ("SkeletonTransformer",)
-        pipelines = ("SkeletonPipeline",)
-
-        def __init__(self):
-            self.calls: dict[str, int] = {}
-
-        def _count(self, what):
-            self.calls[what] = self.calls.get(what, 0) + 1
-
-        def owns(self, transformer):
-            return isinstance(transformer, SkeletonTransformer)
-
-        def project_qkv(self, attn, hidden_states):
-            self._count("project_qkv")
-            return super().project_qkv(attn, hidden_states)
-
-        def temporal_rope(self, transformer):
-            self._count("temporal_rope")
-            return super().temporal_rope(transformer)
-
-        def encode_prompt(self, components, prompt, max_tokens):
-            self._count("encode_prompt")
-            return super().encode_prompt(components, prompt, max_tokens)
-
-        def render_inputs(self, *args):
-            self._count("render_inputs")
-            return super().render_inputs(*args)
-
-        def transformer_params(self, config):
-            self._count("transformer_params")
-            return super().transformer_params(config)
-
-    return SkeletonFamily(), SkeletonTransformer
-
-
 @pytest.fixture(scope="module")
 def tiny_components():
     from freeloc_dist.families.wan.tiny import build_tiny_components
@@ -167,13 +120,39 @@ def tiny_render_cfg():
 
 @pytest.fixture
 def skeleton():
+    """tests/skeleton_family.py registered for one test (importing it registers it once per process)."""
     from freeloc_dist import families
 
     before = families.registered()
-    family, cls = _skeleton_family()
-    families.register(family)
-    yield family, cls
+    import skeleton_family
+
+    families.register(skeleton_family.FAMILY)
+    skeleton_family.FAMILY.calls.clear()
+    yield skeleton_family.FAMILY, skeleton_family.SkeletonTransformer
     families._REGISTRY[:] = before
+    assert all(f.name != "skeleton" for f in families.registered())
+
+
+def test_a_family_named_in_the_environment_is_registered(tmp_path, monkeypatch):
+    from freeloc_dist import families
+    from freeloc_dist.errors import UserError
+
+    (tmp_path / "plugin_family_for_test.py").write_text(
+        "from freeloc_dist import families\n"
+        "from freeloc_dist.families.base import Family\n"
+        "class PluginFamily(Family):\n"
+        "    name = 'plugin'\n"
+        "families.register(PluginFamily())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(families, "_REGISTRY", list(families.registered()))
+    monkeypatch.setattr(families, "_loaded", False)
+    monkeypatch.setenv(families.PLUGINS_ENV, " plugin_family_for_test , ")
+    assert [f.name for f in families.registered()][:2] == ["plugin", "wan"]
+
+    monkeypatch.setattr(families, "_loaded", False)
+    monkeypatch.setenv(families.PLUGINS_ENV, "no_such_family_module")
+    with pytest.raises(UserError, match="FREELOC_FAMILIES: cannot import family module 'no_such_family_module'"):
+        families.registered()
 
 
 def test_skeleton_family_plans_and_renders_like_the_family_it_reuses(skeleton, tiny_components, tiny_render_cfg):

@@ -6,18 +6,25 @@ and (as the move continues) inputs, VAE and planner counts. The engine, the proc
 render loop see only the `Family` object `family_of(transformer)` returns; nothing outside families/ names a
 family's classes. A family registers itself with `register` when its folder is imported; the registry imports
 the known folders on first use, so shared code never imports a family folder itself.
+
+A family outside the package (a user's, or the test suite's skeleton family) is named in the environment:
+FREELOC_FAMILIES="pkg.module,other.module" imports those modules after the built-in folders, in every process
+that looks a family up (each rank of a torchrun world included), and each registers itself as the built-ins do.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 
+from ..errors import UserError
 from .base import Family
 
-__all__ = ["Family", "register", "family_of", "family_of_vae", "registered"]
+__all__ = ["Family", "register", "family_of", "family_of_vae", "registered", "PLUGINS_ENV"]
 
-# The folders imported on first use (each calls `register`); a test may register more.
+# The folders imported on first use (each calls `register`); FREELOC_FAMILIES and a test may register more.
 _BUILTIN = ("freeloc_dist.families.wan",)
+PLUGINS_ENV = "FREELOC_FAMILIES"
 _REGISTRY: list[Family] = []
 _loaded = False
 
@@ -36,7 +43,17 @@ def registered() -> list[Family]:
         _loaded = True
         for module in _BUILTIN:
             importlib.import_module(module)
+        for module in _plugin_modules():
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                _loaded = False  # the next lookup says it again rather than serving fewer families
+                raise UserError(f"{PLUGINS_ENV}: cannot import family module {module!r}: {e}") from None
     return list(_REGISTRY)
+
+
+def _plugin_modules() -> list[str]:
+    return [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
 
 
 def family_of(transformer) -> Family:

@@ -21,7 +21,7 @@ class WanFamily(Family):
     def read_model_kind(self, model_dir):
         from .kind import read_model_kind
 
-        return read_model_kind(model_dir)
+        return read_model_kind(model_dir, self.pipelines)
 
     def check_model_dir(self, model_dir):
         from .loading import check_model_dir

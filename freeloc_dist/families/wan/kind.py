@@ -57,13 +57,14 @@ def _clip_tokens(root: Path) -> int:
     return (size // patch) ** 2 + 1
 
 
-def read_model_kind(model_dir: str | Path) -> ModelKind:
-    """The kind of the diffusers-format Wan model in `model_dir` (configs only; no weights read)."""
+def read_model_kind(model_dir: str | Path, pipelines: tuple[str, ...] = PIPELINES) -> ModelKind:
+    """The kind of the diffusers-format Wan model in `model_dir` (configs only; no weights read). `pipelines`:
+    the model_index.json class names accepted (the family's own; a family built on Wan's layers names its own)."""
     root = Path(model_dir)
     index = _read(root / "model_index.json")
     pipeline = str(index.get("_class_name", ""))
-    if pipeline not in PIPELINES:
-        raise ModelKindError(f"model_index.json: _class_name={pipeline!r}: expected {' or '.join(PIPELINES)}")
+    if pipeline not in pipelines:
+        raise ModelKindError(f"model_index.json: _class_name={pipeline!r}: expected {' or '.join(pipelines)}")
     # A component that a pipeline does not use is saved as [null, null] by diffusers.
     has_second = isinstance(index.get("transformer_2"), list) and index["transformer_2"][0] is not None
     experts = EXPERT_NAMES if has_second else EXPERT_NAMES[:1]

@@ -1,0 +1,189 @@
+"""The family matrix: every tiny model of every family at F > T under torchrun (gloo) writes the latents of one
+process, on 2 and 3 sequence-parallel ranks and cfg 2 x sp 2.
+
+Tolerance 1e-5 relative, as tests/test_parallel.py: the parallel paths change only the order of float32 reductions.
+One torchrun world per world shape serves every case of that shape (tests/matrix_worker.py: renders in one
+process group, start-up paid once); each case is its own test and reports its own ranks' logs, and a case that
+fails ends its world without hiding the cases after it (a new world runs them). The one-process references
+render in this process. A family adds a row to MODELS (a tiny model and a config), not a test module: the
+skeleton family (tests/skeleton_family.py), registered in the workers through FREELOC_FAMILIES, is such a row.
+
+What each row covers: image-to-video's conditioning (mask + VAE latents of the whole video) is sliced per rank
+like the latents and the CLIP tokens reach every rank and both CFG groups; FLF2V's last-frame sink is fetched
+across ranks; the two-expert models switch experts (4 steps cross the boundary) under every world shape;
+TI2V runs per-token timesteps, 48 channels and the 16x VAE's decode over the ranks.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from _tiny import rel_err
+
+from freeloc_dist.config import REPO_ROOT
+
+pytestmark = pytest.mark.dist
+TOL = 1e-5
+LENGTH = ["--frames", "33"]  # 33 frames = 9 latent frames: past every tiny model's T of 5; shards 5/4, 3/3/3
+SMALL = [*LENGTH, "--height", "32", "--width", "32"]
+SKELETON = "skeleton"  # a config written by the `skeleton_config` fixture
+
+# model case -> (config, argv after it). The id's first word is the family.
+MODELS = {
+    "wan-t2v-a14b": ("configs/tiny-random-a14b.yaml", [*LENGTH, "--steps", "4"]),
+    "wan-i2v": ("configs/tiny-random-i2v.yaml", SMALL),
+    "wan-flf2v": ("configs/tiny-random-flf2v.yaml", SMALL),
+    "wan-i2v-a14b": ("configs/tiny-random-i2v-a14b.yaml", SMALL),
+    "wan-ti2v": ("configs/tiny-random-ti2v.yaml", [*LENGTH, "--steps", "3"]),
+    "skeleton-t2v": (SKELETON, [*SMALL, "--steps", "3"]),
+}
+# world shape -> (ranks, argv). No world of 1: it installs no engine, so it would compare a path with itself.
+WORLDS = {"sp2": (2, []), "sp3": (3, []), "cfg2xsp2": (4, ["--cfg-degree", "2"])}
+MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") for world in WORLDS] + [
+    ("wan-flf2v", "sp3"), ("wan-i2v-a14b", "sp3"), ("wan-i2v-a14b", "cfg2xsp2"),
+    ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"),
+]
+# The one-process reference of a model case: its own render, except the skeleton's, which is Wan's render of the
+# same weights (tests/test_families.py shows the two equal bit for bit in one process).
+REFERENCE_OF = {"skeleton-t2v": "wan-t2v"}
+MODELS["wan-t2v"] = ("configs/tiny-random.yaml", MODELS["skeleton-t2v"][1])
+
+
+def case_argv(config: str, argv: list[str], folder: Path, name: str) -> list[str]:
+    return ["--config", config, *argv, "--quiet", "--out", str(folder / f"{name}.mp4"),
+            "--save-latents", str(folder / f"{name}.safetensors")]
+
+
+@pytest.fixture(scope="module")
+def skeleton_config(tmp_path_factory) -> str:
+    """tiny-random.yaml on a copy of its tiny Wan turned into the skeleton family's model directory."""
+    from skeleton_family import as_skeleton_dir
+
+    folder = tmp_path_factory.mktemp("skeleton")
+    config = yaml.safe_load((REPO_ROOT / "configs" / "tiny-random.yaml").read_text())
+    model = as_skeleton_dir(shutil.copytree(REPO_ROOT / config["model"]["path"], folder / "tiny-skeleton"))
+    config["model"]["path"] = str(model)
+    path = folder / "tiny-skeleton.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def config_of(model: str, skeleton_config: str) -> str:
+    config = MODELS[model][0]
+    return skeleton_config if config == SKELETON else config
+
+
+@pytest.fixture(scope="module")
+def reference(generate, skeleton_config, tmp_path_factory):
+    """model case -> the latents of one plain process (rendered here, once)."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path_factory.mktemp("reference")
+    cache = {}
+
+    def get(model: str):
+        model = REFERENCE_OF.get(model, model)
+        if model not in cache:
+            argv = case_argv(config_of(model, skeleton_config), MODELS[model][1], folder, model)
+            assert generate.main(argv) == 0, model
+            cache[model] = load_file(folder / f"{model}.safetensors")["latents"]
+        return cache[model]
+    return get
+
+
+def run_world(folder: Path, ranks: int, cases: list[dict]) -> dict[str, dict]:
+    """Run `cases` in torchrun worlds of `ranks` until each has a result: case id -> {codes, family_calls, logs}."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "FREELOC_FAMILIES": "skeleton_family"}
+    results, pending, attempt = {}, list(cases), 0
+    while pending:
+        attempt += 1
+        spec = folder / f"cases{attempt}.json"
+        spec.write_text(json.dumps(pending))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={ranks}", str(REPO_ROOT / "tests" / "matrix_worker.py"),
+                               "--cases", str(spec), "--out", str(folder)],
+                              capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=1500)
+        ran = []
+        for case in pending:
+            logs = {r: (folder / f"{case['id']}.rank{r}.log").read_text()
+                    for r in range(ranks) if (folder / f"{case['id']}.rank{r}.log").exists()}
+            done = folder / f"{case['id']}.json"
+            if done.exists():
+                results[case["id"]] = {**json.loads(done.read_text()), "logs": logs}
+                ran.append(case)
+            elif logs or not ran:  # the case the world ended in (or a world that never started): failed
+                results[case["id"]] = {"codes": None, "logs": logs, "world": proc.stderr[-3000:]}
+                ran.append(case)
+                break
+            else:
+                break
+        pending = [c for c in pending if c not in ran]
+    return results
+
+
+@pytest.fixture(scope="module")
+def worlds(skeleton_config, tmp_path_factory):
+    """world shape -> its cases' results, each world run once, on first use, for every case of its shape."""
+    cache = {}
+
+    def get(world: str):
+        if world not in cache:
+            folder = tmp_path_factory.mktemp(f"world-{world}")
+            ranks, world_argv = WORLDS[world]
+            cases = [{"id": model, "argv": case_argv(config_of(model, skeleton_config),
+                                                     [*MODELS[model][1], *world_argv], folder, model)}
+                     for model, shape in MATRIX if shape == world]
+            cache[world] = (folder, run_world(folder, ranks, cases))
+        return cache[world]
+    return get
+
+
+@pytest.mark.parametrize("model, world", MATRIX, ids=[f"{m}-{w}" for m, w in MATRIX])
+def test_parallel_render_equals_one_process(worlds, reference, model, world):
+    from safetensors.torch import load_file
+
+    folder, results = worlds(world)
+    result = results[model]
+    report = "\n".join(f"--- rank {r}:\n{text[-2000:]}" for r, text in result["logs"].items())
+    assert result["codes"] is not None, f"the world ended during this case\n{report}\n{result.get('world', '')}"
+    assert result["codes"] == [0] * WORLDS[world][0], report
+    assert all(text.strip() == "" for text in result["logs"].values()), report  # --quiet: no line from any rank
+    latents = load_file(folder / f"{model}.safetensors")["latents"]
+    assert rel_err(latents, reference(model)) < TOL
+    assert (folder / f"{model}.mp4").stat().st_size > 0
+    family = model.split("-")[0]
+    counted = result["family_calls"].get(SKELETON, {})
+    if family == SKELETON:  # the workers' renders went through the skeleton's adapter, not Wan's directly
+        assert {"load_components", "encode_prompt", "render_inputs", "project_qkv", "temporal_rope"} <= set(counted)
+    else:
+        assert counted == {}
+
+
+def test_ti2v_latents_have_its_shape(reference):
+    assert reference("wan-ti2v").shape == (1, 48, 9, 4, 4)
+
+
+def test_each_expert_runs_its_own_profile(generate, reference, tmp_path):
+    from safetensors.torch import load_file
+
+    config, argv = MODELS["wan-t2v-a14b"]
+    same = case_argv(config, [*argv, "--profile-2", "configs/profiles/tiny-random.yaml"], tmp_path, "same")
+    assert generate.main(same) == 0
+    assert rel_err(load_file(tmp_path / "same.safetensors")["latents"], reference("wan-t2v-a14b")) > 1e-3
+
+
+def test_a_failing_case_ends_its_world_and_the_rest_still_run(tmp_path):
+    """The matrix's own machinery: a case that fails on every rank reports each rank's error, and the case after
+    it runs in a new world."""
+    bad = {"id": "bad", "argv": ["--config", "configs/tiny-random.yaml", "--frames", "34"]}
+    good = {"id": "good", "argv": ["--config", "configs/tiny-random.yaml", "--validate-only"]}
+    results = run_world(tmp_path, 2, [bad, good])
+    assert results["bad"]["codes"] == [2, 2]
+    assert all("video.frames=34: must be 4k+1" in results["bad"]["logs"][r] for r in (0, 1))
+    assert results["good"]["codes"] == [0, 0]
+    assert (tmp_path / "cases2.json").exists()  # the good case ran in a second world
