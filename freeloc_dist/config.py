@@ -23,6 +23,7 @@ import yaml
 
 from .choices import ATTENTION_BACKENDS, COMPILE_MODES, STRATEGY_CHOICES
 from .errors import UserError
+from .families.kind import FRAMES_RULE
 from .yamlio import load_yaml, yaml_problem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -105,21 +106,14 @@ class RenderConfig:
 
 
 def latent_frames(frames: int) -> int:
-    """Latent frames of a Wan video of `frames` output frames (4k+1 -> k+1)."""
-    return (frames - 1) // 4 + 1
+    """Latent frames of a video of `frames` output frames (the configs' frames rule: 4k+1 -> k+1)."""
+    return FRAMES_RULE.latent_frames(frames)
 
 
 def frames_for_seconds(seconds: float, fps: int) -> int:
     """The valid frame count (4k+1, at least 1) nearest to `seconds` of video at `fps` (ValueError when
     seconds x fps is not a finite number)."""
-    if not math.isfinite(seconds * fps):
-        raise ValueError(f"{seconds} seconds at {fps} fps is not a finite number of frames")
-    return 4 * max(0, round((seconds * fps - 1) / 4)) + 1
-
-
-def _frames_message(v: int) -> str:
-    low = 4 * ((v - 1) // 4) + 1
-    return f"must be 4k+1 (e.g. {low} or {low + 4})" if low >= 1 else "must be 4k+1 (e.g. 1 or 5)"
+    return FRAMES_RULE.nearest(seconds, fps)
 
 
 def _positive_multiple_of_16(v: int) -> bool:
@@ -136,7 +130,7 @@ MAX_FPS = 1000
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[Any], str]]] = {
     "video.height": (_positive_multiple_of_16, "must be a positive multiple of 16"),
     "video.width": (_positive_multiple_of_16, "must be a positive multiple of 16"),
-    "video.frames": (lambda v: v >= 1 and v % 4 == 1, _frames_message),
+    "video.frames": (FRAMES_RULE.valid, FRAMES_RULE.problem),
     "video.fps": (lambda v: 1 <= v <= MAX_FPS, f"must be >= 1 and <= {MAX_FPS}"),
     "sampling.steps": (lambda v: 1 <= v <= MAX_STEPS, f"must be >= 1 and <= {MAX_STEPS}"),
     "sampling.guidance_scale": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),

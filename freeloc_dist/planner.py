@@ -27,6 +27,7 @@ from typing import Any, Mapping
 from freeloc_dist.config import RenderConfig
 
 from .errors import UserError
+from .families.kind import FRAMES_RULE
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -158,7 +159,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
         # image-to-video: the whole video's conditioning channels (4 mask + C, transformer dtype) and, while it
         # is built once before the first step, the float32 pixel video the VAE encodes (every rank: DESIGN 10)
         **({"conditioning": float((t["in_channels"] - t["out_channels"]) * num_frames * h * ph * w * pw) * act_bytes,
-            "conditioning video (once)": 3.0 * 4 * (4 * (num_frames - 1) + 1) * cfg.video.height * cfg.video.width}
+            "conditioning video (once)": 3.0 * 4 * FRAMES_RULE.frames(num_frames) * cfg.video.height * cfg.video.width}
            if t["in_channels"] != t["out_channels"] else {}),
         # every rank plans each layer kind on the host: offsets, tiers and a natural-offset table, Long[F, F]
         "frame tables (host)": 3.0 * 8 * num_frames * num_frames * len(set(kinds)),

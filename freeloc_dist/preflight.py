@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from .cli import UserError, first_line
 from .config import ConfigError, RenderConfig, frames_for_seconds, load_render_config
+from .families.kind import FRAMES_RULE
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,6 +109,9 @@ def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
         kind = read_model_kind(model_dir)
     except ModelKindError as e:
         raise UserError(f"model.path={str(cfg.model.path)!r}: {first_line(e)}") from None
+    if kind.frames_rule != FRAMES_RULE:  # video.frames was checked against the configs' rule: say so, never misread
+        raise UserError(f"model.path={str(cfg.model.path)!r}: its VAE counts frames {kind.vae_temporal}k+1, but "
+                        f"configs count them {FRAMES_RULE.temporal}k+1 (not supported yet)")
     image_checks(cfg, kind, model_dir)
     check_size_fits(cfg, kind)
     if not kind.two_experts:
@@ -200,7 +204,7 @@ def check_length(cfg: RenderConfig, profile, transformer_cfg: dict | None) -> No
     if cfg.latent_frames > limit:
         raise UserError(f"video.frames={cfg.video.frames}: {cfg.latent_frames} latent frames, but stock Wan "
                         f"attention has RoPE positions for {limit} (rope_max_seq_len); render it with a "
-                        f"FreeLOC profile, or at most {4 * (limit - 1) + 1} frames")
+                        f"FreeLOC profile, or at most {FRAMES_RULE.frames(limit)} frames")
 
 
 def latent_shape(cfg: RenderConfig) -> tuple[int, int, int, int, int] | None:

@@ -189,3 +189,15 @@ def test_frames_for_seconds():
         f = frames_for_seconds(s, 16)
         assert f % 4 == 1 and abs(f - s * 16) <= 2
     assert latent_frames(961) == 241 and latent_frames(81) == 21
+
+
+def test_frames_rule_of_a_causal_vae():
+    from freeloc_dist.families.kind import FRAMES_RULE, FramesRule
+
+    assert FRAMES_RULE == FramesRule(4)
+    assert [FRAMES_RULE.latent_frames(f) for f in (1, 5, 77, 81)] == [1, 2, 20, 21]
+    assert all(FRAMES_RULE.frames(FRAMES_RULE.latent_frames(f)) == f for f in range(1, 400, 4))
+    eight = FramesRule(8)
+    assert (eight.latent_frames(17), eight.frames(3), eight.valid(17), eight.valid(13)) == (3, 17, True, False)
+    assert eight.problem(12) == "must be 8k+1 (e.g. 9 or 17)" and eight.problem(0) == "must be 8k+1 (e.g. 1 or 9)"
+    assert FRAMES_RULE.nearest(5, 16) == 81 and FRAMES_RULE.nearest(0, 16) == 1

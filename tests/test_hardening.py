@@ -409,3 +409,13 @@ def test_torchrun_sh_validates_before_torchrun(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("setup:")]
     assert len(lines) == 1 and lines[0].startswith("error: config error: video.frames=64"), proc.stderr
+
+
+@pytest.mark.unit
+def test_a_model_whose_vae_counts_frames_otherwise_is_refused(generate, tmp_path, clean_env, capsys):
+    """Configs count frames 4k+1 (families.kind.FRAMES_RULE); a VAE that compresses time 8x would turn them into
+    the wrong number of latent frames, so preflight says so in one line instead of rendering."""
+    model = model_copy(tmp_path, lambda c: c.update(scale_factor_temporal=8), sub="vae")
+    cfg = write_config(tmp_path, lambda c: c["model"].update(path=str(model)))
+    one_line_error(capsys, generate.main(["--config", str(cfg), "--validate-only"]),
+                   "its VAE counts frames 8k+1, but configs count them 4k+1")

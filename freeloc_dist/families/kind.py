@@ -6,6 +6,7 @@ from its name or path. No torch import: this runs before any heavy work.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,42 @@ EXPERT_NAMES = ("transformer", "transformer_2")  # high-noise expert first (diff
 
 class ModelKindError(UserError, ValueError):
     """The model directory's configs disagree with each other or with what this engine supports."""
+
+
+@dataclass(frozen=True)
+class FramesRule:
+    """How a causal video VAE counts frames: the first frame is one latent frame, then every `temporal` frames
+    another, so a video has temporal * k + 1 frames (k + 1 latent frames)."""
+
+    temporal: int
+
+    def latent_frames(self, frames: int) -> int:
+        return (frames - 1) // self.temporal + 1
+
+    def frames(self, latent_frames: int) -> int:
+        """Video frames of `latent_frames` latent frames."""
+        return self.temporal * (latent_frames - 1) + 1
+
+    def valid(self, frames: int) -> bool:
+        return frames >= 1 and (frames - 1) % self.temporal == 0
+
+    def nearest(self, seconds: float, fps: int) -> int:
+        """The valid frame count (at least 1) nearest to `seconds` of video at `fps` (ValueError when seconds x fps
+        is not a finite number)."""
+        if not math.isfinite(seconds * fps):
+            raise ValueError(f"{seconds} seconds at {fps} fps is not a finite number of frames")
+        return self.temporal * max(0, round((seconds * fps - 1) / self.temporal)) + 1
+
+    def problem(self, frames: int) -> str:
+        """What is wrong with an invalid count, with the two valid counts around it."""
+        low = max(1, self.frames(self.latent_frames(frames)))  # the valid count at or below `frames` (at least 1)
+        return f"must be {self.temporal}k+1 (e.g. {low} or {low + self.temporal})"
+
+
+# The rule a config is checked against before its model is read. Every family served today (Wan's causal VAEs,
+# HunyuanVideo's) compresses time 4x; preflight refuses a model whose VAE counts frames otherwise
+# (ModelKind.frames_rule), so a family with another rule is one clear line, not a wrong latent length.
+FRAMES_RULE = FramesRule(4)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +73,10 @@ class ModelKind:
     vae_spatial: int  # pixels per latent cell, per axis
     trained_frames: int  # T
     condition_images: int = 1  # images the model is conditioned on: 2 for FLF2V (first and last frame)
+
+    @property
+    def frames_rule(self) -> FramesRule:
+        return FramesRule(self.vae_temporal)
 
     @property
     def first_last_frame(self) -> bool:

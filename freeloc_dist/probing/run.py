@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from ..cli import UserError, log
 from ..config import REPO_ROOT
+from ..families.kind import FRAMES_RULE
 
 _PROBE_TIMEOUT_S = 7 * 24 * 3600.0  # ranks meet only at the end; a long probe must not time out the group
 _log = log
@@ -244,7 +245,7 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
         record = trajectory_steps(settings.timesteps, steps, within)
         num_layers = len(family_of(transformer).attention_layers(transformer))
         mine = list(range(dims.rank, num_layers, dims.world_size))
-        lengths = [4 * (trained - 1) + 1, 4 * (target - 1) + 1]  # output frames of the two probe lengths
+        lengths = [FRAMES_RULE.frames(trained), FRAMES_RULE.frames(target)]  # output frames of the two probe lengths
         geometries = [latent_geometry(parts.vae, transformer, f, cfg.video.height, cfg.video.width) for f in lengths]
         if lead:
             which = f" of {expert} (its steps {within[0]}-{within[1] - 1})" if others else ""

@@ -11,6 +11,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from ..config import REPO_ROOT, ConfigError, build_config
+from ..families.kind import FRAMES_RULE
 from ..yamlio import load_yaml, yaml_problem
 
 DEFAULT_PROMPTS = (
@@ -54,7 +55,7 @@ def _finite(v) -> bool:
 _CHECKS = {
     "probing.prompts": (lambda v: all(v), "expected a list of non-empty strings"),
     "probing.trained_frames": (lambda v: v >= 2, "must be >= 2"),
-    "probing.frames": (lambda v: v >= 1 and v % 4 == 1, "must be 4k+1 (output video frames)"),
+    "probing.frames": (FRAMES_RULE.valid, "must be 4k+1 (output video frames)"),
     "probing.steps": (lambda v: v >= 1, "must be >= 1"),
     "probing.timesteps": (lambda v: len(v) > 0 and all(math.isfinite(x) and 0 <= x < 1 for x in v),
                           "expected a non-empty list of fractions in [0, 1)"),
