@@ -134,9 +134,10 @@ def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
 
 
 def image_checks(cfg: RenderConfig, kind, model_dir: Path) -> None:
-    """Conditioning images against the model (one line each), then each image read and decoded
-    (freeloc_dist.images), so a bad file fails here on every rank, before any weight loads."""
-    from .images import ImageError, load_image
+    """Conditioning images against the model (one line each), then each image read (once: its bytes are kept for
+    the render), decoded and its fitting to the video size checked (freeloc_dist.images), so a bad file fails
+    here on every rank, before any weight loads."""
+    from .images import ImageError, check_fit, keep_images, load_image
 
     if kind.task == "t2v":
         for key, value in (("image", cfg.image), ("last_image", cfg.last_image)):
@@ -163,12 +164,13 @@ def image_checks(cfg: RenderConfig, kind, model_dir: Path) -> None:
                         "takes the last 512 tokens as text; it must be 512")
     if cfg.video.frames < 2 and cfg.last_image is not None:
         raise UserError(f"video.frames={cfg.video.frames}: a first and a last frame need at least 5 frames")
-    for key, path in (("image", cfg.image), ("last_image", cfg.last_image)):
-        if path is not None:
-            try:
-                load_image(path, key)
-            except ImageError as e:
-                raise UserError(first_line(e)) from None
+    try:
+        keep_images({"image": cfg.image, "last_image": cfg.last_image})  # read once: every later use takes these
+        for key, path in (("image", cfg.image), ("last_image", cfg.last_image)):
+            if path is not None:
+                check_fit(load_image(path, key).size, cfg.video.height, cfg.video.width, f"{key}={str(path)!r}")
+    except ImageError as e:
+        raise UserError(first_line(e)) from None
 
 
 def check_size_fits(cfg: RenderConfig, kind) -> None:

@@ -419,3 +419,136 @@ def test_a_model_whose_vae_counts_frames_otherwise_is_refused(generate, tmp_path
     cfg = write_config(tmp_path, lambda c: c["model"].update(path=str(model)))
     one_line_error(capsys, generate.main(["--config", str(cfg), "--validate-only"]),
                    "its VAE counts frames 8k+1, but configs count them 4k+1")
+
+
+# ------------------------------------------------------------------------------------ conditioning images
+I2V = REPO_ROOT / "configs" / "tiny-random-i2v.yaml"  # 64 x 64; image: assets/i2v-first.png
+I2V_SMALL = ["--frames", "5", "--steps", "1", "--profile", "none"]
+
+
+def i2v_config(tmp_path):
+    raw = yaml.safe_load(I2V.read_text())
+    raw["output"] = str(tmp_path / "out" / "v.mp4")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def png_header(width, height):
+    """A PNG declaring width x height pixels whose data is empty: Pillow reads its size, nothing decodes."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("flag", ["--image", "--last-image"])
+def test_image_from_a_pipe_is_one_line_before_loading(generate, tmp_path, clean_env, capsys, flag):
+    """bash's `--image <(cat img.png)` is /dev/fd/N, a pipe: preflight read it, then the render read it again,
+    drained, after the weights loaded (a traceback). A pipe is refused in one line: images are regular files."""
+    config = i2v_config(tmp_path) if flag == "--image" else REPO_ROOT / "configs" / "tiny-random-flf2v.yaml"
+    read, write = os.pipe()
+    try:
+        os.write(write, (REPO_ROOT / "assets" / "i2v-first.png").read_bytes())
+        os.close(write)
+        line = one_line_error(capsys, generate.main(["--config", str(config), *I2V_SMALL, flag, f"/dev/fd/{read}",
+                                                     "--out", str(tmp_path / "out" / "v.mp4")]),
+                              "is a pipe or FIFO, not a regular file")
+        assert f"/dev/fd/{read}" in line
+    finally:
+        os.close(read)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.unit
+def test_image_on_a_fifo_is_refused_without_blocking(generate, tmp_path, clean_env, capsys):
+    """open() of a FIFO without a writer blocks forever: preflight hung. Now its type is checked first."""
+    import threading
+
+    fifo = tmp_path / "img.png"
+    os.mkfifo(fifo)
+    blocked = []
+
+    def unblock():  # only if the CLI is stuck opening the FIFO: give it a writer that writes nothing
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            blocked.append(True)
+        except OSError:  # ENXIO: no reader waiting
+            pass
+
+    timer = threading.Timer(5.0, unblock)
+    timer.start()
+    start = time.perf_counter()
+    try:
+        code = generate.main(["--config", str(i2v_config(tmp_path)), "--image", str(fifo), "--validate-only"])
+    finally:
+        timer.cancel()
+    assert not blocked, "preflight blocked opening the FIFO"
+    assert time.perf_counter() - start < 5.0
+    one_line_error(capsys, code, f"image={str(fifo)!r}: is a pipe or FIFO, not a regular file")
+
+
+@pytest.mark.unit
+def test_image_is_read_once_before_loading(generate, tmp_path, clean_env, capsys, monkeypatch):
+    """The bytes preflight checked are the bytes the render uses (conditioning and checkpoint fingerprint): the
+    file deleted after preflight, before the weights load, changes nothing (it was read again: not found)."""
+    import freeloc_dist.render as render
+
+    image = tmp_path / "first.png"
+    shutil.copy(REPO_ROOT / "assets" / "i2v-first.png", image)
+    real = render.preflight
+
+    def preflight_then_delete(*args, **kwargs):
+        pre = real(*args, **kwargs)
+        image.unlink()
+        return pre
+
+    monkeypatch.setattr(render, "preflight", preflight_then_delete)
+    code = generate.main(["--config", str(i2v_config(tmp_path)), *I2V_SMALL, "--image", str(image),
+                          "--checkpoint-every", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "v.mp4").is_file() and not image.exists()
+
+
+@pytest.mark.unit
+def test_image_whose_fitting_needs_a_huge_intermediate_is_refused(generate, tmp_path, clean_env, capsys):
+    """A 1 x 1,000,000 PNG (a few KB) fitted to 64 x 64 is scaled to 64 x 64,000,000 before its crop: it ran
+    out of memory after the weights loaded. The scaled size comes from the sizes alone, checked in preflight."""
+    from PIL import Image
+
+    from freeloc_dist.images import ImageError, fit
+
+    tall = tmp_path / "tall.png"
+    Image.new("L", (1, 1_000_000), 128).save(tall)
+    assert tall.stat().st_size < 10_000
+    config = str(i2v_config(tmp_path))
+    one_line_error(capsys, generate.main(["--config", config, "--image", str(tall), "--validate-only"]),
+                   "1x1000000 pixels would be scaled to 64x64000000 (more than 100,000,000 pixels)")
+    with pytest.raises(ImageError, match="would be scaled to 64x64000000"):
+        fit(Image.new("RGB", (1, 1_000_000)), 64, 64)
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (400, 64)).save(wide)  # an aspect ratio far from 1:1 but harmless: 400 x 64 as it is
+    assert generate.main(["--config", config, "--image", str(wide), "--validate-only"]) == 0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("height", [120_000_000, 200_000_000])  # past Pillow's warning limit; past its error limit
+def test_decompression_bomb_is_exactly_one_line(generate, tmp_path, clean_env, capsys, height):
+    """Pillow warns (DecompressionBombWarning, a second stderr line) past 89M pixels and raises its own error past
+    179M; MAX_PIXELS is ours, said in our one line."""
+    import warnings
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(1, height))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code = generate.main(["--config", str(i2v_config(tmp_path)), "--image", str(bomb), "--validate-only"])
+    one_line_error(capsys, code, "more than 100,000,000 pixels" if height > 2 * 89_478_485 else
+                   f"1x{height} pixels is more than 100,000,000")
+    assert not [w for w in seen if "DecompressionBomb" in w.category.__name__], [str(w.message) for w in seen]
+
