@@ -58,12 +58,14 @@ def fingerprint_settings(cfg: RenderConfig, profile, *, profile_2=None, boundary
         **{f"sampling.{k}": v for k, v in dataclasses.asdict(cfg.sampling).items()},
         "prompt": cfg.prompt,
     }
-    for key in ("image", "last_image"):  # image-to-video: the pictures themselves, not only their paths
+    # image-to-video: the pictures' content, not their paths (a moved or copied picture resumes; another picture
+    # at the same path does not)
+    for key in ("image", "last_image"):
         path = getattr(cfg, key)
         if path is not None:
             from freeloc_dist.images import image_digest
 
-            settings[key] = [str(path), image_digest(path)]
+            settings[key] = image_digest(path)
     if boundary_ratio is not None:
         settings["profile_2"] = profile_2.to_mapping() if profile_2 is not None else None
         settings["boundary_ratio"] = boundary_ratio

@@ -552,3 +552,28 @@ def test_decompression_bomb_is_exactly_one_line(generate, tmp_path, clean_env, c
                    f"1x{height} pixels is more than 100,000,000")
     assert not [w for w in seen if "DecompressionBomb" in w.category.__name__], [str(w.message) for w in seen]
 
+
+@pytest.mark.unit
+def test_resume_takes_the_same_image_at_another_path(generate, tmp_path, clean_env, capsys):
+    """The checkpoint fingerprints the image's content: a moved or copied identical image resumes, another
+    picture (at any path) is refused."""
+    from PIL import Image
+
+    from freeloc_dist.checkpoint import Checkpoint, checkpoint_path, fingerprint, fingerprint_settings, save_checkpoint
+    from freeloc_dist.preflight import latent_shape, load_config, load_profile_of
+
+    first, copy, other = tmp_path / "a.png", tmp_path / "moved" / "b.png", tmp_path / "c.png"
+    copy.parent.mkdir()
+    shutil.copy(REPO_ROOT / "assets" / "i2v-first.png", first)
+    shutil.copy(first, copy)
+    Image.open(first).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
+    config = i2v_config(tmp_path)
+    cfg = load_config(config, {"image": str(first)}, None)
+    profile = load_profile_of(cfg)
+    save_checkpoint(checkpoint_path(cfg), Checkpoint(
+        step=1, total_steps=cfg.sampling.steps, latents=torch.zeros(latent_shape(cfg)), scheduler={},
+        rng=torch.get_rng_state(), fingerprint=fingerprint(cfg, profile), settings=fingerprint_settings(cfg, profile)))
+    argv = ["--config", str(config), "--resume", "--validate-only", "--image"]
+    assert generate.main([*argv, str(first)]) == 0, capsys.readouterr().err
+    assert generate.main([*argv, str(copy)]) == 0, capsys.readouterr().err
+    one_line_error(capsys, generate.main([*argv, str(other)]), "(image differ)")
