@@ -269,3 +269,19 @@ def test_probe_cli_writes_a_profile_that_drives_generate(tmp_path, tiny_model_di
     assert video.is_file()
     assert probe.main([*args, "--frames", "17", "--out", str(outs[0])]) == 2  # 5 latent frames: not > T
     assert "must exceed trained_frames=5" in capsys.readouterr().err
+
+
+def test_profile_mapping_keeps_unset_tsa_sinks_unset():
+    """A profile that leaves tsa.sink_frames unset (a conditioned render puts the sinks on its images) maps
+    back to one that leaves it unset; one that names its sinks keeps them."""
+    from freeloc_dist.profile import parse_profile
+
+    unset = load_profile(REPO_ROOT / "configs" / "profiles" / "tiny-random-i2v.yaml")
+    assert not unset.tsa_sinks_given and "sink_frames" not in unset.to_mapping()["tsa"]
+    assert not parse_profile(unset.to_mapping()).tsa_sinks_given
+    given = load_profile(REPO_ROOT / "configs" / "profiles" / "tiny-random.yaml")
+    again = parse_profile(given.to_mapping())
+    assert again.tsa_sinks_given and again.tsa == given.tsa
+    probed = probed_profile(model="m", trained_frames=5, kinds=["tsa", "vrpr", "full"], scores={},
+                            rule=RuleSettings(), applied={}, settings={}, base=unset.to_mapping())
+    assert probed["tsa"] == {"dense_frames": 2, "stripe_frames": 6}
