@@ -30,6 +30,7 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
     from freeloc_dist.config import latent_frames, load_render_config
     from freeloc_dist.family import EXPERT_NAMES, ModelKindError, read_model_kind
     from freeloc_dist.models import check_model_dir
+    from freeloc_dist.outputs import check_output_file
     from freeloc_dist.plan import PlanError, resolve_vrpr
     from freeloc_dist.preflight import image_checks
     from freeloc_dist.probing import load_probe_settings
@@ -37,6 +38,7 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
 
     cfg = load_render_config(config_path, render_overrides)
     settings = load_probe_settings(probe_config, probe_overrides)
+    check_output_file(out, "--out")  # nothing is created: the folder is made when the profile is written
     check_model_dir(cfg.model.path)
     try:
         kind = read_model_kind(cfg.model.path)
@@ -64,10 +66,6 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
         resolve_vrpr(target, trained, base.vrpr if base is not None else None)
     except PlanError as e:
         raise UserError(f"profile={str(cfg.profile)!r}: {e}") from None
-    try:
-        out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the folder of {out}: {e.strerror}") from None
     return cfg, settings, base, trained, target
 
 
