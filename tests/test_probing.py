@@ -308,6 +308,15 @@ def test_unwritable_out_is_refused_before_loading(refused, tmp_path):
     assert not (tmp_path / "file").is_dir()
 
 
+def test_absurd_steps_are_refused_before_loading(refused, tmp_path):
+    from freeloc_dist.config import MAX_STEPS
+
+    line = refused("--steps", str(10**9), "--out", str(tmp_path / "p.yaml"))
+    assert f"probing.steps=1000000000: must be >= 1 and <= {MAX_STEPS}" in line
+    assert parse_probe_settings({"steps": MAX_STEPS}).steps == MAX_STEPS  # a render's largest step count is probed
+    assert not (tmp_path / "p.yaml").exists()
+
+
 def test_profile_is_written_atomically(tmp_path, monkeypatch):
     """A write that fails half-way (a full disk, simulated) leaves the previous profile as it was and no
     temporary file."""
