@@ -30,9 +30,23 @@ class ExpertSchedule:
 
     def at(self, t) -> Expert:
         """The expert of timestep t (a scalar tensor or number on the scheduler's 0..num_train scale)."""
-        if self.boundary_timestep is None or float(t) >= self.boundary_timestep:
-            return self.experts[0]
-        return self.experts[1]
+        return self.experts[0 if runs_first(t, self.boundary_timestep) else 1]
+
+
+def runs_first(t, boundary_timestep: float | None) -> bool:
+    """Whether timestep t is the first (high-noise) expert's: t >= the boundary, or every t of a one-expert model."""
+    return boundary_timestep is None or float(t) >= boundary_timestep
+
+
+def boundary_timestep(boundary_ratio: float | None, scheduler) -> float | None:
+    """Where the experts split, on the scheduler's timestep scale (None: one expert)."""
+    return None if boundary_ratio is None else boundary_ratio * scheduler.config.num_train_timesteps
+
+
+def expert_steps(timesteps, boundary: float | None, expert: str) -> list[int]:
+    """The step indices (of a schedule's `timesteps`) that `expert` ("transformer" or "transformer_2") denoises."""
+    first = expert == "transformer"
+    return [i for i, t in enumerate(timesteps) if runs_first(t, boundary) == first]
 
 
 def expert_schedule(components, scheduler, guidance: float, guidance_2: float | None, predict, predict_2=None):
@@ -41,7 +55,7 @@ def expert_schedule(components, scheduler, guidance: float, guidance_2: float | 
     first = Expert("transformer", components.transformer, predict, guidance)
     if components.transformer_2 is None:
         return ExpertSchedule((first,), None)
-    boundary = components.boundary_ratio * scheduler.config.num_train_timesteps
+    boundary = boundary_timestep(components.boundary_ratio, scheduler)
     second = Expert("transformer_2", components.transformer_2, predict_2 if predict_2 is not None else predict,
                     guidance if guidance_2 is None else guidance_2)
     return ExpertSchedule((first, second), boundary)

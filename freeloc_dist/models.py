@@ -82,6 +82,11 @@ def weights_signature(model_dir: str | Path) -> list:
     return _family(model_dir).weights_signature(model_dir)
 
 
+def load_scheduler(model_dir: str | Path):
+    """The model's diffusers scheduler alone, from its config (no weights): before loading, which timesteps run."""
+    return _family(model_dir).load_scheduler(model_dir)
+
+
 def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16",
                     device: str | torch.device = "cpu") -> Components:
     """Every component of the model in `model_dir` (a local diffusers directory), loaded by its family.

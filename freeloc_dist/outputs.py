@@ -70,21 +70,28 @@ def _writable_folder(path: Path) -> str | None:
     return None
 
 
+def check_output_file(path: Path, role: str) -> None:
+    """Raise UserError (one line, naming `role` and the path) if a file written atomically at `path` (a temporary
+    name in its folder, then a rename) cannot be: it is a directory, or its folder cannot be made or written.
+    Nothing is created."""
+    path = Path(os.path.abspath(path))
+    if path.is_dir():
+        raise UserError(f"{role} {path}: is a directory")
+    problem = _writable_folder(path)
+    if problem is not None:
+        raise UserError(f"{role} {path}: cannot be written ({problem})")
+
+
 def check_outputs(configs, save_latents: Path | None, *, queue: bool) -> None:
     """Raise UserError (one line) if any output of any job cannot be written or collides with another."""
     owners: dict[Path, str] = {}
     for index, cfg in enumerate(configs):
         label = f"job {index + 1}: " if queue else ""
         for role, path in job_files(cfg, save_latents).items():
-            name = f"{label}{role} {path}"
             if path in owners:
-                raise UserError(f"{name}: is also the {owners[path]}; give them different paths")
+                raise UserError(f"{label}{role} {path}: is also the {owners[path]}; give them different paths")
             owners[path] = f"{label}{role}"
-            if path.is_dir():
-                raise UserError(f"{name}: is a directory")
-            problem = _writable_folder(path)
-            if problem is not None:
-                raise UserError(f"{name}: cannot be written ({problem})")
+            check_output_file(path, f"{label}{role}")
 
 
 class OutputClaim:

@@ -73,6 +73,8 @@ class Profile:
             out["vrpr"] = _plain(self.vrpr)
         if self.tsa is not None:
             out["tsa"] = _plain(self.tsa)
+            if not self.tsa_sinks_given:  # unset stays unset: a conditioned render puts the sinks on its images
+                out["tsa"].pop("sink_frames")
         if self.long_range is not None:
             out["long_range"] = self.long_range.to_mapping()
         out.update(self.extra)

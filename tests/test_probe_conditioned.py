@@ -170,3 +170,37 @@ def test_bad_image_input_is_refused_before_loading(probe, tmp_path, monkeypatch,
     assert_refused(script, ["--config", str(path), "--probe-config", str(settings), "--frames", "33",
                             "--out", str(tmp_path / "out" / "p.yaml"), *flags], tmp_path, monkeypatch, capsys,
                    needle)
+
+
+def test_flf2v_probe_keeps_the_conditioning_sinks(tmp_path, monkeypatch):
+    """The base profile leaves tsa.sink_frames unset, so a first-last-frame render puts TSA's sinks on the first
+    and the last latent frame; the probed profile must leave it unset too: with the base's layer kinds it
+    renders exactly as the base profile (it wrote `sink_frames: [0]`, dropping the last-frame sink: 6.7e-3 off
+    here)."""
+    from freeloc_dist.install import apply_freeloc
+    from freeloc_dist.models import load_components
+    from freeloc_dist.profile import load_profile
+    from freeloc_dist.sampling import render
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    settings = tmp_path / "probing.yaml"
+    settings.write_text(yaml.safe_dump({"prompts": ["a cat"], "timesteps": [0.0], "steps": 1, "query_samples": 8,
+                                        "measure_output": False}))
+    config = REPO_ROOT / "configs" / "tiny-random-flf2v.yaml"
+    out = tmp_path / "p.yaml"
+    assert _probe_script().main(["--config", str(config), "--probe-config", str(settings), "--frames", "33",
+                                 "--height", "32", "--width", "32", "--out", str(out)]) == 0
+    base_path = REPO_ROOT / "configs" / "profiles" / "tiny-random-i2v.yaml"
+    probed = {**yaml.safe_load(out.read_text()), "layers": yaml.safe_load(base_path.read_text())["layers"]}
+
+    cfg = load_render_config(config, {"sampling.steps": 1, "video.height": 32, "video.width": 32})
+    parts = load_components(cfg.model.path, "float32", "cpu")
+    latents, sinks = [], []
+    for profile in (base_path, probed):
+        apply_freeloc(parts.transformer, profile)
+        latents.append(render(parts, cfg, decode=False).latents)
+        sinks.append(parts.transformer.freeloc_state.profile.tsa.sink_frames)
+    assert rel_err(latents[1], latents[0]) == 0, rel_err(latents[1], latents[0])
+    assert sinks == [(0, 8), (0, 8)]  # 33 frames: 9 latent frames
+    assert not load_profile(out).tsa_sinks_given and load_profile(out).tsa == load_profile(base_path).tsa

@@ -98,3 +98,29 @@ def test_second_expert_of_a_one_expert_model_is_refused(probed, tiny_model_dir, 
     assert len(err) == 1 and err[0].startswith("error: --expert transformer_2: the model at")
     assert "has transformer (expected one of transformer)" in err[0]
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_expert_without_steps_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """One step at shift 3 is timestep 999 >= 875: the second expert never runs. The schedule comes from the
+    scheduler config and model_index.json's boundary_ratio, so this is refused before any weight loads, with
+    a step count that does give it steps."""
+    import freeloc_dist.models
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_load(*_a, **_k):
+        raise AssertionError("weights loaded before the input was refused")
+
+    monkeypatch.setattr(freeloc_dist.models, "load_components", no_load)
+    capsys.readouterr()
+    out = tmp_path / "p.yaml"
+    assert _probe_script().main(["--config", str(REPO_ROOT / "configs" / "tiny-random-a14b.yaml"), "--frames", "33",
+                                 "--steps", "1", "--expert", "transformer_2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --expert transformer_2: runs none of the 1 steps"), err
+    assert "boundary at timestep 875" in err[0] and "with --steps 2 it runs 1 of them" in err[0], err[0]
+    assert not out.exists()
+    with pytest.raises(AssertionError, match="weights loaded"):  # 2 steps: 999 and 750, one for each expert
+        _probe_script().main(["--config", str(REPO_ROOT / "configs" / "tiny-random-a14b.yaml"), "--frames", "33",
+                              "--steps", "2", "--expert", "transformer_2", "--out", str(out)])

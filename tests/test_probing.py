@@ -269,3 +269,91 @@ def test_probe_cli_writes_a_profile_that_drives_generate(tmp_path, tiny_model_di
     assert video.is_file()
     assert probe.main([*args, "--frames", "17", "--out", str(outs[0])]) == 2  # 5 latent frames: not > T
     assert "must exceed trained_frames=5" in capsys.readouterr().err
+
+
+# ---- the probe's inputs, refused before any weight loads (every rank runs the same checks) -------------------
+
+
+@pytest.fixture
+def refused(tmp_path, monkeypatch, capsys):
+    """run(argv) -> the one stderr line of a probe of configs/tiny-random.yaml refused with exit 2; loading
+    the weights fails the test (the refusal must come first)."""
+    import freeloc_dist.models
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_load(*_a, **_k):
+        raise AssertionError("weights loaded before the input was refused")
+
+    monkeypatch.setattr(freeloc_dist.models, "load_components", no_load)
+    probe = _script("probe")
+
+    def run(*flags, config="tiny-random.yaml"):
+        capsys.readouterr()
+        code = probe.main(["--config", str(REPO_ROOT / "configs" / config), "--frames", "33", *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
+        return err[0]
+
+    return run
+
+
+def test_unwritable_out_is_refused_before_loading(refused, tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    assert "folder: is a directory" in refused("--out", str(tmp_path / "folder"))
+    assert "is not writable" in refused("--out", "/proc/x.yaml")
+    assert "is not a folder" in refused("--out", str(tmp_path / "file" / "p.yaml"))
+    assert not (tmp_path / "file").is_dir()
+
+
+def test_absurd_steps_are_refused_before_loading(refused, tmp_path):
+    from freeloc_dist.config import MAX_STEPS
+
+    line = refused("--steps", str(10**9), "--out", str(tmp_path / "p.yaml"))
+    assert f"probing.steps=1000000000: must be >= 1 and <= {MAX_STEPS}" in line
+    assert parse_probe_settings({"steps": MAX_STEPS}).steps == MAX_STEPS  # a render's largest step count is probed
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_profile_is_written_atomically(tmp_path, monkeypatch):
+    """A write that fails half-way (a full disk, simulated) leaves the previous profile as it was and no
+    temporary file."""
+    import errno
+    import pathlib
+
+    out = tmp_path / "p.yaml"
+    out.write_text("previous")
+    profile = probed_profile(model="m", trained_frames=T, kinds=["tsa", "vrpr", "full"], scores={},
+                             rule=RuleSettings(), applied={"tsa_cut": 0.1}, settings={})
+    real = pathlib.Path.write_text
+
+    def half_then_full(self, text, *a, **k):
+        real(self, text[: len(text) // 2], *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", half_then_full)
+    with pytest.raises(OSError):
+        write_profile(out, profile)
+    monkeypatch.undo()
+    assert out.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+    write_profile(out, profile)
+    assert load_profile(out).kinds == ("tsa", "vrpr", "full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+
+
+def test_profile_mapping_keeps_unset_tsa_sinks_unset():
+    """A profile that leaves tsa.sink_frames unset (a conditioned render puts the sinks on its images) maps
+    back to one that leaves it unset; one that names its sinks keeps them."""
+    from freeloc_dist.profile import parse_profile
+
+    unset = load_profile(REPO_ROOT / "configs" / "profiles" / "tiny-random-i2v.yaml")
+    assert not unset.tsa_sinks_given and "sink_frames" not in unset.to_mapping()["tsa"]
+    assert not parse_profile(unset.to_mapping()).tsa_sinks_given
+    given = load_profile(REPO_ROOT / "configs" / "profiles" / "tiny-random.yaml")
+    again = parse_profile(given.to_mapping())
+    assert again.tsa_sinks_given and again.tsa == given.tsa
+    probed = probed_profile(model="m", trained_frames=5, kinds=["tsa", "vrpr", "full"], scores={},
+                            rule=RuleSettings(), applied={}, settings={}, base=unset.to_mapping())
+    assert probed["tsa"] == {"dense_frames": 2, "stripe_frames": 6}

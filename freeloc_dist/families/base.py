@@ -39,6 +39,11 @@ class Family:
         """Every component of the model (freeloc_dist.models.Components), from a local directory; no download."""
         raise NotImplementedError
 
+    def load_scheduler(self, model_dir):
+        """The model's diffusers scheduler alone (a config, no weights): which timesteps a step count runs, so a
+        two-expert model's expert schedule is known before loading (probing's preflight)."""
+        raise NotImplementedError
+
     # -- inputs and VAE ---------------------------------------------------------------------------------------
     def encode_prompt(self, components, prompt: str, max_tokens: int):
         """Text states [1, L=max_tokens, D] of one prompt; positions past its real length are zero."""

@@ -77,13 +77,18 @@ def probed_profile(*, model: str, trained_frames: int, kinds: Sequence[str], sco
 
 
 def write_profile(path: str | Path, profile: Mapping[str, Any]) -> Path:
-    """Write a probed profile as YAML (checked to load back through parse_profile first)."""
+    """Write a probed profile as YAML (checked to load back through parse_profile first), atomically: a
+    temporary file in the same folder renamed over `path` once complete, so a failed write (a full disk, a
+    kill) leaves no partial profile and any previous one as it was."""
+    from ..video import atomic_path
+
     parse_profile(profile, where=f"probed profile {path}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = ("# FreeLOC profile written by launch/probe.py (layer-adaptive probing).\n"
               "# layers: the assignment; rule, settings and scores: how it was obtained (lists are per layer).\n")
-    path.write_text(header + yaml.dump(profile, Dumper=_ProfileDumper, sort_keys=False, width=120))
+    text = header + yaml.dump(profile, Dumper=_ProfileDumper, sort_keys=False, width=120)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

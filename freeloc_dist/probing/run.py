@@ -30,6 +30,7 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
     from freeloc_dist.config import latent_frames, load_render_config
     from freeloc_dist.family import EXPERT_NAMES, ModelKindError, read_model_kind
     from freeloc_dist.models import check_model_dir
+    from freeloc_dist.outputs import check_output_file
     from freeloc_dist.plan import PlanError, resolve_vrpr
     from freeloc_dist.preflight import image_checks
     from freeloc_dist.probing import load_probe_settings
@@ -37,6 +38,7 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
 
     cfg = load_render_config(config_path, render_overrides)
     settings = load_probe_settings(probe_config, probe_overrides)
+    check_output_file(out, "--out")  # nothing is created: the folder is made when the profile is written
     check_model_dir(cfg.model.path)
     try:
         kind = read_model_kind(cfg.model.path)
@@ -47,6 +49,7 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
     if expert not in experts:
         raise UserError(f"--expert {expert}: the model at {cfg.model.path} has {' and '.join(experts)} "
                         f"(expected one of {', '.join(EXPERT_NAMES[:len(experts)])})")
+    _check_expert_steps(cfg, kind, expert, settings.steps or cfg.sampling.steps)
     base, base_path = None, cfg.profile_2 if expert == "transformer_2" else cfg.profile
     if base_path is not None:
         try:
@@ -64,21 +67,49 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
         resolve_vrpr(target, trained, base.vrpr if base is not None else None)
     except PlanError as e:
         raise UserError(f"profile={str(cfg.profile)!r}: {e}") from None
-    try:
-        out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the folder of {out}: {e.strerror}") from None
     return cfg, settings, base, trained, target
 
 
-def expert_steps(schedule, timesteps, expert: str, steps: int) -> tuple[int, int]:
+_HINT_STEPS = 256  # how many more steps the refusal of an expert without steps looks through for a count that works
+
+
+def expert_range(timesteps, boundary: float | None, expert: str, steps: int, hint=None) -> tuple[int, int]:
     """[first, end) of the step indices that `expert` denoises (all steps for a one-expert model); the
-    experts split the trajectory at one timestep, so each expert's steps are contiguous."""
-    mine = [i for i, t in enumerate(timesteps) if schedule.at(t).name == expert]
-    if not mine:
-        raise UserError(f"--expert {expert}: runs none of the {steps} steps (boundary at timestep "
-                        f"{schedule.boundary_timestep:g}); probe with more steps")
-    return mine[0], mine[-1] + 1
+    experts split the trajectory at one timestep, so each expert's steps are contiguous. None of them: a
+    UserError, naming the smallest step count `hint(n)` (timesteps of n steps) finds that gives it steps."""
+    from freeloc_dist.config import MAX_STEPS
+    from freeloc_dist.experts import expert_steps
+
+    mine = expert_steps(timesteps, boundary, expert)
+    if mine:
+        return mine[0], mine[-1] + 1
+    fix = "probe with more steps"
+    if hint is not None:
+        top = min(MAX_STEPS, steps + _HINT_STEPS)
+        works = next((n for n in range(steps + 1, top + 1) if expert_steps(hint(n), boundary, expert)), None)
+        fix = (f"probe with more steps (with --steps {works} it runs "
+               f"{len(expert_steps(hint(works), boundary, expert))} of them)"
+               if works is not None else f"no step count up to {top} gives it a step at this shift")
+    raise UserError(f"--expert {expert}: runs none of the {steps} steps (boundary at timestep {boundary:g}); {fix}")
+
+
+def _check_expert_steps(cfg, kind, expert: str, steps: int) -> None:
+    """A two-expert model's `expert` must denoise at least one of `steps` steps: the split comes from the
+    scheduler config (its timesteps at cfg's shift) and model_index.json's boundary_ratio, so no weights load."""
+    if not kind.two_experts:
+        return
+    from freeloc_dist.experts import boundary_timestep
+    from freeloc_dist.models import load_scheduler
+    from freeloc_dist.sampling import scheduler_for_render
+
+    template = load_scheduler(cfg.model.path)
+
+    def timesteps(n: int):
+        scheduler = scheduler_for_render(template, cfg.sampling.shift)
+        scheduler.set_timesteps(n, device="cpu")
+        return scheduler.timesteps
+
+    expert_range(timesteps(steps), boundary_timestep(kind.boundary_ratio, template), expert, steps, hint=timesteps)
 
 
 def _gather(dims, scores: dict, num_layers: int, forwards: int):
@@ -241,7 +272,7 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
         schedule = expert_schedule(parts, parts.scheduler, s.guidance_scale, s.guidance_scale_2, predict_noise)
         scheduler = scheduler_for_render(parts.scheduler, s.shift)
         scheduler.set_timesteps(steps, device=dims.device)
-        within = expert_steps(schedule, scheduler.timesteps, expert, steps)
+        within = expert_range(scheduler.timesteps, schedule.boundary_timestep, expert, steps)
         record = trajectory_steps(settings.timesteps, steps, within)
         num_layers = len(family_of(transformer).attention_layers(transformer))
         mine = list(range(dims.rank, num_layers, dims.world_size))

@@ -10,7 +10,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from ..config import REPO_ROOT, ConfigError, build_config
+from ..config import MAX_STEPS, REPO_ROOT, ConfigError, build_config
 from ..families.kind import FRAMES_RULE
 from ..yamlio import load_yaml, yaml_problem
 
@@ -56,7 +56,9 @@ _CHECKS = {
     "probing.prompts": (lambda v: all(v), "expected a list of non-empty strings"),
     "probing.trained_frames": (lambda v: v >= 2, "must be >= 2"),
     "probing.frames": (FRAMES_RULE.valid, "must be 4k+1 (output video frames)"),
-    "probing.steps": (lambda v: v >= 1, "must be >= 1"),
+    # The render's own bound (config.MAX_STEPS): the trajectories are the render's sampler, so every step count a
+    # render takes can be probed, and an absurd one (1e9 allocates the timestep table) is refused before loading.
+    "probing.steps": (lambda v: 1 <= v <= MAX_STEPS, f"must be >= 1 and <= {MAX_STEPS}"),
     "probing.timesteps": (lambda v: len(v) > 0 and all(math.isfinite(x) and 0 <= x < 1 for x in v),
                           "expected a non-empty list of fractions in [0, 1)"),
     "probing.shifts": (lambda v: len(v) > 0 and all(x != 0 for x in v),

@@ -43,6 +43,11 @@ class WanFamily(Family):
 
         return load_components(model_dir, dtype, device)
 
+    def load_scheduler(self, model_dir):
+        from .loading import load_scheduler
+
+        return load_scheduler(model_dir)
+
     # -- inputs and VAE ---------------------------------------------------------------------------------------
     def encode_prompt(self, components, prompt, max_tokens):
         from .text import encode_prompt

@@ -201,6 +201,18 @@ def _scheduler_class(config_path: Path):
     return cls
 
 
+def load_scheduler(model_dir: str | Path):
+    """The scheduler of a local diffusers directory (scheduler/scheduler_config.json; no weights read)."""
+    root = check_model_dir(model_dir)
+    scheduler_cls = _scheduler_class(root / "scheduler" / "scheduler_config.json")
+    try:
+        return scheduler_cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    except Exception as e:  # an unreadable or refused config: a user file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config error: model.path={str(root)!r}: cannot load scheduler/: "
+                          f"{type(e).__name__}: {first[:200]}") from None
+
+
 def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16",
                     device: str | torch.device = "cpu") -> Components:
     """Load transformer, VAE, text encoder, tokenizer and scheduler from a local diffusers directory.
@@ -214,7 +226,6 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
 
     root = check_model_dir(model_dir)
     dtype = resolve_dtype(dtype)
-    scheduler_cls = _scheduler_class(root / "scheduler" / "scheduler_config.json")
 
     def load(what: str, fn, *args, **kwargs):
         try:
@@ -226,8 +237,7 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
 
     # The cheap parts first, so a garbage tokenizer.json fails before gigabytes of weights are read.
     tokenizer = load("tokenizer", AutoTokenizer.from_pretrained, root / "tokenizer", local_files_only=True)
-    scheduler = load("scheduler", scheduler_cls.from_pretrained, root, subfolder="scheduler",
-                     local_files_only=True)
+    scheduler = load_scheduler(root)
     transformer = load("transformer", WanTransformer3DModel.from_pretrained, root, subfolder="transformer",
                        torch_dtype=dtype, local_files_only=True)
     vae = load("vae", AutoencoderKLWan.from_pretrained, root, subfolder="vae",
