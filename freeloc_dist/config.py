@@ -59,7 +59,9 @@ class VideoConfig:
 class SamplingConfig:
     steps: int = 50
     guidance_scale: float = 5.0  # <= 1 runs the conditional pass only
-    guidance_scale_2: float | None = None  # two-expert models: the low-noise expert's (default: guidance_scale)
+    # two-expert models: the low-noise expert's (default: guidance_scale); guidance_scale decides whether the
+    # unconditional pass runs for both experts (diffusers' rule), so a value <= 1 here still combines with it
+    guidance_scale_2: float | None = None
     shift: float = 3.0  # flow-matching sigma shift
     seed: int = 0
     negative_prompt: str = ""

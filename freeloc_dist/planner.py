@@ -28,6 +28,7 @@ from freeloc_dist.config import RenderConfig
 
 from .errors import UserError
 from .families.kind import FRAMES_RULE
+from .guidance import uses_cfg
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -130,7 +131,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     shards = frame_shards(num_frames, sp)
     local_frames = max(shards.sizes)
     act_bytes = DTYPE_BYTES[cfg.model.dtype]
-    use_cfg = cfg.sampling.guidance_scale > 1.0
+    use_cfg = uses_cfg(cfg.sampling.guidance_scale)  # the first scale decides (guidance_scale_2 does not)
     passes = (2 if use_cfg else 1) // (cfg_degree if use_cfg else 1)  # transformer passes per rank per step
     text_len = cfg.sampling.max_text_tokens
     if t.get("image_dim"):  # CLIP tokens join the cross-attention keys
