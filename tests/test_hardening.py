@@ -419,3 +419,23 @@ def test_a_model_whose_vae_counts_frames_otherwise_is_refused(generate, tmp_path
     cfg = write_config(tmp_path, lambda c: c["model"].update(path=str(model)))
     one_line_error(capsys, generate.main(["--config", str(cfg), "--validate-only"]),
                    "its VAE counts frames 8k+1, but configs count them 4k+1")
+
+
+@pytest.mark.unit
+def test_compile_blocks_renders_a_queue_of_mixed_lengths(generate, tmp_path, clean_env, capsys, monkeypatch):
+    """--compile blocks: every block is one code object whose graphs are guarded on the layer's kind and the
+    video's grid, so each length above T adds a graph per kind; from the third length on, dynamo's recompile
+    limit (8) was hit and fullgraph=True failed the job (FailOnRecompileLimitHit). Dynamo's own backend
+    "eager" stands in for inductor: the guards and the limit are the same, the C++ builds are not run."""
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: real(self, *a, **{**k, "backend": "eager"}))
+    torch._dynamo.reset()  # earlier tests' graphs of the same blocks must not count here
+    queue = tmp_path / "q.txt"
+    lengths = (21, 25, 29, 33)  # 6..9 latent frames, all past the tiny profile's T = 5
+    queue.write_text("".join(json.dumps({"prompt": f"fox {f}", "frames": f}) + "\n" for f in lengths))
+    code = generate.main(["--config", str(write_config(tmp_path)), "--height", "32", "--width", "32", "--steps", "1",
+                          "--compile", "blocks", "--prompts", str(queue), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert "queue: 4 rendered, 0 skipped (output exists), 0 failed" in err
+    torch._dynamo.reset()
