@@ -439,3 +439,22 @@ def test_compile_blocks_renders_a_queue_of_mixed_lengths(generate, tmp_path, cle
     assert code == 0, err[-3000:]
     assert "queue: 4 rendered, 0 skipped (output exists), 0 failed" in err
     torch._dynamo.reset()
+
+
+@pytest.mark.unit
+def test_render_too_long_for_its_frame_tables_is_refused_before_loading(generate, tmp_path, clean_env, capsys,
+                                                                       monkeypatch):
+    """400001 frames (100001 latent) at 32x32: the latents are small, but every rank plans each layer kind in
+    Long[F, F] frame tables (720 GB here); --dry-run refused it in one line, the render loaded and crashed."""
+    import freeloc_dist.models as models
+
+    def no_loading(*a, **k):
+        raise AssertionError("preflight let it through: the model is being loaded")
+
+    monkeypatch.setattr(models, "load_components", no_loading)
+    args = ["--config", str(write_config(tmp_path)), "--frames", "400001", "--height", "32", "--width", "32",
+            "--steps", "1"]
+    assert generate.main([*args, "--dry-run"]) == 2
+    capsys.readouterr()
+    line = one_line_error(capsys, generate.main(args), "frame tables")
+    assert "400001 frames" in line
