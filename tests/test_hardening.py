@@ -458,3 +458,13 @@ def test_render_too_long_for_its_frame_tables_is_refused_before_loading(generate
     capsys.readouterr()
     line = one_line_error(capsys, generate.main(args), "frame tables")
     assert "400001 frames" in line
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("config,flag", [("tiny-random.yaml", "--guidance-scale"),
+                                         ("tiny-random-a14b.yaml", "--guidance-scale-2")])
+def test_absurd_guidance_scale_is_one_line_at_config_load(generate, tmp_path, clean_env, capsys, config, flag):
+    """1e308 was accepted and failed only on NaN latents after sampling; the bound is config.MAX_GUIDANCE."""
+    code = generate.main(["--config", str(REPO_ROOT / "configs" / config), "--out", str(tmp_path / "v.mp4"),
+                          flag, "1e308"])
+    one_line_error(capsys, code, "must be a finite number >= 0 and <= 100")
