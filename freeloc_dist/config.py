@@ -59,7 +59,9 @@ class VideoConfig:
 class SamplingConfig:
     steps: int = 50
     guidance_scale: float = 5.0  # <= 1 runs the conditional pass only
-    guidance_scale_2: float | None = None  # two-expert models: the low-noise expert's (default: guidance_scale)
+    # two-expert models: the low-noise expert's (default: guidance_scale); guidance_scale decides whether the
+    # unconditional pass runs for both experts (diffusers' rule), so a value <= 1 here still combines with it
+    guidance_scale_2: float | None = None
     shift: float = 3.0  # flow-matching sigma shift
     seed: int = 0
     negative_prompt: str = ""
@@ -125,6 +127,10 @@ def _positive_multiple_of_16(v: int) -> bool:
 MAX_STEPS = 10_000
 MAX_TEXT_TOKENS = 4096
 MAX_FPS = 1000
+# Classifier-free guidance: Wan's scales are 3-8; past 100 the combine neg + g (pos - neg) only amplifies the
+# difference of the two passes until the latents overflow (1e308 gave NaN latents after every step had run).
+MAX_GUIDANCE = 100.0
+_GUIDANCE_RANGE = f"must be a finite number >= 0 and <= {MAX_GUIDANCE:g}"
 
 # Value checks by dotted path: (predicate, message or message(value)). Types are checked from the hints.
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[Any], str]]] = {
@@ -133,8 +139,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[An
     "video.frames": (FRAMES_RULE.valid, FRAMES_RULE.problem),
     "video.fps": (lambda v: 1 <= v <= MAX_FPS, f"must be >= 1 and <= {MAX_FPS}"),
     "sampling.steps": (lambda v: 1 <= v <= MAX_STEPS, f"must be >= 1 and <= {MAX_STEPS}"),
-    "sampling.guidance_scale": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
-    "sampling.guidance_scale_2": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
+    "sampling.guidance_scale": (lambda v: 0 <= v <= MAX_GUIDANCE, _GUIDANCE_RANGE),
+    "sampling.guidance_scale_2": (lambda v: 0 <= v <= MAX_GUIDANCE, _GUIDANCE_RANGE),
     "sampling.shift": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
     "sampling.seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)"),
     "sampling.max_text_tokens": (lambda v: 1 <= v <= MAX_TEXT_TOKENS, f"must be >= 1 and <= {MAX_TEXT_TOKENS}"),

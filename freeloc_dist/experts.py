@@ -3,6 +3,8 @@
 Wan2.2 A14B splits the timesteps between a high-noise expert (`transformer`) and a low-noise expert
 (`transformer_2`): step t runs the first while t >= boundary_ratio x num_train_timesteps, the second
 below, each with its own guidance scale (the rule of diffusers' Wan pipeline, which the tests compare against).
+Whether the unconditional pass runs is not the expert's: the first scale decides it for the whole render
+(freeloc_dist.guidance.uses_cfg), so a second scale <= 1 still combines both passes.
 Each expert carries its own `predict` because a parallel engine is installed per transformer.
 """
 

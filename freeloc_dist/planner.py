@@ -28,6 +28,7 @@ from freeloc_dist.config import RenderConfig
 
 from .errors import UserError
 from .families.kind import FRAMES_RULE
+from .guidance import uses_cfg
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -130,7 +131,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     shards = frame_shards(num_frames, sp)
     local_frames = max(shards.sizes)
     act_bytes = DTYPE_BYTES[cfg.model.dtype]
-    use_cfg = cfg.sampling.guidance_scale > 1.0
+    use_cfg = uses_cfg(cfg.sampling.guidance_scale)  # the first scale decides (guidance_scale_2 does not)
     passes = (2 if use_cfg else 1) // (cfg_degree if use_cfg else 1)  # transformer passes per rank per step
     text_len = cfg.sampling.max_text_tokens
     if t.get("image_dim"):  # CLIP tokens join the cross-attention keys
@@ -161,8 +162,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
         **({"conditioning": float((t["in_channels"] - t["out_channels"]) * num_frames * h * ph * w * pw) * act_bytes,
             "conditioning video (once)": 3.0 * 4 * FRAMES_RULE.frames(num_frames) * cfg.video.height * cfg.video.width}
            if t["in_channels"] != t["out_channels"] else {}),
-        # every rank plans each layer kind on the host: offsets, tiers and a natural-offset table, Long[F, F]
-        "frame tables (host)": 3.0 * 8 * num_frames * num_frames * len(set(kinds)),
+        "frame tables (host)": frame_table_bytes(num_frames, len(set(kinds))),
     }
     _check_fits(memory, device_memory_gb)
     layers_by_kind: dict[str, int] = {}
@@ -206,6 +206,12 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
                         device_memory_gb=device_memory_gb)
     _check_fits(memory, device_memory_gb)
     return result
+
+
+def frame_table_bytes(latent_frames: int, kinds: int) -> float:
+    """Every rank plans each layer kind on the host: offsets, tiers and a natural-offset table, Long[F, F]
+    (the planner's memory line and preflight's host-memory check, freeloc_dist.preflight)."""
+    return 3.0 * 8 * latent_frames * latent_frames * kinds
 
 
 def _check_fits(memory: Mapping[str, float], device_memory_gb: float) -> None:

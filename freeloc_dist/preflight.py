@@ -83,8 +83,9 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
 
         check_outputs(configs, options.save_latents, queue=options.prompts is not None)
         check_weights_match_config(model_dir)
+        kinds = layer_kinds(profile, profile_2)
         for job in configs:
-            check_host_memory(job)
+            check_host_memory(job, kinds)
         if options.resume and options.prompts is None:
             resume = read_checkpoint(cfg, profile, kind, profile_2)
             finished = resume is None and cfg.output.is_file()
@@ -223,21 +224,38 @@ def latent_shape(cfg: RenderConfig) -> tuple[int, int, int, int, int] | None:
     return (1, channels, cfg.latent_frames, cfg.video.height // spatial, cfg.video.width // spatial)
 
 
-def check_host_memory(cfg: RenderConfig) -> None:
+def layer_kinds(*profiles) -> int:
+    """The distinct layer kinds the render plans frame tables for (the planner's count; stock: one, "full")."""
+    specs = {p.layer_spec(i) for p in profiles if p is not None for i in range(p.num_layers)}
+    return max(1, len(specs))
+
+
+def check_host_memory(cfg: RenderConfig, kinds: int = 1) -> None:
     """The latents live on the host in float32 on every rank (latents, prediction, scheduler history, noise:
-    about 5 copies); a video whose latents alone cannot fit is refused now, not as a traceback in torch."""
-    shape = latent_shape(cfg)
+    about 5 copies), and every rank plans each of the `kinds` layer kinds in Long[F, F] frame tables (the
+    planner's "frame tables (host)", which --dry-run refuses past the device memory); a video whose latents and
+    tables alone cannot fit is refused now, not as a crash after loading."""
+    from .planner import frame_table_bytes
+
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return
-    if shape is None or total <= 0:
+    if total <= 0:
         return
-    need = math.prod(shape) * 4 * 5
-    what = "the latents alone need"
+    tables = frame_table_bytes(cfg.latent_frames, kinds)
+    if tables > total:
+        raise UserError(f"video: {cfg.video.frames} frames ({cfg.latent_frames} latent): the frame tables of "
+                        f"{kinds} layer kind(s) need {tables / 2**30:.1f} GiB of host memory per rank, this machine "
+                        f"has {total / 2**30:.1f} GiB; use fewer frames")
+    shape = latent_shape(cfg)
+    if shape is None:
+        return
+    need = math.prod(shape) * 4 * 5 + tables
+    what = "the latents and frame tables alone need"
     if cfg.image is not None:  # the float32 pixel video the VAE encodes into the conditioning (conditioning.py)
         need += 3 * 4 * cfg.video.frames * cfg.video.height * cfg.video.width
-        what = "the latents and the conditioning video need"
+        what = "the latents, frame tables and the conditioning video need"
     if need > total:
         raise UserError(f"video: {cfg.video.frames} frames at {cfg.video.width}x{cfg.video.height}: {what} "
                         f"{need / 2**30:.1f} GiB of memory, this machine has {total / 2**30:.1f} GiB")

@@ -118,11 +118,13 @@ class Session:
                 self.engine_2 = parallelize(self.parts.transformer_2, dims, backend=cfg.attention_backend,
                                             strategy=cfg.parallel.strategy, comm=self.engine.comm)
                 self.predict_2 = self.engine_2.predict
-        from .compile import compile_transformer
+        from .compile import LengthGraphs, compile_transformer
 
         # After FreeLOC and the engine (their attention is one custom op, so both modes trace whole blocks;
         # the engine's sharding and gathers stay eager).
         compiled = [compile_transformer(t, cfg.model.compile) for t in self.experts]
+        # a queue's lengths: one length's block graphs at a time
+        self.graphs = LengthGraphs(cfg.model.compile, [profile, profile_2][:len(self.experts)])
         if any(compiled):
             log_fn(f"torch.compile: {cfg.model.compile} (compiled on the first step)")
         from .parallel.comm import Comm
@@ -151,6 +153,8 @@ def run_jobs(pre: Preflight, options: RunOptions, session: Session, flag) -> int
             continue
         error = None
         try:
+            if session.graphs.start_job((cfg.video.frames, cfg.video.height, cfg.video.width)):
+                log_fn(f"{label}torch.compile: a new video shape, the block graphs compile again")
             job_resume = pre.resume
             if queue:
                 job_resume = read_checkpoint(cfg, pre.profile, pre.kind, pre.profile_2) if options.resume else None

@@ -21,7 +21,7 @@ import torch
 
 from freeloc_dist.config import RenderConfig
 from freeloc_dist.decode import decode_video
-from freeloc_dist.guidance import combine, uses_cfg
+from freeloc_dist.guidance import combine, runs_uncond, uses_cfg
 
 PredictFn = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
 StepCallback = Callable[[int, int, float], None]  # (step done, total steps, seconds since start)
@@ -107,14 +107,16 @@ def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: tor
     """Guided flow prediction for latents [B, C, F, H, W] at timestep t (a scalar, or per-token timesteps
     [B, L=F h w] in frame-major token order for expand_timesteps models); float32, same shape.
 
-    With guidance <= 1 (or no negative embedding) only the conditional pass runs. `condition`
+    Without a negative embedding (`uncond` None: the render's first guidance scale is <= 1) only the conditional
+    pass runs; with one, both run and combine with `guidance` whatever its value (a second expert's scale may be
+    <= 1: diffusers' rule, freeloc_dist.guidance). `condition`
     (freeloc_dist.families.wan.conditioning.Conditioning, image-to-video): its channels join the input and its image
     tokens go to both passes; predict functions that take no image are called without it.
     """
     x, timestep, extra = transformer_inputs(transformer.dtype, latents, t, condition)
     pos = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False,
                       **extra)[0]
-    if not uses_cfg(uncond, guidance):
+    if not runs_uncond(uncond):
         return pos.float()
     neg = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False,
                       **extra)[0]
@@ -187,7 +189,7 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
     device = next(transformer.parameters()).device
     s = cfg.sampling
     geometry = latent_geometry(components.vae, transformer, cfg.video.frames, cfg.video.height, cfg.video.width)
-    use_cfg = s.guidance_scale > 1.0
+    use_cfg = uses_cfg(s.guidance_scale)  # the first scale decides, for both experts (diffusers' rule)
     cond = encode_prompt(components, cfg.prompt, s.max_text_tokens)
     uncond = encode_prompt(components, s.negative_prompt, s.max_text_tokens) if use_cfg else None
     cond = cond.to(device=device, dtype=transformer.dtype)

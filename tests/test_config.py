@@ -68,6 +68,9 @@ BAD = [
     ("sampling.guidance_scale", True, "expected a number"),
     ("sampling.guidance_scale", -1.0, ">= 0"),
     ("sampling.guidance_scale", float("nan"), "finite"),
+    ("sampling.guidance_scale", 1e308, "<= 100"),  # accepted before: NaN latents after every step had run
+    ("sampling.guidance_scale", float("inf"), "<= 100"),
+    ("sampling.guidance_scale_2", 1e308, "<= 100"),
     ("sampling.shift", 0, "> 0"),
     ("sampling.seed", -1, "[0, 2**63)"),
     ("sampling.max_text_tokens", 0, ">= 1"),

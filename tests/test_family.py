@@ -79,8 +79,10 @@ def test_family_trained_frames_without_a_declared_one(tmp_path):
 
 
 @torch.no_grad()
-def test_two_experts_equal_diffusers_wan_pipeline():
-    """Wan2.2-T2V-A14B's expert switch and guidance_scale_2: our loop vs WanPipeline, same model and noise."""
+@pytest.mark.parametrize("guidance_2", [2.5, 1.0, 0.5, 0.0])
+def test_two_experts_equal_diffusers_wan_pipeline(guidance_2):
+    """Wan2.2-T2V-A14B's expert switch and guidance_scale_2: our loop vs WanPipeline, same model and noise.
+    A second scale <= 1 still combines both passes (the first scale decides that the unconditional one runs)."""
     from diffusers import WanPipeline
 
     from freeloc_dist.config import parse_render_config
@@ -90,7 +92,7 @@ def test_two_experts_equal_diffusers_wan_pipeline():
     parts = build_tiny_a14b_components(seed=0)
     cfg = parse_render_config({
         "model": {"path": "unused", "dtype": "float32"}, "video": {"height": 32, "width": 32, "frames": 17},
-        "sampling": {"steps": 4, "guidance_scale": 4.0, "guidance_scale_2": 2.5, "shift": 3.0, "seed": 3,
+        "sampling": {"steps": 4, "guidance_scale": 4.0, "guidance_scale_2": guidance_2, "shift": 3.0, "seed": 3,
                      "max_text_tokens": 16, "negative_prompt": "blurry"},
         "prompt": "a fox"})
     ours = render(parts, cfg, decode=False).latents
@@ -110,6 +112,21 @@ def test_two_experts_equal_diffusers_wan_pipeline():
                   num_inference_steps=s.steps, guidance_scale=s.guidance_scale, guidance_scale_2=s.guidance_scale_2,
                   output_type="latent", return_dict=False)[0]
     assert rel_err(ours, theirs) < 1e-4
+    # the parallel engine's predict decides the unconditional pass by the same rule (one process, world 1:
+    # the cfg_degree 2 branch keys on the same decision)
+    from freeloc_dist.parallel import parallelize
+    from freeloc_dist.parallel.dims import ParallelDims
+
+    dims = ParallelDims(1, 0, 1, 1, torch.device("cpu"), None)
+    engine = parallelize(parts.transformer, dims)
+    engine_2 = parallelize(parts.transformer_2, dims, comm=engine.comm)
+    try:
+        parallel = render(parts, cfg, decode=False, predict=engine.predict, predict_2=engine_2.predict).latents
+    finally:
+        engine.remove(), engine_2.remove()
+    assert rel_err(parallel, theirs) < 1e-4
+    if guidance_2 != 2.5:
+        return
     # and the second expert matters: the first alone is far off
     alone = render(dataclasses.replace(parts, transformer_2=None, boundary_ratio=None), cfg, decode=False).latents
     assert rel_err(alone, theirs) > 1e-2

@@ -577,3 +577,52 @@ def test_resume_takes_the_same_image_at_another_path(generate, tmp_path, clean_e
     assert generate.main([*argv, str(first)]) == 0, capsys.readouterr().err
     assert generate.main([*argv, str(copy)]) == 0, capsys.readouterr().err
     one_line_error(capsys, generate.main([*argv, str(other)]), "(image differ)")
+
+
+@pytest.mark.unit
+def test_compile_blocks_renders_a_queue_of_mixed_lengths(generate, tmp_path, clean_env, capsys, monkeypatch):
+    """--compile blocks: every block is one code object whose graphs are guarded on the layer's kind and the
+    video's grid, so each length above T adds a graph per kind; from the third length on, dynamo's recompile
+    limit (8) was hit and fullgraph=True failed the job (FailOnRecompileLimitHit). Dynamo's own backend
+    "eager" stands in for inductor: the guards and the limit are the same, the C++ builds are not run."""
+    real = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: real(self, *a, **{**k, "backend": "eager"}))
+    torch._dynamo.reset()  # earlier tests' graphs of the same blocks must not count here
+    queue = tmp_path / "q.txt"
+    lengths = (21, 25, 29, 33)  # 6..9 latent frames, all past the tiny profile's T = 5
+    queue.write_text("".join(json.dumps({"prompt": f"fox {f}", "frames": f}) + "\n" for f in lengths))
+    code = generate.main(["--config", str(write_config(tmp_path)), "--height", "32", "--width", "32", "--steps", "1",
+                          "--compile", "blocks", "--prompts", str(queue), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert "queue: 4 rendered, 0 skipped (output exists), 0 failed" in err
+    torch._dynamo.reset()
+
+
+@pytest.mark.unit
+def test_render_too_long_for_its_frame_tables_is_refused_before_loading(generate, tmp_path, clean_env, capsys,
+                                                                       monkeypatch):
+    """400001 frames (100001 latent) at 32x32: the latents are small, but every rank plans each layer kind in
+    Long[F, F] frame tables (720 GB here); --dry-run refused it in one line, the render loaded and crashed."""
+    import freeloc_dist.models as models
+
+    def no_loading(*a, **k):
+        raise AssertionError("preflight let it through: the model is being loaded")
+
+    monkeypatch.setattr(models, "load_components", no_loading)
+    args = ["--config", str(write_config(tmp_path)), "--frames", "400001", "--height", "32", "--width", "32",
+            "--steps", "1"]
+    assert generate.main([*args, "--dry-run"]) == 2
+    capsys.readouterr()
+    line = one_line_error(capsys, generate.main(args), "frame tables")
+    assert "400001 frames" in line
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("config,flag", [("tiny-random.yaml", "--guidance-scale"),
+                                         ("tiny-random-a14b.yaml", "--guidance-scale-2")])
+def test_absurd_guidance_scale_is_one_line_at_config_load(generate, tmp_path, clean_env, capsys, config, flag):
+    """1e308 was accepted and failed only on NaN latents after sampling; the bound is config.MAX_GUIDANCE."""
+    code = generate.main(["--config", str(REPO_ROOT / "configs" / config), "--out", str(tmp_path / "v.mp4"),
+                          flag, "1e308"])
+    one_line_error(capsys, code, "must be a finite number >= 0 and <= 100")

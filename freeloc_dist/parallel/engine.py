@@ -16,7 +16,7 @@ import torch
 
 from ..attention import get_backend
 from ..families import family_of
-from ..guidance import combine, uses_cfg
+from ..guidance import combine, runs_uncond
 from ..install import apply_freeloc, remove_freeloc
 from ..plan import LayerPlan
 from .comm import Comm
@@ -162,7 +162,7 @@ class SequenceParallel:
         timestep = self._local_timestep(t).to(x.device)  # [B], or this rank's tokens [B, (e - s) n]
         if timestep.ndim < 2:
             timestep = timestep.reshape(1).expand(x.shape[0])
-        use_cfg = uses_cfg(uncond, guidance)
+        use_cfg = runs_uncond(uncond)  # the render decided (its first scale > 1), not this step's scale
 
         def run(text):
             self._local = True

@@ -237,6 +237,7 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
 
     from freeloc_dist.experts import expert_schedule
     from freeloc_dist.families import family_of
+    from freeloc_dist.guidance import uses_cfg
     from freeloc_dist.models import load_components
     from freeloc_dist.parallel import destroy_parallel, init_parallel
     from freeloc_dist.parallel.comm import Comm
@@ -261,7 +262,7 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
         steps = settings.steps or s.steps
         seed = s.seed if settings.seed is None else settings.seed
         prompts = settings.prompts or (cfg.prompt,)
-        use_cfg = s.guidance_scale > 1.0
+        use_cfg = uses_cfg(s.guidance_scale)
         if lead:
             _log(f"loading {cfg.model.path} ({cfg.model.dtype}, {dims.device}); world size {dims.world_size}"
                  + (": prompts' trajectories and layers split over ranks, each rank holds the whole model"
