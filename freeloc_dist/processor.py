@@ -10,7 +10,8 @@ torch.compile: the FreeLOC attention is one custom op (`freeloc::attention`), op
 `torch.compile(transformer)` and `compile_repeated_blocks(fullgraph=True)` trace everything around
 it (projections, norms, the stock layers) and call our kernels (and collectives) eagerly. Its
 non-tensor inputs are the state's registry key, the layer kind and the grid; the op looks the state
-up and builds the (cached) plan at run time.
+up and builds the (cached) plan at run time. Its backward (register_autograd) is a second opaque op,
+`freeloc::attention_backward`, which recomputes the layer frame by frame (freeloc_dist.attention.backward).
 """
 
 from __future__ import annotations
@@ -89,6 +90,46 @@ def freeloc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
 @freeloc_attention.register_fake
 def _(q, k, v, cos, sin, state_key, kind, grid):
     return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("freeloc::attention_backward", mutates_args=())
+def freeloc_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               cos: torch.Tensor, sin: torch.Tensor, state_key: int, kind: str,
+                               grid: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of freeloc::attention, by recompute (freeloc_dist.attention.backward); opaque to dynamo too."""
+    from .attention.backward import attention_vjp
+
+    state = _STATES.get(state_key)
+    if state is None:
+        raise RuntimeError("FreeLOC backward: the transformer's FreeLOC state is gone (model freed or reinstalled)")
+    if state.engine is not None:
+        raise RuntimeError("FreeLOC backward under parallelize_pipeline (sequence parallelism) is not supported: "
+                           "train without the parallel engine (gradients across ranks are not implemented)")
+    plan = state.plan_for(kind, tuple(grid))
+    dq, dk, dv = attention_vjp(grad, q, k, v, (cos, sin), plan, state.t_rope)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@freeloc_attention_backward.register_fake
+def _(grad, q, k, v, cos, sin, state_key, kind, grid):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cos, sin, state_key, kind, grid = inputs
+    ctx.save_for_backward(q, k, v, cos, sin)
+    ctx.plan_args = (state_key, kind, list(grid))
+
+
+def _backward(ctx, grad):
+    if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+        raise RuntimeError("FreeLOC backward: gradients w.r.t. the rotary tables (cos, sin) are not supported")
+    q, k, v, cos, sin = ctx.saved_tensors
+    dq, dk, dv = freeloc_attention_backward(grad, q, k, v, cos, sin, *ctx.plan_args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+freeloc_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 class FreeLOCAttnProcessor:
