@@ -5,6 +5,7 @@ Saves this rank's results to <out>.rank<r>; the test compares every rank with on
 
 import argparse
 import faulthandler
+import importlib.util
 import os
 import sys
 
@@ -19,6 +20,59 @@ from freeloc_dist import apply_freeloc, enable_freeloc, parallelize_pipeline  # 
 from freeloc_dist.parallel import destroy_parallel, init_parallel, parallelize  # noqa: E402
 
 FRAMES = 77  # 20 latent frames: 4x the tiny profile's trained 5
+
+
+class _NoOpHook:
+    """A root-level diffusers HookRegistry hook that changes nothing (it wraps transformer.forward, as caches do)."""
+
+    @staticmethod
+    def make():
+        from diffusers.hooks import HookRegistry, ModelHook
+
+        class NoOp(ModelHook):
+            def __init__(self):
+                super().__init__()
+                self.calls = 0
+
+            def pre_forward(self, module, *args, **kwargs):
+                self.calls += 1
+                return args, kwargs
+
+        return HookRegistry, NoOp()
+
+
+def other_hooks(order, cfg):
+    """Model CPU offload (accelerate) and a root-level diffusers hook, installed before or after
+    parallelize_pipeline; two pipeline calls each, then the same after the handle's remove()."""
+    out = {"plain_short": render(tiny_pipeline(), 17)}
+    kinds = ("offload", "registry") if importlib.util.find_spec("accelerate") else ("registry",)
+    for kind in kinds:
+        pipe = tiny_pipeline()
+        enable_freeloc(pipe, TINY_PROFILE)
+
+        def install(kind=kind, pipe=pipe):
+            if kind == "offload":
+                pipe.enable_model_cpu_offload(device="cpu")
+            else:
+                registry, hook = _NoOpHook.make()
+                registry.check_if_exists_or_initialize(pipe.transformer).register_hook(hook, "noop")
+                out[f"{kind}_hook"] = hook
+
+        if order == "before":
+            install()
+        handle = parallelize_pipeline(pipe, cfg_degree=cfg)
+        if order == "after":
+            install()
+        calls = []  # the rope runs once per forward that really runs (not for a cached uncond)
+        counter = pipe.transformer.rope.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        out[kind] = [render(pipe, FRAMES), render(pipe, FRAMES)]
+        out[f"{kind}_forwards"] = len(calls)
+        counter.remove()
+        if kind == "registry":
+            out["registry_calls"] = out.pop("registry_hook").calls
+        handle.remove()
+        out[f"{kind}_removed"] = render(pipe, 17)  # each rank alone again
+    return out
 
 
 def refusals():
@@ -67,7 +121,7 @@ def main():
             enable_freeloc(pipe, TINY_PROFILE)
             handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
             calls = []  # the rope runs once per forward that really runs (not for a cached uncond)
-            hook = pipe.transformer.rope.register_forward_hook(lambda *a: calls.append(1))
+            hook = pipe.transformer.rope.register_forward_hook(lambda *a, calls=calls: calls.append(1))
             results["freeloc"] = render(pipe, FRAMES)
             results["forwards"] = len(calls)
             hook.remove()
@@ -93,6 +147,9 @@ def main():
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
             results["compiled"] = render(pipe, FRAMES)
             results["graphs"] = counters["stats"]["unique_graphs"]
+        for order in ("before", "after"):
+            if f"hooks_{order}" in cases:
+                results[f"hooks_{order}"] = other_hooks(order, args.cfg)
         if "refuse" in cases:
             results["refuse"] = refusals()
         if "mismatch" in cases:  # ranks drawing different noise: refused on every rank
