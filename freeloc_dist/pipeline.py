@@ -126,6 +126,17 @@ class _PromptCapture:
             del self.pipe.__dict__["encode_prompt"]
 
 
+def _stateful_hooks(transformer) -> bool:
+    """Whether a stateful diffusers hook (a cache: pyramid attention broadcast, first block cache, ...) sits on the
+    transformer or one of its modules. Such a hook counts the calls it sees; a paired uncond call, answered without
+    running the forward, would change what it counts, so CFG pairing computes every call as asked instead."""
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and any(getattr(hook, "_is_stateful", False) for hook in registry.hooks.values()):
+            return True
+    return False
+
+
 def _same(a, b) -> bool:
     return a is b or (a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype)))
 
@@ -133,7 +144,8 @@ def _same(a, b) -> bool:
 class CFGPairing:
     """cfg_degree 2 under a stock pipeline: CFG group 0 computes the cond call's prediction, group 1 the
     uncond one at the same time; the uncond call that follows returns group 1's (exactly what it would
-    compute). A call that is not such a pair is computed as asked by both groups (exact, redundant)."""
+    compute). A call that is not such a pair is computed as asked by both groups (exact, redundant), and so is
+    every call while a stateful diffusers hook (a cache) is on the transformer."""
 
     def __init__(self, pipe, capture: _PromptCapture, engine):
         self.pipe = pipe
@@ -153,6 +165,8 @@ class CFGPairing:
         """How the engine runs this call: ("cached", the uncond prediction computed at the paired cond call),
         ("pair", the negative embeddings CFG group 1 uses) or ("plain", None)."""
         pending, self.pending = self.pending, None
+        if _stateful_hooks(self.engine.transformer):
+            return "plain", None
         if (pending is not None and _same(hidden_states, pending[0]) and _same(timestep, pending[1])
                 and _same(encoder_hidden_states, pending[2])):
             return "cached", pending[3]

@@ -41,11 +41,25 @@ class _NoOpHook:
         return HookRegistry, NoOp()
 
 
+def _pab(pipe):
+    """diffusers' pyramid attention broadcast: its hooks reuse attention outputs on steps chosen by the step count
+    and timestep (the same on every rank); with skip range 2 the second of the 2 steps reuses the first's."""
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    pipe.transformer.enable_cache(PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: pipe.current_timestep))
+
+
 def other_hooks(order, cfg):
-    """Model CPU offload (accelerate) and a root-level diffusers hook, installed before or after
+    """Model CPU offload (accelerate), a root-level diffusers hook and a diffusers cache, installed before or after
     parallelize_pipeline; two pipeline calls each, then the same after the handle's remove()."""
     out = {"plain_short": render(tiny_pipeline(), 17)}
-    kinds = ("offload", "registry") if importlib.util.find_spec("accelerate") else ("registry",)
+    single = tiny_pipeline()  # this rank alone, with FreeLOC and the cache
+    enable_freeloc(single, TINY_PROFILE)
+    _pab(single)
+    out["pab_single"] = render(single, FRAMES)
+    kinds = ("offload", "registry", "pab") if importlib.util.find_spec("accelerate") else ("registry", "pab")
     for kind in kinds:
         pipe = tiny_pipeline()
         enable_freeloc(pipe, TINY_PROFILE)
@@ -53,6 +67,8 @@ def other_hooks(order, cfg):
         def install(kind=kind, pipe=pipe):
             if kind == "offload":
                 pipe.enable_model_cpu_offload(device="cpu")
+            elif kind == "pab":
+                _pab(pipe)
             else:
                 registry, hook = _NoOpHook.make()
                 registry.check_if_exists_or_initialize(pipe.transformer).register_hook(hook, "noop")
@@ -71,6 +87,8 @@ def other_hooks(order, cfg):
         if kind == "registry":
             out["registry_calls"] = out.pop("registry_hook").calls
         handle.remove()
+        if kind == "pab":
+            pipe.transformer.disable_cache()
         out[f"{kind}_removed"] = render(pipe, 17)  # each rank alone again
     return out
 
