@@ -93,6 +93,30 @@ def other_hooks(order, cfg):
     return out
 
 
+def activation_cache():
+    """diffusers' first block cache (decisions from activations) before or after parallelize_pipeline: refused
+    at the pipeline call with one line on every rank, twice, then the same pipeline renders once it is disabled."""
+    from diffusers import FirstBlockCacheConfig
+
+    out = {"plain": render(tiny_pipeline(), 25)}  # this rank alone
+    for order in ("before", "after"):
+        pipe = tiny_pipeline()
+        if order == "before":
+            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        parallelize_pipeline(pipe)
+        if order == "after":
+            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        for call in range(2):
+            try:
+                render(pipe, 25)
+                out[f"{order}{call}"] = "no error"
+            except RuntimeError as e:
+                out[f"{order}{call}"] = str(e)
+        pipe.transformer.disable_cache()
+        out[f"{order}_disabled"] = render(pipe, 25)
+    return out
+
+
 def refusals():
     """diffusers' enable_parallelism and FreeLOC / the engine, in either order: one clear error each."""
     from diffusers import ContextParallelConfig
@@ -168,6 +192,8 @@ def main():
         for order in ("before", "after"):
             if f"hooks_{order}" in cases:
                 results[f"hooks_{order}"] = other_hooks(order, args.cfg)
+        if "fbc" in cases:
+            results["fbc"] = activation_cache()
         if "refuse" in cases:
             results["refuse"] = refusals()
         if "mismatch" in cases:  # ranks drawing different noise: refused on every rank

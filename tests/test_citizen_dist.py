@@ -86,6 +86,20 @@ def test_offload_and_diffusers_hooks_before_or_after_parallelize(tmp_path, singl
             assert res["registry_calls"] >= 4, (rank, order)  # the diffusers hook really ran
 
 
+def test_a_cache_deciding_from_activations_is_refused_on_every_rank(tmp_path):
+    """diffusers' first block cache compares the first block's residual with a threshold: each rank sees its own
+    frames, so the ranks would decide apart (one skipping collectives the others wait in). Before or after
+    parallelize_pipeline, every pipeline call is refused with one line on every rank; disabled, it renders."""
+    ranks = launch(2, tmp_path / "r", "--cases", "fbc")
+    for rank, got in enumerate(ranks):
+        res = got["fbc"]
+        for order in ("before", "after"):
+            for call in range(2):
+                message = res[f"{order}{call}"]
+                assert "parallelize_pipeline" in message and "first block cache" in message, (rank, order, message)
+            assert rel_err(res[f"{order}_disabled"], res["plain"]) < TOL, (rank, order)
+
+
 def test_diffusers_parallelism_is_refused_in_either_order(tmp_path):
     ranks = launch(2, tmp_path / "r", "--cases", "refuse")
     for got in ranks:

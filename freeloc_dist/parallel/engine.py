@@ -171,6 +171,8 @@ class SequenceParallel:
                 _, h, w = self.family.grid_of(module, latents)
                 self.state.grid = (self.num_frames, h, w)
             return None
+        if self.dims.sp_degree > 1:
+            check_no_activation_cache(module)
         call = self.begin_call(args, kwargs)
         args, kwargs = call.args, call.kwargs
         if not self._wrapped():
@@ -319,6 +321,29 @@ class GlobalCall:
 
 
 _NAMES = ("hidden_states", "timestep", "encoder_hidden_states")
+
+
+# diffusers caches that decide from the activations (first block cache: the first block's residual change against a
+# threshold): under sequence parallelism each rank sees its own frames, so the ranks would decide differently and
+# one would skip the collectives the others wait in.
+ACTIVATION_CACHE_HOOKS = {"fbc_leader_block_hook": "first block cache"}
+
+
+def diffusers_hooks(transformer) -> list:
+    """(name, hook) of every diffusers HookRegistry hook on the transformer and its modules."""
+    return [(name, hook) for module in transformer.modules()
+            for name, hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).items()]
+
+
+def check_no_activation_cache(transformer) -> None:
+    """Refuse, on every rank alike (the hooks are the same on every rank), a cache whose decisions come from this
+    rank's activations."""
+    for name, _ in diffusers_hooks(transformer):
+        if name in ACTIVATION_CACHE_HOOKS:
+            raise RuntimeError(
+                f"parallelize_pipeline: diffusers' {ACTIVATION_CACHE_HOOKS[name]} decides from activations, which "
+                "differ between the ranks of sequence parallelism; disable it (transformer.disable_cache()) or "
+                "render on one process")
 
 
 def _arg(args, kwargs, i):
