@@ -5,7 +5,7 @@
     video = pipe(prompt=..., num_frames=..., generator=torch.Generator().manual_seed(0)).frames
 
 The pipeline's own loop, scheduler and VAE run unchanged on every rank; only the transformer calls are
-distributed (each rank runs its frames, the prediction is gathered: parallel/engine.py GlobalForward),
+distributed (each rank runs its frames, the prediction is gathered: the engine's hooks, parallel/engine.py),
 so every rank returns what one process returns. With cfg_degree 2 the pipeline's serial cond / uncond
 calls are paired: at the cond call the two CFG groups compute cond and uncond at once (the negative
 embeddings are taken from the pipeline's own encode_prompt, read as its family says), and the uncond call
@@ -101,7 +101,7 @@ def parallelize_pipeline(pipe, cfg_degree: int = 1, strategy: str = "auto", *, b
 
         capture = _PromptCapture(pipe, family_of(next(iter(engines.values())).transformer))
         for engine in engines.values():
-            engine.forward.pairing = CFGPairing(pipe, capture, engine)
+            engine.pairing = CFGPairing(pipe, capture, engine)
         undo = capture.remove
     return PipelineHandle(engines, undo)
 
@@ -126,6 +126,15 @@ class _PromptCapture:
             del self.pipe.__dict__["encode_prompt"]
 
 
+def _stateful_hooks(transformer) -> bool:
+    """Whether a stateful diffusers hook (a cache: pyramid attention broadcast, first block cache, ...) sits on the
+    transformer or one of its modules. Such a hook counts the calls it sees; a paired uncond call, answered without
+    running the forward, would change what it counts, so CFG pairing computes every call as asked instead."""
+    from .parallel.engine import diffusers_hooks
+
+    return any(getattr(hook, "_is_stateful", False) for _, hook in diffusers_hooks(transformer))
+
+
 def _same(a, b) -> bool:
     return a is b or (a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype)))
 
@@ -133,7 +142,8 @@ def _same(a, b) -> bool:
 class CFGPairing:
     """cfg_degree 2 under a stock pipeline: CFG group 0 computes the cond call's prediction, group 1 the
     uncond one at the same time; the uncond call that follows returns group 1's (exactly what it would
-    compute). A call that is not such a pair is computed as asked by both groups (exact, redundant)."""
+    compute). A call that is not such a pair is computed as asked by both groups (exact, redundant), and so is
+    every call while a stateful diffusers hook (a cache) is on the transformer."""
 
     def __init__(self, pipe, capture: _PromptCapture, engine):
         self.pipe = pipe
@@ -149,24 +159,18 @@ class CFGPairing:
             return None
         return neg.to(text.device, text.dtype)
 
-    @torch.compiler.disable
-    def __call__(self, forward, hidden_states, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
+    def decide(self, hidden_states, timestep, encoder_hidden_states):
+        """How the engine runs this call: ("cached", the uncond prediction computed at the paired cond call),
+        ("pair", the negative embeddings CFG group 1 uses) or ("plain", None)."""
         pending, self.pending = self.pending, None
+        if _stateful_hooks(self.engine.transformer):
+            return "plain", None
         if (pending is not None and _same(hidden_states, pending[0]) and _same(timestep, pending[1])
                 and _same(encoder_hidden_states, pending[2])):
-            out = pending[3]
-        else:
-            negative = self._negative_for(encoder_hidden_states)
-            if negative is None:
-                out = forward.run_global(hidden_states, timestep, encoder_hidden_states, *args,
-                                         return_dict=False, **kwargs)[0]
-            else:
-                mine = encoder_hidden_states if self.engine.dims.cfg_rank == 0 else negative
-                local = forward.run_global(hidden_states, timestep, mine, *args, return_dict=False, **kwargs)[0]
-                out, uncond = self.engine.comm.cfg_all_gather(local)
-                self.pending = (hidden_states, timestep, negative, uncond)
-        if not return_dict:
-            return (out,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+            return "cached", pending[3]
+        negative = self._negative_for(encoder_hidden_states)
+        return ("plain", None) if negative is None else ("pair", negative)
 
-        return Transformer2DModelOutput(sample=out)
+    def remember(self, hidden_states, timestep, negative, uncond):
+        """After a paired cond call: the uncond call that follows with these inputs gets `uncond`."""
+        self.pending = (hidden_states, timestep, negative, uncond)

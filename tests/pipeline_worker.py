@@ -5,6 +5,7 @@ Saves this rank's results to <out>.rank<r>; the test compares every rank with on
 
 import argparse
 import faulthandler
+import importlib.util
 import os
 import sys
 
@@ -19,6 +20,101 @@ from freeloc_dist import apply_freeloc, enable_freeloc, parallelize_pipeline  # 
 from freeloc_dist.parallel import destroy_parallel, init_parallel, parallelize  # noqa: E402
 
 FRAMES = 77  # 20 latent frames: 4x the tiny profile's trained 5
+
+
+class _NoOpHook:
+    """A root-level diffusers HookRegistry hook that changes nothing (it wraps transformer.forward, as caches do)."""
+
+    @staticmethod
+    def make():
+        from diffusers.hooks import HookRegistry, ModelHook
+
+        class NoOp(ModelHook):
+            def __init__(self):
+                super().__init__()
+                self.calls = 0
+
+            def pre_forward(self, module, *args, **kwargs):
+                self.calls += 1
+                return args, kwargs
+
+        return HookRegistry, NoOp()
+
+
+def _pab(pipe):
+    """diffusers' pyramid attention broadcast: its hooks reuse attention outputs on steps chosen by the step count
+    and timestep (the same on every rank); with skip range 2 the second of the 2 steps reuses the first's."""
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    pipe.transformer.enable_cache(PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: pipe.current_timestep))
+
+
+def other_hooks(order, cfg):
+    """Model CPU offload (accelerate), a root-level diffusers hook and a diffusers cache, installed before or after
+    parallelize_pipeline; two pipeline calls each, then the same after the handle's remove()."""
+    out = {"plain_short": render(tiny_pipeline(), 17)}
+    single = tiny_pipeline()  # this rank alone, with FreeLOC and the cache
+    enable_freeloc(single, TINY_PROFILE)
+    _pab(single)
+    out["pab_single"] = render(single, FRAMES)
+    kinds = ("offload", "registry", "pab") if importlib.util.find_spec("accelerate") else ("registry", "pab")
+    for kind in kinds:
+        pipe = tiny_pipeline()
+        enable_freeloc(pipe, TINY_PROFILE)
+
+        def install(kind=kind, pipe=pipe):
+            if kind == "offload":
+                pipe.enable_model_cpu_offload(device="cpu")
+            elif kind == "pab":
+                _pab(pipe)
+            else:
+                registry, hook = _NoOpHook.make()
+                registry.check_if_exists_or_initialize(pipe.transformer).register_hook(hook, "noop")
+                out[f"{kind}_hook"] = hook
+
+        if order == "before":
+            install()
+        handle = parallelize_pipeline(pipe, cfg_degree=cfg)
+        if order == "after":
+            install()
+        calls = []  # the rope runs once per forward that really runs (not for a cached uncond)
+        counter = pipe.transformer.rope.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        out[kind] = [render(pipe, FRAMES), render(pipe, FRAMES)]
+        out[f"{kind}_forwards"] = len(calls)
+        counter.remove()
+        if kind == "registry":
+            out["registry_calls"] = out.pop("registry_hook").calls
+        handle.remove()
+        if kind == "pab":
+            pipe.transformer.disable_cache()
+        out[f"{kind}_removed"] = render(pipe, 17)  # each rank alone again
+    return out
+
+
+def activation_cache():
+    """diffusers' first block cache (decisions from activations) before or after parallelize_pipeline: refused
+    at the pipeline call with one line on every rank, twice, then the same pipeline renders once it is disabled."""
+    from diffusers import FirstBlockCacheConfig
+
+    out = {"plain": render(tiny_pipeline(), 25)}  # this rank alone
+    for order in ("before", "after"):
+        pipe = tiny_pipeline()
+        if order == "before":
+            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        parallelize_pipeline(pipe)
+        if order == "after":
+            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        for call in range(2):
+            try:
+                render(pipe, 25)
+                out[f"{order}{call}"] = "no error"
+            except RuntimeError as e:
+                out[f"{order}{call}"] = str(e)
+        pipe.transformer.disable_cache()
+        out[f"{order}_disabled"] = render(pipe, 25)
+    return out
 
 
 def refusals():
@@ -67,7 +163,7 @@ def main():
             enable_freeloc(pipe, TINY_PROFILE)
             handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
             calls = []  # the rope runs once per forward that really runs (not for a cached uncond)
-            hook = pipe.transformer.rope.register_forward_hook(lambda *a: calls.append(1))
+            hook = pipe.transformer.rope.register_forward_hook(lambda *a, calls=calls: calls.append(1))
             results["freeloc"] = render(pipe, FRAMES)
             results["forwards"] = len(calls)
             hook.remove()
@@ -93,6 +189,11 @@ def main():
             pipe.transformer.compile_repeated_blocks(fullgraph=True)
             results["compiled"] = render(pipe, FRAMES)
             results["graphs"] = counters["stats"]["unique_graphs"]
+        for order in ("before", "after"):
+            if f"hooks_{order}" in cases:
+                results[f"hooks_{order}"] = other_hooks(order, args.cfg)
+        if "fbc" in cases:
+            results["fbc"] = activation_cache()
         if "refuse" in cases:
             results["refuse"] = refusals()
         if "mismatch" in cases:  # ranks drawing different noise: refused on every rank

@@ -2,6 +2,7 @@
 process, on every rank. 1e-5 relative in float32: the parallel paths only reorder float32 reductions
 (test_parallel.py); the pipeline's scheduler and loop are the same code on every rank."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -56,6 +57,47 @@ def test_stock_pipeline_parallel_equals_one_process(tmp_path, single, nproc, cfg
             assert got["forwards"] == (2 if cfg == 2 else 4), (rank, got["forwards"])
             # removed after a render: each rank runs the plain stock pipeline again
             assert torch.equal(got["freeloc_removed"], got["plain_short"]), rank
+
+
+@pytest.mark.parametrize("cfg", [1, 2], ids=["sp2", "cfg2"])
+def test_offload_and_diffusers_hooks_before_or_after_parallelize(tmp_path, single, cfg):
+    """enable_model_cpu_offload (accelerate: wraps transformer.forward, and at the end of every pipeline call
+    restores the forward it saved, then wraps again), a root-level diffusers HookRegistry hook and diffusers'
+    pyramid attention broadcast cache (against one process with the same cache), installed
+    before or after parallelize_pipeline: two pipeline calls each equal one process (the second one was a
+    shape error / gloo assertion when the engine lived in transformer.forward), the CFG pairing still skips the
+    uncond forward, and the handle's remove() leaves each rank's plain pipeline."""
+    ranks = launch(2, tmp_path / "r", "--cfg", str(cfg), "--cases", "hooks_before,hooks_after")
+    kinds = ("offload", "registry", "pab") if importlib.util.find_spec("accelerate") else ("registry", "pab")
+    for rank, got in enumerate(ranks):
+        assert rel_err(got["hooks_before"]["pab_single"], single["freeloc"]) > 1e-3  # the cache changed the video
+        for order in ("before", "after"):
+            res = got[f"hooks_{order}"]
+            for kind in kinds:
+                want = res["pab_single"] if kind == "pab" else single["freeloc"]
+                for call, video in enumerate(res[kind]):
+                    err = rel_err(video, want)
+                    assert err < TOL, (rank, order, kind, call, err)
+                # 2 calls x 2 steps with CFG: 8 forwards per rank, 4 when the CFG groups pair them (not under a
+                # stateful cache: it counts the calls it sees, so every call runs)
+                paired = cfg == 2 and kind != "pab"
+                assert res[f"{kind}_forwards"] == (4 if paired else 8), (rank, order, kind, res[f"{kind}_forwards"])
+                assert torch.equal(res[f"{kind}_removed"], res["plain_short"]), (rank, order, kind)
+            assert res["registry_calls"] >= 4, (rank, order)  # the diffusers hook really ran
+
+
+def test_a_cache_deciding_from_activations_is_refused_on_every_rank(tmp_path):
+    """diffusers' first block cache compares the first block's residual with a threshold: each rank sees its own
+    frames, so the ranks would decide apart (one skipping collectives the others wait in). Before or after
+    parallelize_pipeline, every pipeline call is refused with one line on every rank; disabled, it renders."""
+    ranks = launch(2, tmp_path / "r", "--cases", "fbc")
+    for rank, got in enumerate(ranks):
+        res = got["fbc"]
+        for order in ("before", "after"):
+            for call in range(2):
+                message = res[f"{order}{call}"]
+                assert "parallelize_pipeline" in message and "first block cache" in message, (rank, order, message)
+            assert rel_err(res[f"{order}_disabled"], res["plain"]) < TOL, (rank, order)
 
 
 def test_diffusers_parallelism_is_refused_in_either_order(tmp_path):

@@ -1,11 +1,15 @@
 """parallelize(): install sequence and CFG parallelism on a built transformer of a supported family.
 
-The model code stays stock. Four hooks carry everything: the FreeLOC processors' attention function
+The model code stays stock. Module hooks carry everything: the FreeLOC processors' attention function
 (replaced by a distributed one), a forward hook on the family's rope module (each rank gets the rows of the
-whole video's RoPE table for its own frames), a pre-hook that records the global token grid, and a
-wrapper of `transformer.forward` (GlobalForward) so that a direct call, as a stock diffusers pipeline
-makes it, takes global latents and returns the global prediction. The engine keeps the handles of its hooks
-and `detach()` removes exactly those. The engine's `predict` has the
+whole video's RoPE table for its own frames), and a forward pre-hook / forward hook pair on the transformer
+that make a direct call, as a stock diffusers pipeline makes it, take global latents and return the global
+prediction (the pre-hook records the global grid and shards the input, the forward hook gathers the output).
+These live in the module's hook dicts, not in `transformer.forward`, so they survive the hook systems that
+wrap and later restore `forward` (accelerate's offload hooks, diffusers' HookRegistry), in either order.
+A pass-through wrapper of `transformer.forward` (GlobalForward) only lets a paired CFG call skip its forward,
+and serves a direct `transformer.forward(...)` call; it is put back when another system unwrapped it.
+The engine keeps the handles of its hooks and `detach()` removes exactly those. The engine's `predict` has the
 sampler's contract: global latents in, global guided prediction out; in between, each rank runs the
 transformer on its frames only. `remove()` (or freeloc_dist.remove_freeloc) takes it all out again.
 """
@@ -60,8 +64,10 @@ class SequenceParallel:
         state.engine = self
         self._saved_attention = state.attention
         self._local = False  # True inside predict: the transformer is then called with this rank's frames
-        self.forward = GlobalForward(self, transformer.forward)
-        transformer.forward = self.forward
+        self._call: GlobalCall | None = None  # the global call under way (set by _enter, cleared by _leave)
+        self.pairing = None  # parallelize_pipeline with cfg_degree 2: pipeline.CFGPairing
+        self._wrappers: list[GlobalForward] = []
+        self.forward = self._wrap_forward()
         self.heads = self.family.num_heads(transformer)
         check_strategy(strategy, self.heads, dims.sp_degree, degenerate_hybrid=True)
         if dims.sp_degree > 1:
@@ -72,8 +78,12 @@ class SequenceParallel:
             state.route_stock = True  # stock layers must see the whole sequence too
             self._hooks = [
                 self.family.rope_module(transformer).register_forward_hook(self._rope_rows),
-                transformer.register_forward_pre_hook(self._global_grid, with_kwargs=True),
             ]
+        self._hooks += [
+            transformer.register_forward_pre_hook(self._enter, with_kwargs=True),
+            # the first of the forward hooks (later ones see the global output), also called when the forward raised
+            transformer.register_forward_hook(self._leave, with_kwargs=True, prepend=True, always_call=True),
+        ]
 
     def remove(self) -> None:
         """Undo parallelize: the engine's hooks go; FreeLOC stays if it was installed before."""
@@ -88,12 +98,42 @@ class SequenceParallel:
         self.state.engine = None
 
     def detach(self) -> None:
-        """Remove this engine's hooks and its forward wrapper (remove_freeloc calls it before the processors go)."""
+        """Remove this engine's hooks and its forward wrappers (remove_freeloc calls it before the processors go).
+        A wrapper that another hook system holds on to (accelerate's `_old_forward`, a HookRegistry chain) is
+        left there as a pure pass-through; the outermost one is unwrapped."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        if self.transformer.__dict__.get("forward") is self.forward:
-            del self.transformer.__dict__["forward"]
+        self._call = None
+        for wrapper in self._wrappers:
+            wrapper.engine = None
+        self._wrappers = []
+        outer = self.transformer.__dict__.get("forward")
+        if isinstance(outer, GlobalForward) and outer.engine is None:
+            inner = outer.inner
+            if getattr(inner, "__self__", None) is self.transformer and getattr(inner, "__func__", None) is getattr(
+                    type(self.transformer).forward, "__func__", type(self.transformer).forward):
+                del self.transformer.__dict__["forward"]  # the class's own forward again
+            else:
+                self.transformer.forward = inner  # another system's wrapper stays in place
+
+    def _wrap_forward(self) -> GlobalForward:
+        wrapper = GlobalForward(self, self.transformer.forward)
+        self.transformer.forward = wrapper
+        self._wrappers.append(wrapper)
+        return wrapper
+
+    def _wrapped(self) -> bool:
+        """Whether one of this engine's GlobalForward wrappers is on the current forward chain (followed through
+        GlobalForward.inner and functools' __wrapped__, which accelerate's and diffusers' wrappers set)."""
+        fn = self.transformer.forward
+        for _ in range(64):
+            if isinstance(fn, GlobalForward) and fn.engine is self:
+                return True
+            fn = fn.inner if isinstance(fn, GlobalForward) else getattr(fn, "__wrapped__", None)
+            if fn is None:
+                return False
+        return False
 
     # -- shapes ---------------------------------------------------------------------------------
     @property
@@ -120,12 +160,60 @@ class SequenceParallel:
         return cos[:, s * n : e * n], sin[:, s * n : e * n]
 
     @torch.compiler.disable
-    def _global_grid(self, module, args, kwargs):
-        latents = args[0] if args else kwargs["hidden_states"]
-        if not self._local:  # a direct call: the input is the whole video (GlobalForward shards it next)
-            self.num_frames = latents.shape[2]
-        _, h, w = self.family.grid_of(module, latents)
+    def _enter(self, module, args, kwargs):
+        """Forward pre-hook of the transformer. Inside `predict` (this rank's frames already): record the global
+        grid. A direct call (a stock pipeline's): the input is the whole video; check that every rank has the same,
+        pair it for CFG, record the grid and give the forward this rank's frames (`_leave` gathers)."""
+        self._call = None
+        latents = _arg(args, kwargs, 0)
+        if self._local or not _is_video(latents):
+            if _is_video(latents):
+                _, h, w = self.family.grid_of(module, latents)
+                self.state.grid = (self.num_frames, h, w)
+            return None
+        if self.dims.sp_degree > 1:
+            check_no_activation_cache(module)
+        call = self.begin_call(args, kwargs)
+        args, kwargs = call.args, call.kwargs
+        if not self._wrapped():
+            self._wrap_forward()  # unwrapped by another hook system: the next calls can skip a paired call again
+        self._call = call
+        return args, kwargs
+
+    def begin_call(self, args, kwargs) -> GlobalCall:
+        """A global call (global latents, timestep, text): checked, paired, sharded."""
+        hidden, timestep, text = (_arg(args, kwargs, i) for i in range(3))
+        self.check_same_inputs(hidden, timestep, text)
+        self.num_frames = hidden.shape[2]
+        _, h, w = self.family.grid_of(self.transformer, hidden)
         self.state.grid = (self.num_frames, h, w)
+        call = GlobalCall(hidden, timestep, text)
+        if self.pairing is not None:
+            call.mode, call.value = self.pairing.decide(hidden, timestep, text)
+            if call.mode == "pair":
+                text = text if self.dims.cfg_rank == 0 else call.value
+        x, local_t = self.shard_input(hidden, timestep)
+        call.args, call.kwargs = _with_args(args, kwargs, x, local_t, text)
+        return call
+
+    def finish_call(self, call: GlobalCall, output):
+        """The forward's output (this rank's frames) -> the global prediction, in the output's own form."""
+        if call.mode == "cached":
+            out = call.value
+        else:
+            out = self.gather_output(_sample(output))
+            if call.mode == "pair":
+                out, uncond = self.comm.cfg_all_gather(out)
+                self.pairing.remember(call.hidden, call.timestep, call.value, uncond)
+        return _with_sample(output, out)
+
+    @torch.compiler.disable
+    def _leave(self, module, args, kwargs, output):
+        """Forward hook of the transformer (also called when the forward raised, then with output None)."""
+        call, self._call = self._call, None
+        if call is None or output is None or call.done:  # a local call, an error, or GlobalForward answered
+            return None
+        return self.finish_call(call, output)
 
     # -- attention ------------------------------------------------------------------------------
     def _attention(self, q, k, v, rotary_local, plan: LayerPlan, t_rope):
@@ -218,38 +306,117 @@ class SequenceParallel:
         return self.comm.gather_frames(local.contiguous(), self.shards.sizes, dim=2, tag="gather")
 
 
+class GlobalCall:
+    """One global call of the transformer: its global inputs, the sharded args the forward runs with, and how
+    CFG pairing treats it: "plain", "pair" (`value`: the negative embeddings this call's uncond half uses) or
+    "cached" (`value`: the global uncond prediction already computed at the paired cond call)."""
+
+    def __init__(self, hidden, timestep, text):
+        self.hidden, self.timestep, self.text = hidden, timestep, text
+        self.mode = "plain"
+        self.value = None
+        self.args: tuple = ()
+        self.kwargs: dict = {}
+        self.done = False  # GlobalForward answered it (a cached call): nothing left for _leave
+
+
+_NAMES = ("hidden_states", "timestep", "encoder_hidden_states")
+
+
+# diffusers caches that decide from the activations (first block cache: the first block's residual change against a
+# threshold): under sequence parallelism each rank sees its own frames, so the ranks would decide differently and
+# one would skip the collectives the others wait in.
+ACTIVATION_CACHE_HOOKS = {"fbc_leader_block_hook": "first block cache"}
+
+
+def diffusers_hooks(transformer) -> list:
+    """(name, hook) of every diffusers HookRegistry hook on the transformer and its modules."""
+    return [(name, hook) for module in transformer.modules()
+            for name, hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).items()]
+
+
+def check_no_activation_cache(transformer) -> None:
+    """Refuse, on every rank alike (the hooks are the same on every rank), a cache whose decisions come from this
+    rank's activations."""
+    for name, _ in diffusers_hooks(transformer):
+        if name in ACTIVATION_CACHE_HOOKS:
+            raise RuntimeError(
+                f"parallelize_pipeline: diffusers' {ACTIVATION_CACHE_HOOKS[name]} decides from activations, which "
+                "differ between the ranks of sequence parallelism; disable it (transformer.disable_cache()) or "
+                "render on one process")
+
+
+def _arg(args, kwargs, i):
+    return args[i] if len(args) > i else kwargs.get(_NAMES[i])
+
+
+def _with_args(args, kwargs, *values):
+    args, kwargs = list(args), dict(kwargs)
+    for i, value in enumerate(values):
+        if len(args) > i:
+            args[i] = value
+        else:
+            kwargs[_NAMES[i]] = value
+    return tuple(args), kwargs
+
+
+def _is_video(latents) -> bool:
+    return isinstance(latents, torch.Tensor) and latents.ndim == 5
+
+
+def _sample(output):
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def _with_sample(output, sample):
+    if isinstance(output, tuple):
+        return (sample, *output[1:])
+    return _as_output(sample, True)
+
+
+def _as_output(sample, return_dict):
+    if not return_dict:
+        return (sample,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=sample)
+
+
 class GlobalForward:
-    """transformer.forward under the engine: global latents in, global prediction out, each rank running
-    its own frames through the stock forward (`inner`). Inside `predict` (already sharded) it passes
-    through. `pairing`, when set (parallelize_pipeline with cfg_degree 2), pairs a pipeline's cond and
-    uncond calls over the two CFG groups."""
+    """A pass-through wrapper of transformer.forward. Under a module call the engine's hooks shard and gather
+    (SequenceParallel._enter / _leave); this wrapper only answers a CFG-paired uncond call from the cached
+    prediction without running the forward. A direct `transformer.forward(...)` call (no module hooks ran)
+    gets the whole global path here. With `engine` None (detached) it only passes through."""
 
     def __init__(self, engine: SequenceParallel, inner):
         self.engine = engine
         self.inner = inner
-        self.pairing = None
+
+    @property
+    def pairing(self):  # kept for callers of engine.forward.pairing
+        return None if self.engine is None else self.engine.pairing
+
+    @pairing.setter
+    def pairing(self, value):
+        self.engine.pairing = value
 
     # Skipped by dynamo, not its callees: under torch.compile(transformer) the stock forward is still
     # compiled, while the sharding, gathering and checks here run eagerly.
     @torch.compiler.disable(recursive=False)
-    def __call__(self, hidden_states=None, timestep=None, encoder_hidden_states=None, *args, **kwargs):
-        if self.engine._local:
-            return self.inner(hidden_states, timestep, encoder_hidden_states, *args, **kwargs)
-        self.engine.check_same_inputs(hidden_states, timestep, encoder_hidden_states)
-        if self.pairing is not None:
-            return self.pairing(self, hidden_states, timestep, encoder_hidden_states, *args, **kwargs)
-        return self.run_global(hidden_states, timestep, encoder_hidden_states, *args, **kwargs)
-
-    def run_global(self, hidden_states, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
+    def __call__(self, *args, **kwargs):
         engine = self.engine
-        x, timestep = engine.shard_input(hidden_states, timestep)
-        out = self.inner(x, timestep, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
-        out = engine.gather_output(out)
-        if not return_dict:
-            return (out,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        return Transformer2DModelOutput(sample=out)
+        if engine is None or engine._local or not _is_video(_arg(args, kwargs, 0)):
+            return self.inner(*args, **kwargs)
+        call = engine._call
+        if call is not None:  # under the hooks: the input is this rank's already
+            if call.mode == "cached" and not call.done:
+                call.done = True
+                return _as_output(call.value, kwargs.get("return_dict", True))
+            return self.inner(*args, **kwargs)
+        call = engine.begin_call(args, kwargs)  # a direct transformer.forward(...) call
+        if call.mode == "cached":
+            return _as_output(call.value, kwargs.get("return_dict", True))
+        return engine.finish_call(call, self.inner(*call.args, **call.kwargs))
 
 
 def parallelize(transformer, dims: ParallelDims, *, backend: str = "sdpa", strategy: str = "auto",
