@@ -7,8 +7,10 @@ setup:
 render: setup
 	.venv/bin/python launch/generate.py --config configs/tiny.yaml --out outputs/tiny.mp4
 
+# pytest-xdist workers (tests/conftest.py groups the tests); TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: setup lint
-	.venv/bin/python -m pytest -q --durations=20
+	.venv/bin/python -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: setup  # the unit tier: plan math, kernels, models in-process (no subprocesses)
 	.venv/bin/python -m pytest -q -m unit
