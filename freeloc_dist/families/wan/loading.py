@@ -224,6 +224,8 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    from .kind import declared_trained_frames
+
     root = check_model_dir(model_dir)
     dtype = resolve_dtype(dtype)
 
@@ -269,7 +271,7 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
         transformer_2=transformer_2,
         boundary_ratio=index.get("boundary_ratio"),
         expand_timesteps=bool(index.get("expand_timesteps", False)),
-        trained_frames=index.get("trained_frames"),
+        trained_frames=declared_trained_frames(root, index),
         image_encoder=image_encoder,
         image_processor=image_processor,
     )
@@ -313,7 +315,9 @@ def save_components(parts: Components, out_dir: str | Path) -> Path:
         index["boundary_ratio"] = parts.boundary_ratio
     if parts.expand_timesteps:
         index["expand_timesteps"] = True
-    if parts.trained_frames is not None:  # ours, not diffusers': a test model's declared T (family.py)
-        index["trained_frames"] = parts.trained_frames
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if parts.trained_frames is not None:  # ours, not diffusers': a test model's declared T (kind.py)
+        from .kind import FREELOC_FILE
+
+        (out / FREELOC_FILE).write_text(json.dumps({"trained_frames": parts.trained_frames}, indent=2) + "\n")
     return out
