@@ -21,7 +21,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from .choices import ATTENTION_BACKENDS, COMPILE_MODES, STRATEGY_CHOICES
+from .choices import ATTENTION_BACKENDS, COMPILE_MODES, SCHEDULER_CHOICES, STRATEGY_CHOICES
 from .errors import UserError
 from .families.kind import FRAMES_RULE
 from .yamlio import load_yaml, yaml_problem
@@ -32,6 +32,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 Compile = Literal[COMPILE_MODES]
 Backend = Literal[ATTENTION_BACKENDS]  # names from freeloc_dist.choices, which the registries match
 Strategy = Literal[STRATEGY_CHOICES]
+Scheduler = Literal[SCHEDULER_CHOICES]
 
 
 class ConfigError(UserError, ValueError):
@@ -63,6 +64,7 @@ class SamplingConfig:
     # unconditional pass runs for both experts (diffusers' rule), so a value <= 1 here still combines with it
     guidance_scale_2: float | None = None
     shift: float = 3.0  # flow-matching sigma shift
+    scheduler: Scheduler = "model"  # the model's own, or euler / unipc / dpm++ (freeloc_dist.schedulers)
     seed: int = 0
     negative_prompt: str = ""
     max_text_tokens: int = 512

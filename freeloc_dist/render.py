@@ -303,6 +303,8 @@ def sidecar(cfg, session: Session, resume, timings) -> dict:
     import platform
     from importlib import metadata
 
+    from .schedulers import scheduler_class
+
     def version(name):
         try:
             return metadata.version(name)
@@ -318,6 +320,7 @@ def sidecar(cfg, session: Session, resume, timings) -> dict:
         "profile": {"path": str(cfg.profile), **profile.to_mapping()} if profile is not None else None,
         "world": {"size": dims.world_size, "cfg_degree": dims.cfg_degree, "sp_degree": dims.sp_degree,
                   "device": str(dims.device)},
+        "scheduler": scheduler_class(cfg.sampling.scheduler, session.parts.scheduler).__name__,
         "resumed_from_step": resume.step if resume is not None else None,
         "versions": {"python": platform.python_version(),
                      **{n: version(n) for n in ("freeloc_dist", "torch", "diffusers", "transformers",

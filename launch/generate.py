@@ -2,7 +2,7 @@
 text-to-video, or image-to-video with --image (and --last-image for first-last-frame models).
 
     python launch/generate.py --config configs/tiny.yaml [--prompt TEXT] [--frames N | --seconds S]
-        [--seed N] [--out PATH] [--save-latents PATH] [--steps N] [--height H] [--width W]
+        [--seed N] [--out PATH] [--save-latents PATH] [--steps N] [--scheduler NAME] [--height H] [--width W]
         [--backend sdpa|flex] [--profile PATH|none] [--image PATH] [--last-image PATH]
 
 Under torchrun every rank runs this script: world = cfg_degree x sp_degree (config `parallel:`), latent
@@ -27,7 +27,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # runnable from a checkout without installing the package
 
-from freeloc_dist.choices import ATTENTION_BACKENDS, COMPILE_MODES, STRATEGY_CHOICES  # noqa: E402  (after sys.path)
+from freeloc_dist.choices import (  # noqa: E402  (after sys.path)
+    ATTENTION_BACKENDS,
+    COMPILE_MODES,
+    SCHEDULER_CHOICES,
+    STRATEGY_CHOICES,
+)
 from freeloc_dist.cli import (  # noqa: E402
     EXIT_FAILED,
     EXIT_PREEMPTED,
@@ -62,6 +67,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     config_flag(p, "--out", "output", type=cwd_path, help="output mp4 path")
     p.add_argument("--save-latents", type=Path, help="also write the final latents (safetensors, key 'latents')")
     config_flag(p, "--steps", "sampling.steps", type=int, help="sampling steps")
+    config_flag(p, "--scheduler", "sampling.scheduler", choices=SCHEDULER_CHOICES,
+                help="sampler: the model's own (default), or euler, unipc, dpm++ with the model's flow shift")
     config_flag(p, "--height", "video.height", type=int, help="video height in pixels (multiple of 16)")
     config_flag(p, "--width", "video.width", type=int, help="video width in pixels (multiple of 16)")
     config_flag(p, "--backend", "attention_backend", choices=ATTENTION_BACKENDS, help="FreeLOC attention backend")
