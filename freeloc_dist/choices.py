@@ -9,3 +9,5 @@ STRATEGY_CHOICES = ("auto", *STRATEGIES)  # auto: per layer, the cheapest by byt
 COMPILE_MODES = ("none", "blocks", "full")  # model.compile (freeloc_dist.compile)
 # sampling.scheduler (freeloc_dist.schedulers): the model's own, or one of diffusers' flow-matching samplers
 SCHEDULER_CHOICES = ("model", "euler", "unipc", "dpm++")
+# model.loras[].expert: which transformer of a two-expert model (Wan2.2 A14B) a LoRA goes into (freeloc_dist.loras)
+LORA_EXPERTS = ("high", "low", "both")

@@ -127,3 +127,225 @@ def test_unknown_scheduler_is_one_line_exit_2(generate, tmp_path, monkeypatch, c
     cfg = str(write_config(tmp_path, lambda raw: raw["sampling"].update(scheduler="ddim")))
     assert_refused(generate, ["--config", cfg], tmp_path, monkeypatch, capsys,
                    "sampling.scheduler='ddim': must be one of: model, euler, unipc, dpm++")
+
+
+# ---------------------------------------------------------------------------------------- LoRAs
+# Two tiny random LoRAs for the tiny model (3 blocks, width 24, ffn 48): one in diffusers' own format with the
+# adapter metadata diffusers saves (rank 4, alpha 8: scaling 2; a lora_B.bias on proj_out), one in the original
+# Wan format (`diffusion_model.` keys, lora_down/lora_up, an alpha of 3 at rank 2) that diffusers converts.
+DIFFUSERS_LAYERS = {"blocks.{i}.attn1.to_q": (24, 24), "blocks.{i}.attn2.to_k": (24, 24),
+                    "blocks.{i}.ffn.net.0.proj": (48, 24)}
+WAN_LAYERS = {"blocks.{i}.self_attn.v": ("blocks.{i}.attn1.to_v", 24, 24),
+              "blocks.{i}.ffn.2": ("blocks.{i}.ffn.net.2", 24, 48)}
+
+
+def make_loras(folder, seed=0):
+    """Write the two LoRA files; returns their paths and {layer: [(delta [out, in], bias delta or None)]} at
+    scale 1, computed here from the definition (W + alpha / r B A)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: 0.3 * torch.randn(*shape, generator=g)  # noqa: E731
+    deltas, first = {}, {}
+    for i in range(3):
+        for name, (out, inp) in DIFFUSERS_LAYERS.items():
+            layer = name.format(i=i)
+            a, b = rand(4, inp), rand(out, 4)
+            first[f"transformer.{layer}.lora_A.weight"], first[f"transformer.{layer}.lora_B.weight"] = a, b
+            deltas.setdefault(layer, []).append((2.0 * b.double() @ a.double(), None))
+    a, b, bias = rand(4, 24), rand(16, 4), rand(16)  # proj_out: 24 -> 4 channels x 2 x 2 patch
+    first.update({"transformer.proj_out.lora_A.weight": a, "transformer.proj_out.lora_B.weight": b,
+                  "transformer.proj_out.lora_B.bias": bias})
+    deltas["proj_out"] = [(2.0 * b.double() @ a.double(), 2.0 * bias.double())]
+    metadata = {"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.lora_bias": True,
+                "transformer.target_modules": ["to_q", "to_k", "net.0.proj", "proj_out"]}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(first, folder / "style.safetensors", metadata={"lora_adapter_metadata": json.dumps(metadata)})
+    second = {}
+    for i in range(3):
+        for theirs, (ours, out, inp) in WAN_LAYERS.items():
+            key, layer = f"diffusion_model.{theirs.format(i=i)}", ours.format(i=i)
+            down, up = rand(2, inp), rand(out, 2)
+            second.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                           f"{key}.alpha": torch.tensor(3.0)})
+            deltas.setdefault(layer, []).append((1.5 * up.double() @ down.double(), None, "second"))
+    save_file(second, folder / "distill.safetensors")
+    return folder / "style.safetensors", folder / "distill.safetensors", deltas
+
+
+def merged(transformer, deltas, scales):
+    """A copy of `transformer` with the LoRAs merged by hand (float64): scales = (first's, second's)."""
+    import copy
+
+    model = copy.deepcopy(transformer)
+    with torch.no_grad():
+        for layer, items in deltas.items():
+            module = model.get_submodule(layer)
+            for item in items:
+                s = scales[1] if item[-1] == "second" else scales[0]
+                module.weight.copy_(module.weight.double() + s * item[0])
+                if item[1] is not None:
+                    module.bias.copy_(module.bias.double() + s * item[1])
+    return model
+
+
+SCALES = (0.7, 1.3)
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    return make_loras(tmp_path_factory.mktemp("loras"))
+
+
+def lora_flags(loras, scales=SCALES):
+    return ["--lora", f"{loras[0]}:{scales[0]}", "--lora", f"{loras[1]}:{scales[1]}"]
+
+
+def test_lora_through_the_cli_equals_the_stock_pipeline_with_it_merged(generate, parts, loras, tmp_path,
+                                                                        monkeypatch, capsys):
+    """F <= T: two LoRAs (diffusers' format with metadata, the original Wan format) at two scales, fused."""
+    ours, sidecar = cli_latents(generate, tmp_path, monkeypatch, capsys, *lora_flags(loras))
+    pipe = stock_pipeline(parts, transformer=merged(parts.transformer, loras[2], SCALES))
+    theirs = stock_latents(pipe)
+    assert rel_err(ours, theirs) < 1e-4
+    assert rel_err(stock_latents(stock_pipeline(parts)), theirs) > 1e-2  # the LoRAs matter at this size
+    assert [(x["scale"], x["experts"]) for x in sidecar["loras"]] == [(0.7, ["transformer"]), (1.3, ["transformer"])]
+    assert sidecar["loras"][0]["sha256"] != sidecar["loras"][1]["sha256"]
+
+
+def test_lora_through_the_cli_equals_diffusers_load_lora_weights(generate, parts, loras, tmp_path, monkeypatch,
+                                                                 capsys):
+    """The same render against diffusers' own loader (peft: not a locked dependency, so skipped without it)."""
+    pytest.importorskip("peft")
+    import copy
+
+    ours, _ = cli_latents(generate, tmp_path, monkeypatch, capsys, *lora_flags(loras))
+    pipe = stock_pipeline(parts, transformer=copy.deepcopy(parts.transformer))
+    pipe.load_lora_weights(str(loras[0]), adapter_name="style")
+    pipe.load_lora_weights(str(loras[1]), adapter_name="distill")
+    pipe.set_adapters(["style", "distill"], adapter_weights=list(SCALES))
+    assert rel_err(ours, stock_latents(pipe)) < 1e-4
+
+
+def test_unfused_lora_at_f_above_t_keeps_freeloc(generate, parts, loras, tmp_path, monkeypatch, capsys):
+    """F > T (25 frames = 7 latent frames, T = 5), LoRAs kept unfused: the CLI equals our sampler on the merged
+    model with FreeLOC installed, and differs from the merged model with stock attention."""
+    import dataclasses
+
+    from freeloc_dist.install import apply_freeloc
+    from freeloc_dist.profile import load_profile
+    from freeloc_dist.sampling import render
+
+    ours, _ = cli_latents(generate, tmp_path, monkeypatch, capsys, *lora_flags(loras), "--no-fuse-loras",
+                          "--frames", "25")
+    cfg = render_config()
+    cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, frames=25))
+    model = merged(parts.transformer, loras[2], SCALES)
+    with_lora = dataclasses.replace(parts, transformer=model)
+    stock = render(with_lora, cfg, decode=False).latents
+    apply_freeloc(model, load_profile(cfg.profile))
+    freeloc = render(with_lora, cfg, decode=False).latents
+    assert rel_err(ours, freeloc) < 1e-4
+    assert rel_err(ours, stock) > 1e-3
+
+
+def test_lora_experts_of_a_two_expert_model(loras):
+    """expert low: transformer_2 only; both: each; unset: the first transformer (diffusers' default)."""
+    from freeloc_dist.config import LoraConfig, ModelConfig
+    from freeloc_dist.family import model_family, read_model_kind
+    from freeloc_dist.loras import apply_loras, read_loras
+    from freeloc_dist.models import load_components
+
+    root = REPO_ROOT / "assets" / "tiny-a14b"
+    q = "blocks.0.attn1.to_q.weight"
+    for expert, changed in ((None, (True, False)), ("low", (False, True)), ("both", (True, True))):
+        model_cfg = ModelConfig(path=root, loras=(LoraConfig(path=loras[0], expert=expert),))
+        read = read_loras(model_cfg, model_family(root), root, read_model_kind(root))
+        parts = load_components(root, "float32")
+        before = [t.state_dict()[q].clone() for t in parts.experts()]
+        apply_loras(parts, read)
+        assert tuple(not torch.equal(b, t.state_dict()[q]) for b, t in zip(before, parts.experts())) == changed
+
+
+def test_changed_lora_is_refused_on_resume(generate, loras, tmp_path, monkeypatch, capsys):
+    """A checkpoint of a render with a LoRA: the same LoRA resumes (--validate-only stops before sampling); other
+    content at the same path, or another scale, is one line, exit 2."""
+    import shutil
+
+    from _cli import assert_refused
+
+    from freeloc_dist.checkpoint import Checkpoint, checkpoint_path, fingerprint, fingerprint_settings, save_checkpoint
+    from freeloc_dist.preflight import latent_shape, load_config, load_profile_of
+
+    lora = tmp_path / "l.safetensors"
+    shutil.copy(loras[0], lora)
+    cfg_path = write_config(tmp_path)
+    overrides = {"video.frames": 9, "video.height": 32, "video.width": 32, "sampling.steps": 3,
+                 "checkpoint.path": str(tmp_path / "ck"), "model.loras": [{"path": str(lora), "scale": 0.7}]}
+    cfg = load_config(cfg_path, overrides, None)
+    profile = load_profile_of(cfg)
+    save_checkpoint(checkpoint_path(cfg), Checkpoint(
+        step=1, total_steps=3, latents=torch.zeros(latent_shape(cfg)), scheduler={}, rng=torch.get_rng_state(),
+        fingerprint=fingerprint(cfg, profile), settings=fingerprint_settings(cfg, profile)))
+    argv = ["--config", str(cfg_path), "--frames", "9", "--height", "32", "--width", "32", "--steps", "3",
+            "--checkpoint", "ck", "--resume", "--validate-only"]
+    monkeypatch.chdir(tmp_path)
+    assert generate.main([*argv, "--lora", f"{lora}:0.7"]) == 0, capsys.readouterr().err
+    assert_refused(generate, [*argv, "--lora", f"{lora}:0.8"], tmp_path, monkeypatch, capsys,
+                   "written by a different render (loras differ)")
+    shutil.copy(loras[1], lora)
+    assert_refused(generate, [*argv, "--lora", f"{lora}:0.7"], tmp_path, monkeypatch, capsys,
+                   "written by a different render (loras differ)")
+
+
+def test_renders_without_the_new_settings_keep_their_fingerprint():
+    """Checkpoints written before LoRAs and schedulers could be chosen still resume: a render with neither has
+    the settings it had."""
+    from freeloc_dist.checkpoint import fingerprint_settings
+
+    settings = fingerprint_settings(render_config(), None)
+    assert "loras" not in settings and "sampling.scheduler" not in settings
+    assert "sampling.scheduler" in fingerprint_settings(render_config(scheduler="euler"), None)
+
+
+def _garbage(t):
+    (t / "g.safetensors").write_bytes(b"not a tensor file at all")
+    return t / "g.safetensors"
+
+
+def _lora_file(t, tensors, name="x.safetensors"):
+    from safetensors.torch import save_file
+
+    save_file(tensors, t / name)
+    return t / name
+
+
+@pytest.mark.parametrize("make, flag, needle", [
+    (lambda t: t / "nope.safetensors", "", "LoRA file not found"),
+    (lambda t: t, "", "is a directory; give the LoRA file"),
+    (_garbage, "", "not a LoRA file diffusers reads"),
+    (lambda t: _lora_file(t, {"transformer.blocks.0.attn1.to_q.weight": torch.zeros(24, 24)}), "",
+     "not a LoRA (transformer.blocks.0.attn1.to_q.weight is not a LoRA weight)"),
+    (lambda t: _lora_file(t, {"text_encoder.x.lora_A.weight": torch.zeros(2, 4)}), "",
+     "holds no LoRA weights for the transformer"),
+    (lambda t: _lora_file(t, {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 40),
+                              "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(40, 2)}), "",
+     "not a LoRA for this model: blocks.0.attn1.to_q is [24, 24] in transformer, the LoRA's update is [40, 40]"),
+    (lambda t: _lora_file(t, {"transformer.blocks.7.attn1.to_q.lora_A.weight": torch.zeros(2, 24),
+                              "transformer.blocks.7.attn1.to_q.lora_B.weight": torch.zeros(24, 2)}), "",
+     "it updates blocks.7.attn1.to_q, which transformer has not"),
+    (lambda t: _lora_file(t, {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 24)}), "",
+     "blocks.0.attn1.to_q: needs lora_A [r, in] and lora_B [out, r]"),
+    (lambda t: t / "x.safetensors", ":nan", "model.loras[0].scale=nan: must be a finite number"),
+    (lambda t: t / "x.safetensors", ":abc", "'abc' is neither a scale nor an expert"),
+    (lambda t: t / "x.safetensors", ":low", "model.loras[0].expert='low': the model at"),
+])
+def test_bad_lora_is_one_line_exit_2(generate, loras, tmp_path, monkeypatch, capsys, make, flag, needle):
+    import shutil
+
+    from _cli import assert_refused
+
+    shutil.copy(loras[0], tmp_path / "x.safetensors")
+    path = make(tmp_path)
+    assert_refused(generate, ["--config", str(write_config(tmp_path)), *SMALL, "--lora", f"{path}{flag}"],
+                   tmp_path, monkeypatch, capsys, needle)

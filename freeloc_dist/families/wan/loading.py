@@ -150,6 +150,26 @@ def check_weights_match_config(model_dir: str | Path) -> None:
                                   f"missing from the weights")
 
 
+def transformer_shapes(model_dir: str | Path, expert: str) -> dict[str, tuple[int, ...]]:
+    """{parameter name: shape} of the transformer in `expert`/ (transformer or transformer_2), built from its
+    config on the meta device: no weight is read and no memory used."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(_config_of(Path(model_dir) / expert))
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+def read_lora(path: str | Path) -> tuple[dict, dict | None]:
+    """(state dict, metadata) of a local Wan LoRA file as diffusers' WanPipeline reads it: its own format and the
+    ones its loader converts (the original Wan / ComfyUI `diffusion_model.` keys with alphas, musubi-tuner's
+    `lora_unet_`), with the adapter metadata diffusers saves in a safetensors header. Needs no peft: only
+    `load_lora_weights` does, and the weights are applied by freeloc_dist.loras."""
+    from diffusers import WanPipeline
+
+    return WanPipeline.lora_state_dict(str(path), return_lora_metadata=True, local_files_only=True)
+
+
 def _umt5_of(config: dict):
     from transformers import UMT5Config, UMT5EncoderModel
 
