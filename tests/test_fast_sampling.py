@@ -131,8 +131,8 @@ def test_unknown_scheduler_is_one_line_exit_2(generate, tmp_path, monkeypatch, c
 
 # ---------------------------------------------------------------------------------------- LoRAs
 # Two tiny random LoRAs for the tiny model (3 blocks, width 24, ffn 48): one in diffusers' own format with the
-# adapter metadata diffusers saves (rank 4, alpha 8: scaling 2; a lora_B.bias on proj_out), one in the original
-# Wan format (`diffusion_model.` keys, lora_down/lora_up, an alpha of 3 at rank 2) that diffusers converts.
+# adapter metadata diffusers saves (rank 4, alpha 8: scaling 2; lora_bias: a lora_B.bias on every layer), one in
+# the original Wan format (`diffusion_model.` keys, lora_down/lora_up, alpha 3 at rank 2) that diffusers converts.
 DIFFUSERS_LAYERS = {"blocks.{i}.attn1.to_q": (24, 24), "blocks.{i}.attn2.to_k": (24, 24),
                     "blocks.{i}.ffn.net.0.proj": (48, 24)}
 WAN_LAYERS = {"blocks.{i}.self_attn.v": ("blocks.{i}.attn1.to_v", 24, 24),
@@ -150,9 +150,10 @@ def make_loras(folder, seed=0):
     for i in range(3):
         for name, (out, inp) in DIFFUSERS_LAYERS.items():
             layer = name.format(i=i)
-            a, b = rand(4, inp), rand(out, 4)
-            first[f"transformer.{layer}.lora_A.weight"], first[f"transformer.{layer}.lora_B.weight"] = a, b
-            deltas.setdefault(layer, []).append((2.0 * b.double() @ a.double(), None))
+            a, b, bias = rand(4, inp), rand(out, 4), rand(out)
+            first.update({f"transformer.{layer}.lora_A.weight": a, f"transformer.{layer}.lora_B.weight": b,
+                          f"transformer.{layer}.lora_B.bias": bias})
+            deltas.setdefault(layer, []).append((2.0 * b.double() @ a.double(), 2.0 * bias.double()))
     a, b, bias = rand(4, 24), rand(16, 4), rand(16)  # proj_out: 24 -> 4 channels x 2 x 2 patch
     first.update({"transformer.proj_out.lora_A.weight": a, "transformer.proj_out.lora_B.weight": b,
                   "transformer.proj_out.lora_B.bias": bias})
