@@ -129,6 +129,43 @@ def test_unknown_scheduler_is_one_line_exit_2(generate, tmp_path, monkeypatch, c
                    "sampling.scheduler='ddim': must be one of: model, euler, unipc, dpm++")
 
 
+# ---------------------------------------------------------------------------------------- guidance 1
+def test_guidance_1_runs_half_the_transformer_calls(generate, parts, tmp_path, monkeypatch, capsys):
+    """--guidance-scale 1 (a distilled LoRA's setting) skips the unconditional pass: one transformer call per step
+    instead of two, and equals WanPipeline at guidance 1 (which skips it too)."""
+    import freeloc_dist.models as models
+
+    calls = []
+    load = models.load_components
+
+    def counted(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        loaded.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+        return loaded
+
+    monkeypatch.setattr(models, "load_components", counted)
+    ours, _ = cli_latents(generate, tmp_path, monkeypatch, capsys, "--guidance-scale", "1")
+    without_cfg, calls[:] = len(calls), []
+    from freeloc_dist.sampling import render
+
+    hook = parts.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:  # the same render at the config's guidance 5, through the CLI's sampler
+        render(parts, render_config(), decode=False)
+    finally:
+        hook.remove()
+    assert (len(calls), without_cfg) == (6, 3)  # 3 steps
+    assert rel_err(ours, stock_latents(stock_pipeline(parts), guidance_scale=1.0)) < 1e-4
+
+
+def test_guidance_1_with_cfg_degree_2_is_one_line_exit_2(generate, tmp_path, monkeypatch, capsys):
+    """cfg_degree 2 puts the unconditional pass on its own ranks: with no such pass it is refused, not run idle."""
+    from _cli import assert_refused
+
+    assert_refused(generate, ["--config", str(write_config(tmp_path)), "--guidance-scale", "1", "--cfg-degree", "2",
+                              "--validate-only", "--world-size", "2"], tmp_path, monkeypatch, capsys,
+                   "parallel.cfg_degree=2: needs sampling.guidance_scale > 1")
+
+
 # ---------------------------------------------------------------------------------------- LoRAs
 # Two tiny random LoRAs for the tiny model (3 blocks, width 24, ffn 48): one in diffusers' own format with the
 # adapter metadata diffusers saves (rank 4, alpha 8: scaling 2; lora_bias: a lora_B.bias on every layer), one in
