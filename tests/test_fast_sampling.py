@@ -328,3 +328,19 @@ def test_bad_lora_is_one_line_exit_2(generate, loras, tmp_path, monkeypatch, cap
     path = make(tmp_path)
     assert_refused(generate, ["--config", str(write_config(tmp_path)), *SMALL, "--lora", f"{path}{flag}"],
                    tmp_path, monkeypatch, capsys, needle)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda raw: raw["model"].update(loras=[{"path": "x.safetensors"}]), "model.loras: launch/probe.py probes"),
+    (lambda raw: raw["sampling"].update(scheduler="euler"), "sampling.scheduler: launch/probe.py probes"),
+])
+def test_probing_refuses_what_it_does_not_apply(tmp_path, monkeypatch, capsys, edit, needle):
+    """launch/probe.py loads the model as shipped: a config with LoRAs or another scheduler is one line, exit 2."""
+    from _scripts import load_script
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    code = load_script("launch/probe.py").main(["--config", str(write_config(tmp_path, edit)), "--frames", "33",
+                                                 "--out", str(tmp_path / "p.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
