@@ -58,6 +58,13 @@ def fingerprint_settings(cfg: RenderConfig, profile, *, profile_2=None, boundary
         **{f"sampling.{k}": v for k, v in dataclasses.asdict(cfg.sampling).items()},
         "prompt": cfg.prompt,
     }
+    # settings added later enter only when not at their default, so checkpoints written before them still resume
+    if cfg.sampling.scheduler == "model":
+        del settings["sampling.scheduler"]
+    if cfg.model.loras:  # each file's content (a changed file at the same path does not resume), scale, expert
+        from freeloc_dist.loras import fingerprint_key
+
+        settings["loras"] = fingerprint_key(cfg.model)
     # image-to-video: the pictures' content, not their paths (a moved or copied picture resumes; another picture
     # at the same path does not)
     for key in ("image", "last_image"):

@@ -7,3 +7,7 @@ ATTENTION_BACKENDS = ("sdpa", "flex")  # user-facing; the registry also has test
 STRATEGIES = ("ulysses", "ring", "hybrid", "neighbour")
 STRATEGY_CHOICES = ("auto", *STRATEGIES)  # auto: per layer, the cheapest by bytes moved (DESIGN 7)
 COMPILE_MODES = ("none", "blocks", "full")  # model.compile (freeloc_dist.compile)
+# sampling.scheduler (freeloc_dist.schedulers): the model's own, or one of diffusers' flow-matching samplers
+SCHEDULER_CHOICES = ("model", "euler", "unipc", "dpm++")
+# model.loras[].expert: which transformer of a two-expert model (Wan2.2 A14B) a LoRA goes into (freeloc_dist.loras)
+LORA_EXPERTS = ("high", "low", "both")

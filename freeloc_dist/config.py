@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from .choices import ATTENTION_BACKENDS, COMPILE_MODES, STRATEGY_CHOICES
+from .choices import ATTENTION_BACKENDS, COMPILE_MODES, LORA_EXPERTS, SCHEDULER_CHOICES, STRATEGY_CHOICES
 from .errors import UserError
 from .families.kind import FRAMES_RULE
 from .yamlio import load_yaml, yaml_problem
@@ -32,10 +33,23 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 Compile = Literal[COMPILE_MODES]
 Backend = Literal[ATTENTION_BACKENDS]  # names from freeloc_dist.choices, which the registries match
 Strategy = Literal[STRATEGY_CHOICES]
+Scheduler = Literal[SCHEDULER_CHOICES]
+LoraExpert = Literal[LORA_EXPERTS]
 
 
 class ConfigError(UserError, ValueError):
     """A user error in a config file, an override or a command-line flag. The message is one line."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """One LoRA (freeloc_dist.loras): a local file in any format diffusers' Wan LoRA loader reads."""
+
+    path: Path
+    scale: float = 1.0  # multiplies the LoRA's update (its own alpha / rank applies as well)
+    # two-expert models (Wan2.2 A14B): high (transformer), low (transformer_2) or both; unset: the first
+    # transformer, as diffusers' load_lora_weights. One-expert models take no expert.
+    expert: LoraExpert | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +59,10 @@ class ModelConfig:
     # torch.compile of the transformer: blocks = compile_repeated_blocks(fullgraph=True) (one graph
     # per block shape, compiled once per video length), full = torch.compile(transformer)
     compile: Compile = "none"
+    loras: tuple[LoraConfig, ...] = ()  # applied in order; their updates add up
+    # fused: each update is added into its weight once, before sampling (no cost per step); unfused: kept
+    # beside the weights and computed on every call (the base weights stay bitwise untouched)
+    fuse_loras: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +81,7 @@ class SamplingConfig:
     # unconditional pass runs for both experts (diffusers' rule), so a value <= 1 here still combines with it
     guidance_scale_2: float | None = None
     shift: float = 3.0  # flow-matching sigma shift
+    scheduler: Scheduler = "model"  # the model's own, or euler / unipc / dpm++ (freeloc_dist.schedulers)
     seed: int = 0
     negative_prompt: str = ""
     max_text_tokens: int = 512
@@ -147,6 +166,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[An
     "output": (lambda v: v.suffix.lower() == ".mp4", "must be an .mp4 path"),
     "parallel.cfg_degree": (lambda v: v in (1, 2), "must be 1 or 2"),
     "parallel.timeout_s": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
+    "model.loras[].scale": (math.isfinite, "must be a finite number"),
     "checkpoint.every": (lambda v: v >= 0, "must be >= 0 (0: checkpoint only on preemption)"),
 }
 
@@ -179,7 +199,7 @@ def _convert(where: str, hint: Any, value: Any, checks: Mapping = _CHECKS) -> An
         assert ellipsis is Ellipsis, f"only tuple[X, ...] is supported ({where})"
         if not isinstance(value, (list, tuple)):
             _fail(where, value, f"expected a list, got {type(value).__name__}")
-        return tuple(_convert(f"{where}[{i}]", inner, x) for i, x in enumerate(value))
+        return tuple(_convert(f"{where}[{i}]", inner, x, checks) for i, x in enumerate(value))
     if dataclasses.is_dataclass(hint):
         return _build(where, hint, value, checks)
     if hint is bool:
@@ -236,7 +256,7 @@ def _build(where: str, cls: type, raw: Any, checks: Mapping = _CHECKS) -> Any:
                 raise ConfigError(f"config error: {path}: missing required field")
             continue
         value = _convert(path, hints[name], raw[name], checks)
-        check = checks.get(path)
+        check = checks.get(path) or checks.get(re.sub(r"\[\d+\]", "[]", path))  # list items: "a[].b"
         if check is not None and value is not None and not check[0](value):
             message = check[1](value) if callable(check[1]) else check[1]
             _fail(path, raw[name], message)

@@ -47,6 +47,7 @@ class Preflight:
     finished: bool = False  # --resume of a single render whose video exists and has no checkpoint
     kind: Any = None  # freeloc_dist.family.ModelKind of the model directory (None: --dry-run without one)
     profile_2: Any = None  # the low-noise expert's profile (two-expert models with a profile)
+    loras: tuple = ()  # model.loras, read and checked (freeloc_dist.loras.Lora), applied after loading
 
 
 def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptions,
@@ -76,20 +77,31 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
     for job in configs:  # per-job frames against the world size and the model's positions
         check_world(job, world, heads)
         check_length(job, profile, transformer_cfg)
-    resume, finished = None, False
+    resume, finished, loras = None, False, ()
     if not options.dry_run:
         from .models import check_weights_match_config
         from .outputs import check_outputs
 
         check_outputs(configs, options.save_latents, queue=options.prompts is not None)
         check_weights_match_config(model_dir)
+        loras = read_loras_of(cfg, model_dir, kind)
         kinds = layer_kinds(profile, profile_2)
         for job in configs:
             check_host_memory(job, kinds)
         if options.resume and options.prompts is None:
             resume = read_checkpoint(cfg, profile, kind, profile_2)
             finished = resume is None and cfg.output.is_file()
-    return Preflight(configs, profile, world, resume, transformer_cfg, finished, kind, profile_2)
+    return Preflight(configs, profile, world, resume, transformer_cfg, finished, kind, profile_2, loras)
+
+
+def read_loras_of(cfg: RenderConfig, model_dir: Path, kind) -> tuple:
+    """The config's LoRAs read and checked against the model (freeloc_dist.loras); () without any."""
+    if not cfg.model.loras:
+        return ()
+    from .family import model_family
+    from .loras import read_loras
+
+    return read_loras(cfg.model, model_family(model_dir), model_dir, kind)
 
 
 def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):

@@ -41,7 +41,7 @@ def run(config_path: Path, overrides: Mapping[str, Any], options: RunOptions, *,
     try:
         with claim_outputs(pre, options, dims):
             lead_log = log if (dims.rank == 0 and not options.quiet) else (lambda message: None)
-            session = Session(first, pre.profile, dims, lead_log, profile_2=pre.profile_2)
+            session = Session(first, pre.profile, dims, lead_log, profile_2=pre.profile_2, loras=pre.loras)
             from .checkpoint import PreemptionFlag
 
             # From here a preemption signal means "checkpoint at the next step boundary"; before (joining the
@@ -77,7 +77,7 @@ def claim_outputs(pre: Preflight, options: RunOptions, dims):
 class Session:
     """What stays loaded across the jobs of one run: components, FreeLOC, the parallel engine."""
 
-    def __init__(self, cfg, profile, dims, log_fn, profile_2=None):
+    def __init__(self, cfg, profile, dims, log_fn, profile_2=None, loras=()):
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -91,7 +91,13 @@ class Session:
                f"cfg {dims.cfg_degree} x sp {dims.sp_degree})")
         self.dims, self.profile, self.log = dims, profile, log_fn
         self.parts = load_components(cfg.model.path, cfg.model.dtype, dims.device)
-        self.profile_2 = profile_2
+        self.profile_2, self.loras = profile_2, loras
+        if loras:  # into the weights before FreeLOC, the engine and torch.compile see the model
+            from .loras import apply_loras
+
+            apply_loras(self.parts, loras, fuse=cfg.model.fuse_loras)
+            log_fn(f"LoRA: {', '.join(f'{x.path.name} x{x.scale:g}' for x in loras)} "
+                   f"({'fused' if cfg.model.fuse_loras else 'unfused'})")
         # one profile per expert (Wan2.2 A14B: transformer_2 with profile_2; preflight checked both)
         pairs = [(self.parts.transformer, profile, cfg.profile)]
         if self.parts.transformer_2 is not None:
@@ -303,6 +309,8 @@ def sidecar(cfg, session: Session, resume, timings) -> dict:
     import platform
     from importlib import metadata
 
+    from .schedulers import scheduler_class
+
     def version(name):
         try:
             return metadata.version(name)
@@ -318,6 +326,8 @@ def sidecar(cfg, session: Session, resume, timings) -> dict:
         "profile": {"path": str(cfg.profile), **profile.to_mapping()} if profile is not None else None,
         "world": {"size": dims.world_size, "cfg_degree": dims.cfg_degree, "sp_degree": dims.sp_degree,
                   "device": str(dims.device)},
+        "scheduler": scheduler_class(cfg.sampling.scheduler, session.parts.scheduler).__name__,
+        "loras": [lora.record() for lora in session.loras],
         "resumed_from_step": resume.step if resume is not None else None,
         "versions": {"python": platform.python_version(),
                      **{n: version(n) for n in ("freeloc_dist", "torch", "diffusers", "transformers",

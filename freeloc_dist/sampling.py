@@ -22,6 +22,7 @@ import torch
 from freeloc_dist.config import RenderConfig
 from freeloc_dist.decode import decode_video
 from freeloc_dist.guidance import combine, runs_uncond, uses_cfg
+from freeloc_dist.schedulers import build_scheduler, scheduler_for_render  # noqa: F401  (probing's)
 
 PredictFn = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
 StepCallback = Callable[[int, int, float], None]  # (step done, total steps, seconds since start)
@@ -65,24 +66,6 @@ def encode_prompt(components, prompt: str, max_tokens: int) -> torch.Tensor:
     from freeloc_dist.families import family_of
 
     return family_of(components.transformer).encode_prompt(components, prompt, max_tokens)
-
-
-def scheduler_for_render(scheduler, shift: float):
-    """A fresh scheduler (no step state carried between renders) with the flow shift set."""
-    config = dict(scheduler.config)
-    overrides: dict[str, Any] = {}
-    if "flow_shift" in config and config.get("use_flow_sigmas", False):
-        overrides["flow_shift"] = shift  # UniPC/DPM-style schedulers with flow sigmas (Wan's own)
-    elif "shift" in config:
-        # FlowMatchEuler-style: a static shift, as Wan uses; dynamic (resolution-dependent) shifting off
-        overrides["shift"] = shift
-        if config.get("use_dynamic_shifting"):
-            overrides["use_dynamic_shifting"] = False
-    else:
-        import warnings
-
-        warnings.warn(f"sampling.shift has no effect on {type(scheduler).__name__}", stacklevel=2)
-    return type(scheduler).from_config(config, **overrides)
 
 
 def batch_timestep(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +177,7 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
     uncond = encode_prompt(components, s.negative_prompt, s.max_text_tokens) if use_cfg else None
     cond = cond.to(device=device, dtype=transformer.dtype)
     uncond = uncond.to(device=device, dtype=transformer.dtype) if uncond is not None else None
-    scheduler = scheduler_for_render(components.scheduler, s.shift)
+    scheduler = build_scheduler(components.scheduler, s.scheduler, s.shift)
     start_step, state = 0, None
     if resume is not None:
         if tuple(resume.latents.shape) != geometry.shape or resume.total_steps != s.steps:

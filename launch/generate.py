@@ -2,8 +2,9 @@
 text-to-video, or image-to-video with --image (and --last-image for first-last-frame models).
 
     python launch/generate.py --config configs/tiny.yaml [--prompt TEXT] [--frames N | --seconds S]
-        [--seed N] [--out PATH] [--save-latents PATH] [--steps N] [--height H] [--width W]
-        [--backend sdpa|flex] [--profile PATH|none] [--image PATH] [--last-image PATH]
+        [--seed N] [--out PATH] [--save-latents PATH] [--steps N] [--scheduler NAME] [--height H] [--width W]
+        [--lora PATH[:SCALE[:EXPERT]] ...] [--no-fuse-loras] [--backend sdpa|flex] [--profile PATH|none]
+        [--image PATH] [--last-image PATH]
 
 Under torchrun every rank runs this script: world = cfg_degree x sp_degree (config `parallel:`), latent
 frames are sharded over the sp ranks, and rank 0 writes the outputs. This file only parses flags: flags that
@@ -27,7 +28,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # runnable from a checkout without installing the package
 
-from freeloc_dist.choices import ATTENTION_BACKENDS, COMPILE_MODES, STRATEGY_CHOICES  # noqa: E402  (after sys.path)
+from freeloc_dist.choices import (  # noqa: E402  (after sys.path)
+    ATTENTION_BACKENDS,
+    COMPILE_MODES,
+    LORA_EXPERTS,
+    SCHEDULER_CHOICES,
+    STRATEGY_CHOICES,
+)
 from freeloc_dist.cli import (  # noqa: E402
     EXIT_FAILED,
     EXIT_PREEMPTED,
@@ -51,6 +58,30 @@ def profile_arg(text: str):
     return STOCK if text.lower() == STOCK else cwd_path(text)
 
 
+def lora_arg(text: str) -> dict:
+    """--lora PATH[:SCALE[:EXPERT]] as a model.loras entry: a trailing `:0.8`, `:low` or `:0.8:low` is read as the
+    scale and expert unless the whole text names an existing file."""
+    path, found = text, {}
+    for key, parse in (("expert", lambda t: t if t in LORA_EXPERTS else None), ("scale", _number)):
+        head, colon, tail = path.rpartition(":")
+        if not colon or Path(cwd_path(path)).exists():
+            break
+        value = parse(tail)
+        if value is not None:
+            path, found[key] = head, value
+        elif key == "scale" or _number(tail) is None:
+            raise UserError(f"--lora {text!r}: {tail!r} is neither a scale nor an expert "
+                            f"({', '.join(LORA_EXPERTS)}); the form is PATH[:SCALE[:EXPERT]]")
+    return {"path": cwd_path(path), **found}
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(description="Render a video clip with a Wan model and FreeLOC (text- or image-to-video).")
     p.add_argument("--config", required=True, type=Path, help="render config YAML (e.g. configs/tiny.yaml)")
@@ -62,11 +93,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     config_flag(p, "--out", "output", type=cwd_path, help="output mp4 path")
     p.add_argument("--save-latents", type=Path, help="also write the final latents (safetensors, key 'latents')")
     config_flag(p, "--steps", "sampling.steps", type=int, help="sampling steps")
+    config_flag(p, "--scheduler", "sampling.scheduler", choices=SCHEDULER_CHOICES,
+                help="sampler: the model's own (default), or euler, unipc, dpm++ with the model's flow shift")
     config_flag(p, "--height", "video.height", type=int, help="video height in pixels (multiple of 16)")
     config_flag(p, "--width", "video.width", type=int, help="video width in pixels (multiple of 16)")
     config_flag(p, "--backend", "attention_backend", choices=ATTENTION_BACKENDS, help="FreeLOC attention backend")
     config_flag(p, "--profile", "profile", type=profile_arg, help="FreeLOC profile YAML, or 'none' for stock attention")
     config_flag(p, "--compile", "model.compile", choices=COMPILE_MODES, help="torch.compile the transformer")
+    config_flag(p, "--lora", "model.loras", type=lora_arg, action="append", metavar="PATH[:SCALE[:EXPERT]]",
+                help="a LoRA file (repeatable; replaces the config's model.loras); EXPERT of a two-expert model: "
+                     f"{', '.join(LORA_EXPERTS)} (default: the first transformer)")
+    config_flag(p, "--no-fuse-loras", "model.fuse_loras", action="store_const", const=False,
+                help="keep LoRAs beside the weights (computed every call) instead of fusing them")
     config_flag(p, "--profile-2", "profile_2", type=profile_arg,
                 help="two-expert models (Wan2.2 A14B): the low-noise expert's profile, or 'none'")
     config_flag(p, "--guidance-scale", "sampling.guidance_scale", type=float, help="classifier-free guidance scale")

@@ -70,12 +70,43 @@ def test_profile_must_fit_layers_and_trained_frames():
 
 def test_family_trained_frames_without_a_declared_one(tmp_path):
     model = _copy(tmp_path, "tiny-wan")
-    data = json.loads((model / "model_index.json").read_text())
-    del data["trained_frames"]
-    (model / "model_index.json").write_text(json.dumps(data))
+    (model / "freeloc.json").unlink()
     assert read_model_kind(model).trained_frames == 21
     _edit(model / "model_index.json", expand_timesteps=True)
     assert read_model_kind(model).trained_frames == 31
+
+
+def test_trained_frames_of_directories_written_before_freeloc_json(tmp_path):
+    """A model directory written before freeloc.json declared T in model_index.json: still read (and freeloc.json,
+    where both are, wins)."""
+    model = _copy(tmp_path, "tiny-wan")
+    (model / "freeloc.json").unlink()
+    _edit(model / "model_index.json", trained_frames=7)
+    assert read_model_kind(model).trained_frames == 7
+    (model / "freeloc.json").write_text(json.dumps({"trained_frames": 5}))
+    assert read_model_kind(model).trained_frames == 5
+    (model / "freeloc.json").write_text(json.dumps({"trained_frames": "5"}))
+    with pytest.raises(ModelKindError, match="freeloc.json: trained_frames='5': must be a positive integer"):
+        read_model_kind(model)
+
+
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny-a14b", "tiny-i2v", "tiny-flf2v", "tiny-i2v-a14b", "tiny-ti2v",
+                                  "toy-wan"])
+def test_shipped_assets_load_in_diffusers_without_warnings(name, caplog):
+    """diffusers warns about every model_index.json key its pipeline does not take, on every from_pretrained;
+    the shipped directories carry none (T is in freeloc.json)."""
+    import diffusers
+    from diffusers.utils import logging as diffusers_logging
+
+    root = ROOT / "assets" / name
+    pipeline = getattr(diffusers, json.loads((root / "model_index.json").read_text())["_class_name"])
+    diffusers_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING", logger="diffusers"):
+            pipeline.from_pretrained(root, local_files_only=True)
+    finally:
+        diffusers_logging.disable_propagation()
+    assert "not expected" not in caplog.text and "trained_frames" not in caplog.text, caplog.text
 
 
 @torch.no_grad()

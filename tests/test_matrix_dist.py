@@ -41,12 +41,15 @@ MODELS = {
     "wan-i2v-a14b": ("configs/tiny-random-i2v-a14b.yaml", SMALL),
     "wan-ti2v": ("configs/tiny-random-ti2v.yaml", [*LENGTH, "--steps", "3"]),
     "skeleton-t2v": (SKELETON, [*SMALL, "--steps", "3"]),
+    # the speed levers together (README "Fast sampling"): a LoRA in both experts, DPM++, guidance 1 (no uncond pass)
+    "wan-t2v-a14b-fast": ("configs/tiny-random-a14b.yaml", [*LENGTH, "--steps", "4", "--lora", "{lora}:0.8:both",
+                                                           "--scheduler", "dpm++", "--guidance-scale", "1"]),
 }
 # world shape -> (ranks, argv). No world of 1: it installs no engine, so it would compare a path with itself.
 WORLDS = {"sp2": (2, []), "sp3": (3, []), "cfg2xsp2": (4, ["--cfg-degree", "2"])}
 MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") for world in WORLDS] + [
     ("wan-flf2v", "sp3"), ("wan-i2v-a14b", "sp3"), ("wan-i2v-a14b", "cfg2xsp2"),
-    ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"),
+    ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"), ("wan-t2v-a14b-fast", "sp2"),
 ]
 # The one-process reference of a model case: its own render, except the skeleton's, which is Wan's render of the
 # same weights (tests/test_families.py shows the two equal bit for bit in one process).
@@ -55,8 +58,22 @@ MODELS["wan-t2v"] = ("configs/tiny-random.yaml", MODELS["skeleton-t2v"][1])
 
 
 def case_argv(config: str, argv: list[str], folder: Path, name: str) -> list[str]:
+    argv = [a.replace("{lora}", str(LORA)) for a in argv]
     return ["--config", config, *argv, "--quiet", "--out", str(folder / f"{name}.mp4"),
             "--save-latents", str(folder / f"{name}.safetensors")]
+
+
+LORA = None  # the `{lora}` of an argv: a tiny random LoRA file (tests/_loras.py), written by the `lora` fixture
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lora(tmp_path_factory):
+    global LORA
+    from _loras import make_loras
+
+    LORA = make_loras(tmp_path_factory.mktemp("lora"))[0]
+    yield LORA
+    LORA = None
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,18 @@ class Family:
         two-expert model's expert schedule is known before loading (probing's preflight)."""
         raise NotImplementedError
 
+    # -- LoRAs (freeloc_dist.loras) --------------------------------------------------------------------------
+    def read_lora(self, path) -> tuple[dict, dict | None]:
+        """(state dict, adapter metadata or None) of a local LoRA file, as the family's diffusers pipeline reads
+        it (`lora_state_dict`: every format it converts, in diffusers' naming, keys prefixed by the component,
+        `transformer.`); any exception for a file it cannot read."""
+        raise NotImplementedError(f"LoRAs are not supported for the {self.name} family yet")
+
+    def transformer_shapes(self, model_dir, expert: str) -> dict[str, tuple[int, ...]]:
+        """{parameter name: shape} of one expert's transformer (a component name, e.g. "transformer_2"), built
+        from its config on the meta device (no weight read): what a LoRA is checked against before loading."""
+        raise NotImplementedError
+
     # -- inputs and VAE ---------------------------------------------------------------------------------------
     def encode_prompt(self, components, prompt: str, max_tokens: int):
         """Text states [1, L=max_tokens, D] of one prompt; positions past its real length are zero."""

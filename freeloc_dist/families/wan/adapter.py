@@ -48,6 +48,17 @@ class WanFamily(Family):
 
         return load_scheduler(model_dir)
 
+    # -- LoRAs --------------------------------------------------------------------------------------------
+    def read_lora(self, path):
+        from .loading import read_lora
+
+        return read_lora(path)
+
+    def transformer_shapes(self, model_dir, expert):
+        from .loading import transformer_shapes
+
+        return transformer_shapes(model_dir, expert)
+
     # -- inputs and VAE ---------------------------------------------------------------------------------------
     def encode_prompt(self, components, prompt, max_tokens):
         from .text import encode_prompt

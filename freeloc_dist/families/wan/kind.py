@@ -33,13 +33,27 @@ def _vae_factors(vae: dict) -> tuple[int, int]:
     return int(temporal), int(spatial)
 
 
-def _trained_frames(index: dict, expand: bool) -> int:
-    """T: the family's, unless model_index.json declares its own (our writer does, for test models that
-    were never trained at the family's length; diffusers ignores the key)."""
-    declared = index.get("trained_frames")
+FREELOC_FILE = "freeloc.json"  # our facts about a model directory, in a file diffusers never reads
+
+
+def declared_trained_frames(root: Path, index: dict) -> int | None:
+    """T as the model directory declares it (our writer does, for test models never trained at the family's
+    length): freeloc.json's `trained_frames`, else (directories written before it) model_index.json's; None when
+    neither says. It lives in its own file because diffusers warns about every key of model_index.json that
+    its pipeline does not take, on every from_pretrained."""
+    where, declared = "model_index.json", index.get("trained_frames")
+    own = root / FREELOC_FILE
+    if own.is_file():
+        where, declared = FREELOC_FILE, _read(own).get("trained_frames")
+    if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared < 1):
+        raise ModelKindError(f"{where}: trained_frames={declared!r}: must be a positive integer")
+    return declared
+
+
+def _trained_frames(root: Path, index: dict, expand: bool) -> int:
+    """T: the family's, unless the directory declares its own (declared_trained_frames)."""
+    declared = declared_trained_frames(root, index)
     if declared is not None:
-        if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
-            raise ModelKindError(f"model_index.json: trained_frames={declared!r}: must be a positive integer")
         return declared
     return TRAINED_FRAMES_TI2V if expand else TRAINED_FRAMES_WAN
 
@@ -94,7 +108,7 @@ def read_model_kind(model_dir: str | Path, pipelines: tuple[str, ...] = PIPELINE
         num_layers=int(tcfg.get("num_layers", 0)), num_heads=int(tcfg.get("num_attention_heads", 0)),
         head_dim=int(tcfg.get("attention_head_dim", 0)), patch_size=tuple(tcfg.get("patch_size", (1, 2, 2))),
         vae_temporal=temporal, vae_spatial=spatial,
-        trained_frames=_trained_frames(index, expand), condition_images=images,
+        trained_frames=_trained_frames(root, index, expand), condition_images=images,
     )
     check_model_kind(kind, root, z_dim=z_dim)
     return kind

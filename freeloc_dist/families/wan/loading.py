@@ -150,6 +150,26 @@ def check_weights_match_config(model_dir: str | Path) -> None:
                                   f"missing from the weights")
 
 
+def transformer_shapes(model_dir: str | Path, expert: str) -> dict[str, tuple[int, ...]]:
+    """{parameter name: shape} of the transformer in `expert`/ (transformer or transformer_2), built from its
+    config on the meta device: no weight is read and no memory used."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(_config_of(Path(model_dir) / expert))
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+def read_lora(path: str | Path) -> tuple[dict, dict | None]:
+    """(state dict, metadata) of a local Wan LoRA file as diffusers' WanPipeline reads it: its own format and the
+    ones its loader converts (the original Wan / ComfyUI `diffusion_model.` keys with alphas, musubi-tuner's
+    `lora_unet_`), with the adapter metadata diffusers saves in a safetensors header. Needs no peft: only
+    `load_lora_weights` does, and the weights are applied by freeloc_dist.loras."""
+    from diffusers import WanPipeline
+
+    return WanPipeline.lora_state_dict(str(path), return_lora_metadata=True, local_files_only=True)
+
+
 def _umt5_of(config: dict):
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -224,6 +244,8 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    from .kind import declared_trained_frames
+
     root = check_model_dir(model_dir)
     dtype = resolve_dtype(dtype)
 
@@ -269,7 +291,7 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
         transformer_2=transformer_2,
         boundary_ratio=index.get("boundary_ratio"),
         expand_timesteps=bool(index.get("expand_timesteps", False)),
-        trained_frames=index.get("trained_frames"),
+        trained_frames=declared_trained_frames(root, index),
         image_encoder=image_encoder,
         image_processor=image_processor,
     )
@@ -313,7 +335,9 @@ def save_components(parts: Components, out_dir: str | Path) -> Path:
         index["boundary_ratio"] = parts.boundary_ratio
     if parts.expand_timesteps:
         index["expand_timesteps"] = True
-    if parts.trained_frames is not None:  # ours, not diffusers': a test model's declared T (family.py)
-        index["trained_frames"] = parts.trained_frames
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if parts.trained_frames is not None:  # ours, not diffusers': a test model's declared T (kind.py)
+        from .kind import FREELOC_FILE
+
+        (out / FREELOC_FILE).write_text(json.dumps({"trained_frames": parts.trained_frames}, indent=2) + "\n")
     return out

@@ -1,0 +1,65 @@
+"""Tiny random LoRA files for the tiny Wan models (tests/test_fast_sampling.py, the matrix's LoRA row), and the
+reference they are checked against: the same updates merged into the weights by hand from their definition."""
+
+import json
+
+import torch
+
+# Two tiny random LoRAs for the tiny model (3 blocks, width 24, ffn 48): one in diffusers' own format with the
+# adapter metadata diffusers saves (rank 4, alpha 8: scaling 2; lora_bias: a lora_B.bias on every layer), one in
+# the original Wan format (`diffusion_model.` keys, lora_down/lora_up, alpha 3 at rank 2) that diffusers converts.
+DIFFUSERS_LAYERS = {"blocks.{i}.attn1.to_q": (24, 24), "blocks.{i}.attn2.to_k": (24, 24),
+                    "blocks.{i}.ffn.net.0.proj": (48, 24)}
+WAN_LAYERS = {"blocks.{i}.self_attn.v": ("blocks.{i}.attn1.to_v", 24, 24),
+              "blocks.{i}.ffn.2": ("blocks.{i}.ffn.net.2", 24, 48)}
+
+
+def make_loras(folder, seed=0):
+    """Write the two LoRA files; returns their paths and {layer: [(delta [out, in], bias delta or None)]} at
+    scale 1, computed here from the definition (W + alpha / r B A)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: 0.3 * torch.randn(*shape, generator=g)  # noqa: E731
+    deltas, first = {}, {}
+    for i in range(3):
+        for name, (out, inp) in DIFFUSERS_LAYERS.items():
+            layer = name.format(i=i)
+            a, b, bias = rand(4, inp), rand(out, 4), rand(out)
+            first.update({f"transformer.{layer}.lora_A.weight": a, f"transformer.{layer}.lora_B.weight": b,
+                          f"transformer.{layer}.lora_B.bias": bias})
+            deltas.setdefault(layer, []).append((2.0 * b.double() @ a.double(), 2.0 * bias.double()))
+    a, b, bias = rand(4, 24), rand(16, 4), rand(16)  # proj_out: 24 -> 4 channels x 2 x 2 patch
+    first.update({"transformer.proj_out.lora_A.weight": a, "transformer.proj_out.lora_B.weight": b,
+                  "transformer.proj_out.lora_B.bias": bias})
+    deltas["proj_out"] = [(2.0 * b.double() @ a.double(), 2.0 * bias.double())]
+    metadata = {"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.lora_bias": True,
+                "transformer.target_modules": ["to_q", "to_k", "net.0.proj", "proj_out"]}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(first, folder / "style.safetensors", metadata={"lora_adapter_metadata": json.dumps(metadata)})
+    second = {}
+    for i in range(3):
+        for theirs, (ours, out, inp) in WAN_LAYERS.items():
+            key, layer = f"diffusion_model.{theirs.format(i=i)}", ours.format(i=i)
+            down, up = rand(2, inp), rand(out, 2)
+            second.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                           f"{key}.alpha": torch.tensor(3.0)})
+            deltas.setdefault(layer, []).append((1.5 * up.double() @ down.double(), None, "second"))
+    save_file(second, folder / "distill.safetensors")
+    return folder / "style.safetensors", folder / "distill.safetensors", deltas
+
+
+def merged(transformer, deltas, scales):
+    """A copy of `transformer` with the LoRAs merged by hand (float64): scales = (first's, second's)."""
+    import copy
+
+    model = copy.deepcopy(transformer)
+    with torch.no_grad():
+        for layer, items in deltas.items():
+            module = model.get_submodule(layer)
+            for item in items:
+                s = scales[1] if item[-1] == "second" else scales[0]
+                module.weight.copy_(module.weight.double() + s * item[0])
+                if item[1] is not None:
+                    module.bias.copy_(module.bias.double() + s * item[1])
+    return model
