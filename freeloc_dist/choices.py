@@ -7,3 +7,6 @@ ATTENTION_BACKENDS = ("sdpa", "flex")  # user-facing; the registry also has test
 STRATEGIES = ("ulysses", "ring", "hybrid", "neighbour")
 STRATEGY_CHOICES = ("auto", *STRATEGIES)  # auto: per layer, the cheapest by bytes moved (DESIGN 7)
 COMPILE_MODES = ("none", "blocks", "full")  # model.compile (freeloc_dist.compile)
+# memory: (freeloc_dist.memory): where the text encoder runs, where the idle expert waits
+TEXT_ENCODER_PLACES = ("gpu", "cpu", "rank0")  # gpu: the render device
+EXPERT_PLACES = ("resident", "offload")
