@@ -102,18 +102,20 @@ class PromptEncoder:
 class ExpertSwap:
     """The idle expert of a two-expert model in host memory; `use(transformer)` puts that expert on the device.
 
-    The experts have the same parameters (names and shapes: the model kind checks it), so they swap tensor by tensor:
-    the idle expert's host tensor is copied to a new device tensor, then the active expert's device tensor is
-    copied into that host tensor, which becomes the newly idle expert's. At any moment the device holds one expert
-    plus one tensor, the host one expert. Buffers (RoPE tables) stay on the device."""
+    The experts have the same parameters (names and shapes: the model kind checks it), so they swap tensor by tensor
+    through one staging buffer on the device (per dtype, the size of the largest tensor): the idle expert's host
+    tensor goes to the stage, the active expert's device tensor to that host tensor, the stage into the device
+    tensor, and the two parameters exchange tensors. At any moment the device holds one expert plus the stage, the
+    host one expert, and no tensor is allocated or freed after the first swap. Buffers (RoPE tables) stay put."""
 
     def __init__(self, experts: list, device: torch.device):
         first, second = experts
         self.experts, self.device, self.active = (first, second), device, 0
         a, b = dict(first.named_parameters()), dict(second.named_parameters())
-        if list(a) != list(b) or any(a[n].shape != b[n].shape for n in a):
+        if list(a) != list(b) or any(a[n].shape != b[n].shape or a[n].dtype != b[n].dtype for n in a):
             raise UserError("memory.experts=offload: the two experts' parameters differ; set memory.experts: resident")
         self.pairs = [(a[n], b[n]) for n in a]
+        self.stage: dict[torch.dtype, torch.Tensor] = {}
         self.swaps, self.bytes_moved = 0, 0
         if device.type == "cuda":  # pinned: the copies run at full bus speed
             for _, p in self.pairs:
@@ -127,13 +129,20 @@ class ExpertSwap:
         with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable outside inference mode
             for pair in self.pairs:
                 active, idle = pair if self.active == 0 else pair[::-1]
-                host = idle.data
-                on_device = torch.empty_like(host, device=self.device)
-                on_device.copy_(host)  # a new tensor even when the device is the host: the copy below reuses `host`
-                host.copy_(active.data)
-                idle.data, active.data = on_device, host
+                on_device, host = active.data, idle.data
+                stage = self._stage(on_device)
+                stage.copy_(host)
+                host.copy_(on_device)
+                on_device.copy_(stage)
+                active.data, idle.data = host, on_device
                 self.bytes_moved += 2 * host.numel() * host.element_size()
         self.active, self.swaps = index, self.swaps + 1
+
+    def _stage(self, like: torch.Tensor) -> torch.Tensor:
+        if like.dtype not in self.stage:
+            largest = max(p.numel() for p, _ in self.pairs if p.dtype == like.dtype)
+            self.stage[like.dtype] = torch.empty(largest, dtype=like.dtype, device=self.device)
+        return self.stage[like.dtype][:like.numel()].view_as(like)
 
     def wrap(self, predict):
         """`predict` (freeloc_dist.sampling.PredictFn) that first puts its transformer on the device."""
