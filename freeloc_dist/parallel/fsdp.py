@@ -2,10 +2,11 @@
 
 Each of the transformer's repeated blocks (the family's `weight_blocks`) becomes its own `fully_shard` unit on
 the sp group's mesh: every sp rank keeps 1/sp of the block's weights (dim 0 of each tensor, padded to a multiple
-of sp), the block's pre-forward all-gathers them, and a forward hook frees the gathered copy again (`reshard()`:
-each block is its own FSDP root, and FSDP2 keeps a root's weights gathered after its forward otherwise), so at
-most one block is whole at a time. The rest of the transformer (embeddings, head: about 2% of Wan2.1-14B) stays
-whole on every rank. Values are the same: the all-gather copies the bytes back into the same layout.
+of sp), the block's pre-forward all-gathers them and its post-forward frees the gathered copy, so at most one
+block is whole at a time. Each block is its own FSDP root; `reshard_after_forward=True` is passed explicitly
+because FSDP2 keeps a root's weights gathered after its forward when the argument is left to its default. The
+rest of the transformer (embeddings, head: about 3% of Wan2.1-14B) stays whole on every rank. Values are the
+same: the all-gather copies the bytes back into the same layout.
 
 The all-gathers are FSDP's own collectives on our group (made by freeloc_dist.parallel.dims); the bytes each rank
 receives are counted under "weights" through Comm.count at every block forward that finds the block sharded (so
@@ -40,7 +41,7 @@ def is_sharded(block: torch.nn.Module) -> bool:
 
 
 class ShardedWeights:
-    """The FSDP2 units of one transformer; `remove()` takes the counting and resharding hooks off."""
+    """The FSDP2 units of one transformer; `remove()` takes the counting hooks off."""
 
     def __init__(self, blocks, dims, comm):
         from torch.distributed.device_mesh import DeviceMesh
@@ -60,7 +61,6 @@ class ShardedWeights:
                     comm.count(TAG, received)
 
             self._hooks.append(block.register_forward_pre_hook(count, prepend=True))  # before FSDP2 gathers
-            self._hooks.append(block.register_forward_hook(lambda module, args, out: module.reshard()))
 
     def remove(self) -> None:
         for hook in self._hooks:
