@@ -5,7 +5,7 @@ the sp group's mesh: every sp rank keeps 1/sp of the block's weights (dim 0 of e
 of sp), the block's pre-forward all-gathers them and its post-forward frees the gathered copy, so at most one
 block is whole at a time. Each block is its own FSDP root; `reshard_after_forward=True` is passed explicitly
 because FSDP2 keeps a root's weights gathered after its forward when the argument is left to its default. The
-rest of the transformer (embeddings, head: about 3% of Wan2.1-14B) stays whole on every rank. Values are the
+rest of the transformer (embeddings, head: about 2% of Wan2.1-14B) stays whole on every rank. Values are the
 same: the all-gather copies the bytes back into the same layout.
 
 The all-gathers are FSDP's own collectives on our group (made by freeloc_dist.parallel.dims); the bytes each rank
