@@ -203,3 +203,19 @@ def test_placement_per_setting():
     assert place(text_encoder="rank0").text_encoder == dev and place(rank=1, text_encoder="rank0").text_encoder is None
     assert (place(shard_weights=True).transformer, place(shard_weights=True).idle_expert) == (cpu, cpu)
     assert place(shard_weights=True, sp=1).transformer == dev  # nothing to shard across: whole weights
+
+
+def test_a_rank_placed_without_the_text_encoder_never_loads_it(monkeypatch):
+    from transformers import UMT5EncoderModel
+
+    from freeloc_dist.memory import Placement
+    from freeloc_dist.models import load_components
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the text encoder was loaded")
+
+    monkeypatch.setattr(UMT5EncoderModel, "from_pretrained", refuse)
+    cpu = torch.device("cpu")
+    parts = load_components(REPO_ROOT / "assets" / "tiny-a14b", "float32", cpu, Placement(cpu, cpu, None))
+    assert parts.text_encoder is None and parts.tokenizer is not None and parts.transformer_2 is not None
+
