@@ -11,3 +11,6 @@ COMPILE_MODES = ("none", "blocks", "full")  # model.compile (freeloc_dist.compil
 SCHEDULER_CHOICES = ("model", "euler", "unipc", "dpm++")
 # model.loras[].expert: which transformer of a two-expert model (Wan2.2 A14B) a LoRA goes into (freeloc_dist.loras)
 LORA_EXPERTS = ("high", "low", "both")
+# memory: (freeloc_dist.memory): where the text encoder runs, where the idle expert waits
+TEXT_ENCODER_PLACES = ("gpu", "cpu", "rank0")  # gpu: the render device
+EXPERT_PLACES = ("resident", "offload")

@@ -22,7 +22,15 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from .choices import ATTENTION_BACKENDS, COMPILE_MODES, LORA_EXPERTS, SCHEDULER_CHOICES, STRATEGY_CHOICES
+from .choices import (
+    ATTENTION_BACKENDS,
+    COMPILE_MODES,
+    EXPERT_PLACES,
+    LORA_EXPERTS,
+    SCHEDULER_CHOICES,
+    STRATEGY_CHOICES,
+    TEXT_ENCODER_PLACES,
+)
 from .errors import UserError
 from .families.kind import FRAMES_RULE
 from .yamlio import load_yaml, yaml_problem
@@ -35,6 +43,8 @@ Backend = Literal[ATTENTION_BACKENDS]  # names from freeloc_dist.choices, which 
 Strategy = Literal[STRATEGY_CHOICES]
 Scheduler = Literal[SCHEDULER_CHOICES]
 LoraExpert = Literal[LORA_EXPERTS]
+TextEncoderPlace = Literal[TEXT_ENCODER_PLACES]
+ExpertPlace = Literal[EXPERT_PLACES]
 
 
 class ConfigError(UserError, ValueError):
@@ -105,6 +115,18 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MemoryConfig:
+    """Where the weights wait (freeloc_dist.memory); none of these changes the latents, so the resume fingerprint
+    ignores them (freeloc_dist.checkpoint)."""
+
+    text_encoder: TextEncoderPlace = "gpu"  # gpu (the render device) | cpu | rank0 (one rank encodes, broadcasts)
+    # two-expert models: offload = the idle expert waits in host memory, resident = on the device; default (null):
+    # offload, or resident with shard_weights (sharded experts hold 1/sp each; the two do not combine)
+    experts: ExpertPlace | None = None
+    shard_weights: bool = False  # the transformer's blocks sharded over the sp group (FSDP2), gathered per block
+
+
+@dataclass(frozen=True, kw_only=True)
 class RenderConfig:
     model: ModelConfig
     video: VideoConfig
@@ -114,6 +136,7 @@ class RenderConfig:
     attention_backend: Backend = "sdpa"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     prompt: str = ""
     # image-to-video models: the first frame (PNG/JPEG; fitted to video.height x video.width) and, for
     # first-last-frame models (Wan2.1 FLF2V), the last frame (freeloc_dist.images)

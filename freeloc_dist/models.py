@@ -88,8 +88,9 @@ def load_scheduler(model_dir: str | Path):
 
 
 def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16",
-                    device: str | torch.device = "cpu") -> Components:
+                    device: str | torch.device = "cpu", placement=None) -> Components:
     """Every component of the model in `model_dir` (a local diffusers directory), loaded by its family.
 
-    The transformer(s) and text encoder are loaded in `dtype`; the VAE and an image encoder stay in float32."""
-    return _family(model_dir).load_components(model_dir, dtype, device)
+    The transformer(s) and text encoder are loaded in `dtype`; the VAE and an image encoder stay in float32.
+    `placement` (freeloc_dist.memory.Placement): where the memory settings put the weights (None: on `device`)."""
+    return _family(model_dir).load_components(model_dir, dtype, device, placement)

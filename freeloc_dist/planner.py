@@ -8,8 +8,10 @@ model, freeloc_dist.parallel.shards) and a time estimate at a stated peak throug
 (freeloc_dist.plan.layer_plan), so it is instant even at F=481. Every number is an estimate with the formula
 next to it; the time is a lower bound (compute at the stated peak, communication not overlapped is not added).
 
-Model of memory (inference, one layer live at a time, every rank holds all weights):
-  weights      = transformer params x dtype bytes + text encoder params x dtype bytes (both on every rank)
+Model of memory (inference, one layer live at a time):
+  weights      = what the `memory:` settings keep on the device (freeloc_dist.memory_plan: whole or sharded
+                 experts, the idle expert offloaded, the text encoder only while encoding or on the host); the
+                 total is the peak of encoding (weights + text encoder) and sampling (every line)
   activations  = local tokens x (8 d + ffn) x dtype bytes  (residual, norm, q, k, v, attention out, FFN hidden)
   K/V buffers  = K and V frames a rank receives for its worst layer (neighbour: all needed frames at once;
                  Ulysses / hybrid: what it receives; ring: two blocks in flight)
@@ -56,10 +58,18 @@ class RenderPlan:
     steps: int
     peak_tflops: float
     device_memory_gb: float
+    memory_settings: Any = None  # freeloc_dist.memory_plan.MemorySettings the plan counts
+    experts: int = 1  # transformers of the model (2: Wan2.2 A14B)
+    settings_chosen: bool = False  # the configured settings did not fit; the planner chose these
+    encoding_bytes: float = 0.0  # the text encoder on the device while the prompts are encoded
+    host_bytes: dict[str, float] = dataclasses.field(default_factory=dict)  # host memory the settings add
+    bytes_per_job: dict[str, float] = dataclasses.field(default_factory=dict)  # moved once per render
 
     @property
     def memory_total(self) -> float:
-        return sum(self.memory_bytes.values())
+        from .memory_plan import peak
+
+        return peak(self.memory_bytes, self.encoding_bytes)
 
     @property
     def flops_per_step(self) -> float:
@@ -146,11 +156,9 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     # 16000x16000 pixels) is refused before any frame table of F x F entries is built.
     local_tokens = local_frames * n
     latent_elems = t["out_channels"] * num_frames * (h * ph) * (w * pw)
+    weights_of = _weights_planner(cfg, t, family, text_encoder_cfg, sp=sp, passes=passes, two_experts=two_experts,
+                                  world_size=world_size, prompts=2 if use_cfg else 1)
     memory = {
-        "weights: transformer": transformer_params(t) * DTYPE_BYTES[cfg.model.dtype],
-        **({"weights: transformer_2": transformer_params(t) * DTYPE_BYTES[cfg.model.dtype]}
-           if two_experts else {}),  # the idle expert stays resident on every rank (no offload)
-        "weights: text encoder": family.text_encoder_params(text_encoder_cfg) * DTYPE_BYTES[cfg.model.dtype],
         **({"weights: image encoder": family.image_encoder_params(image_encoder_cfg) * 4}  # float32 (models.py)
            if t.get("image_dim") else {}),
         "activations": float(local_tokens) * (8 * d + ffn) * act_bytes,
@@ -164,7 +172,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
            if t["in_channels"] != t["out_channels"] else {}),
         "frame tables (host)": frame_table_bytes(num_frames, len(set(kinds))),
     }
-    _check_fits(memory, device_memory_gb)
+    _choose_settings(cfg, weights_of, memory, device_memory_gb)  # before any frame table is built
     layers_by_kind: dict[str, int] = {}
     density, strategy, attn_flops, comm = {}, {}, {}, {}
     kv_buffer = 0.0
@@ -188,6 +196,9 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
             buffer = (4 * local_frames * n * d if strat == "ring" else received) * act_bytes
             kv_buffer = max(kv_buffer, float(buffer))
     memory["K/V buffers"] = kv_buffer
+    settings, chosen, weights = _choose_settings(cfg, weights_of, memory, device_memory_gb)
+    memory = {**weights.device, **memory}
+    comm.update(weights.per_step)
     # Linear layers per pass: self q k v o (4 d^2), cross q o (2 d^2), FFN (2 d ffn) per token; cross k v per
     # text token; 2 flops per multiply-add. Cross-attention scores: 4 x tokens x text_len x d.
     per_pass = layers * (2.0 * local_tokens * (6 * d * d + 2 * d * ffn) + 2.0 * text_len * 2 * d * d
@@ -203,9 +214,46 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
                         layers_by_kind=layers_by_kind, density_by_kind=density, strategy_by_kind=strategy,
                         memory_bytes=memory, attention_flops_by_kind=attn_flops, linear_flops=linear,
                         bytes_per_step=comm, steps=cfg.sampling.steps, peak_tflops=peak_tflops,
-                        device_memory_gb=device_memory_gb)
-    _check_fits(memory, device_memory_gb)
+                        device_memory_gb=device_memory_gb, memory_settings=settings, settings_chosen=chosen,
+                        experts=2 if two_experts else 1,
+                        encoding_bytes=weights.encoding, host_bytes=weights.host, bytes_per_job=weights.per_job)
     return result
+
+
+def _weights_planner(cfg, t, family, text_encoder_cfg, *, sp, passes, two_experts, world_size, prompts):
+    """settings -> freeloc_dist.memory_plan.WeightPlan of this render."""
+    from .memory_plan import plan_weights
+
+    def weights_of(settings):
+        return plan_weights(settings, transformer_params=transformer_params(t), block_params=family.block_params(t),
+                            layers=t["num_layers"], experts=2 if two_experts else 1,
+                            text_encoder_params=family.text_encoder_params(text_encoder_cfg),
+                            dtype_bytes=DTYPE_BYTES[cfg.model.dtype], sp=sp, passes=passes, prompts=prompts,
+                            text_tokens=cfg.sampling.max_text_tokens, text_dim=t.get("text_dim", 4096),
+                            world=world_size)
+    return weights_of
+
+
+def _choose_settings(cfg, weights_of, other: Mapping[str, float], device_memory_gb: float):
+    """(settings, chosen, WeightPlan): the configured `memory:` settings when they fit beside the `other` lines,
+    else the first of memory_plan.CANDIDATES that fits; a one-line refusal when none does."""
+    from .memory_plan import CANDIDATES, peak, settings_of
+
+    configured = settings_of(cfg.memory)
+    limit = device_memory_gb * GiB
+    tried = []
+    candidates = [configured, *[c for c in CANDIDATES if c != configured]]
+    for settings in dict.fromkeys(candidates):  # in order, each once
+        weights = weights_of(settings)
+        total = peak({**weights.device, **other}, weights.encoding)
+        if total <= limit:
+            return settings, settings != configured, weights
+        tried.append((total, settings, {**weights.device, **other}))
+    total, settings, memory = min(tried, key=lambda x: x[0])
+    worst = max(memory, key=memory.get)
+    raise RenderPlanError(f"does not fit: {total / GiB:.1f} GiB per rank needed, {device_memory_gb:g} GiB available "
+                          f"even with memory: {settings.describe()} (largest: {worst} {memory[worst] / GiB:.1f} GiB); "
+                          f"use more ranks, fewer frames or a smaller size")
 
 
 def frame_table_bytes(latent_frames: int, kinds: int) -> float:
@@ -214,20 +262,21 @@ def frame_table_bytes(latent_frames: int, kinds: int) -> float:
     return 3.0 * 8 * latent_frames * latent_frames * kinds
 
 
-def _check_fits(memory: Mapping[str, float], device_memory_gb: float) -> None:
-    total = sum(memory.values())
-    if total > device_memory_gb * GiB:
-        worst = max(memory, key=memory.get)
-        raise RenderPlanError(f"does not fit: {total / GiB:.1f} GiB per rank needed, "
-                              f"{device_memory_gb:g} GiB available (largest: {worst} {memory[worst] / GiB:.1f} GiB); "
-                              f"use more ranks, fewer frames or a smaller size")
-
-
 def _si(x: float, unit: str) -> str:
     for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= scale:
             return f"{x / scale:.2f} {prefix}{unit}"
     return f"{x:.0f} {unit}"
+
+
+def _settings_lines(p: RenderPlan) -> list[str]:
+    if p.memory_settings is None:
+        return []
+    line = f"memory settings: {p.memory_settings.describe(p.experts == 2)}"
+    if p.settings_chosen:
+        line += (" (chosen to fit: the configured ones do not; set them under memory: or with --text-encoder, "
+                 "--experts, --shard-weights)")
+    return [line]
 
 
 def format_plan(p: RenderPlan) -> str:
@@ -238,15 +287,23 @@ def format_plan(p: RenderPlan) -> str:
         f"{p.tokens_per_frame} tokens = {p.tokens:,} tokens ({p.tokens_per_rank:,} on the largest rank)",
         "layers: " + ", ".join(f"{k} {c} (density {p.density_by_kind[k]:.3f}, {p.strategy_by_kind[k]})"
                                 for k, c in p.layers_by_kind.items()),
+        *_settings_lines(p),
         "memory per rank:",
         *[f"  {name:<24}{v / GiB:9.2f} GiB" for name, v in p.memory_bytes.items()],
-        f"  {'total':<24}{p.memory_total / GiB:9.2f} GiB of {p.device_memory_gb:g} GiB",
+        *([f"  {'text encoder':<24}{p.encoding_bytes / GiB:9.2f} GiB while encoding, then freed"]
+          if p.encoding_bytes else []),
+        f"  {'total':<24}{p.memory_total / GiB:9.2f} GiB of {p.device_memory_gb:g} GiB (peak)",
+        *(["host memory the settings add per rank: " + ", ".join(f"{k} {v / GiB:.2f} GiB"
+                                                                  for k, v in p.host_bytes.items())]
+          if p.host_bytes else []),
         "compute per rank per step:",
         *[f"  attention {k:<14}{_si(v, 'FLOP'):>14}" for k, v in p.attention_flops_by_kind.items()],
         f"  {'attention (all kinds)':<24}{_si(sum(p.attention_flops_by_kind.values()), 'FLOP'):>14}",
         f"  {'linear + cross-attn':<24}{_si(p.linear_flops, 'FLOP'):>14}",
         "bytes received per rank per step:" + ("" if p.bytes_per_step else " none (one rank)"),
         *[f"  {k:<24}{_si(v, 'B'):>14}" for k, v in p.bytes_per_step.items()],
+        *(["bytes moved once per render: " + ", ".join(f"{k} {_si(v, 'B')}" for k, v in p.bytes_per_job.items())]
+          if p.bytes_per_job else []),
         f"time: >= {format_seconds(p.seconds)} for {p.steps} steps at {p.peak_tflops:g} TFLOP/s per rank "
         f"(compute only, at the stated peak; {p.seconds / p.steps:.1f} s/step)",
     ]

@@ -72,6 +72,9 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
 
         log(f"warning: attention_backend={cfg.attention_backend} has no effect without a profile")
     kind, profile_2 = model_kind_checks(cfg, model_dir, profile)
+    from .memory import check_memory
+
+    check_memory(cfg, kind.two_experts if kind is not None else None)
     heads = (transformer_cfg or {}).get("num_attention_heads")
     configs = queue_configs(config_path, cfg, overrides, options)
     for job in configs:  # per-job frames against the world size and the model's positions

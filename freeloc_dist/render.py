@@ -41,7 +41,8 @@ def run(config_path: Path, overrides: Mapping[str, Any], options: RunOptions, *,
     try:
         with claim_outputs(pre, options, dims):
             lead_log = log if (dims.rank == 0 and not options.quiet) else (lambda message: None)
-            session = Session(first, pre.profile, dims, lead_log, profile_2=pre.profile_2, loras=pre.loras)
+            session = Session(first, pre.profile, dims, lead_log, profile_2=pre.profile_2, loras=pre.loras,
+                              keep_text_encoder=options.prompts is not None)
             from .checkpoint import PreemptionFlag
 
             # From here a preemption signal means "checkpoint at the next step boundary"; before (joining the
@@ -77,11 +78,12 @@ def claim_outputs(pre: Preflight, options: RunOptions, dims):
 class Session:
     """What stays loaded across the jobs of one run: components, FreeLOC, the parallel engine."""
 
-    def __init__(self, cfg, profile, dims, log_fn, profile_2=None, loras=()):
+    def __init__(self, cfg, profile, dims, log_fn, profile_2=None, loras=(), keep_text_encoder=False):
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
-        from .models import load_components
+        from . import memory
+        from .parallel.comm import Comm
         from .sampling import predict_noise
 
         diffusers_logging.disable_progress_bar()
@@ -90,14 +92,17 @@ class Session:
         log_fn(f"loading {cfg.model.path} ({cfg.model.dtype}, {dims.device}, world {dims.world_size} = "
                f"cfg {dims.cfg_degree} x sp {dims.sp_degree})")
         self.dims, self.profile, self.log = dims, profile, log_fn
-        self.parts = load_components(cfg.model.path, cfg.model.dtype, dims.device)
+        self.parts = memory.load_placed(cfg, dims)
         self.profile_2, self.loras = profile_2, loras
-        if loras:  # into the weights before FreeLOC, the engine and torch.compile see the model
+        if loras:  # into the weights before memory settings, FreeLOC, the engine and torch.compile see them
             from .loras import apply_loras
 
             apply_loras(self.parts, loras, fuse=cfg.model.fuse_loras)
             log_fn(f"LoRA: {', '.join(f'{x.path.name} x{x.scale:g}' for x in loras)} "
                    f"({'fused' if cfg.model.fuse_loras else 'unfused'})")
+        self.comm = Comm(dims)
+        # `memory:` (text encoder, idle expert, sharded blocks) before FreeLOC and the engine see the weights
+        self.memory = memory.install(cfg, self.parts, dims, self.comm, log_fn, keep_text_encoder=keep_text_encoder)
         # one profile per expert (Wan2.2 A14B: transformer_2 with profile_2; preflight checked both)
         pairs = [(self.parts.transformer, profile, cfg.profile)]
         if self.parts.transformer_2 is not None:
@@ -118,11 +123,11 @@ class Session:
             from .parallel import parallelize
 
             self.engine = parallelize(self.parts.transformer, dims, backend=cfg.attention_backend,
-                                      strategy=cfg.parallel.strategy)
+                                      strategy=cfg.parallel.strategy, comm=self.comm)
             self.predict = self.engine.predict
             if self.parts.transformer_2 is not None:  # its own hooks, the same groups and byte counters
                 self.engine_2 = parallelize(self.parts.transformer_2, dims, backend=cfg.attention_backend,
-                                            strategy=cfg.parallel.strategy, comm=self.engine.comm)
+                                            strategy=cfg.parallel.strategy, comm=self.comm)
                 self.predict_2 = self.engine_2.predict
         from .compile import LengthGraphs, compile_transformer
 
@@ -133,9 +138,7 @@ class Session:
         self.graphs = LengthGraphs(cfg.model.compile, [profile, profile_2][:len(self.experts)])
         if any(compiled):
             log_fn(f"torch.compile: {cfg.model.compile} (compiled on the first step)")
-        from .parallel.comm import Comm
-
-        self.comm = self.engine.comm if self.engine is not None else Comm(dims)
+        self.predict, self.predict_2 = self.memory.wrap(self.predict), self.memory.wrap(self.predict_2)
         self.load_s = time.perf_counter() - start
 
     @property
@@ -242,7 +245,8 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
 
     progress = Progress(log_fn, start_step=resume.step if resume else 0, label=label)
     result = render(session.parts, cfg, decode=False, predict=session.predict, on_step=progress,
-                    resume=resume, after_step=after_step, predict_2=session.predict_2)
+                    resume=resume, after_step=after_step, predict_2=session.predict_2,
+                    encode_prompts=session.memory.encoder)
     sample_s = time.perf_counter() - sample_start
     if options.report_comm:
         report_comm(session, s.steps)

@@ -68,6 +68,11 @@ def encode_prompt(components, prompt: str, max_tokens: int) -> torch.Tensor:
     return family_of(components.transformer).encode_prompt(components, prompt, max_tokens)
 
 
+def encode_prompts(components, prompts: list[str], max_tokens: int) -> list[torch.Tensor]:
+    """Text states of each prompt, where the text encoder is (freeloc_dist.memory.PromptEncoder places it)."""
+    return [encode_prompt(components, p, max_tokens) for p in prompts]
+
+
 def batch_timestep(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The transformer's timestep argument: a step's scalar t as [B], or per-token timesteps [B, L] as they are."""
     if t.ndim == 2:
@@ -158,14 +163,15 @@ class RenderResult:
 def render(components, cfg: RenderConfig, *, decode: bool = True, predict: PredictFn = predict_noise,
            on_step: StepCallback | None = None, noise: NoiseFn = initial_noise, resume=None,
            after_step: AfterStep | None = None, predict_2: PredictFn | None = None,
-           image: torch.Tensor | None = None) -> RenderResult:
+           image: torch.Tensor | None = None, encode_prompts=encode_prompts) -> RenderResult:
     """Run one text-to-video render of `cfg` with loaded components (see freeloc_dist.models).
 
     `noise(geometry, seed, device)` draws the initial latents (FreeNoise replaces it, freeloc_dist.methods).
     `resume`: a freeloc_dist.checkpoint.Checkpoint of this render to continue from; `after_step` as in
     `sample`. `predict_2`: the second expert's predict (two-expert models; default `predict`).
     `image`: Wan2.2 TI2V's image mode, the conditioning image [1, 3, Hp, Wp] in [-1, 1] at the render size
-    (frame 0 becomes its clean latent, with timestep 0); None renders text only."""
+    (frame 0 becomes its clean latent, with timestep 0); None renders text only. `encode_prompts(components,
+    prompts, max_tokens)`: the prompts' text states (freeloc_dist.memory.PromptEncoder under `memory:`)."""
     from freeloc_dist.experts import expert_schedule
 
     transformer = components.transformer
@@ -173,8 +179,9 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
     s = cfg.sampling
     geometry = latent_geometry(components.vae, transformer, cfg.video.frames, cfg.video.height, cfg.video.width)
     use_cfg = uses_cfg(s.guidance_scale)  # the first scale decides, for both experts (diffusers' rule)
-    cond = encode_prompt(components, cfg.prompt, s.max_text_tokens)
-    uncond = encode_prompt(components, s.negative_prompt, s.max_text_tokens) if use_cfg else None
+    cond, *negative = encode_prompts(components, [cfg.prompt] + ([s.negative_prompt] if use_cfg else []),
+                                     s.max_text_tokens)
+    uncond = negative[0] if negative else None
     cond = cond.to(device=device, dtype=transformer.dtype)
     uncond = uncond.to(device=device, dtype=transformer.dtype) if uncond is not None else None
     scheduler = build_scheduler(components.scheduler, s.scheduler, s.shift)

@@ -31,9 +31,11 @@ sys.path.insert(0, str(REPO_ROOT))  # runnable from a checkout without installin
 from freeloc_dist.choices import (  # noqa: E402  (after sys.path)
     ATTENTION_BACKENDS,
     COMPILE_MODES,
+    EXPERT_PLACES,
     LORA_EXPERTS,
     SCHEDULER_CHOICES,
     STRATEGY_CHOICES,
+    TEXT_ENCODER_PLACES,
 )
 from freeloc_dist.cli import (  # noqa: E402
     EXIT_FAILED,
@@ -82,6 +84,12 @@ def _number(text: str) -> float | None:
         return None
 
 
+def on_off(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be true or false")
+    return text.lower() == "true"
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(description="Render a video clip with a Wan model and FreeLOC (text- or image-to-video).")
     p.add_argument("--config", required=True, type=Path, help="render config YAML (e.g. configs/tiny.yaml)")
@@ -120,6 +128,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     config_flag(p, "--strategy", "parallel.strategy", choices=STRATEGY_CHOICES,
                 help="sequence-parallel attention strategy (default auto: cheapest by bytes)")
     p.add_argument("--report-comm", action="store_true", help="print bytes per rank per layer kind per step")
+    mem = p.add_argument_group("memory (config memory:, freeloc_dist.memory)")
+    config_flag(mem, "--text-encoder", "memory.text_encoder", choices=TEXT_ENCODER_PLACES,
+                help="where prompts are encoded: gpu (the render device), cpu, or rank0 (broadcast to the others)")
+    config_flag(mem, "--experts", "memory.experts", choices=EXPERT_PLACES,
+                help="two-expert models: the idle expert resident on the device or offloaded to host memory")
+    config_flag(mem, "--shard-weights", "memory.shard_weights", type=on_off, metavar="true|false",
+                help="shard the transformer's blocks over the sequence-parallel ranks (FSDP2)")
     prod = p.add_argument_group("production")
     prod.add_argument("--resume", action="store_true",
                       help="continue from the render's checkpoint if there is one (else start from scratch)")

@@ -38,9 +38,9 @@ class SkeletonFamily(WanFamily):
     def owns(self, transformer):
         return isinstance(transformer, SkeletonTransformer)
 
-    def load_components(self, model_dir, dtype, device):
+    def load_components(self, model_dir, dtype, device, placement=None):
         self._count("load_components")
-        parts = super().load_components(model_dir, dtype, device)
+        parts = super().load_components(model_dir, dtype, device, placement)
         for name in ("transformer", "transformer_2"):
             wan = getattr(parts, name)
             if wan is not None:

@@ -167,7 +167,7 @@ def test_planner_counts_both_experts_and_the_real_vae_factor():
     from freeloc_dist.config import load_render_config
     from freeloc_dist.planner import plan_render
 
-    cfg = load_render_config(ROOT / "configs" / "tiny-random-a14b.yaml")
+    cfg = load_render_config(ROOT / "configs" / "tiny-random-a14b.yaml", {"memory.experts": "resident"})
     tcfg = json.loads((ROOT / "assets" / "tiny-a14b" / "transformer" / "config.json").read_text())
     kind = read_model_kind(ROOT / "assets" / "tiny-a14b")
     one = plan_render(cfg, tcfg, world_size=1)
@@ -194,9 +194,14 @@ def test_fingerprint_covers_the_second_expert():
 @pytest.mark.parametrize("config", ["wan2.2-t2v-a14b.yaml", "wan2.2-i2v-a14b.yaml"])
 def test_a14b_dry_run_without_the_model_directory_counts_both_experts(generate, capsys, config):
     """A published two-expert model plans from the built-in configs (planner.KNOWN_KINDS) before its weights
-    are downloaded: both experts resident, the same shape."""
-    assert generate.main(["--config", str(REPO_ROOT / "configs" / config), "--dry-run", "--world-size", "8"]) == 0
+    are downloaded: both experts resident, the same shape (offloaded by default: the second in host memory)."""
+    assert generate.main(["--config", str(REPO_ROOT / "configs" / config), "--dry-run", "--world-size", "8",
+                          "--experts", "resident"]) == 0
     out = capsys.readouterr().out
     first = [line for line in out.splitlines() if "weights: transformer " in line]
     second = [line for line in out.splitlines() if "weights: transformer_2" in line]
     assert len(first) == len(second) == 1 and first[0].split()[-2:] == second[0].split()[-2:]
+    assert generate.main(["--config", str(REPO_ROOT / "configs" / config), "--dry-run", "--world-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "weights: transformer_2" not in out
+    assert f"idle expert (transformer_2) {first[0].split()[-2]} GiB" in out

@@ -11,11 +11,14 @@ skeleton family (tests/skeleton_family.py), registered in the workers through FR
 What each row covers: image-to-video's conditioning (mask + VAE latents of the whole video) is sliced per rank
 like the latents and the CLIP tokens reach every rank and both CFG groups; FLF2V's last-frame sink is fetched
 across ranks; the two-expert models switch experts (4 steps cross the boundary) under every world shape;
-TI2V runs per-token timesteps, 48 channels and the 16x VAE's decode over the ranks.
+TI2V runs per-token timesteps, 48 channels and the 16x VAE's decode over the ranks; the memory row renders the
+two-expert model with `text_encoder: rank0` (the other ranks never load the encoder) and `shard_weights: true`
+(FSDP2 blocks over the sp group) against the one-process render with whole weights.
 """
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +35,7 @@ TOL = 1e-5
 LENGTH = ["--frames", "33"]  # 33 frames = 9 latent frames: past every tiny model's T of 5; shards 5/4, 3/3/3
 SMALL = [*LENGTH, "--height", "32", "--width", "32"]
 SKELETON = "skeleton"  # a config written by the `skeleton_config` fixture
+COMM_LINE = re.compile(r"^\[rank 0\] (communication: bytes received|  rank \d+: )")  # --report-comm (with --quiet)
 
 # model case -> (config, argv after it). The id's first word is the family.
 MODELS = {
@@ -44,16 +48,21 @@ MODELS = {
     # the speed levers together (README "Fast sampling"): a LoRA in both experts, DPM++, guidance 1 (no uncond pass)
     "wan-t2v-a14b-fast": ("configs/tiny-random-a14b.yaml", [*LENGTH, "--steps", "4", "--lora", "{lora}:0.8:both",
                                                            "--scheduler", "dpm++", "--guidance-scale", "1"]),
+    # memory settings (freeloc_dist.memory): one rank encodes and broadcasts, FSDP2 shards the blocks over the sp group
+    "wan-t2v-a14b-memory": ("configs/tiny-random-a14b.yaml", [*LENGTH, "--steps", "4", "--text-encoder", "rank0",
+                                                              "--shard-weights", "true", "--report-comm"]),
 }
 # world shape -> (ranks, argv). No world of 1: it installs no engine, so it would compare a path with itself.
 WORLDS = {"sp2": (2, []), "sp3": (3, []), "cfg2xsp2": (4, ["--cfg-degree", "2"])}
 MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") for world in WORLDS] + [
     ("wan-flf2v", "sp3"), ("wan-i2v-a14b", "sp3"), ("wan-i2v-a14b", "cfg2xsp2"),
     ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"), ("wan-t2v-a14b-fast", "sp2"),
+    ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"),
+    *[("wan-t2v-a14b-memory", world) for world in WORLDS],
 ]
 # The one-process reference of a model case: its own render, except the skeleton's, which is Wan's render of the
 # same weights (tests/test_families.py shows the two equal bit for bit in one process).
-REFERENCE_OF = {"skeleton-t2v": "wan-t2v"}
+REFERENCE_OF = {"skeleton-t2v": "wan-t2v", "wan-t2v-a14b-memory": "wan-t2v-a14b"}  # memory: whole weights, alone
 MODELS["wan-t2v"] = ("configs/tiny-random.yaml", MODELS["skeleton-t2v"][1])
 
 
@@ -169,7 +178,9 @@ def test_parallel_render_equals_one_process(worlds, reference, model, world):
     report = "\n".join(f"--- rank {r}:\n{text[-2000:]}" for r, text in result["logs"].items())
     assert result["codes"] is not None, f"the world ended during this case\n{report}\n{result.get('world', '')}"
     assert result["codes"] == [0] * WORLDS[world][0], report
-    assert all(text.strip() == "" for text in result["logs"].values()), report  # --quiet: no line from any rank
+    quiet = {r: [line for line in text.splitlines() if not COMM_LINE.match(line)]
+             for r, text in result["logs"].items()}
+    assert all(lines == [] for lines in quiet.values()), report  # --quiet: no line but --report-comm's
     latents = load_file(folder / f"{model}.safetensors")["latents"]
     assert rel_err(latents, reference(model)) < TOL
     assert (folder / f"{model}.mp4").stat().st_size > 0
@@ -179,6 +190,26 @@ def test_parallel_render_equals_one_process(worlds, reference, model, world):
         assert {"load_components", "encode_prompt", "render_inputs", "project_qkv", "temporal_rope"} <= set(counted)
     else:
         assert counted == {}
+
+
+@pytest.mark.parametrize("world", list(WORLDS))
+def test_sharded_weights_gather_every_block_at_every_pass(worlds, world):
+    """--report-comm's weight bytes per step: every block of the running expert gathered at each transformer pass,
+    each tensor's rows padded to a multiple of sp (parallel.fsdp.gathered_bytes over the built expert)."""
+    from diffusers import WanTransformer3DModel
+
+    from freeloc_dist.parallel.fsdp import gathered_bytes
+
+    folder, results = worlds(world)
+    ranks, argv = WORLDS[world]
+    sp = ranks // (2 if "--cfg-degree" in argv else 1)
+    config = json.loads((REPO_ROOT / "assets" / "tiny-a14b" / "transformer" / "config.json").read_text())
+    expert = WanTransformer3DModel.from_config(config)
+    passes = 1 if sp < ranks else 2  # guidance 4: cond and uncond on each rank, or one each on two CFG groups
+    want = sum(gathered_bytes(block, sp) for block in expert.blocks) * passes
+    log = results["wan-t2v-a14b-memory"]["logs"][0]
+    got = [int(n.replace(",", "")) for n in re.findall(r"rank \d+: .*weights=([\d,]+)", log)]
+    assert got == [want] * ranks, log
 
 
 def test_ti2v_latents_have_its_shape(reference):

@@ -35,8 +35,10 @@ class Family:
         """[file, size, mtime] of every weight file (the resume fingerprint's view of the weights)."""
         raise NotImplementedError
 
-    def load_components(self, model_dir, dtype, device):
-        """Every component of the model (freeloc_dist.models.Components), from a local directory; no download."""
+    def load_components(self, model_dir, dtype, device, placement=None):
+        """Every component of the model (freeloc_dist.models.Components), from a local directory; no download.
+        `placement` (freeloc_dist.memory.Placement): where the transformer, the idle second expert and the text
+        encoder(s) go (None: all on `device`); a text encoder placed on None is not loaded at all."""
         raise NotImplementedError
 
     def load_scheduler(self, model_dir):
@@ -85,6 +87,18 @@ class Family:
 
     def pipeline_uses_cfg(self, pipe) -> bool:
         """Whether the pipeline's current call runs a separate unconditional pass (classifier-free guidance)."""
+        raise NotImplementedError
+
+    # -- memory settings (freeloc_dist.memory) ---------------------------------------------------------------
+    text_encoder_fields: tuple[str, ...] = ("text_encoder",)  # the Components fields that hold text encoders
+
+    def weight_blocks(self, transformer) -> list:
+        """The transformer's repeated blocks, in forward order: the units whose weights are sharded over the sp
+        group and gathered one at a time (memory.shard_weights)."""
+        raise NotImplementedError
+
+    def block_params(self, config) -> float:
+        """Parameters of one of those blocks, from the transformer's config (the planner's sharded share)."""
         raise NotImplementedError
 
     # -- the dry-run planner (freeloc_dist.planner) -----------------------------------------------------------

@@ -88,6 +88,29 @@ class Comm:
         return parts
 
     # -- world --------------------------------------------------------------------------------
+    def broadcast(self, tensor: torch.Tensor | None, tag: str) -> torch.Tensor:
+        """Rank 0's `tensor` (a floating tensor of up to 4 dims; the other ranks pass None) on every rank of the
+        world, on this rank's device: shape and dtype travel first (8 numbers, not counted), then the values."""
+        header = torch.zeros(6, dtype=torch.int64, device=self.dims.device)
+        if self.dims.rank == 0:
+            assert tensor is not None and tensor.ndim <= 4 and tensor.dtype in _BROADCAST_DTYPES, tensor
+            header[0], header[1] = tensor.ndim, _BROADCAST_DTYPES.index(tensor.dtype)
+            header[2:2 + tensor.ndim] = torch.tensor(tensor.shape)
+        dist.broadcast(header, src=0)
+        ndim, dtype = int(header[0]), _BROADCAST_DTYPES[int(header[1])]
+        if self.dims.rank == 0:
+            out = tensor.to(self.dims.device).contiguous()
+        else:
+            out = torch.empty(header[2:2 + ndim].tolist(), dtype=dtype, device=self.dims.device)
+        dist.broadcast(out, src=0)
+        if self.dims.rank != 0:
+            self._count(tag, out.numel() * out.element_size())
+        return out
+
+    def count(self, tag: str, num_bytes: float) -> None:
+        """Count bytes a torch library received on one of our groups for us (FSDP2's all-gathers: parallel.fsdp)."""
+        self._count(tag, num_bytes)
+
     def any_flag(self, flag: bool) -> bool:
         """True on every rank iff any rank passes True (e.g. a preemption signal seen by one rank)."""
         if not self.dims.distributed:
@@ -122,6 +145,9 @@ class Comm:
         out = [None] * self.dims.world_size
         dist.all_gather_object(out, dict(self.bytes))
         return out
+
+
+_BROADCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _numel(shape) -> int:

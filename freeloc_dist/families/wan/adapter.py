@@ -38,10 +38,10 @@ class WanFamily(Family):
 
         return weights_signature(model_dir)
 
-    def load_components(self, model_dir, dtype, device):
+    def load_components(self, model_dir, dtype, device, placement=None):
         from .loading import load_components
 
-        return load_components(model_dir, dtype, device)
+        return load_components(model_dir, dtype, device, placement)
 
     def load_scheduler(self, model_dir):
         from .loading import load_scheduler
@@ -149,6 +149,12 @@ class WanFamily(Family):
 
     def transformer_params(self, config):
         return counts.transformer_params(config)
+
+    def weight_blocks(self, transformer):
+        return list(transformer.blocks)
+
+    def block_params(self, config):
+        return counts.block_params(config)
 
     def text_encoder_params(self, config):
         return counts.text_encoder_params(config)

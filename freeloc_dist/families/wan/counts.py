@@ -45,21 +45,28 @@ for _config in KNOWN_TRANSFORMERS.values():  # the class, as a config.json names
     _config.setdefault("_class_name", "WanTransformer3DModel")
 
 
+def block_params(t: Mapping[str, Any]) -> float:
+    """Parameters of one WanTransformerBlock (biases and norms included)."""
+    d, ffn = t["num_attention_heads"] * t["attention_head_dim"], t["ffn_dim"]
+    block = (4 * d * d + 4 * d + 2 * d) * 2 + d * 2  # self + cross attention (q k v o, qk norms), cross norm
+    block += 2 * d * ffn + ffn + d + 6 * d  # FFN, modulation table
+    if t.get("image_dim"):  # Wan2.1 I2V / FLF2V: image k/v projections (+ k norm) in every cross-attention
+        block += 2 * ((t.get("added_kv_proj_dim") or d) * d + d) + d
+    return block
+
+
 def transformer_params(t: Mapping[str, Any]) -> float:
     """Parameter count of a WanTransformer3DModel from its config (biases and norms included)."""
     d = t["num_attention_heads"] * t["attention_head_dim"]
-    ffn, layers = t["ffn_dim"], t["num_layers"]
+    layers = t["num_layers"]
     patch = math.prod(t.get("patch_size", [1, 2, 2]))
-    block = (4 * d * d + 4 * d + 2 * d) * 2 + d * 2  # self + cross attention (q k v o, qk norms), cross norm
-    block += 2 * d * ffn + ffn + d + 6 * d  # FFN, modulation table
+    block = block_params(t)
     rest = t["in_channels"] * patch * d + d  # patch embedding
     rest += t.get("text_dim", 4096) * d + d + d * d + d  # text embedder
     rest += t.get("freq_dim", 256) * d + d + d * d + d + d * 6 * d + 6 * d  # time embedder + projection
     rest += d * t["out_channels"] * patch + t["out_channels"] * patch + 2 * d  # head
     image_dim = t.get("image_dim")
-    if image_dim:  # Wan2.1 I2V / FLF2V: image k/v projections (+ k norm) in every cross-attention, image embedder
-        added = t.get("added_kv_proj_dim") or d
-        block += 2 * (added * d + d) + d
+    if image_dim:  # Wan2.1 I2V / FLF2V: the image embedder (the blocks' image projections: block_params)
         rest += 2 * image_dim + image_dim * image_dim + image_dim + image_dim * d + d + 2 * d
         rest += (t.get("pos_embed_seq_len") or 0) * image_dim
     return layers * block + rest

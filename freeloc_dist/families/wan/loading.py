@@ -234,12 +234,14 @@ def load_scheduler(model_dir: str | Path):
 
 
 def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16",
-                    device: str | torch.device = "cpu") -> Components:
+                    device: str | torch.device = "cpu", placement=None) -> Components:
     """Load transformer, VAE, text encoder, tokenizer and scheduler from a local diffusers directory.
 
     The transformer and text encoder are loaded in `dtype`; the VAE stays in float32 (its decode is cheap
     next to sampling and lower precision visibly bands the output), and so does an image-to-video model's
     CLIP image encoder (image_encoder/, with its image_processor/), which runs once per render.
+    `placement` (freeloc_dist.memory.Placement): the devices of the transformer, of the second expert and of the
+    text encoder (None: not loaded); without one everything goes to `device`.
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
@@ -264,14 +266,19 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
                        torch_dtype=dtype, local_files_only=True)
     vae = load("vae", AutoencoderKLWan.from_pretrained, root, subfolder="vae",
                torch_dtype=torch.float32, local_files_only=True)
-    text_encoder = load("text_encoder", UMT5EncoderModel.from_pretrained, root / "text_encoder",
-                        dtype=dtype, local_files_only=True)
+    transformer_device = placement.transformer if placement is not None else device
+    expert_2_device = placement.idle_expert if placement is not None else device
+    text_device = placement.text_encoder if placement is not None else device
+    text_encoder = None
+    if text_device is not None:
+        text_encoder = load("text_encoder", UMT5EncoderModel.from_pretrained, root / "text_encoder",
+                            dtype=dtype, local_files_only=True).to(text_device).eval()
     index = json.loads((root / "model_index.json").read_text())
     transformer_2 = None
     if isinstance(index.get("transformer_2"), list) and index["transformer_2"][0] is not None:
         transformer_2 = load("transformer_2", WanTransformer3DModel.from_pretrained, root,
                              subfolder="transformer_2", torch_dtype=dtype, local_files_only=True)
-        transformer_2 = transformer_2.to(device).eval()
+        transformer_2 = transformer_2.to(expert_2_device).eval()
     image_encoder = image_processor = None
     if _named(index, _IMAGE_ENCODER):
         from transformers import CLIPVisionModel
@@ -283,9 +290,9 @@ def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16"
         image_processor = load(_IMAGE_PROCESSOR, clip_image_processor_class().from_pretrained,
                                root / _IMAGE_PROCESSOR, local_files_only=True)
     return Components(
-        transformer=transformer.to(device).eval(),
+        transformer=transformer.to(transformer_device).eval(),
         vae=vae.to(device).eval(),
-        text_encoder=text_encoder.to(device).eval(),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=scheduler,
         transformer_2=transformer_2,
