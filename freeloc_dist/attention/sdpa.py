@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from ..plan import SINK, LayerPlan
+from ..plan import LayerPlan
 from ..rope import TemporalRope
 from .lse import attend, uses_flash
 
@@ -95,37 +95,58 @@ def schedule(plan: LayerPlan, query_frames: tuple[int, ...], key_frames: tuple[i
     """Per query frame: runs (offset, slot_start, slot_end, banded) over the key buffer.
 
     `key_frames` lists the global frame held at each frame slot of the key buffer; a run is a span
-    of consecutive slots sharing one rule (see _key_frames_of), so plan groups are cut where the
+    of consecutive slots sharing one rule (see _key_runs_of), so plan groups are cut where the
     buffer is not contiguous and dropped where a frame is absent (ring blocks, neighbour windows),
     and partial results over several buffers merge to the full attention.
-    far (long-range plans): True keeps only the key frames beyond the band, False only the others.
+    far (long-range plans): True keeps only the key frames beyond the band (tier SINK), False the others.
+    Python steps per query frame: one per group and buffer piece, not one per key frame.
     """
-    where = {f: i for i, f in enumerate(key_frames)}
+    pieces = _buffer_pieces(plan.num_frames, key_frames)
     out = []
     for a in query_frames:
         runs = []
-        for b, offset, banded in _key_frames_of(plan, a, far):
-            slot = where.get(b)
-            if slot is None:
-                continue
-            if runs and runs[-1][0] == offset and runs[-1][3] == banded and runs[-1][2] == slot:
-                runs[-1] = (offset, runs[-1][1], slot + 1, banded)
+        for offset, start, end, banded in _key_runs_of(plan, a, far, pieces):
+            if runs and runs[-1][0] == offset and runs[-1][3] == banded and runs[-1][2] == start:
+                runs[-1] = (offset, runs[-1][1], end, banded)
             else:
-                runs.append((offset, slot, slot + 1, banded))
+                runs.append((offset, start, end, banded))
         out.append(tuple(runs))
     return tuple(out)
 
 
-def _key_frames_of(plan: LayerPlan, a: int, far: bool | None = None):
-    """(key frame, offset rule, banded) of query frame a, in key order. Banded natural frames get
-    their fixed offset a - b (the same rotation): they join a neighbouring run of equal offset where
-    there is one (d = 10 and 11 at W1 = 10), and no band chunk needs a copy of the natural key columns.
-    far True / False: only the long range's key frames beyond the band (tier SINK) / every other one."""
-    tiers = None if far is None else plan.tiers[a].tolist()
+@functools.lru_cache(maxsize=256)
+def _buffer_pieces(num_frames: int, key_frames: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """(slot, piece_end) per global frame: its slot in the buffer (-1 if absent), and the end of the
+    maximal span of frames from it that sit in consecutive slots (absent: the next present frame)."""
+    slot = [-1] * num_frames
+    for i, f in enumerate(key_frames):
+        slot[f] = i
+    piece_end = [num_frames] * num_frames
+    for f in range(num_frames - 2, -1, -1):
+        nxt = slot[f + 1]
+        same_piece = (slot[f] < 0) == (nxt < 0) and (slot[f] < 0 or nxt == slot[f] + 1)
+        piece_end[f] = piece_end[f + 1] if same_piece else f + 1
+    return slot, piece_end
+
+
+def _key_runs_of(plan: LayerPlan, a: int, far: bool | None, pieces):
+    """(offset rule, slot_start, slot_end, banded) of query frame a's groups cut into buffer pieces, in key
+    order. Banded natural frames get their fixed offset a - b (the same rotation), one frame each: they join
+    a neighbouring run of equal offset where there is one (d = 10 and 11 at W1 = 10), and no band chunk
+    needs a copy of the natural key columns."""
+    slot, piece_end = pieces
     for g in plan.groups[a]:
-        for b in range(g.frame_start, g.frame_end):
-            if tiers is None or (tiers[b] == SINK) == far:
-                yield b, (a - b if g.banded and g.offset is None else g.offset), g.banded
+        if far is not None and g.sink != far:
+            continue
+        b = g.frame_start
+        while b < g.frame_end:
+            e = min(g.frame_end, piece_end[b])
+            if slot[b] >= 0:
+                if g.banded and g.offset is None:
+                    yield from ((a - f, slot[f], slot[f] + 1, True) for f in range(b, e))
+                else:
+                    yield g.offset, slot[b], slot[b] + e - b, g.banded
+            b = e
 
 
 def far_key_frames(plan: LayerPlan, key_frames: tuple[int, ...]) -> tuple[int, ...]:
