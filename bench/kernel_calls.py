@@ -6,8 +6,9 @@ backend's grouped kernel, batched as on CPU and CUDA:
 
 - fused: fused attention kernel calls per layer; other: every other aten op (attention.calls counts them);
 - host ms: wall time of the layer with the fused kernel stubbed (it returns zeros at once), at 1 head x 8
-  channels with the call budget scaled so calls batch exactly as at 12 heads x 128: what the host spends per
-  layer (Python, dispatch, the small ops), the floor of a layer on a GPU however fast its kernels;
+  channels with the call budget scaled so calls batch exactly as at 12 heads x 128, one thread: what the
+  host spends per layer (Python, dispatch, the small ops), the floor of a layer on a GPU however fast its
+  kernels (median of --repeats runs);
 - CPU s: real time of the layer on this CPU at a reduced head count (--real-heads x 128 channels), for
   F <= --real-max-frames (dense attention at F = 241 costs minutes per head here).
 
@@ -68,8 +69,11 @@ def host_row(kind, num_frames, query_frames, repeats):
     t_rope = TemporalRope(t_dim=head_dim - 4 * (head_dim // 6))
     q, k, v = layer_inputs(num_frames, query_frames, heads, head_dim, n)
     fn = layer_fn(kind, num_frames, query_frames, t_rope)
-    budget = sdpa.CALL_BUDGET
+    budget, threads = sdpa.CALL_BUDGET, torch.get_num_threads()
     sdpa.CALL_BUDGET = budget * heads * head_dim // (WAN_HEADS * WAN_HEAD_DIM)  # per-call items as at Wan
+    # One thread: the host's work is serial, and on a loaded machine a parallel region over tiny tensors waits
+    # for descheduled worker threads (46 ms per 350 KB zero-fill measured with 2 threads here).
+    torch.set_num_threads(1)
     try:
         with stubbed_kernels():
             timed(fn, q, k, v)  # warm-up: plan, schedules, caches
@@ -78,6 +82,7 @@ def host_row(kind, num_frames, query_frames, repeats):
             seconds = statistics.median(timed(fn, q, k, v) for _ in range(repeats))
     finally:
         sdpa.CALL_BUDGET = budget
+        torch.set_num_threads(threads)
     return calls, seconds
 
 

@@ -7,6 +7,12 @@ dimension of one kernel call, with the keys as an overlapping strided view of th
 copy). Most frames of a long video share their relative run pattern, so a layer is a few hundred
 large calls instead of one small call per (query frame, run).
 
+A long range's key frames beyond the band are strided in the key buffer, so each would be a run of its
+own; they are served from one gathered copy of the buffer's key frames instead, where adjacent key frames
+sharing an offset form one run, and each run kind is one batch over every query frame that has it, with
+the query and key windows gathered by index (GatheredBatch): calls grow with the shard, not with shard x
+key frames.
+
 Banded (stripe) runs are further split into spatial query chunks, each against only the key
 columns its band can reach, so work tracks the attended pairs rather than whole frames. Memory
 stays O(one call): the L x L score matrix is never formed.
