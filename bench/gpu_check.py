@@ -14,7 +14,12 @@ endless compile in one cannot take the others down; every failure becomes a tabl
      rotations included), as bench/attention.py does;
   c. a random-weight WanTransformer3DModel with the real Wan2.1-1.3B config, bf16, the published profile
      installed (apply_freeloc), at F = 81 and 241, eager and torch.compile'd: seconds per forward and
-     peak memory beside the dry-run planner's prediction for the same shape.
+     peak memory beside the dry-run planner's prediction for the same shape;
+  d. kernel calls (issue 26): one rank of 8 (the middle shard's queries against every key frame, as under
+     Ulysses) at Wan2.1-1.3B shapes, F = 241 and 961, tsa, vrpr and vrpr + long range (the long profile's
+     band 8, stride 12), sdpa and flex: fused kernel calls (flex: compiled-kernel calls), other aten ops,
+     host ms (the call's wall time before synchronising: what the host spends issuing it) and seconds per
+     layer (CUDA events); a last row per F says which backend is faster over the three kinds.
 Guards: a row is skipped, with the reason in its cell, when its estimate (from the F = 81 row and the
 work ratio) does not fit the section's time left, when its F = 81 row took over --row-guard-s, or when
 sdpa-math's score buffers (estimated from its schedule) would exceed half the GPU memory.
@@ -25,7 +30,8 @@ fills .gpu_wheels/), then with the device tool, carry [".gpu_wheels"], timeout_s
     python3 -m pip install -q --no-index --no-deps --target /tmp/gw .gpu_wheels/*.whl && PYTHONPATH=/tmp/gw python3 bench/gpu_check.py --out $OUT/gpu_check.md
 
 Here: `python bench/gpu_check.py --smoke` runs the same code paths on CPU with tiny shapes (2 heads x 12,
-3x4 tokens, the 3-layer tiny-random profile, F = 9 and 13; tests/test_gpu_check.py). Not a test itself:
+3x4 tokens, the 3-layer tiny-random profile, F = 9 and 13; tests/test_gpu_check.py); its d. section runs
+sdpa only (flex compiles each new shape for tens of seconds on CPU; section b. runs flex). Not a test itself:
 it reports, it does not assert. The model is cast whole to bf16 (.to), so its few modules diffusers keeps
 in float32 when loading weights run in bf16 here; nothing is downloaded, the weights are random.
 """
@@ -49,8 +55,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SECTIONS = ("correctness", "attention", "model-eager", "model-compiled")
-WEIGHTS = {"correctness": 2, "attention": 4, "model-eager": 3, "model-compiled": 2}  # shares of the time budget
+SECTIONS = ("correctness", "attention", "model-eager", "model-compiled", "calls")
+# shares of the time budget; sections run in this order, so calls gets what the compiled model leaves too
+WEIGHTS = {"correctness": 2, "attention": 4, "model-eager": 3, "model-compiled": 2, "calls": 2}
 COLUMNS = ("section", "row", "seconds", "x dense", "TFLOP/s", "peak GiB", "rel err (tol)", "planner", "result")
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}  # tests/test_attention.py: TOL and the bf16 tests
 LSE_TOL = {"float32": 1e-5, "bfloat16": 1e-3}  # |lse - lse_math|: both accumulate q.k in float32
@@ -83,6 +90,11 @@ class Shapes:
     repeats: tuple[int, int]
     model: dict  # WanTransformer3DModel kwargs
     text_tokens: int
+    # d. calls: frame counts, ranks, the long range of the vrpr + long rows, backends run there
+    calls_frames: tuple[int, int] = (241, 961)
+    calls_ranks: int = 8
+    long_range: tuple = (("band_frames", 8), ("stride_frames", 12), ("sink_frames", (0,)))
+    calls_backends: tuple[str, ...] = ("sdpa", "flex")
 
 
 def shapes(smoke: bool) -> Shapes:
@@ -97,7 +109,9 @@ def shapes(smoke: bool) -> Shapes:
                       (9, 13), (3, 4), 2, 12, TINY_PROFILE, (1, 1),
                       dict(_class_name="WanTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2,
                            attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
-                           num_layers=3), 7)
+                           num_layers=3), 7, calls_frames=(9, 13), calls_ranks=3,
+                      long_range=(("band_frames", 1), ("stride_frames", 3), ("sink_frames", (0,))),
+                      calls_backends=("sdpa",))
     cfg = dict(KNOWN_TRANSFORMERS[MODEL_ID])
     cfg["patch_size"] = tuple(cfg["patch_size"])
     # 8x16 tokens: one 128-token block per frame for flex (Triton tiles need whole blocks); stripes of 20.
@@ -129,7 +143,15 @@ def expected_rows(s: Shapes) -> list[tuple[str, str, str]]:
     for mode in ("eager", "compiled"):
         for f in s.frames:
             rows.append((f"c/{mode}/{f}", f"model-{mode}", f"Wan {s.model['num_layers']}-layer bf16 {mode}, F={f}"))
+    for f in s.calls_frames:
+        for backend in ("sdpa", "flex"):
+            for kind in CALL_KINDS:
+                rows.append((f"d/{kind}/{backend}/{f}", "calls", f"calls {kind} {backend} F={f}, rank of {s.calls_ranks}"))
+        rows.append((f"d/winner/{f}", "calls", f"calls: faster backend F={f}"))
     return rows
+
+
+CALL_KINDS = ("tsa", "vrpr", "vrpr+long")
 
 
 def one_line(e: BaseException, limit: int = 160) -> str:
@@ -484,6 +506,98 @@ def run_model(s: Shapes, emit, deadline, compiled: bool):
                 torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------------- d. calls
+def run_calls(s: Shapes, emit, deadline):
+    """Kernel calls, other ops, host ms and seconds per layer on one rank's shard against every key frame."""
+    import torch
+
+    from freeloc_dist.attention import flex
+    from freeloc_dist.attention.calls import count_calls
+    from freeloc_dist.attention.sdpa import grouped_attention
+    from freeloc_dist.plan import balanced_ranges, layer_plan
+    from freeloc_dist.profile import load_profile
+    from freeloc_dist.rope import split_rotations
+
+    prof = load_profile(s.profile)
+    dev = torch.device(s.device)
+    meter = Meter(dev)
+    t_rope = wan_t_rope(s.head_dim)
+    dtype = torch.bfloat16 if meter.cuda else torch.float32
+    compiled_calls = [0]
+    real_compiled = flex._compiled_flex()
+
+    def counting_flex(*args, **kwargs):
+        compiled_calls[0] += 1
+        return real_compiled(*args, **kwargs)
+
+    flex._compiled_flex = lambda: counting_flex  # the backend fetches its compiled kernel through this
+    for num_frames in s.calls_frames:
+        grid = (num_frames, *s.grid_hw)
+        n = s.grid_hw[0] * s.grid_hw[1]
+        lo, hi = balanced_ranges(num_frames, s.calls_ranks)[s.calls_ranks // 2]
+        own, every = tuple(range(lo, hi)), tuple(range(num_frames))
+        g = torch.Generator(device=dev).manual_seed(0)
+        q, k, v = (torch.randn(1, num_frames * n, s.heads, s.head_dim, generator=g, device=dev, dtype=dtype)
+                   for _ in range(3))
+        cos, sin = (t.to(dev) for t in wan_rotary(grid, s.head_dim, t_rope))
+        frames = torch.arange(num_frames, device=dev).repeat_interleave(n)
+        q_nat, k_nat, q0, k0 = (x.transpose(1, 2) for x in split_rotations(q, k, (cos, sin), t_rope, frames))
+        q_nat, q0 = (x[:, :, lo * n:hi * n] for x in (q_nat, q0))  # the shard's queries, rotated as the whole video's
+        vt = v.transpose(1, 2)
+        seconds = {}
+        for backend in ("sdpa", "flex"):
+            for kind in CALL_KINDS:
+                rid = f"d/{kind}/{backend}/{num_frames}"
+                if backend not in s.calls_backends:
+                    emit(rid, result="skipped: --smoke runs sdpa only here (flex compiles per shape; section b runs it)")
+                    continue
+                if time.time() > deadline - 5:
+                    emit(rid, result="skipped: section time used up")
+                    continue
+                try:
+                    base, _, long = kind.partition("+")
+                    plan = layer_plan(base, grid, prof.trained_frames, prof.vrpr, prof.tsa,
+                                      long_range={k_: (list(v_) if isinstance(v_, tuple) else v_)
+                                                  for k_, v_ in s.long_range} if long else None)
+                    if backend == "sdpa":
+                        call = lambda plan=plan: grouped_attention(q_nat, k_nat, q0, k0, vt, plan, t_rope,
+                                                                   query_frames=own, key_frames=every)
+                    else:
+                        call = lambda plan=plan: flex.flex_freeloc_attention(q0, k0, vt, plan, t_rope, query_frames=own,
+                                                                             key_frames=every)
+                    print(f"gpu_check: {rid}...", file=sys.stderr, flush=True)
+                    meter.reset()
+                    warm = meter.first(call)  # plans, schedules, compiling
+                    if backend == "sdpa":
+                        counted = count_calls(call)[0]
+                        fused, other = counted.fused, f"{counted.other:,}"
+                    else:
+                        compiled_calls[0] = 0
+                        call()
+                        fused, other = compiled_calls[0], "-"
+                    meter.reset()
+                    t0 = time.perf_counter()
+                    call()
+                    host_ms = (time.perf_counter() - t0) * 1e3  # issued, not yet synchronised (CPU: all of it)
+                    sec = meter.median(call, 2 if meter.cuda else 1)
+                    seconds[(backend, kind)] = sec
+                    emit(rid, seconds=sec, peak_gib=meter.peak_gib(),
+                         result=f"ok: {fused:,} kernel calls, {other} other ops, host {host_ms:,.1f} ms; "
+                                f"shard {hi - lo} frames, warm-up {warm:.1f} s")
+                except Exception as e:  # noqa: BLE001
+                    emit(rid, result=f"failed: {one_line(e)}")
+                    if meter.cuda:
+                        torch.cuda.empty_cache()
+        totals = {b: sum(seconds.get((b, kind_), math.nan) for kind_ in CALL_KINDS) for b in ("sdpa", "flex")}
+        measured = {b: t for b, t in totals.items() if not math.isnan(t)}
+        if len(measured) == 2:
+            winner = min(measured, key=measured.get)
+            verdict = f"{winner} wins: sdpa {totals['sdpa']:.3g} s, flex {totals['flex']:.3g} s (sum of the three kinds)"
+        else:
+            verdict = f"no verdict: measured {', '.join(measured) or 'none'} ({', '.join(f'{b} {t:.3g} s' for b, t in measured.items())})"
+        emit(f"d/winner/{num_frames}", result=verdict)
+        del q, k, v, q_nat, k_nat, q0, k0, vt
+
 # -------------------------------------------------------------------------------- processes
 def child(args):
     """One section in this process; each finished row is appended to --rows-file as one JSON line."""
@@ -498,6 +612,8 @@ def child(args):
         run_correctness(s, emit, args.deadline)
     elif args.section == "attention":
         run_attention(s, emit, args.deadline, args.row_guard_s)
+    elif args.section == "calls":
+        run_calls(s, emit, args.deadline)
     else:
         run_model(s, emit, args.deadline, compiled=args.section == "model-compiled")
 

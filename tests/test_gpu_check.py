@@ -89,3 +89,14 @@ def test_model_rows(table):
         # torch.compile with FreeLOC installed is issue 12: a number, or the reason it has none
         status = compiled["result"].split(":")[0].split(" (")[0]
         assert status in ("ok", "failed", "skipped", "not reached") and len(compiled["result"]) > 10, compiled
+
+
+def test_calls_rows(table):
+    """Section d (issue 26): kernel calls and host ms per layer on one rank's shard; the smoke runs sdpa only."""
+    for f in FRAMES:
+        for kind in ("tsa", "vrpr", "vrpr+long"):
+            r = _row(table, f"calls {kind} sdpa F={f},")
+            assert r["result"].startswith("ok: ") and "kernel calls" in r["result"] and "host" in r["result"], r
+            assert int(r["result"].split()[1].replace(",", "")) > 0 and float(r["seconds"]) > 0
+            assert _row(table, f"calls {kind} flex F={f},")["result"].startswith("skipped: --smoke")
+        assert _row(table, f"calls: faster backend F={f}")["result"].startswith("no verdict: measured sdpa")

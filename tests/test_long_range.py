@@ -126,6 +126,63 @@ def test_long_range_changes_the_output():
     assert rel_err(_reference_with_own_mask(q0, k0, v, num_frames), dense) > 1e-3
 
 
+@pytest.mark.parametrize("impl", ["flash", "math"])
+def test_grouped_sdpa_long_range_over_split_key_buffers(impl):
+    """The key frames beyond the band come from a gathered copy of the buffer's key frames (issue 26): exact when a
+    rank's queries meet the keys in several buffers (ring blocks, neighbour windows) merged by log-sum-exp."""
+    from freeloc_dist.attention.lse import merge_into
+
+    num_frames, n = 23, GRID_HW[0] * GRID_HW[1]
+    q0, k0, v, q_nat, k_nat = _inputs(num_frames)
+    plan = layer_plan("vrpr", (num_frames, *GRID_HW), T, long_range=LONG)
+    ref = _reference_with_own_mask(q0, k0, v, num_frames)
+    own = tuple(range(8, 15))
+    rows = slice(own[0] * n, (own[-1] + 1) * n)
+    out = torch.zeros(q0[:, :, rows].shape)
+    lse = torch.full(out.shape[:-1], float("-inf"))
+    for block in (tuple(range(0, 8)) + tuple(range(15, 23)), tuple(range(8, 15))):  # remote first, then own
+        cols = torch.cat([torch.arange(f * n, (f + 1) * n) for f in block])
+        o, l = grouped_attention(q_nat[:, :, rows], k_nat[:, :, cols], q0[:, :, rows], k0[:, :, cols], v[:, :, cols],
+                                 plan, T_ROPE, query_frames=own, key_frames=block, impl=impl)
+        merge_into(out, lse, o, l)
+    assert rel_err(out, ref[:, :, rows]) < TOL
+
+
+def _fused_calls(num_frames, long_range, ranks=8, trained_frames=11):
+    """Fused kernel calls of one vrpr layer for the middle rank's queries against every key frame (CPU flash
+    kernel, batched as on CUDA)."""
+    from freeloc_dist.attention.calls import count_calls
+    from freeloc_dist.plan import balanced_ranges
+
+    plan = layer_plan("vrpr", (num_frames, 1, 2), trained_frames, long_range=long_range)
+    s, e = balanced_ranges(num_frames, ranks)[ranks // 2]
+    q = torch.zeros(1, 2, (e - s) * 2, 12)
+    k = torch.zeros(1, 2, num_frames * 2, 12)
+    calls, _ = count_calls(grouped_attention, q, k, q, k, k, plan, T_ROPE, query_frames=tuple(range(s, e)),
+                           key_frames=tuple(range(num_frames)))
+    return calls.fused, e - s
+
+
+def test_long_range_kernel_calls_bounded_by_vrpr_and_shard(monkeypatch):
+    """Issue 26: a long-range layer issues no more fused kernel calls than the vrpr layer it thins, and its calls
+    grow no faster than the rank's shard. The per-key-frame path (one call per strided key frame) made 60 vs 28
+    calls here at F = 61 and 264 vs 52 at F = 121 (x4.4 for a shard x1.9); at Wan2.1's shapes 495 vs 126 at
+    F = 241. The call budget is set so a call holds 7 query frames, as at Wan2.1-1.3B's 480p shapes (12 heads x
+    128, 1560 tokens per frame); T = 11 and band 4, stride 6 scale Wan's T = 21, band 8, stride 12 down."""
+    from freeloc_dist.attention import sdpa
+
+    monkeypatch.setattr(sdpa, "CALL_BUDGET", 7 * 2 * 2 * 12)  # [B*h = 2, n = 2, d = 12] per query frame
+    long_range = {"band_frames": 4, "stride_frames": 6, "sink_frames": [0]}
+    counts = {}
+    for num_frames in (61, 121):
+        long_calls, shard = _fused_calls(num_frames, long_range)
+        vrpr_calls, _ = _fused_calls(num_frames, None)
+        assert long_calls <= vrpr_calls, (num_frames, long_calls, vrpr_calls)
+        counts[num_frames] = long_calls, shard
+    (c1, s1), (c2, s2) = counts[61], counts[121]
+    assert c2 / c1 <= s2 / s1, counts
+
+
 def _profile(**long_range):
     return {"model": "m", "trained_frames": 4, "source": "s",
             "layers": {"tsa": [0], "vrpr": [1, 3], "full": [2]}, "long_range": long_range}

@@ -7,6 +7,12 @@ dimension of one kernel call, with the keys as an overlapping strided view of th
 copy). Most frames of a long video share their relative run pattern, so a layer is a few hundred
 large calls instead of one small call per (query frame, run).
 
+A long range's key frames beyond the band are strided in the key buffer, so each would be a run of its
+own; they are served from one gathered copy of the buffer's key frames instead, where adjacent key frames
+sharing an offset form one run, and each run kind is one batch over every query frame that has it, with
+the query and key windows gathered by index (GatheredBatch): calls grow with the shard, not with shard x
+key frames.
+
 Banded (stripe) runs are further split into spatial query chunks, each against only the key
 columns its band can reach, so work tracks the attended pairs rather than whole frames. Memory
 stays O(one call): the L x L score matrix is never formed.
@@ -50,6 +56,18 @@ class RunBatch:
     q_frames: int = 1
 
 
+@dataclasses.dataclass(frozen=True)
+class GatheredBatch:
+    """Item i: query slot q_slots[i] against key slots [k_starts[i], ... + frames), at one fixed offset rule.
+    For runs whose slots do not step evenly (the long range's key frames beyond the band: a query frame's
+    run moves by one key frame every stride_frames query frames), served from gathered copies."""
+
+    offset: int | None
+    frames: int
+    q_slots: tuple[int, ...]
+    k_starts: tuple[int, ...]
+
+
 # Band key spans are widened (with masked columns) to a multiple of this many keys: the CPU flash
 # kernel runs rows of scores in 16-float vectors, and a ragged span of ~100 keys costs ~15% more
 # than the aligned one (94 -> 96 keys at Ds = 32); longer spans barely notice either way.
@@ -79,49 +97,89 @@ def _band_bias(n: int, width: int, chunk: int, index: int, frames: int, device, 
 
 
 @functools.lru_cache(maxsize=256)
-def schedule(plan: LayerPlan, query_frames: tuple[int, ...], key_frames: tuple[int, ...]):
+def schedule(plan: LayerPlan, query_frames: tuple[int, ...], key_frames: tuple[int, ...], far: bool | None = None):
     """Per query frame: runs (offset, slot_start, slot_end, banded) over the key buffer.
 
     `key_frames` lists the global frame held at each frame slot of the key buffer; a run is a span
-    of consecutive slots sharing one rule (see _key_frames_of), so plan groups are cut where the
+    of consecutive slots sharing one rule (see _key_runs_of), so plan groups are cut where the
     buffer is not contiguous and dropped where a frame is absent (ring blocks, neighbour windows),
     and partial results over several buffers merge to the full attention.
+    far (long-range plans): True keeps only the key frames beyond the band (tier SINK), False the others.
+    Python steps per query frame: one per group and buffer piece, not one per key frame.
     """
-    where = {f: i for i, f in enumerate(key_frames)}
+    pieces = _buffer_pieces(plan.num_frames, key_frames)
     out = []
     for a in query_frames:
         runs = []
-        for b, offset, banded in _key_frames_of(plan, a):
-            slot = where.get(b)
-            if slot is None:
-                continue
-            if runs and runs[-1][0] == offset and runs[-1][3] == banded and runs[-1][2] == slot:
-                runs[-1] = (offset, runs[-1][1], slot + 1, banded)
+        for offset, start, end, banded in _key_runs_of(plan, a, far, pieces):
+            if runs and runs[-1][0] == offset and runs[-1][3] == banded and runs[-1][2] == start:
+                runs[-1] = (offset, runs[-1][1], end, banded)
             else:
-                runs.append((offset, slot, slot + 1, banded))
+                runs.append((offset, start, end, banded))
         out.append(tuple(runs))
     return tuple(out)
 
 
-def _key_frames_of(plan: LayerPlan, a: int):
-    """(key frame, offset rule, banded) of query frame a, in key order. Banded natural frames get
-    their fixed offset a - b (the same rotation): they join a neighbouring run of equal offset where
-    there is one (d = 10 and 11 at W1 = 10), and no band chunk needs a copy of the natural key columns."""
+@functools.lru_cache(maxsize=256)
+def _buffer_pieces(num_frames: int, key_frames: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """(slot, piece_end) per global frame: its slot in the buffer (-1 if absent), and the end of the
+    maximal span of frames from it that sit in consecutive slots (absent: the next present frame)."""
+    slot = [-1] * num_frames
+    for i, f in enumerate(key_frames):
+        slot[f] = i
+    piece_end = [num_frames] * num_frames
+    for f in range(num_frames - 2, -1, -1):
+        nxt = slot[f + 1]
+        same_piece = (slot[f] < 0) == (nxt < 0) and (slot[f] < 0 or nxt == slot[f] + 1)
+        piece_end[f] = piece_end[f + 1] if same_piece else f + 1
+    return slot, piece_end
+
+
+def _key_runs_of(plan: LayerPlan, a: int, far: bool | None, pieces):
+    """(offset rule, slot_start, slot_end, banded) of query frame a's groups cut into buffer pieces, in key
+    order. Banded natural frames get their fixed offset a - b (the same rotation), one frame each: they join
+    a neighbouring run of equal offset where there is one (d = 10 and 11 at W1 = 10), and no band chunk
+    needs a copy of the natural key columns."""
+    slot, piece_end = pieces
     for g in plan.groups[a]:
-        for b in range(g.frame_start, g.frame_end):
-            yield b, (a - b if g.banded and g.offset is None else g.offset), g.banded
+        if far is not None and g.sink != far:
+            continue
+        b = g.frame_start
+        while b < g.frame_end:
+            e = min(g.frame_end, piece_end[b])
+            if slot[b] >= 0:
+                if g.banded and g.offset is None:
+                    yield from ((a - f, slot[f], slot[f] + 1, True) for f in range(b, e))
+                else:
+                    yield g.offset, slot[b], slot[b] + e - b, g.banded
+            b = e
+
+
+def far_key_frames(plan: LayerPlan, key_frames: tuple[int, ...]) -> tuple[int, ...]:
+    """The long range's key frames held in the buffer `key_frames`, in buffer order (() without a long range).
+    Attended beyond the band, they are strided in the buffer, so grouped_attention serves them from a
+    contiguous copy: adjacent key frames sharing an offset then form one run (one kernel call), not one each."""
+    if plan.long_range is None:
+        return ()
+    keys = set(plan.long_range.key_frames(plan.num_frames))
+    return tuple(f for f in key_frames if f in keys)
 
 
 @functools.lru_cache(maxsize=256)
-def batched_schedule(plan: LayerPlan, query_frames: tuple[int, ...], key_frames: tuple[int, ...]):
-    """The runs of `schedule`, batched over consecutive query slots whose key starts step evenly."""
+def batched_schedule(plan: LayerPlan, query_frames: tuple[int, ...], key_frames: tuple[int, ...],
+                     far: bool | None = None):
+    """The runs of `schedule`, batched over consecutive query slots whose key starts step evenly; with
+    far True (the long range's key frames beyond the band) one GatheredBatch per run kind instead."""
     by_kind: dict[tuple, list[tuple[int, int]]] = {}
-    for qi, runs in enumerate(schedule(plan, query_frames, key_frames)):
+    for qi, runs in enumerate(schedule(plan, query_frames, key_frames, far)):
         for offset, fs, fe, banded in runs:
             # Keyed by side too: natural-offset runs before and after a query frame share
             # (offset, banded, frames), and interleaved in one list they would break every batch.
             side = key_frames[fs] > query_frames[qi]
             by_kind.setdefault((offset, banded, fe - fs, side), []).append((qi, fs))
+    if far:
+        return tuple(GatheredBatch(offset, frames, *map(tuple, zip(*items)))
+                     for (offset, _, frames, _), items in by_kind.items())
     batches = []
     for (offset, banded, frames, _), items in by_kind.items():
         i = 0
@@ -212,6 +270,21 @@ def _frame_windows(x: torch.Tensor, start: int, step: int, frames: int, count: i
     assert x.stride(1) == m * token_stride and (d == 1 or x.stride(3) == 1), "frames must be evenly strided"
     base = x.storage_offset() + start * x.stride(1)
     return x.as_strided((count, bh, frames * m, d), (step * x.stride(1), x.stride(0), token_stride, 1), base)
+
+
+@functools.lru_cache(maxsize=1024)
+def _slots_of(key_frames: tuple[int, ...], frames: tuple[int, ...], device) -> torch.Tensor:
+    """Long[len(frames)]: the buffer slot of each of `frames` in the buffer holding `key_frames`."""
+    where = {f: i for i, f in enumerate(key_frames)}
+    return torch.tensor([where[f] for f in frames], device=device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gather_index(b: GatheredBatch, start: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query slots Long[c], key slots Long[c * frames]) of items [start, start + size) of b."""
+    q_slots, k_starts = b.q_slots[start:start + size], b.k_starts[start:start + size]
+    keys = [k + j for k in k_starts for j in range(b.frames)]
+    return torch.tensor(q_slots, device=device), torch.tensor(keys, device=device)
 
 
 def _merge(out_acc, lse_acc, out, lse):
@@ -313,11 +386,37 @@ def grouped_attention(
             else:
                 _merge(acc, lse_acc, out, lse)
 
-    batches = batched_schedule(plan, query_frames, key_frames)
+    def run_gathered(b: GatheredBatch, keys, values):
+        """Attend each item's query frame to its key window, both gathered; merge back by index.
+        Runs after every query slot is touched (each item merges into its own, distinct, slot)."""
+        q_src = q_nat if b.offset is None else q0
+        per_call = max(1, CALL_BUDGET // (bh * n * (d if uses_flash(impl, q0.device) else b.frames * n)))
+        for s in range(0, len(b.q_slots), per_call):
+            q_idx, k_idx = _gather_index(b, s, per_call, q0.device)
+            c = len(q_idx)
+            q = q_src.index_select(1, q_idx).transpose(0, 1)  # [c, BH, n, d] copy
+            if b.offset is not None:
+                q = _rotate(q, t_rope, b.offset, into=q)
+            # [BH, c * frames, n, d] -> [c, BH, frames * n, d]: item i's key frames, copied
+            k_win, v_win = (x.index_select(1, k_idx).view(bh, c, b.frames * n, d).transpose(0, 1)
+                            for x in (keys, values))
+            out, lse = attend(q, k_win, v_win, None, impl=impl)
+            acc, lse_acc = out_all.index_select(1, q_idx), lse_all.index_select(1, q_idx)
+            _merge(acc, lse_acc, out.transpose(0, 1), lse.transpose(0, 1))
+            out_all.index_copy_(1, q_idx, acc)
+            lse_all.index_copy_(1, q_idx, lse_acc)
+
+    far_frames = far_key_frames(plan, key_frames)
+    batches = batched_schedule(plan, query_frames, key_frames, False if far_frames else None)
     for b in batches:
         if not b.banded:
             run(b, None, k_nat if b.offset is None else k0, v, None)
     clear(range(len(query_frames)))  # query frames no full-frame run reached
+    if far_frames:  # the long range's key frames beyond the band, from one contiguous copy of them
+        slots = _slots_of(key_frames, far_frames, q0.device)
+        k_nat_far, k0_far, v_far = (None if x is None else x.index_select(1, slots) for x in (k_nat, k0, v))
+        for b in batched_schedule(plan, query_frames, far_frames, True):
+            run_gathered(b, k_nat_far if b.offset is None else k0_far, v_far)
     banded = [b for b in batches if b.banded]  # all at fixed offsets (see _key_frames_of): q0, k0
     chunk = band_chunk or max(16, plan.stripe_width)
     for index, (r0, r1, c0, c1) in enumerate(_band_chunks(n, plan.stripe_width, chunk) if banded else ()):
