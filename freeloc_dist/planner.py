@@ -56,6 +56,9 @@ class RenderPlan:
     steps: int
     peak_tflops: float
     device_memory_gb: float
+    text_encodings: int = 0  # text-encoder passes of the busiest rank, once per render (a storyboard's texts)
+    text_encoder_flops: float = 0.0  # their FLOPs, once per render
+    text_runs: int = 1  # cross-attention K/V projections per conditional (+ unconditional) pass set, worst rank
 
     @property
     def memory_total(self) -> float:
@@ -134,6 +137,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     use_cfg = uses_cfg(cfg.sampling.guidance_scale)  # the first scale decides (guidance_scale_2 does not)
     passes = (2 if use_cfg else 1) // (cfg_degree if use_cfg else 1)  # transformer passes per rank per step
     text_len = cfg.sampling.max_text_tokens
+    encodings, runs = text_work(cfg, num_frames, shards)  # runs: text K/V projections per rank per step
+    text_encoder_flops = 2.0 * family.text_encoder_params(text_encoder_cfg) * cfg.sampling.max_text_tokens * encodings
     if t.get("image_dim"):  # CLIP tokens join the cross-attention keys
         text_len += model_kind.image_tokens if model_kind is not None else family.image_tokens
 
@@ -189,10 +194,10 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
             kv_buffer = max(kv_buffer, float(buffer))
     memory["K/V buffers"] = kv_buffer
     # Linear layers per pass: self q k v o (4 d^2), cross q o (2 d^2), FFN (2 d ffn) per token; cross k v per
-    # text token; 2 flops per multiply-add. Cross-attention scores: 4 x tokens x text_len x d.
-    per_pass = layers * (2.0 * local_tokens * (6 * d * d + 2 * d * ffn) + 2.0 * text_len * 2 * d * d
-                         + 4.0 * local_tokens * text_len * d)
-    linear = per_pass * passes
+    # text token (a storyboard: per run of frames, `runs` over the passes); 2 flops per multiply-add.
+    # Cross-attention scores: 4 x tokens x text_len x d.
+    per_pass = layers * (2.0 * local_tokens * (6 * d * d + 2 * d * ffn) + 4.0 * local_tokens * text_len * d)
+    linear = per_pass * passes + layers * 2.0 * text_len * 2 * d * d * runs
     if sp > 1:
         # the prediction's other frames, float32 (Comm.gather_frames), for the rank with the smallest shard
         comm["gather"] = float(t["out_channels"] * (num_frames - min(shards.sizes)) * (h * ph) * (w * pw)) * 4
@@ -203,9 +208,27 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
                         layers_by_kind=layers_by_kind, density_by_kind=density, strategy_by_kind=strategy,
                         memory_bytes=memory, attention_flops_by_kind=attn_flops, linear_flops=linear,
                         bytes_per_step=comm, steps=cfg.sampling.steps, peak_tflops=peak_tflops,
-                        device_memory_gb=device_memory_gb)
+                        device_memory_gb=device_memory_gb, text_encodings=encodings,
+                        text_encoder_flops=text_encoder_flops, text_runs=runs)
     _check_fits(memory, device_memory_gb)
     return result
+
+
+def text_work(cfg: RenderConfig, num_frames: int, shards) -> tuple[int, int]:
+    """(text-encoder passes, cross-attention text K/V projections per step) of the busiest rank: one prompt (and a
+    negative one under guidance) for a plain render; a storyboard's texts and runs of its own frames. Under
+    cfg_degree 2 a rank runs one side of guidance per step, but encodes both (as a plain render does)."""
+    use_cfg = uses_cfg(cfg.sampling.guidance_scale)
+    split = use_cfg and cfg.parallel.cfg_degree == 2
+    if cfg.storyboard is None:
+        return 1 + use_cfg, 1 if split else 1 + use_cfg
+    from .storyboard import storyboard_of, text_plan
+
+    board = storyboard_of(cfg)
+    plans = [text_plan(board, num_frames, cfg.video.fps, r, cfg.sampling.negative_prompt, use_cfg)
+             for r in shards.ranges]
+    sides = [[len(p.cond.runs)] + ([len(p.uncond.runs)] if p.uncond is not None else []) for p in plans]
+    return max(p.encodings for p in plans), max(max(s) if split else sum(s) for s in sides)
 
 
 def frame_table_bytes(latent_frames: int, kinds: int) -> float:
@@ -244,7 +267,10 @@ def format_plan(p: RenderPlan) -> str:
         "compute per rank per step:",
         *[f"  attention {k:<14}{_si(v, 'FLOP'):>14}" for k, v in p.attention_flops_by_kind.items()],
         f"  {'attention (all kinds)':<24}{_si(sum(p.attention_flops_by_kind.values()), 'FLOP'):>14}",
-        f"  {'linear + cross-attn':<24}{_si(p.linear_flops, 'FLOP'):>14}",
+        f"  {'linear + cross-attn':<24}{_si(p.linear_flops, 'FLOP'):>14}"
+        + (f" (text K/V for {p.text_runs} runs of frames)" if p.text_runs > 2 else ""),
+        f"text encoder: {p.text_encodings} prompt encodings on the busiest rank, {_si(p.text_encoder_flops, 'FLOP')}"
+        " once per render",
         "bytes received per rank per step:" + ("" if p.bytes_per_step else " none (one rank)"),
         *[f"  {k:<24}{_si(v, 'B'):>14}" for k, v in p.bytes_per_step.items()],
         f"time: >= {format_seconds(p.seconds)} for {p.steps} steps at {p.peak_tflops:g} TFLOP/s per rank "

@@ -175,14 +175,16 @@ class RenderResult:
 def render(components, cfg: RenderConfig, *, decode: bool = True, predict: PredictFn = predict_noise,
            on_step: StepCallback | None = None, noise: NoiseFn = initial_noise, resume=None,
            after_step: AfterStep | None = None, predict_2: PredictFn | None = None,
-           image: torch.Tensor | None = None) -> RenderResult:
+           image: torch.Tensor | None = None, own_frames: tuple[int, int] | None = None) -> RenderResult:
     """Run one text-to-video render of `cfg` with loaded components (see freeloc_dist.models).
 
     `noise(geometry, seed, device)` draws the initial latents (FreeNoise replaces it, freeloc_dist.methods).
     `resume`: a freeloc_dist.checkpoint.Checkpoint of this render to continue from; `after_step` as in
     `sample`. `predict_2`: the second expert's predict (two-expert models; default `predict`).
     `image`: Wan2.2 TI2V's image mode, the conditioning image [1, 3, Hp, Wp] in [-1, 1] at the render size
-    (frame 0 becomes its clean latent, with timestep 0); None renders text only."""
+    (frame 0 becomes its clean latent, with timestep 0); None renders text only.
+    `own_frames`: the latent frames [first, end) this rank's predictions run (sequence parallelism): a storyboard
+    (cfg.storyboard) encodes the texts of those frames only; None: every frame."""
     from freeloc_dist.experts import expert_schedule
 
     transformer = components.transformer
@@ -190,8 +192,13 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
     s = cfg.sampling
     geometry = latent_geometry(components.vae, transformer, cfg.video.frames, cfg.video.height, cfg.video.width)
     use_cfg = uses_cfg(s.guidance_scale)  # the first scale decides, for both experts (diffusers' rule)
-    cond = encode_prompt(components, cfg.prompt, s.max_text_tokens)
-    uncond = encode_prompt(components, s.negative_prompt, s.max_text_tokens) if use_cfg else None
+    if cfg.storyboard is not None:  # per-frame texts (freeloc_dist.storyboard)
+        from freeloc_dist.storyboard import render_texts
+
+        cond, uncond = render_texts(components, cfg, geometry.frames, own_frames, use_cfg)
+    else:
+        cond = encode_prompt(components, cfg.prompt, s.max_text_tokens)
+        uncond = encode_prompt(components, s.negative_prompt, s.max_text_tokens) if use_cfg else None
     cond = cond.to(device=device, dtype=transformer.dtype)
     uncond = uncond.to(device=device, dtype=transformer.dtype) if uncond is not None else None
     scheduler = scheduler_for_render(components.scheduler, s.shift)
@@ -211,8 +218,11 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
 
     condition, per_token = family_of(transformer).render_inputs(components, cfg, geometry, image, device,
                                                                 transformer.dtype)
-    latents = sample(transformer, scheduler, latents, cond, uncond, steps=s.steps, guidance=s.guidance_scale,
-                     predict=predict, on_step=on_step, start_step=start_step, scheduler_state=state,
-                     after_step=after_step, experts=experts, condition=condition, token_timesteps=per_token)
+    from freeloc_dist.storyboard import frame_text_attention
+
+    with frame_text_attention(components, enabled=cfg.storyboard is not None):
+        latents = sample(transformer, scheduler, latents, cond, uncond, steps=s.steps, guidance=s.guidance_scale,
+                         predict=predict, on_step=on_step, start_step=start_step, scheduler_state=state,
+                         after_step=after_step, experts=experts, condition=condition, token_timesteps=per_token)
     frames = decode_video(components.vae, latents) if decode else None
     return RenderResult(latents=latents, frames=frames)
