@@ -1,7 +1,8 @@
 """Storyboards (freeloc_dist.storyboard, freeloc_dist.families.wan.frame_text): the schedule's math, the per-frame
 cross-attention against a naive per-frame reference, every Wan variant in one process (a one-entry storyboard is
-bitwise the plain render, a two-entry one differs), the rank-local text plan, the resume fingerprint, the sidecar, the dry-run's count and the queue field. The parallel renders are rows of the
-family matrix (tests/test_matrix_dist.py); the bad files are rows of the bad-input matrix (tests/test_bad_input.py).
+bitwise the plain render, a two-entry one differs), the rank-local text plan, the resume fingerprint, the
+sidecar, the dry-run's count and the queue field. The parallel renders are rows of the family matrix
+(tests/test_matrix_dist.py); the bad files are rows of the bad-input matrix (tests/test_bad_input.py).
 """
 
 import dataclasses
@@ -67,8 +68,8 @@ def test_each_rank_plans_only_its_own_frames_texts():
 def test_frame_text_processor_equals_attending_each_frame_alone():
     """The grouped processor against a naive reference: every latent frame's queries run through the stock
     processor on their own with that frame's text (float32; the same per-token maths, so 1e-6)."""
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
     from _tiny import tiny_transformer
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     from freeloc_dist.families.wan.frame_text import FrameRuns, FrameTextProcessor
 
