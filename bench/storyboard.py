@@ -7,7 +7,8 @@ For each held-out world (seeds from EVAL_SEED_BASE, as bench/quality.py) the sto
 object alone ("a red circle"); from --at seconds (default the middle of the video), one object of another colour
 and the other shape ("a yellow square"), with the default transition (--transition, 1 s centred on --at). It
 renders at --length x T (12x: 621 frames, 38.8 s) with the config's FreeLOC profile, and the same world and seed
-with the first prompt alone (`plain`: what the detector sees without a switch). Per video frame the testbed's
+with the first prompt alone (`plain`: what the detector sees without a switch; --plain-pairs N: for the first N
+pairs only). Per video frame the testbed's
 detector (freeloc_dist.testbed.metrics.analyse: blobs of each palette colour of at least a quarter of an object's
 area) says whether each of the two colours is present. Reported per pair and as mean +- std over pairs:
   A_before, B_before: share of frames before the window (t < at - transition / 2) showing colour A, colour B;
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--transition", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-plain", action="store_true", help="skip the one-prompt renders")
+    p.add_argument("--plain-pairs", type=int, default=None,
+                   help="render the one-prompt control for the first N pairs only (default: every pair)")
     p.add_argument("--json", type=Path, default=REPO_ROOT / "outputs/storyboard.json")
     p.add_argument("--cache", type=Path, default=None, help="keep rendered videos here (.npy) and reuse them")
     p.add_argument("--strip", type=Path, default=None, help="PNG strip of the first pair")
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
         board.write_text(f"- {{at: 0, prompt: a {ca} {sa}}}\n"
                          f"- {{at: {at}, prompt: a {cb} {sb}, transition: {a.transition}}}\n")
         runs = {"storyboard": {"storyboard": str(board)}}
-        if not a.no_plain:
+        if a.plain_pairs is None or i < a.plain_pairs:
             runs["plain"] = {"prompt": f"a {ca} {sa}"}
         for name, over in runs.items():
             cfg = load_render_config(a.config, {**over, "video.frames": frames, "sampling.seed": i,
