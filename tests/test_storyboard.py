@@ -150,12 +150,14 @@ def test_cli_one_entry_is_bitwise_prompt_and_sidecar_fingerprint_and_dry_run_cov
     capsys.readouterr()
     assert generate.main([*base, "--storyboard", str(THREE), "--dry-run", "--world-size", "3"]) == 0
     assert "text encoder: 3 prompt encodings on the busiest rank" in capsys.readouterr().out
-    # the fingerprint covers the schedule's content: another transition, same prompts, does not resume
-    other = tmp_path / "other.yaml"
+    # the fingerprint covers the schedule's content, not its path: a moved copy resumes, another transition
+    # (same prompts) does not
+    moved, other = tmp_path / "moved.yaml", tmp_path / "other.yaml"
+    moved.write_text(THREE.read_text())
     other.write_text(THREE.read_text().replace("transition: 0.5", "transition: 0.25"))
     cfg = load_render_config(REPO_ROOT / "configs/tiny-random.yaml", {"video.frames": 33})
-    keys = {fingerprint(dataclasses.replace(cfg, storyboard=p), None) for p in (None, THREE, other)}
-    assert len(keys) == 3
+    key = {p: fingerprint(dataclasses.replace(cfg, storyboard=p), None) for p in (None, THREE, moved, other)}
+    assert key[THREE] == key[moved] and len({key[None], key[THREE], key[other]}) == 3
 
 
 def test_queue_job_takes_a_storyboard_instead_of_a_prompt(tmp_path):
