@@ -112,24 +112,12 @@ _LOADED: dict[Path, Storyboard] = {}  # read once per process: preflight's readi
 
 def load_storyboard(path: str | Path) -> Storyboard:
     """Read and validate a storyboard file (StoryboardError, one line); cached by path for the process."""
-    from .yamlio import load_yaml, yaml_problem
+    from .yamlio import read_yaml_file
 
     path = Path(path)
     if path in _LOADED:
         return _LOADED[path]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise StoryboardError(f"storyboard {path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise StoryboardError(f"storyboard {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    import yaml
-
-    try:
-        raw = load_yaml(text)
-    except yaml.YAMLError as e:
-        raise StoryboardError(f"storyboard {path}: invalid YAML{yaml_problem(e)}") from None
-    board = parse_storyboard(raw, str(path))
+    board = parse_storyboard(read_yaml_file(path, "storyboard", StoryboardError), str(path))
     _LOADED[path] = board
     return board
 

@@ -105,7 +105,7 @@ CASES = [
      "entry 1: at=1: the first entry must be at 0"),
     ("storyboard-overlap", lambda t: storyboard(t, SB_OK + "- {at: 2.5, prompt: a bird}\n"), None,
      "entry 3: transition=1: overlaps the transition of entry 2"),
-    ("storyboard-yaml", lambda t: storyboard(t, "- {at: 0, prompt: [\n"), None, "invalid YAML"),
+    ("storyboard-yaml", lambda t: storyboard(t, "- {at: 0, prompt: [\n"), None, "not valid YAML"),
     ("storyboard-missing", lambda t: ["--storyboard", t / "nope.yaml"], None, "nope.yaml: file not found"),
     ("storyboard-unreadable", lambda t: ["--storyboard", t], None, "cannot read"),
     ("storyboard-with-prompt", lambda t: [*storyboard(t, SB_OK), "--prompt", "a fox"], None,
