@@ -86,7 +86,8 @@ def main(argv=None) -> int:
                    help="render the one-prompt control for the first N pairs only (default: every pair)")
     p.add_argument("--json", type=Path, default=REPO_ROOT / "outputs/storyboard.json")
     p.add_argument("--cache", type=Path, default=None, help="keep rendered videos here (.npy) and reuse them")
-    p.add_argument("--strip", type=Path, default=None, help="PNG strip of the first pair")
+    p.add_argument("--strip", type=Path, default=None,
+                   help="PNG strip: every pair's storyboard render, then the one-prompt controls")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     base = load_render_config(a.config)
@@ -124,9 +125,10 @@ def main(argv=None) -> int:
             print(f"[{time.perf_counter() - start:6.0f}s] pair {i} {name:10s} {ca} {sa} -> {cb} {sb}: "
                   + " ".join(f"{k}={m[k]:.3f}" for k in ("A_before", "B_before", "A_after", "B_after", "switch_s"))
                   + f" in_window={m['in_window']}", flush=True)
-            if i == 0 and a.strip is not None:
-                strip_rows.append((f"{name}\n{ca} {sa} ->\n{cb} {sb}" if name == "storyboard" else
-                                   f"{name}\n{ca} {sa}", video))
+            if a.strip is not None:
+                label = (f"pair {i}: {ca} {sa}\n-> {cb} {sb}\nswitch {m['switch_s']:.1f} s" if name == "storyboard"
+                         else f"pair {i} plain:\n{ca} {sa}")
+                strip_rows.append((name != "storyboard", i, label, video, [ca, cb]))
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(rows) + "\n")
     print()
@@ -135,8 +137,8 @@ def main(argv=None) -> int:
         w = a.transition / 2
         around = [at - w - 2, at - w - 1, at - w, at + w, at + w + 1, at + w + 2]
         times = [0, *[min(frames - 1, max(0, int(round(s * fps)))) for s in around], frames - 1]
-        first = rows[0]
-        write_strip(a.strip, strip_rows, [first["first"].split()[1], first["second"].split()[1]], fps,
+        strip_rows.sort(key=lambda r: r[:2])  # storyboards by pair, then the controls
+        write_strip(a.strip, [r[2:4] for r in strip_rows], [r[4] for r in strip_rows], fps,
                     times=np.array(times), motion=False)
         print(f"wrote {a.strip}")
     return 0

@@ -55,10 +55,12 @@ def track_panel(video: np.ndarray, colours: list[str], size: int) -> Image.Image
     return img
 
 
-def write_strip(path: Path, rows: list[tuple[str, np.ndarray]], colours: list[str], fps: int = 16,
+def write_strip(path: Path, rows: list[tuple[str, np.ndarray]], colours: list[str] | list[list[str]], fps: int = 16,
                 times: np.ndarray | None = None, motion: bool = True) -> None:
-    """rows: (label, uint8 video [T, P, P, 3]) pairs, drawn top to bottom; `times`: the frames shown (default
-    COLUMNS evenly spaced); `motion`: add the motion metrics to each label."""
+    """rows: (label, uint8 video [T, P, P, 3]) pairs, drawn top to bottom; `colours`: the prompted colours of
+    every row, or one list per row; `times`: the frames shown (default COLUMNS evenly spaced); `motion`: add the
+    motion metrics to each label."""
+    per_row = colours if colours and isinstance(colours[0], list) else [colours] * len(rows)
     p = rows[0][1].shape[1]
     cell = p * SCALE
     header = 16
@@ -71,7 +73,7 @@ def write_strip(path: Path, rows: list[tuple[str, np.ndarray]], colours: list[st
     for j, f in enumerate(times):
         draw.text((LABEL_WIDTH + j * (cell + GAP), 2), f"t = {f / fps:.1f} s", fill="black")
     draw.text((LABEL_WIDTH + columns * (cell + GAP), 2), "tracks, whole video", fill="black")
-    for i, (label, video) in enumerate(rows):
+    for i, ((label, video), colours) in enumerate(zip(rows, per_row)):
         y = header + i * (cell + GAP)
         text = label
         if motion:
