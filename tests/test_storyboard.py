@@ -64,31 +64,40 @@ def test_each_rank_plans_only_its_own_frames_texts():
     assert text_plan(b, 9, 16, (0, 3), "", use_cfg=False).uncond is None
 
 
-def test_frame_text_processor_equals_attending_each_frame_alone():
+@pytest.mark.parametrize("image_tokens", [0, 3], ids=["text", "clip-image-tokens"])
+def test_frame_text_processor_equals_attending_each_frame_alone(image_tokens):
     """The grouped processor against a naive reference: every latent frame's queries run through the stock
-    processor on their own with that frame's text (float32; the same per-token maths, so 1e-6)."""
-    from _tiny import tiny_transformer
+    processor on their own with that frame's text (and, as Wan2.1 I2V, the CLIP image tokens in front; diffusers
+    then takes the last 512 tokens as text). float32, the same per-token maths: 1e-6."""
+    from diffusers import WanTransformer3DModel
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     from freeloc_dist.families.wan.frame_text import FrameRuns, FrameTextProcessor
 
-    attn = tiny_transformer().blocks[0].attn2
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1,
+                                  image_dim=16 if image_tokens else None)
+    attn = model.blocks[0].attn2
     g = torch.Generator().manual_seed(0)
-    frames, n, length, dim = 5, 6, 7, attn.to_q.in_features
+    frames, n, length, dim = 5, 6, 512 if image_tokens else 7, attn.to_q.in_features
     hidden = torch.randn(1, frames * n, dim, generator=g)
-    texts = torch.randn(1, 3 * length, attn.to_k.in_features, generator=g)  # 3 conditionings of 7 tokens
+    image = torch.randn(1, image_tokens, dim, generator=g)
+    texts = torch.randn(1, 3 * length, dim, generator=g)  # 3 conditionings of `length` tokens
     runs = ((0, 2, 1), (2, 3, 0), (3, 5, 2))
     current = FrameRuns()
     current.runs, current.tokens = runs, length
     stock = WanAttnProcessor()
+
+    def text(u):
+        return torch.cat([image, texts[:, u * length:(u + 1) * length]], dim=1)
+
     with torch.no_grad():
-        grouped = FrameTextProcessor(stock, current)(attn, hidden, texts)
+        grouped = FrameTextProcessor(stock, current)(attn, hidden, torch.cat([image, texts], dim=1))
         of_frame = {f: u for a, b, u in runs for f in range(a, b)}
-        naive = torch.cat([stock(attn, hidden[:, f * n:(f + 1) * n], texts[:, of_frame[f] * length:
-                                                                           (of_frame[f] + 1) * length])
-                           for f in range(frames)], dim=1)
-    assert (grouped - naive).abs().max() < 1e-6
-    assert (grouped[:, :2 * n] - stock(attn, hidden[:, :2 * n], texts[:, :length])).abs().max() > 1e-3
+        naive = torch.cat([stock(attn, hidden[:, f * n:(f + 1) * n], text(of_frame[f])) for f in range(frames)], dim=1)
+        assert (grouped - naive).abs().max() < 1e-6
+        assert (grouped[:, :2 * n] - stock(attn, hidden[:, :2 * n], text(0))).abs().max() > 1e-3
 
 
 VARIANTS = {  # config, overrides for a short render (5 latent frames, 32x32)
