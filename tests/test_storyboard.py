@@ -77,8 +77,10 @@ def test_frame_text_processor_equals_attending_each_frame_alone(image_tokens):
     torch.manual_seed(0)
     model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
                                   out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1,
-                                  image_dim=16 if image_tokens else None)
+                                  image_dim=16 if image_tokens else None,
+                                  added_kv_proj_dim=24 if image_tokens else None)
     attn = model.blocks[0].attn2
+    assert (attn.add_k_proj is not None) == bool(image_tokens)
     g = torch.Generator().manual_seed(0)
     frames, n, length, dim = 5, 6, 512 if image_tokens else 7, attn.to_q.in_features
     hidden = torch.randn(1, frames * n, dim, generator=g)
