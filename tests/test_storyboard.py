@@ -117,7 +117,8 @@ def test_every_wan_variant_one_entry_is_bitwise_plain_and_two_entries_switch(var
     from freeloc_dist.sampling import render
 
     config, overrides = VARIANTS[variant]
-    over = {"video.frames": 17, "sampling.steps": 2, "video.height": 32, "video.width": 32, **overrides}
+    over = {"video.frames": 17, "sampling.steps": 2, "video.height": 32, "video.width": 32,
+            "sampling.negative_prompt": "blurry", **overrides}
     cfg = load_render_config(REPO_ROOT / config, over)
     if cfg.image is not None:
         keep_images({"image": cfg.image, "last_image": cfg.last_image})
