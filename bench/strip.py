@@ -55,28 +55,35 @@ def track_panel(video: np.ndarray, colours: list[str], size: int) -> Image.Image
     return img
 
 
-def write_strip(path: Path, rows: list[tuple[str, np.ndarray]], colours: list[str], fps: int = 16) -> None:
-    """rows: (label, uint8 video [T, P, P, 3]) pairs, drawn top to bottom."""
+def write_strip(path: Path, rows: list[tuple[str, np.ndarray]], colours: list[str] | list[list[str]], fps: int = 16,
+                times: np.ndarray | None = None, motion: bool = True) -> None:
+    """rows: (label, uint8 video [T, P, P, 3]) pairs, drawn top to bottom; `colours`: the prompted colours of
+    every row, or one list per row; `times`: the frames shown (default COLUMNS evenly spaced); `motion`: add the
+    motion metrics to each label."""
+    per_row = colours if colours and isinstance(colours[0], list) else [colours] * len(rows)
     p = rows[0][1].shape[1]
     cell = p * SCALE
-    width = LABEL_WIDTH + (COLUMNS + 1) * (cell + GAP)
     header = 16
+    t = rows[0][1].shape[0]
+    times = np.linspace(0, t - 1, COLUMNS).round().astype(int) if times is None else np.asarray(times)
+    columns = len(times)
+    width = LABEL_WIDTH + (columns + 1) * (cell + GAP)
     img = Image.new("RGB", (width, header + len(rows) * (cell + GAP)), "white")
     draw = ImageDraw.Draw(img)
-    t = rows[0][1].shape[0]
-    times = np.linspace(0, t - 1, COLUMNS).round().astype(int)
     for j, f in enumerate(times):
         draw.text((LABEL_WIDTH + j * (cell + GAP), 2), f"t = {f / fps:.1f} s", fill="black")
-    draw.text((LABEL_WIDTH + COLUMNS * (cell + GAP), 2), "tracks, whole video", fill="black")
-    for i, (label, video) in enumerate(rows):
+    draw.text((LABEL_WIDTH + columns * (cell + GAP), 2), "tracks, whole video", fill="black")
+    for i, ((label, video), colours) in enumerate(zip(rows, per_row)):
         y = header + i * (cell + GAP)
-        m = tm.motion(tm.analyse(video, colours)["tracks"])
-        text = f"{label}\ntravel {m['travel']:.1f} %/s\nmoving {m['moving']:.2f}\ncoverage {m['coverage']:.2f}"
+        text = label
+        if motion:
+            m = tm.motion(tm.analyse(video, colours)["tracks"])
+            text += f"\ntravel {m['travel']:.1f} %/s\nmoving {m['moving']:.2f}\ncoverage {m['coverage']:.2f}"
         draw.multiline_text((4, y + 4), text, fill="black", spacing=3)
         for j, f in enumerate(times):
             img.paste(Image.fromarray(video[f]).resize((cell, cell), Image.NEAREST),
                       (LABEL_WIDTH + j * (cell + GAP), y))
-        img.paste(track_panel(video, colours, cell), (LABEL_WIDTH + COLUMNS * (cell + GAP), y))
+        img.paste(track_panel(video, colours, cell), (LABEL_WIDTH + columns * (cell + GAP), y))
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, optimize=True)
 

@@ -73,6 +73,10 @@ def fingerprint_settings(cfg: RenderConfig, profile, *, profile_2=None, boundary
             from freeloc_dist.images import image_digest
 
             settings[key] = image_digest(path)
+    if cfg.storyboard is not None:  # the schedule itself, not its path (freeloc_dist.storyboard)
+        from freeloc_dist.storyboard import load_storyboard
+
+        settings["storyboard"] = load_storyboard(cfg.storyboard).to_mapping()
     if boundary_ratio is not None:
         settings["profile_2"] = profile_2.to_mapping() if profile_2 is not None else None
         settings["boundary_ratio"] = boundary_ratio

@@ -143,6 +143,8 @@ class RenderConfig:
     image: Path | None = None
     last_image: Path | None = None
     output: Path = Path("outputs/render.mp4")
+    # a prompt schedule (YAML list of {at, prompt, ...}) that replaces `prompt` (freeloc_dist.storyboard)
+    storyboard: Path | None = None
 
     @property
     def latent_frames(self) -> int:

@@ -64,6 +64,9 @@ class RenderPlan:
     encoding_bytes: float = 0.0  # the text encoder on the device while the prompts are encoded
     host_bytes: dict[str, float] = dataclasses.field(default_factory=dict)  # host memory the settings add
     bytes_per_job: dict[str, float] = dataclasses.field(default_factory=dict)  # moved once per render
+    text_encodings: int = 0  # text-encoder passes of the busiest rank, once per render (a storyboard's texts)
+    text_encoder_flops: float = 0.0  # their FLOPs, once per render
+    text_runs: int = 1  # cross-attention K/V projections per conditional (+ unconditional) pass set, worst rank
 
     @property
     def memory_total(self) -> float:
@@ -144,6 +147,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     use_cfg = uses_cfg(cfg.sampling.guidance_scale)  # the first scale decides (guidance_scale_2 does not)
     passes = (2 if use_cfg else 1) // (cfg_degree if use_cfg else 1)  # transformer passes per rank per step
     text_len = cfg.sampling.max_text_tokens
+    encodings, runs = text_work(cfg, num_frames, shards)  # runs: text K/V projections per rank per step
+    text_encoder_flops = 2.0 * family.text_encoder_params(text_encoder_cfg) * cfg.sampling.max_text_tokens * encodings
     if t.get("image_dim"):  # CLIP tokens join the cross-attention keys
         text_len += model_kind.image_tokens if model_kind is not None else family.image_tokens
 
@@ -157,7 +162,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     local_tokens = local_frames * n
     latent_elems = t["out_channels"] * num_frames * (h * ph) * (w * pw)
     weights_of = _weights_planner(cfg, t, family, text_encoder_cfg, sp=sp, passes=passes, two_experts=two_experts,
-                                  world_size=world_size, prompts=2 if use_cfg else 1)
+                                  world_size=world_size, prompts=encodings)
     memory = {
         **({"weights: image encoder": family.image_encoder_params(image_encoder_cfg) * 4}  # float32 (models.py)
            if t.get("image_dim") else {}),
@@ -200,10 +205,10 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     memory = {**weights.device, **memory}
     comm.update(weights.per_step)
     # Linear layers per pass: self q k v o (4 d^2), cross q o (2 d^2), FFN (2 d ffn) per token; cross k v per
-    # text token; 2 flops per multiply-add. Cross-attention scores: 4 x tokens x text_len x d.
-    per_pass = layers * (2.0 * local_tokens * (6 * d * d + 2 * d * ffn) + 2.0 * text_len * 2 * d * d
-                         + 4.0 * local_tokens * text_len * d)
-    linear = per_pass * passes
+    # text token (a storyboard: per run of frames, `runs` over the passes); 2 flops per multiply-add.
+    # Cross-attention scores: 4 x tokens x text_len x d.
+    per_pass = layers * (2.0 * local_tokens * (6 * d * d + 2 * d * ffn) + 4.0 * local_tokens * text_len * d)
+    linear = per_pass * passes + layers * 2.0 * text_len * 2 * d * d * runs
     if sp > 1:
         # the prediction's other frames, float32 (Comm.gather_frames), for the rank with the smallest shard
         comm["gather"] = float(t["out_channels"] * (num_frames - min(shards.sizes)) * (h * ph) * (w * pw)) * 4
@@ -216,7 +221,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
                         bytes_per_step=comm, steps=cfg.sampling.steps, peak_tflops=peak_tflops,
                         device_memory_gb=device_memory_gb, memory_settings=settings, settings_chosen=chosen,
                         experts=2 if two_experts else 1,
-                        encoding_bytes=weights.encoding, host_bytes=weights.host, bytes_per_job=weights.per_job)
+                        encoding_bytes=weights.encoding, host_bytes=weights.host, bytes_per_job=weights.per_job,
+                        text_encodings=encodings, text_encoder_flops=text_encoder_flops, text_runs=runs)
     return result
 
 
@@ -254,6 +260,23 @@ def _choose_settings(cfg, weights_of, other: Mapping[str, float], device_memory_
     raise RenderPlanError(f"does not fit: {total / GiB:.1f} GiB per rank needed, {device_memory_gb:g} GiB available "
                           f"even with memory: {settings.describe()} (largest: {worst} {memory[worst] / GiB:.1f} GiB); "
                           f"use more ranks, fewer frames or a smaller size")
+
+
+def text_work(cfg: RenderConfig, num_frames: int, shards) -> tuple[int, int]:
+    """(text-encoder passes, cross-attention text K/V projections per step) of the busiest rank: one prompt (and a
+    negative one under guidance) for a plain render; a storyboard's texts and runs of its own frames. Under
+    cfg_degree 2 a rank runs one side of guidance per step, but encodes both (as a plain render does)."""
+    use_cfg = uses_cfg(cfg.sampling.guidance_scale)
+    split = use_cfg and cfg.parallel.cfg_degree == 2
+    if cfg.storyboard is None:
+        return 1 + use_cfg, 1 if split else 1 + use_cfg
+    from .storyboard import storyboard_of, text_plan
+
+    board = storyboard_of(cfg)
+    plans = [text_plan(board, num_frames, cfg.video.fps, r, cfg.sampling.negative_prompt, use_cfg)
+             for r in shards.ranges]
+    sides = [[len(p.cond.runs)] + ([len(p.uncond.runs)] if p.uncond is not None else []) for p in plans]
+    return max(p.encodings for p in plans), max(max(s) if split else sum(s) for s in sides)
 
 
 def frame_table_bytes(latent_frames: int, kinds: int) -> float:
@@ -299,7 +322,10 @@ def format_plan(p: RenderPlan) -> str:
         "compute per rank per step:",
         *[f"  attention {k:<14}{_si(v, 'FLOP'):>14}" for k, v in p.attention_flops_by_kind.items()],
         f"  {'attention (all kinds)':<24}{_si(sum(p.attention_flops_by_kind.values()), 'FLOP'):>14}",
-        f"  {'linear + cross-attn':<24}{_si(p.linear_flops, 'FLOP'):>14}",
+        f"  {'linear + cross-attn':<24}{_si(p.linear_flops, 'FLOP'):>14}"
+        + (f" (text K/V for {p.text_runs} runs of frames)" if p.text_runs > 2 else ""),
+        f"text encoder: {p.text_encodings} prompt encodings on the busiest rank, {_si(p.text_encoder_flops, 'FLOP')}"
+        " once per render",
         "bytes received per rank per step:" + ("" if p.bytes_per_step else " none (one rank)"),
         *[f"  {k:<24}{_si(v, 'B'):>14}" for k, v in p.bytes_per_step.items()],
         *(["bytes moved once per render: " + ", ".join(f"{k} {_si(v, 'B')}" for k, v in p.bytes_per_job.items())]

@@ -77,6 +77,11 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
     check_memory(cfg, kind.two_experts if kind is not None else None)
     heads = (transformer_cfg or {}).get("num_attention_heads")
     configs = queue_configs(config_path, cfg, overrides, options)
+    from .storyboard import with_storyboard
+
+    configs = [with_storyboard(job, model_dir, prompt_flag="prompt" in overrides and options.prompts is None)
+               for job in configs]
+    cfg = configs[0] if options.prompts is None else cfg
     for job in configs:  # per-job frames against the world size and the model's positions
         check_world(job, world, heads)
         check_length(job, profile, transformer_cfg)
@@ -351,7 +356,8 @@ def queue_configs(config_path: Path, cfg: RenderConfig, overrides: Mapping[str, 
     base = {**overrides, "video.frames": cfg.video.frames}  # --seconds already resolved
     configs = []
     for job in jobs:
-        over = {**base, "prompt": job.prompt, "output": str(job.output)}
+        over = {**base, "prompt": job.prompt, "output": str(job.output),
+                "storyboard": str(job.storyboard) if job.storyboard is not None else None}
         if job.seed is not None:
             over["sampling.seed"] = job.seed
         if job.frames is not None:

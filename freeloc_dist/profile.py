@@ -9,11 +9,9 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
-import yaml
-
 from .errors import UserError
 from .plan import KINDS, LongRangeParams, PlanError, TSAParams, VRPRParams, check_vrpr_params
-from .yamlio import load_yaml, yaml_problem
+from .yamlio import read_yaml_file
 
 
 class ProfileError(UserError, ValueError):
@@ -187,14 +185,5 @@ def load_profile(profile) -> Profile:
         path = os.fspath(profile)
         if not os.path.isfile(path):
             raise ProfileError(f"profile {path}: file not found")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ProfileError(f"profile {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-        try:
-            data = load_yaml(text)
-        except yaml.YAMLError as e:
-            raise ProfileError(f"profile {path}: not valid YAML{yaml_problem(e)}") from None
-        return parse_profile(data, where=f"profile {path}")
+        return parse_profile(read_yaml_file(path, "profile", ProfileError), where=f"profile {path}")
     raise ProfileError(f"profile: expected a path, mapping or Profile, got {type(profile).__name__}")

@@ -4,7 +4,10 @@ File format (`--prompts FILE`), one job per non-blank line; lines starting with 
     a red fox running through fresh snow
     {"prompt": "a lighthouse in a storm", "seed": 3, "frames": 161, "output": "storm/lighthouse.mp4"}
 A plain line is a prompt with the command line's / config's seed and frames. A JSON line may set `seed`,
-`frames` and `output` (a relative .mp4 path inside the output folder). Default output names are a slug of
+`frames` and `output` (a relative .mp4 path inside the output folder), and may give a `storyboard` (a prompt
+schedule file, freeloc_dist.storyboard; a relative path is relative to the prompts file's folder) instead of
+`prompt`: {"storyboard": "boards/fox.yaml", "seed": 1}. A job without a storyboard renders its prompt even where
+the config names one. Default output names are a slug of
 the prompt plus the seed (`a-red-fox-running-through-fresh-snow-s0.mp4`), so nothing a prompt contains can
 name a path outside the output folder. Every problem is one line naming the file, the line and the field.
 """
@@ -20,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from .errors import UserError
 
 SLUG_MAX = 60
-_JOB_KEYS = ("prompt", "seed", "frames", "output")
+_JOB_KEYS = ("prompt", "storyboard", "seed", "frames", "output")
 
 
 class QueueError(UserError, ValueError):
@@ -34,6 +37,7 @@ class Job:
     seed: int | None  # None: the config's / command line's
     frames: int | None
     output: Path  # absolute, inside the output folder
+    storyboard: Path | None = None  # a prompt schedule instead of `prompt` (then "")
 
 
 def slugify(text: str, max_len: int = SLUG_MAX) -> str:
@@ -78,6 +82,16 @@ def _int_field(where: str, obj: dict, key: str) -> int | None:
     return v
 
 
+def _storyboard_field(where: str, obj: dict, prompts_file: Path) -> Path | None:
+    if "storyboard" not in obj:
+        return None
+    value = obj["storyboard"]
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise QueueError(f"{where}: storyboard={value!r}: expected a path to a storyboard file")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else prompts_file.parent / path
+
+
 def parse_prompts(path: str | Path, out_dir: str | Path, default_seed: int) -> list[Job]:
     """Read and validate a prompts file; outputs resolve inside `out_dir`. Raises QueueError."""
     path, out_dir = Path(path), Path(out_dir).resolve()
@@ -94,7 +108,7 @@ def parse_prompts(path: str | Path, out_dir: str | Path, default_seed: int) -> l
         if not line or line.startswith("#"):
             continue
         where = f"{path}:{number}"
-        seed = frames = output = None
+        seed = frames = output = storyboard = None
         if line.startswith("{"):
             try:
                 obj = json.loads(line)
@@ -103,8 +117,12 @@ def parse_prompts(path: str | Path, out_dir: str | Path, default_seed: int) -> l
             unknown = [k for k in obj if k not in _JOB_KEYS]
             if unknown:
                 raise QueueError(f"{where}: {unknown[0]}: unknown key (expected one of: {', '.join(_JOB_KEYS)})")
-            prompt = obj.get("prompt")
-            if not isinstance(prompt, str) or not prompt.strip():
+            prompt, storyboard = obj.get("prompt"), _storyboard_field(where, obj, path)
+            if storyboard is not None:
+                if prompt is not None:
+                    raise QueueError(f"{where}: prompt: not allowed with storyboard (its entries are the prompts)")
+                prompt = ""
+            elif not isinstance(prompt, str) or not prompt.strip():
                 raise QueueError(f"{where}: prompt: missing or not a non-empty string")
             seed, frames = _int_field(where, obj, "seed"), _int_field(where, obj, "frames")
             if seed is not None and not 0 <= seed < 2**63:
@@ -114,7 +132,8 @@ def parse_prompts(path: str | Path, out_dir: str | Path, default_seed: int) -> l
         else:
             prompt = line
         if output is None:
-            output = out_dir / job_output_name(prompt, default_seed if seed is None else seed)
+            name = prompt if storyboard is None else storyboard.stem
+            output = out_dir / job_output_name(name, default_seed if seed is None else seed)
         output = output.resolve()
         if out_dir not in output.parents:  # belt and braces (symlinked folders inside out_dir)
             raise QueueError(f"{where}: output {output} is outside the output folder {out_dir}")
@@ -122,7 +141,7 @@ def parse_prompts(path: str | Path, out_dir: str | Path, default_seed: int) -> l
             raise QueueError(f"{where}: output {output.name!r} is also written by line {seen[output]}; "
                              f"give a different seed or output")
         seen[output] = number
-        jobs.append(Job(number, prompt.strip(), seed, frames, output))
+        jobs.append(Job(number, prompt.strip(), seed, frames, output, storyboard))
     if not jobs:
         raise QueueError(f"prompts file {path}: no prompts")
     return jobs

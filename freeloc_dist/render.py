@@ -210,6 +210,7 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
     from .families import family_of
     from .progress import Progress
     from .sampling import render
+    from .storyboard import own_frames
     from .video import save_latents, write_json, write_mp4
 
     dims, log_fn = session.dims, session.log
@@ -246,7 +247,8 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
     progress = Progress(log_fn, start_step=resume.step if resume else 0, label=label)
     result = render(session.parts, cfg, decode=False, predict=session.predict, on_step=progress,
                     resume=resume, after_step=after_step, predict_2=session.predict_2,
-                    encode_prompts=session.memory.encoder)
+                    encode_prompts=session.memory.encoder,
+                    own_frames=own_frames(cfg.latent_frames, dims.sp_degree, dims.sp_rank))
     sample_s = time.perf_counter() - sample_start
     if options.report_comm:
         report_comm(session, s.steps)
@@ -321,9 +323,12 @@ def sidecar(cfg, session: Session, resume, timings) -> dict:
         except metadata.PackageNotFoundError:
             return None
 
+    from .storyboard import storyboard_of
+
     dims, profile = session.dims, session.profile
     return {
         "prompt": cfg.prompt,
+        **({"storyboard": storyboard_of(cfg).to_mapping()} if cfg.storyboard is not None else {}),
         "seed": cfg.sampling.seed,
         "output": str(cfg.output),
         "config": dataclasses.asdict(cfg),

@@ -163,7 +163,8 @@ class RenderResult:
 def render(components, cfg: RenderConfig, *, decode: bool = True, predict: PredictFn = predict_noise,
            on_step: StepCallback | None = None, noise: NoiseFn = initial_noise, resume=None,
            after_step: AfterStep | None = None, predict_2: PredictFn | None = None,
-           image: torch.Tensor | None = None, encode_prompts=encode_prompts) -> RenderResult:
+           image: torch.Tensor | None = None, encode_prompts=encode_prompts,
+           own_frames: tuple[int, int] | None = None) -> RenderResult:
     """Run one text-to-video render of `cfg` with loaded components (see freeloc_dist.models).
 
     `noise(geometry, seed, device)` draws the initial latents (FreeNoise replaces it, freeloc_dist.methods).
@@ -171,7 +172,10 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
     `sample`. `predict_2`: the second expert's predict (two-expert models; default `predict`).
     `image`: Wan2.2 TI2V's image mode, the conditioning image [1, 3, Hp, Wp] in [-1, 1] at the render size
     (frame 0 becomes its clean latent, with timestep 0); None renders text only. `encode_prompts(components,
-    prompts, max_tokens)`: the prompts' text states (freeloc_dist.memory.PromptEncoder under `memory:`)."""
+    prompts, max_tokens)`: the prompts' text states (freeloc_dist.memory.PromptEncoder under `memory:`).
+
+    `own_frames`: the latent frames [first, end) this rank's predictions run (sequence parallelism): a storyboard
+    (cfg.storyboard) encodes the texts of those frames only; None: every frame."""
     from freeloc_dist.experts import expert_schedule
 
     transformer = components.transformer
@@ -179,9 +183,14 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
     s = cfg.sampling
     geometry = latent_geometry(components.vae, transformer, cfg.video.frames, cfg.video.height, cfg.video.width)
     use_cfg = uses_cfg(s.guidance_scale)  # the first scale decides, for both experts (diffusers' rule)
-    cond, *negative = encode_prompts(components, [cfg.prompt] + ([s.negative_prompt] if use_cfg else []),
-                                     s.max_text_tokens)
-    uncond = negative[0] if negative else None
+    if cfg.storyboard is not None:  # per-frame texts (freeloc_dist.storyboard)
+        from freeloc_dist.storyboard import render_texts
+
+        cond, uncond = render_texts(components, cfg, geometry.frames, own_frames, use_cfg, encode_prompts)
+    else:
+        cond, *negative = encode_prompts(components, [cfg.prompt] + ([s.negative_prompt] if use_cfg else []),
+                                         s.max_text_tokens)
+        uncond = negative[0] if negative else None
     cond = cond.to(device=device, dtype=transformer.dtype)
     uncond = uncond.to(device=device, dtype=transformer.dtype) if uncond is not None else None
     scheduler = build_scheduler(components.scheduler, s.scheduler, s.shift)
@@ -201,8 +210,11 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
 
     condition, per_token = family_of(transformer).render_inputs(components, cfg, geometry, image, device,
                                                                 transformer.dtype)
-    latents = sample(transformer, scheduler, latents, cond, uncond, steps=s.steps, guidance=s.guidance_scale,
-                     predict=predict, on_step=on_step, start_step=start_step, scheduler_state=state,
-                     after_step=after_step, experts=experts, condition=condition, token_timesteps=per_token)
+    from freeloc_dist.storyboard import frame_text_attention
+
+    with frame_text_attention(components, enabled=cfg.storyboard is not None):
+        latents = sample(transformer, scheduler, latents, cond, uncond, steps=s.steps, guidance=s.guidance_scale,
+                         predict=predict, on_step=on_step, start_step=start_step, scheduler_state=state,
+                         after_step=after_step, experts=experts, condition=condition, token_timesteps=per_token)
     frames = decode_video(components.vae, latents) if decode else None
     return RenderResult(latents=latents, frames=frames)

@@ -43,6 +43,25 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=StrictLoader)  # noqa: S506  (a SafeLoader subclass)
 
 
+def read_yaml_file(path, what: str, error: type[Exception]) -> Any:
+    """The parsed YAML of a user file; every problem is `error("<what> <path>: ...")`, one line: not found,
+    unreadable (a directory, permissions, not UTF-8), invalid YAML."""
+    import os
+
+    path = os.fspath(path)
+    if not os.path.isfile(path) and not os.path.isdir(path):
+        raise error(f"{what} {path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{what} {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as e:
+        raise error(f"{what} {path}: not valid YAML{yaml_problem(e)}") from None
+
+
 def yaml_problem(e: yaml.YAMLError) -> str:
     """' at line N: problem' (or ': syntax error') for a one-line message."""
     mark = getattr(e, "problem_mark", None)

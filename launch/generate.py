@@ -94,6 +94,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(description="Render a video clip with a Wan model and FreeLOC (text- or image-to-video).")
     p.add_argument("--config", required=True, type=Path, help="render config YAML (e.g. configs/tiny.yaml)")
     config_flag(p, "--prompt", "prompt", help="text prompt (default: the config's)")
+    config_flag(p, "--storyboard", "storyboard", type=cwd_path, metavar="FILE",
+                help="a prompt schedule: YAML list of {at: SECONDS, prompt: TEXT} (README 'Storyboards')")
     length = p.add_mutually_exclusive_group()
     config_flag(length, "--frames", "video.frames", type=int, help="output video frames, 4k+1 (e.g. 81, 161, 321)")
     length.add_argument("--seconds", type=float, help="video length in seconds (nearest 4k+1 frames at the fps)")
@@ -159,7 +161,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.prompts is not None:
         for flag, value in (("out", given(args, "output")), ("save-latents", args.save_latents),
-                            ("checkpoint", given(args, "checkpoint.path")), ("prompt", given(args, "prompt"))):
+                            ("checkpoint", given(args, "checkpoint.path")), ("prompt", given(args, "prompt")),
+                            ("storyboard", given(args, "storyboard"))):
             if value is not None:
                 raise UserError(f"--{flag}: not allowed with --prompts (each job has its own; use --out-dir)")
     elif args.out_dir is not None:

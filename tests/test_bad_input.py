@@ -48,6 +48,14 @@ def bad_profile(tmp_path):
     return path
 
 
+def storyboard(tmp_path, text):
+    """["--storyboard", FILE] of a storyboard file with this text (tiny-random.yaml: 77 frames = 4.81 s)."""
+    path = tmp_path / "sb.yaml"
+    path.write_text(text)
+    return ["--storyboard", path]
+
+
+SB_OK = "- {at: 0, prompt: a fox}\n- {at: 2, prompt: a cat}\n"
 # (id, make(tmp_path) -> extra argv, config edit, text the error line must contain)
 CASES = [
     ("config-unknown-key", lambda t: [], lambda c: c["sampling"].update(stepz=3), "sampling.stepz"),
@@ -91,6 +99,34 @@ CASES = [
     ("profile-invalid", lambda t: ["--profile", bad_profile(t)], None, "profile"),
     ("dry-run-does-not-fit", lambda t: ["--dry-run", "--gpu-memory-gb", "0.000001"], None, "does not fit"),
     ("dry-run-world", lambda t: ["--dry-run", "--world-size", "64"], None, "64 ranks give 64 sequence-parallel"),
+    ("storyboard-unsorted", lambda t: storyboard(t, SB_OK + "- {at: 1, prompt: a bird}\n"), None,
+     "entry 3: at=1: times must strictly increase"),
+    ("storyboard-repeated", lambda t: storyboard(t, SB_OK + "- {at: 2, prompt: a bird}\n"), None,
+     "entry 3: at=2: times must strictly increase"),
+    ("storyboard-past-end", lambda t: storyboard(t, SB_OK + "- {at: 4.9, prompt: a bird}\n"), None,
+     "entry 3: at=4.9: past the end of the video (77 frames at 16 fps = 4.8125 s)"),
+    ("storyboard-empty-prompt", lambda t: storyboard(t, SB_OK + "- {at: 3, prompt: ' '}\n"), None,
+     "entry 3: prompt=' ': expected a non-empty string"),
+    ("storyboard-unknown-key", lambda t: storyboard(t, "- {at: 0, promt: a fox}\n"), None,
+     "entry 1: promt: unknown key"),
+    ("storyboard-not-a-list", lambda t: storyboard(t, "at: 0\nprompt: a fox\n"), None,
+     "expected a YAML list of {at, prompt} entries, got dict"),
+    ("storyboard-first-not-at-0", lambda t: storyboard(t, "- {at: 1, prompt: a fox}\n"), None,
+     "entry 1: at=1: the first entry must be at 0"),
+    ("storyboard-overlap", lambda t: storyboard(t, SB_OK + "- {at: 2.5, prompt: a bird}\n"), None,
+     "entry 3: transition=1: overlaps the transition of entry 2"),
+    ("storyboard-yaml", lambda t: storyboard(t, "- {at: 0, prompt: [\n"), None, "not valid YAML"),
+    ("storyboard-missing", lambda t: ["--storyboard", t / "nope.yaml"], None, "nope.yaml: file not found"),
+    ("storyboard-unreadable", lambda t: ["--storyboard", t], None, "cannot read"),
+    ("storyboard-with-prompt", lambda t: [*storyboard(t, SB_OK), "--prompt", "a fox"], None,
+     "--prompt: not allowed with a storyboard"),
+    ("storyboard-compile", lambda t: [*storyboard(t, SB_OK), "--compile", "blocks"], None,
+     "storyboard: not supported with model.compile=blocks"),
+    ("storyboard-config-key", lambda t: [], lambda c: c.update(storyboard="configs/storyboards/tiny-three.yaml",
+                                                               video={**c["video"], "frames": 17}),
+     "entry 3: at=1.4: past the end of the video (17 frames at 16 fps = 1.0625 s)"),
+    ("storyboard-with-prompts", lambda t: [*storyboard(t, SB_OK), "--prompts", prompts(t, "a cat")], None,
+     "--storyboard: not allowed with --prompts"),
 ]
 
 
@@ -111,6 +147,25 @@ def test_bad_input_is_one_line_exit_2(generate, tmp_path, monkeypatch, capsys, m
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert needle in err[0], err[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.unit
+def test_storyboard_error_is_identical_on_every_rank(generate, tmp_path, monkeypatch, capsys):
+    """Every rank reads the storyboard in preflight, before any rendezvous: the same line on each (in-process, as
+    torchrun's environment sets each rank)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path)
+    argv = ["--config", str(cfg), *map(str, storyboard(tmp_path, SB_OK + "- {at: 2, prompt: a bird}\n"))]
+    lines = []
+    for rank in (0, 1):
+        for k, v in (("WORLD_SIZE", "2"), ("RANK", str(rank)), ("LOCAL_RANK", str(rank))):
+            monkeypatch.setenv(k, v)
+        assert generate.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"[rank {rank}] error: storyboard "), err
+        lines.append(err[0].split("] ", 1)[1])
+    assert lines[0] == lines[1] and "times must strictly increase" in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.cli

@@ -13,7 +13,9 @@ like the latents and the CLIP tokens reach every rank and both CFG groups; FLF2V
 across ranks; the two-expert models switch experts (4 steps cross the boundary) under every world shape;
 TI2V runs per-token timesteps, 48 channels and the 16x VAE's decode over the ranks; the memory row renders the
 two-expert model with `text_encoder: rank0` (the other ranks never load the encoder) and `shard_weights: true`
-(FSDP2 blocks over the sp group) against the one-process render with whole weights.
+(FSDP2 blocks over the sp group) against the one-process render with whole weights;
+the storyboard row gives each rank only its own frames' texts (a blend, a hard cut, a per-segment negative
+prompt) under every world shape.
 """
 
 import json
@@ -51,6 +53,11 @@ MODELS = {
     # memory settings (freeloc_dist.memory): one rank encodes and broadcasts, FSDP2 shards the blocks over the sp group
     "wan-t2v-a14b-memory": ("configs/tiny-random-a14b.yaml", [*LENGTH, "--steps", "4", "--text-encoder", "rank0",
                                                               "--shard-weights", "true", "--report-comm"]),
+    # a three-segment storyboard (a blend, a hard cut, a per-segment negative prompt): each rank encodes only
+    # its own frames' texts (freeloc_dist.storyboard), cfg 2 x sp 2 splits the per-frame cond and uncond
+    "wan-t2v-storyboard": ("configs/tiny-random.yaml",
+                           [*SMALL, "--steps", "3", "--storyboard",
+                            str(REPO_ROOT / "configs" / "storyboards" / "tiny-three.yaml")]),
 }
 # world shape -> (ranks, argv). No world of 1: it installs no engine, so it would compare a path with itself.
 WORLDS = {"sp2": (2, []), "sp3": (3, []), "cfg2xsp2": (4, ["--cfg-degree", "2"])}
@@ -59,6 +66,7 @@ MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") fo
     ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"), ("wan-t2v-a14b-fast", "sp2"),
     ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"),
     *[("wan-t2v-a14b-memory", world) for world in WORLDS],
+    *[("wan-t2v-storyboard", world) for world in WORLDS],
 ]
 # The one-process reference of a model case: its own render, except the skeleton's, which is Wan's render of the
 # same weights (tests/test_families.py shows the two equal bit for bit in one process).

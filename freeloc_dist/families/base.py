@@ -124,6 +124,14 @@ class Family:
     def image_encoder_params(self, config) -> float:
         raise NotImplementedError
 
+    # -- storyboards (freeloc_dist.storyboard) ---------------------------------------------------------------
+    per_frame_text: bool = False  # whether each latent frame can attend its own text (a storyboard)
+
+    def install_frame_text(self, transformer):
+        """Let the transformer take a storyboard.FrameText as `encoder_hidden_states`: the queries of each run of
+        latent frames attend that run's conditioning, everything else as stock; returns the undo."""
+        raise NotImplementedError(f"{self.name}: no per-frame text conditioning")
+
     def render_inputs(self, components, cfg, geometry, image, device, dtype):
         """(condition, token_timesteps) of a render: the image conditioning of the whole video (or None) and
         per-token timesteps (or None), as the family's pipeline builds them from the config's image(s)."""

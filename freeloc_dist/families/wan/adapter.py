@@ -90,6 +90,13 @@ class WanFamily(Family):
 
         return render_inputs(components, cfg, geometry, image, device, dtype)
 
+    per_frame_text = True  # cross-attention is per token (families/wan/frame_text.py)
+
+    def install_frame_text(self, transformer):
+        from .frame_text import install
+
+        return install(transformer)
+
     def owns(self, transformer) -> bool:
         from diffusers import WanTransformer3DModel
 
