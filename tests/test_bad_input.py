@@ -122,6 +122,8 @@ CASES = [
      "--prompt: not allowed with a storyboard"),
     ("storyboard-compile", lambda t: [*storyboard(t, SB_OK), "--compile", "blocks"], None,
      "storyboard: not supported with model.compile=blocks"),
+    ("storyboard-text-encoder-rank0", lambda t: [*storyboard(t, SB_OK), "--text-encoder", "rank0"], None,
+     "storyboard: not supported with memory.text_encoder=rank0"),
     ("storyboard-config-key", lambda t: [], lambda c: c.update(storyboard="configs/storyboards/tiny-three.yaml",
                                                                video={**c["video"], "frames": 17}),
      "entry 3: at=1.4: past the end of the video (17 frames at 16 fps = 1.0625 s)"),
