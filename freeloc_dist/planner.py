@@ -28,7 +28,6 @@ from freeloc_dist.config import RenderConfig
 
 from .errors import UserError
 from .families.kind import FRAMES_RULE
-from .guidance import uses_cfg
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -56,6 +55,8 @@ class RenderPlan:
     steps: int
     peak_tflops: float
     device_memory_gb: float
+    num_layers: int = 0  # FreeLOC (profile) layers of the model
+    trained_frames: int | None = None  # T of the profile (None: stock attention)
 
     @property
     def memory_total(self) -> float:
@@ -110,8 +111,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     from freeloc_dist.parallel.shards import frame_shards
     from freeloc_dist.plan import layer_plan
 
-    t = transformer_cfg
-    family = _family(t)
+    family = _family(transformer_cfg)
+    t = family.planner_config(transformer_cfg)
     heads, head_dim, layers = t["num_attention_heads"], t["attention_head_dim"], t["num_layers"]
     d, ffn = heads * head_dim, t["ffn_dim"]
     _, ph, pw = t.get("patch_size", [1, 2, 2])
@@ -131,7 +132,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     shards = frame_shards(num_frames, sp)
     local_frames = max(shards.sizes)
     act_bytes = DTYPE_BYTES[cfg.model.dtype]
-    use_cfg = uses_cfg(cfg.sampling.guidance_scale)  # the first scale decides (guidance_scale_2 does not)
+    use_cfg, _ = family.classifier_free(cfg.sampling)  # Wan: the first scale decides (not guidance_scale_2)
     passes = (2 if use_cfg else 1) // (cfg_degree if use_cfg else 1)  # transformer passes per rank per step
     text_len = cfg.sampling.max_text_tokens
     if t.get("image_dim"):  # CLIP tokens join the cross-attention keys
@@ -188,11 +189,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
             buffer = (4 * local_frames * n * d if strat == "ring" else received) * act_bytes
             kv_buffer = max(kv_buffer, float(buffer))
     memory["K/V buffers"] = kv_buffer
-    # Linear layers per pass: self q k v o (4 d^2), cross q o (2 d^2), FFN (2 d ffn) per token; cross k v per
-    # text token; 2 flops per multiply-add. Cross-attention scores: 4 x tokens x text_len x d.
-    per_pass = layers * (2.0 * local_tokens * (6 * d * d + 2 * d * ffn) + 2.0 * text_len * 2 * d * d
-                         + 4.0 * local_tokens * text_len * d)
-    linear = per_pass * passes
+    # Everything but the FreeLOC attention (the family's count: projections, MLPs, the text's attention scores)
+    linear = family.linear_flops_per_pass(t, local_tokens, text_len) * passes
     if sp > 1:
         # the prediction's other frames, float32 (Comm.gather_frames), for the rank with the smallest shard
         comm["gather"] = float(t["out_channels"] * (num_frames - min(shards.sizes)) * (h * ph) * (w * pw)) * 4
@@ -203,7 +201,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
                         layers_by_kind=layers_by_kind, density_by_kind=density, strategy_by_kind=strategy,
                         memory_bytes=memory, attention_flops_by_kind=attn_flops, linear_flops=linear,
                         bytes_per_step=comm, steps=cfg.sampling.steps, peak_tflops=peak_tflops,
-                        device_memory_gb=device_memory_gb)
+                        device_memory_gb=device_memory_gb, num_layers=layers,
+                        trained_frames=profile.trained_frames if profile is not None else None)
     _check_fits(memory, device_memory_gb)
     return result
 
@@ -249,5 +248,8 @@ def format_plan(p: RenderPlan) -> str:
         *[f"  {k:<24}{_si(v, 'B'):>14}" for k, v in p.bytes_per_step.items()],
         f"time: >= {format_seconds(p.seconds)} for {p.steps} steps at {p.peak_tflops:g} TFLOP/s per rank "
         f"(compute only, at the stated peak; {p.seconds / p.steps:.1f} s/step)",
+        f"model: {p.num_layers} attention layers; " + (f"T = {p.trained_frames} latent frames (F/T = "
+                                                        f"{p.latent_frames / p.trained_frames:.2f})"
+                                                        if p.trained_frames else "stock attention (no profile)"),
     ]
     return "\n".join(lines)

@@ -39,6 +39,9 @@ class FreeLOCState:
         self.attention = attention  # (q, k, v, rotary_emb, plan, t_rope) -> out, all [B, L, h, d]
         self.grid: tuple[int, int, int] | None = None
         self.route_stock = False  # True under sequence parallelism: stock layers need all frames too
+        # joint text-video families (DESIGN 11): (qv, kv, vv, qt, kt, vt, rotary_emb, plan, t_rope, *, text_phase,
+        # text_valid) -> (out_video, out_text), freeloc_dist.attention.joint; None for families without
+        self.joint_attention = None
         self.engine = None  # the SequenceParallel engine driving this state, if any
         self._register()
 
@@ -132,6 +135,24 @@ def _backward(ctx, grad):
 freeloc_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("freeloc::joint_attention", mutates_args=())
+def freeloc_joint_attention(qv: torch.Tensor, kv: torch.Tensor, vv: torch.Tensor, qt: torch.Tensor,
+                            kt: torch.Tensor, vt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            text_valid: torch.Tensor | None, state_key: int, kind: str,
+                            grid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FreeLOC joint text-video attention (video [B, Lv, h, d], text [B, Lt, h, d]) of one layer (DESIGN 11)."""
+    state = _STATES[state_key]
+    plan = state.plan_for(kind, tuple(grid))
+    out_v, out_t = state.joint_attention(qv, kv, vv, qt, kt, vt, (cos, sin), plan, state.t_rope,
+                                         text_phase=state.profile.joint_text_phase, text_valid=text_valid)
+    return out_v.to(qv.dtype).contiguous(), out_t.to(qt.dtype).contiguous()
+
+
+@freeloc_joint_attention.register_fake
+def _(qv, kv, vv, qt, kt, vt, cos, sin, text_valid, state_key, kind, grid):
+    return qv.new_empty(qv.shape), qt.new_empty(qt.shape)
+
+
 class FreeLOCAttnProcessor:
     def __init__(self, kind: str, state: FreeLOCState):
         self.kind = kind
@@ -170,5 +191,11 @@ class FreeLOCAttnProcessor:
             return self.stock(attn, hidden_states, *args, **kwargs)
         q, k, v = family.project_qkv(attn, hidden_states)
         cos, sin = rotary_emb
+        if family.joint_text:  # text joins this attention: never left to the stock path at F > T (DESIGN 11)
+            text, text_valid = family.joint_inputs(args, kwargs, hidden_states.shape[1])
+            qt, kt, vt = family.project_text_qkv(attn, text)
+            out_v, out_t = freeloc_joint_attention(q, k, v, qt, kt, vt, cos, sin, text_valid, state.key, self.kind,
+                                                   list(grid))
+            return family.project_joint_out(attn, out_v, out_t, q.dtype)
         out = freeloc_attention(q, k, v, cos, sin, state.key, self.kind, list(grid))
         return family.project_out(attn, out, q.dtype)

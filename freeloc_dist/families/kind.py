@@ -73,6 +73,7 @@ class ModelKind:
     vae_spatial: int  # pixels per latent cell, per axis
     trained_frames: int  # T
     condition_images: int = 1  # images the model is conditioned on: 2 for FLF2V (first and last frame)
+    family: str = ""  # the family that read it (freeloc_dist.families), which a profile's `family` must name
 
     @property
     def frames_rule(self) -> FramesRule:
@@ -111,7 +112,11 @@ def read_json(path: Path) -> dict:
 
 
 def check_profile_fits(kind: ModelKind, profile, where: str) -> None:
-    """A FreeLOC profile must list this model's layers and be made for its trained length; one line."""
+    """A FreeLOC profile must be made for this model's family (when it names one), list its layers and be made
+    for its trained length; one line."""
+    if profile.family is not None and kind.family and profile.family != kind.family:
+        raise ModelKindError(f"{where}: is a profile for the {profile.family} family, the model is {kind.family} "
+                             f"({kind.pipeline})")
     if profile.num_layers != kind.num_layers:
         raise ModelKindError(f"{where}: lists {profile.num_layers} layers, the model has {kind.num_layers}")
     if profile.trained_frames != kind.trained_frames:

@@ -30,6 +30,12 @@ from .shards import FrameShards, frame_shards
 from .strategies import STRATEGIES, SPContext
 
 
+# Until the text stream is replicated per rank and text queries merge across ranks (DESIGN 11), a family whose text
+# joins its self-attention renders on one sequence-parallel rank: refused here (and in preflight), never run wrong.
+SP_JOINT_TEXT = ("sequence parallelism (sp > 1) is not implemented yet for the {family} family (joint text-video "
+                 "attention); render it on one process (sp_degree 1)")
+
+
 def stock_profile(num_layers: int) -> dict:
     """Every layer full at any length: the engine's path for renders without FreeLOC."""
     return {
@@ -69,6 +75,8 @@ class SequenceParallel:
         self._wrappers: list[GlobalForward] = []
         self.forward = self._wrap_forward()
         self.heads = self.family.num_heads(transformer)
+        if dims.sp_degree > 1 and self.family.joint_text:
+            raise RuntimeError(SP_JOINT_TEXT.format(family=self.family.name))
         check_strategy(strategy, self.heads, dims.sp_degree, degenerate_hybrid=True)
         if dims.sp_degree > 1:
             u = ulysses_degree(self.heads, dims.sp_degree)
@@ -255,8 +263,8 @@ class SequenceParallel:
         def run(text):
             self._local = True
             try:
-                return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text,
-                                   return_dict=False, **extra)[0]
+                return transformer(hidden_states=x, timestep=timestep, return_dict=False,
+                                   **self.family.text_kwargs(text), **extra)[0]
             finally:
                 self._local = False
 

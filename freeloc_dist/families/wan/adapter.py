@@ -139,6 +139,9 @@ class WanFamily(Family):
     def transformer_params(self, config):
         return counts.transformer_params(config)
 
+    def linear_flops_per_pass(self, config, video_tokens, text_tokens):
+        return counts.linear_flops_per_pass(config, video_tokens, text_tokens)
+
     def text_encoder_params(self, config):
         return counts.text_encoder_params(config)
 

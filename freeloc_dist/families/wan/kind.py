@@ -94,7 +94,7 @@ def read_model_kind(model_dir: str | Path, pipelines: tuple[str, ...] = PIPELINE
         num_layers=int(tcfg.get("num_layers", 0)), num_heads=int(tcfg.get("num_attention_heads", 0)),
         head_dim=int(tcfg.get("attention_head_dim", 0)), patch_size=tuple(tcfg.get("patch_size", (1, 2, 2))),
         vae_temporal=temporal, vae_spatial=spatial,
-        trained_frames=_trained_frames(index, expand), condition_images=images,
+        trained_frames=_trained_frames(index, expand), condition_images=images, family="wan",
     )
     check_model_kind(kind, root, z_dim=z_dim)
     return kind

@@ -21,6 +21,11 @@ import torch
 from freeloc_dist.config import ConfigError
 from freeloc_dist.models import Components, resolve_dtype
 
+from ..layout import config_of as _config_of
+from ..layout import has_weights as _has_weights
+from ..layout import scheduler_class as _scheduler_class
+from ..layout import weight_shapes as _weight_shapes
+
 # subfolder -> the config file that must exist in it
 _REQUIRED_CONFIGS = {
     "transformer": "config.json",
@@ -32,11 +37,6 @@ _REQUIRED_CONFIGS = {
 _WEIGHT_SUBFOLDERS = ("transformer", "vae", "text_encoder")
 # Image-to-video (Wan2.1 I2V / FLF2V): CLIP's vision tower and its preprocessor, when model_index.json names them
 _IMAGE_ENCODER, _IMAGE_PROCESSOR = "image_encoder", "image_processor"
-
-
-def _has_weights(folder: Path) -> bool:
-    return any(p.name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
-               for p in folder.iterdir())
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
@@ -81,35 +81,6 @@ def _index_of(root: Path):
         return json.loads((root / "model_index.json").read_text())
     except (OSError, ValueError):
         return None
-
-
-def _weight_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
-    """{tensor name: shape} from the safetensors headers in `folder` (no tensor is read); None when the
-    weights are not all safetensors (.bin cannot be inspected without unpickling)."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files or any(p.name.endswith(".bin") for p in folder.iterdir()):
-        return None
-    shapes = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-        except Exception as e:  # a truncated or garbage header
-            raise ConfigError(f"config error: {path}: not a readable safetensors file ({type(e).__name__})") from None
-    return shapes
-
-
-def _config_of(folder: Path) -> dict:
-    try:
-        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"config error: {folder / 'config.json'}: not readable JSON ({type(e).__name__})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config error: {folder / 'config.json'}: expected a JSON object")
-    return data
 
 
 def check_weights_match_config(model_dir: str | Path) -> None:
@@ -185,20 +156,6 @@ def weights_signature(model_dir: str | Path) -> list:
                     st = p.stat()
                     out.append([f"{sub}/{p.name}", st.st_size, st.st_mtime_ns])
     return out
-
-
-def _scheduler_class(config_path: Path):
-    import diffusers
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
-
-    try:
-        name = json.loads(config_path.read_text())["_class_name"]
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"config error: {config_path}: no _class_name in the scheduler config") from None
-    cls = getattr(diffusers, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ConfigError(f"config error: {config_path}: {name!r} is not a diffusers scheduler")
-    return cls
 
 
 def load_scheduler(model_dir: str | Path):
