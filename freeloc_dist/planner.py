@@ -71,7 +71,7 @@ class RenderPlan:
         return self.flops_per_step * self.steps / (self.peak_tflops * 1e12)
 
 
-def _family(transformer_cfg: Mapping[str, Any]):
+def family_of_config(transformer_cfg: Mapping[str, Any]):
     """The family of a transformer config (config.json's `_class_name`, built-in configs carry it too)."""
     from freeloc_dist.families import registered
 
@@ -95,7 +95,7 @@ KNOWN_KINDS = _known("known_kinds")
 
 def transformer_params(t: Mapping[str, Any]) -> float:
     """Parameter count of a transformer from its config (the family's formula)."""
-    return _family(t).transformer_params(t)
+    return family_of_config(t).transformer_params(t)
 
 
 def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=None, *, world_size: int,
@@ -111,7 +111,7 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     from freeloc_dist.parallel.shards import frame_shards
     from freeloc_dist.plan import layer_plan
 
-    family = _family(transformer_cfg)
+    family = family_of_config(transformer_cfg)
     t = family.planner_config(transformer_cfg)
     heads, head_dim, layers = t["num_attention_heads"], t["attention_head_dim"], t["num_layers"]
     d, ffn = heads * head_dim, t["ffn_dim"]

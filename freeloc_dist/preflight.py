@@ -61,6 +61,8 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
         model_dir = check_model_dir(cfg.model.path)
     profile = load_profile_of(cfg)
     transformer_cfg = transformer_config(cfg, profile, required=options.dry_run)
+    if transformer_cfg is not None:
+        transformer_cfg = family_checks(cfg, transformer_cfg, world)
     if profile is not None and transformer_cfg is not None:
         num_layers = transformer_cfg.get("num_layers")
         if num_layers is not None and profile.num_layers != num_layers:
@@ -90,6 +92,28 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
             resume = read_checkpoint(cfg, profile, kind, profile_2)
             finished = resume is None and cfg.output.is_file()
     return Preflight(configs, profile, world, resume, transformer_cfg, finished, kind, profile_2)
+
+
+def family_checks(cfg: RenderConfig, transformer_cfg: dict, world: int) -> dict:
+    """What the model's family refuses in this render (one line), before any generic check; returns the transformer
+    config as the planner reads every family's (num_layers = FreeLOC layers)."""
+    from .planner import RenderPlanError, family_of_config
+
+    try:
+        family = family_of_config(transformer_cfg)
+    except RenderPlanError as e:
+        raise UserError(f"model.path={str(cfg.model.path)!r}: {first_line(e)}") from None
+    problem = family.check_sampling(cfg)
+    if problem is not None:
+        raise UserError(problem)
+    if family.joint_text and world // cfg.parallel.cfg_degree > 1:
+        from .parallel.engine import SP_JOINT_TEXT
+
+        raise UserError(f"world size {world}: " + SP_JOINT_TEXT.format(family=family.name))
+    if family.joint_text and cfg.attention_backend == "flex":
+        raise UserError("attention_backend=flex: joint text-video attention (HunyuanVideo) runs on sdpa, sdpa-math "
+                        "or reference; not on flex yet")
+    return family.planner_config(transformer_cfg)
 
 
 def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from freeloc_dist.families.hunyuan_video.tiny import save_tiny_model as save_tiny_hunyuan_model  # noqa: E402
 from freeloc_dist.families.wan.tiny import (  # noqa: E402
     save_tiny_a14b_model,
     save_tiny_flf2v_model,
@@ -27,9 +28,8 @@ from freeloc_dist.families.wan.tiny import (  # noqa: E402
     save_tiny_ti2v_model,
 )
 
-from freeloc_dist.families.hunyuan_video.tiny import save_tiny_model as save_tiny_hunyuan_model  # noqa: E402
-
-FAMILIES = {"hunyuan": save_tiny_hunyuan_model, "t2v": save_tiny_model, "a14b": save_tiny_a14b_model, "i2v": save_tiny_i2v_model,
+FAMILIES = {"hunyuan": save_tiny_hunyuan_model,
+            "t2v": save_tiny_model, "a14b": save_tiny_a14b_model, "i2v": save_tiny_i2v_model,
             "i2v-a14b": save_tiny_i2v_a14b_model, "flf2v": save_tiny_flf2v_model, "ti2v": save_tiny_ti2v_model}
 
 

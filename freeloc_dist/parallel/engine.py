@@ -29,7 +29,6 @@ from .dims import ParallelDims
 from .shards import FrameShards, frame_shards
 from .strategies import STRATEGIES, SPContext
 
-
 # Until the text stream is replicated per rank and text queries merge across ranks (DESIGN 11), a family whose text
 # joins its self-attention renders on one sequence-parallel rank: refused here (and in preflight), never run wrong.
 SP_JOINT_TEXT = ("sequence parallelism (sp > 1) is not implemented yet for the {family} family (joint text-video "

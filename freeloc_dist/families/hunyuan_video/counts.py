@@ -32,9 +32,12 @@ CLIP_L_TEXT_PARAMS = 1.23e8
 
 def planner_config(t: Mapping[str, Any]) -> dict[str, Any]:
     """The transformer config as the planner reads every family's: num_layers counts profile layers (dual +
-    single), ffn_dim is the MLP width, patch_size a [t, h, w] list."""
+    single), ffn_dim is the MLP width, patch_size a [t, h, w] list. Idempotent (preflight hands it on read)."""
+    if "num_dual_layers" in t:
+        return dict(t)
     d = t["num_attention_heads"] * t["attention_head_dim"]
-    return {**t, "num_layers": profile_layers(t), "num_dual_layers": int(t.get("num_layers", 20)),
+    return {**t, "_model_config": dict(t), "num_layers": profile_layers(t),
+            "num_dual_layers": int(t.get("num_layers", 20)),
             "ffn_dim": int(d * float(t.get("mlp_ratio", 4.0))), "patch_size": list(patch_of(t)),
             "out_channels": t.get("out_channels") or t["in_channels"]}
 
@@ -46,8 +49,6 @@ def _params_of(config_json: str) -> int:
     from diffusers import HunyuanVideoTransformer3DModel
 
     config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
-    config.pop("num_dual_layers", None)
-    config.pop("ffn_dim", None)
     with torch.device("meta"):
         model = HunyuanVideoTransformer3DModel(**config)
     return sum(p.numel() for p in model.parameters())
@@ -55,9 +56,7 @@ def _params_of(config_json: str) -> int:
 
 def transformer_params(t: Mapping[str, Any]) -> float:
     """Parameter count of a HunyuanVideoTransformer3DModel from its config (12.82e9 for the published one)."""
-    raw = {k: v for k, v in t.items() if k not in ("num_layers", "patch_size")}
-    raw["num_layers"] = t.get("num_dual_layers", t.get("num_layers", 20))
-    raw["patch_size"] = patch_of(t)[1] if isinstance(t.get("patch_size"), list) else t.get("patch_size", 2)
+    raw = t.get("_model_config", t)  # the diffusers config, under the planner's view of it
     return float(_params_of(json.dumps(raw, sort_keys=True)))
 
 

@@ -5,8 +5,8 @@ layers; 2 heads x 16 channels, RoPE split t/h/w = 4/6/6 at theta 256, guidance e
 AutoencoderKLHunyuanVideo with the real 8x spatial / 4x temporal compression, a 2-layer LlamaModel and a 2-layer
 CLIPTextModel, and diffusers' FlowMatchEulerDiscreteScheduler at HunyuanVideo's shift 7. The tokenizers are built
 from an in-memory vocabulary with the `tokenizers` library (nothing is downloaded): a word-level Llama tokenizer
-that splits the pipeline's prompt template into exactly its 95 cropped tokens, so the prompt starts where the real
-model's does, and a character-level CLIP tokenizer. Weights depend only on `seed`; the outputs are noise.
+that splits the pipeline's prompt template into exactly its 95 cropped tokens, so the prompt starts where the
+real model's does, and a character-level CLIP tokenizer. Weights depend only on `seed`; the outputs are noise.
 """
 
 from __future__ import annotations
@@ -35,14 +35,15 @@ _PROMPT_WORDS = ("a red fox running through fresh snow in pine forest golden mor
 def build_tiny_tokenizers():
     """(Llama tokenizer, CLIP tokenizer), both tokenizers-backed, from in-memory vocabularies."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     words = ["<pad>", "<unk>"] + sorted(set(re.findall(_WORDS, prompt_template()["template"])) - {"<pad>", "<unk>"})
     tags = sorted(set(re.findall(r"<\|[a-z_]+\|>", prompt_template()["template"])))  # whole, as after the prompt
     words += [w for w in tags + _PROMPT_WORDS.split() if w not in words]
     llama = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     llama.pre_tokenizer = pre_tokenizers.Split(Regex(_WORDS), behavior="removed", invert=True)
-    # the generic fast class: transformers' LlamaTokenizer rebuilds a BPE model from the vocabulary on loading
+    # the generic fast class for both: transformers' LlamaTokenizer and CLIPTokenizer rebuild their own pre-tokenizers
+    # and models from the vocabulary on loading, so only the generic class saves and loads these bitwise
     llama_tok = PreTrainedTokenizerFast(tokenizer_object=llama, pad_token="<pad>", unk_token="<unk>", bos_token=None,
                                    eos_token=None, padding_side="right", model_max_length=4096)
     chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,"))
@@ -53,7 +54,7 @@ def build_tiny_tokenizers():
     clip.pre_tokenizer = pre_tokenizers.Whitespace()
     clip.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
-    clip_tok = CLIPTokenizer(tokenizer_object=clip, pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+    clip_tok = PreTrainedTokenizerFast(tokenizer_object=clip, pad_token="<|endoftext|>", unk_token="<|endoftext|>",
                              bos_token="<|startoftext|>", eos_token="<|endoftext|>", model_max_length=77)
     return llama_tok, clip_tok
 

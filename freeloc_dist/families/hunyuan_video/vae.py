@@ -59,7 +59,7 @@ def iter_decode(vae, latents: torch.Tensor, start: int = 0, end: int | None = No
     step = vae.tile_sample_stride_num_frames // temporal  # latent frames between tiles
     out_step = vae.tile_sample_stride_num_frames  # video frames each tile contributes
     blend = vae.tile_sample_min_num_frames - vae.tile_sample_stride_num_frames
-    total = _video_frame(num_frames - 1, temporal) + 1
+    total = temporal * (num_frames - 1) + 1  # video frames of the whole video
     v0, v1 = _video_frame(start, temporal), min(total, _video_frame(end - 1, temporal) + (temporal if end > 1 else 1))
     first = max(0, (v0 - 1) // out_step) if v0 > 0 else 0  # the output chunk holding frame v0
     prev = None
