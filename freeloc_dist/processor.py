@@ -16,6 +16,7 @@ up and builds the (cached) plan at run time. Its backward (register_autograd) is
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import weakref
 
@@ -153,11 +154,25 @@ def _(qv, kv, vv, qt, kt, vt, cos, sin, text_valid, state_key, kind, grid):
     return qv.new_empty(qv.shape), qt.new_empty(qt.shape)
 
 
+def _with_signature_of(fn, model):
+    """`fn`, presenting the call signature of `model` to inspect.signature."""
+
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    call.__signature__ = inspect.signature(model)
+    return call
+
+
 class FreeLOCAttnProcessor:
     def __init__(self, kind: str, state: FreeLOCState):
         self.kind = kind
         self.state = state
         self.stock = state.family.stock_processor()
+        # diffusers' generic Attention module hands a processor only the keyword arguments its __call__ names
+        # (inspect.signature(processor.__call__); HunyuanVideo's image_rotary_emb would be dropped silently): the
+        # instance shows the stock processor's signature there, and calls still run the class's __call__.
+        self.__call__ = _with_signature_of(self._call, self.stock.__call__)
 
     # diffusers' set_attention_backend is honoured where diffusers' attention runs (stock plans);
     # its context parallelism is refused (install.py), so _parallel_config stays None.
@@ -179,6 +194,9 @@ class FreeLOCAttnProcessor:
             raise RuntimeError(f"diffusers' parallel_config cannot be set on FreeLOC processors; {PARALLEL_HINT}")
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
+        return self._call(attn, hidden_states, *args, **kwargs)
+
+    def _call(self, attn, hidden_states, *args, **kwargs):
         state = self.state
         family = state.family
         rotary_emb = family.freeloc_rotary(args, kwargs)

@@ -94,8 +94,8 @@ def reference_joint_attention(qv, kv, vv, qt, kt, vt, rotary_emb, plan: LayerPla
         s_o = t_rope.rotate(q0, o) @ k0.transpose(-1, -2) * scale
         scores[..., :lv, :lv] = torch.where(offset_vv == o, s_o, scores[..., :lv, :lv])
     scores[..., :lv, :lv] = scores[..., :lv, :lv].masked_fill(~mask_vv, float("-inf"))
-    q_ph = t_rope.rotate(q0, phase[:, None])  # video query at its phase, text key at 0
-    k_ph = t_rope.rotate(k0, phase[:, None])
+    q_ph = t_rope.rotate(q0, phase)  # video query at its phase, text key at 0 (positions over Lv)
+    k_ph = t_rope.rotate(k0, phase)
     scores[..., :lv, lv:] = q_ph @ kt_.transpose(-1, -2) * scale
     scores[..., lv:, :lv] = qt_ @ k_ph.transpose(-1, -2) * scale
     scores[..., lv:, lv:] = qt_ @ kt_.transpose(-1, -2) * scale
