@@ -172,7 +172,7 @@ def test_cli_render_equals_diffusers_pipeline(generate, parts, tmp_path, monkeyp
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     latents = tmp_path / "lat.safetensors"
-    argv = ["--config", str(REPO_ROOT / "configs" / "tiny-random-hunyuan.yaml"), "--frames", "9", "--steps", "1",
+    argv = ["--config", str(REPO_ROOT / "configs" / "tiny-random-hunyuan.yaml"), "--frames", "9", "--steps", "2",
             "--true-cfg-scale", "1.5", "--negative-prompt", "blurry", "--out", str(tmp_path / "v.mp4"),
             "--save-latents", str(latents), "--quiet"]
     assert generate.main(argv) == 0
@@ -183,7 +183,7 @@ def test_cli_render_equals_diffusers_pipeline(generate, parts, tmp_path, monkeyp
                                 text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(prompt="a red fox running through fresh snow", negative_prompt="blurry", height=64, width=64,
-                  num_frames=9, num_inference_steps=1, guidance_scale=6.0, true_cfg_scale=1.5,
+                  num_frames=9, num_inference_steps=2, guidance_scale=6.0, true_cfg_scale=1.5,
                   generator=torch.Generator().manual_seed(0), output_type="latent", max_sequence_length=32).frames
     assert ours.shape == theirs.shape == (1, 4, 3, 8, 8)
     assert (ours - theirs).abs().max() < 1e-4

@@ -85,6 +85,11 @@ def build_tiny_components(seed: int = 0) -> Components:
             vocab_size=len(tokenizer_2), hidden_size=TINY_POOLED_DIM, intermediate_size=32, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
             projection_dim=TINY_POOLED_DIM))
+        # Norm scales start at one, which would make e.g. the text's q/k norms interchangeable with the video's:
+        # give every norm its own scale, so a test can tell them apart.
+        for name, param in transformer.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.data.uniform_(0.5, 1.5)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)  # HunyuanVideo's
     return Components(transformer=transformer.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(),
                       tokenizer=tokenizer, scheduler=scheduler, trained_frames=TINY_TRAINED_FRAMES,
