@@ -106,10 +106,6 @@ def family_checks(cfg: RenderConfig, transformer_cfg: dict, world: int) -> dict:
     problem = family.check_sampling(cfg)
     if problem is not None:
         raise UserError(problem)
-    if family.joint_text and world // cfg.parallel.cfg_degree > 1:
-        from .parallel.engine import SP_JOINT_TEXT
-
-        raise UserError(f"world size {world}: " + SP_JOINT_TEXT.format(family=family.name))
     if family.joint_text and cfg.attention_backend == "flex":
         raise UserError("attention_backend=flex: joint text-video attention (HunyuanVideo) runs on sdpa, sdpa-math "
                         "or reference; not on flex yet")

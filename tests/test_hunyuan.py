@@ -103,8 +103,8 @@ def _transformer_inputs(parts, frames, seed=1, padded=2):
     mask = torch.ones(1, 6)
     mask[:, 6 - padded:] = 0  # padded text, masked as the stock pipeline masks it
     return dict(hidden_states=torch.randn(1, 4, frames, 8, 8, generator=g), timestep=torch.tensor([500.0]),
-                encoder_hidden_states=text, encoder_attention_mask=mask, pooled_projections=torch.randn(1, 16, generator=g),
-                guidance=torch.tensor([6000.0]), return_dict=False)
+                encoder_hidden_states=text, encoder_attention_mask=mask,
+                pooled_projections=torch.randn(1, 16, generator=g), guidance=torch.tensor([6000.0]), return_dict=False)
 
 
 def test_forced_freeloc_path_equals_stock_attention(parts):
@@ -222,7 +222,6 @@ CASES = [
     ("profile-text-phase", lambda t: _profile(t, text_phase="zero"), "text_phase='zero': must be one of phi"),
     ("cfg-degree-2-embedded", lambda t: ["--cfg-degree", "2"], "parallel.cfg_degree=2: HunyuanVideo embeds"),
     ("image-on-t2v", lambda t: ["--image", str(REPO_ROOT / "assets" / "i2v-first.png")], "is text-to-video"),
-    ("sequence-parallel", lambda t: ["--dry-run", "--world-size", "2"], "sequence parallelism (sp > 1) is not"),
     ("flex-backend", lambda t: ["--backend", "flex"], "attention_backend=flex: joint text-video attention"),
 ]
 

@@ -11,7 +11,8 @@ skeleton family (tests/skeleton_family.py), registered in the workers through FR
 What each row covers: image-to-video's conditioning (mask + VAE latents of the whole video) is sliced per rank
 like the latents and the CLIP tokens reach every rank and both CFG groups; FLF2V's last-frame sink is fetched
 across ranks; the two-expert models switch experts (4 steps cross the boundary) under every world shape;
-TI2V runs per-token timesteps, 48 channels and the 16x VAE's decode over the ranks.
+TI2V runs per-token timesteps, 48 channels and the 16x VAE's decode over the ranks; HunyuanVideo runs joint
+text-video attention (text replicated per rank, text queries merged across ranks) in every layer kind.
 """
 
 import json
@@ -41,12 +42,13 @@ MODELS = {
     "wan-i2v-a14b": ("configs/tiny-random-i2v-a14b.yaml", SMALL),
     "wan-ti2v": ("configs/tiny-random-ti2v.yaml", [*LENGTH, "--steps", "3"]),
     "skeleton-t2v": (SKELETON, [*SMALL, "--steps", "3"]),
+    "hunyuan-t2v": ("configs/tiny-random-hunyuan.yaml", [*SMALL, "--steps", "2"]),
 }
 # world shape -> (ranks, argv). No world of 1: it installs no engine, so it would compare a path with itself.
 WORLDS = {"sp2": (2, []), "sp3": (3, []), "cfg2xsp2": (4, ["--cfg-degree", "2"])}
 MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") for world in WORLDS] + [
     ("wan-flf2v", "sp3"), ("wan-i2v-a14b", "sp3"), ("wan-i2v-a14b", "cfg2xsp2"),
-    ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"),
+    ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"), ("hunyuan-t2v", "sp2"), ("hunyuan-t2v", "sp3"),
 ]
 # The one-process reference of a model case: its own render, except the skeleton's, which is Wan's render of the
 # same weights (tests/test_families.py shows the two equal bit for bit in one process).
