@@ -57,3 +57,59 @@ def scheduler_class(config_path: Path):
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ConfigError(f"config error: {config_path}: {name!r} is not a diffusers scheduler")
     return cls
+
+
+def check_weights_against(root: Path, sub: str, build, *, all_tensors: bool) -> None:
+    """The safetensors of `root/sub` against the model `build(config.json)` makes on the meta device (shapes only):
+    a tensor the config does not build or builds in another shape, and (`all_tensors`: diffusers saves every
+    tensor, transformers leaves tied ones out) one it builds that the weights lack, is one ConfigError."""
+    import torch
+
+    shapes = weight_shapes(root / sub)
+    if shapes is None:
+        return
+    config = config_of(root / sub)
+    try:
+        with torch.device("meta"):
+            model = build(config)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"config error: {root / sub / 'config.json'}: cannot build the model "
+                          f"({type(e).__name__}: {first[:200]})") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    where = f"config error: model.path={str(root)!r}: {sub}/config.json disagrees with its weights"
+    for name, shape in shapes.items():
+        if name not in expected:
+            raise ConfigError(f"{where}: the weights have {name} {list(shape)}, the config builds no such tensor")
+        if expected[name] != shape:
+            raise ConfigError(f"{where}: {name} is {list(shape)} in the weights, {list(expected[name])} "
+                              f"from the config")
+    if all_tensors:
+        missing = sorted(set(expected) - set(shapes))
+        if missing:
+            raise ConfigError(f"{where}: the config builds {missing[0]} (and {len(missing) - 1} more), "
+                              f"missing from the weights")
+
+
+def weights_signature(root: Path, subfolders) -> list:
+    """(file, size, mtime) of every weight file of `subfolders`: weights replaced in place change it (resume)."""
+    out = []
+    for sub in subfolders:
+        folder = root / sub
+        if folder.is_dir():
+            for p in sorted(folder.iterdir()):
+                if p.is_file() and p.name.endswith((".safetensors", ".bin", ".json")):
+                    st = p.stat()
+                    out.append([f"{sub}/{p.name}", st.st_size, st.st_mtime_ns])
+    return out
+
+
+def load_scheduler(root: Path):
+    """The scheduler of a checked diffusers directory (scheduler/scheduler_config.json; no weights read)."""
+    scheduler_cls = scheduler_class(root / "scheduler" / "scheduler_config.json")
+    try:
+        return scheduler_cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    except Exception as e:  # an unreadable or refused config: a user file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config error: model.path={str(root)!r}: cannot load scheduler/: "
+                          f"{type(e).__name__}: {first[:200]}") from None

@@ -15,7 +15,9 @@ import torch
 from freeloc_dist.config import ConfigError
 from freeloc_dist.models import Components, resolve_dtype
 
-from ..layout import config_of, has_weights, scheduler_class, weight_shapes
+from ..layout import check_weights_against, has_weights
+from ..layout import load_scheduler as layout_load_scheduler
+from ..layout import weights_signature as layout_weights_signature
 
 _REQUIRED_CONFIGS = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
                      "text_encoder_2": "config.json", "tokenizer": "tokenizer_config.json",
@@ -52,49 +54,16 @@ def _builders():
 def check_weights_match_config(model_dir: str | Path) -> None:
     """Every safetensors tensor against the model its config.json builds on the meta device (shapes only)."""
     root = Path(model_dir)
-    for sub, build in _builders().items():
-        shapes = weight_shapes(root / sub)
-        if shapes is None:
-            continue
-        try:
-            with torch.device("meta"):
-                model = build(config_of(root / sub))
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise ConfigError(f"config error: {root / sub / 'config.json'}: cannot build the model "
-                              f"({type(e).__name__}: {first[:200]})") from None
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        where = f"{_where(root)}: {sub}/config.json disagrees with its weights"
-        for name, shape in shapes.items():
-            if name not in expected:
-                raise ConfigError(f"{where}: the weights have {name} {list(shape)}, the config builds no such tensor")
-            if expected[name] != shape:
-                raise ConfigError(f"{where}: {name} is {list(shape)} in the weights, {list(expected[name])} "
-                                  "from the config")
-        missing = sorted(set(expected) - set(shapes)) if sub in ("transformer", "vae") else []
-        if missing:
-            raise ConfigError(f"{where}: the config builds {missing[0]} (and {len(missing) - 1} more), missing "
-                              "from the weights")
+    for sub, build in _builders().items():  # transformers leaves tied tensors out of the text encoders' files
+        check_weights_against(root, sub, build, all_tensors=sub in ("transformer", "vae"))
 
 
 def weights_signature(model_dir: str | Path) -> list:
-    root, out = Path(model_dir), []
-    for sub in WEIGHT_SUBFOLDERS:
-        for p in sorted((root / sub).iterdir()) if (root / sub).is_dir() else ():
-            if p.is_file() and p.name.endswith((".safetensors", ".bin", ".json")):
-                st = p.stat()
-                out.append([f"{sub}/{p.name}", st.st_size, st.st_mtime_ns])
-    return out
+    return layout_weights_signature(Path(model_dir), WEIGHT_SUBFOLDERS)
 
 
 def load_scheduler(model_dir: str | Path):
-    root = check_model_dir(model_dir)
-    cls = scheduler_class(root / "scheduler" / "scheduler_config.json")
-    try:
-        return cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{_where(root)}: cannot load scheduler/: {type(e).__name__}: {first[:200]}") from None
+    return layout_load_scheduler(check_model_dir(model_dir))
 
 
 def load_components(model_dir: str | Path, dtype="bfloat16", device="cpu") -> Components:

@@ -21,10 +21,10 @@ import torch
 from freeloc_dist.config import ConfigError
 from freeloc_dist.models import Components, resolve_dtype
 
-from ..layout import config_of as _config_of
+from ..layout import check_weights_against
 from ..layout import has_weights as _has_weights
-from ..layout import scheduler_class as _scheduler_class
-from ..layout import weight_shapes as _weight_shapes
+from ..layout import load_scheduler as _load_scheduler
+from ..layout import weights_signature as _weights_signature
 
 # subfolder -> the config file that must exist in it
 _REQUIRED_CONFIGS = {
@@ -94,31 +94,8 @@ def check_weights_match_config(model_dir: str | Path) -> None:
     builders = {"transformer": WanTransformer3DModel.from_config, "transformer_2": WanTransformer3DModel.from_config,
                 "vae": AutoencoderKLWan.from_config, "text_encoder": _umt5_of, _IMAGE_ENCODER: _clip_of}
     for sub in weight_subfolders(_index_of(root)):
-        build = builders[sub]
-        shapes = _weight_shapes(root / sub)
-        if shapes is None:
-            continue
-        config = _config_of(root / sub)
-        try:
-            with torch.device("meta"):
-                model = build(config)
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ConfigError(f"config error: {root / sub / 'config.json'}: cannot build the model "
-                              f"({type(e).__name__}: {first[:200]})") from None
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        where = f"config error: model.path={str(root)!r}: {sub}/config.json disagrees with its weights"
-        for name, shape in shapes.items():
-            if name not in expected:
-                raise ConfigError(f"{where}: the weights have {name} {list(shape)}, the config builds no such tensor")
-            if expected[name] != shape:
-                raise ConfigError(f"{where}: {name} is {list(shape)} in the weights, {list(expected[name])} "
-                                  f"from the config")
-        if sub != "text_encoder":  # diffusers saves every tensor (transformers leaves tied ones out)
-            missing = sorted(set(expected) - set(shapes))
-            if missing:
-                raise ConfigError(f"{where}: the config builds {missing[0]} (and {len(missing) - 1} more), "
-                                  f"missing from the weights")
+        # diffusers saves every tensor (transformers leaves tied ones out)
+        check_weights_against(root, sub, builders[sub], all_tensors=sub != "text_encoder")
 
 
 def _umt5_of(config: dict):
@@ -147,27 +124,13 @@ def _clip_of(config: dict):
 
 def weights_signature(model_dir: str | Path) -> list:
     """(file, size, mtime) of every weight file: weights replaced in place change it (resume fingerprint)."""
-    root, out = Path(model_dir), []
-    for sub in weight_subfolders(_index_of(root)):
-        folder = root / sub
-        if folder.is_dir():
-            for p in sorted(folder.iterdir()):
-                if p.is_file() and p.name.endswith((".safetensors", ".bin", ".json")):
-                    st = p.stat()
-                    out.append([f"{sub}/{p.name}", st.st_size, st.st_mtime_ns])
-    return out
+    root = Path(model_dir)
+    return _weights_signature(root, weight_subfolders(_index_of(root)))
 
 
 def load_scheduler(model_dir: str | Path):
     """The scheduler of a local diffusers directory (scheduler/scheduler_config.json; no weights read)."""
-    root = check_model_dir(model_dir)
-    scheduler_cls = _scheduler_class(root / "scheduler" / "scheduler_config.json")
-    try:
-        return scheduler_cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
-    except Exception as e:  # an unreadable or refused config: a user file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"config error: model.path={str(root)!r}: cannot load scheduler/: "
-                          f"{type(e).__name__}: {first[:200]}") from None
+    return _load_scheduler(check_model_dir(model_dir))
 
 
 def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16",
