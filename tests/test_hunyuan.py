@@ -66,15 +66,15 @@ def test_joint_layer_equals_naive_float64_reference(parts, kind, text_phase):
     from freeloc_dist.families import family_of
     from freeloc_dist.plan import layer_plan
 
-    grid, trained = (9, 2, 2), 5  # F = 9 > T = 5: every kind out of distribution
+    grid, trained = (7, 2, 2), 5  # F = 7 > T = 5: every kind out of distribution, d = 5, 6 past the stripes
     tsa = {"dense_frames": 2, "stripe_frames": 4, "stripe_width": 2, "sink_frames": [0]}
     g = torch.Generator().manual_seed(3)
-    lv, lt, heads, d = 9 * 4, 5, 2, 16
+    lv, lt, heads, d = 7 * 4, 5, 2, 16
     qv, kv, vv = (torch.randn(1, lv, heads, d, generator=g) for _ in range(3))
     qt, kt, vt = (torch.randn(1, lt, heads, d, generator=g) for _ in range(3))
     text_valid = torch.tensor([[True, True, True, False, True]])  # a padded text key in the middle
     family = family_of(parts.transformer)
-    rotary = family.global_rope(parts.transformer, 9, 4, 4)  # the model's own RoPE: t/h/w = 4/6/6, theta 256
+    rotary = family.global_rope(parts.transformer, 7, 4, 4)  # the model's own RoPE: t/h/w = 4/6/6, theta 256
     want_v, want_t = naive_joint(qv, kv, vv, qt, kt, vt, rotary, kind, grid, trained, text_phase, text_valid, tsa)
     plan = layer_plan(kind, grid, trained, tsa=tsa)
     t_rope = family.temporal_rope(parts.transformer)
@@ -126,7 +126,7 @@ def test_forced_freeloc_path_equals_stock_attention(parts):
     assert (ours - stock).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("text_phase", ["phi", "natural"])
+@pytest.mark.parametrize("text_phase", ["phi"])  # natural: the kernel tests above (suite time)
 def test_model_at_F_gt_T_sdpa_equals_reference_backend(parts, text_phase, tmp_path):
     """Every layer kind of the tiny profile (tsa, vrpr, full; dual and single blocks) through the processor at
     F = 7 > T = 5: the sdpa backend equals the materialised float64 reference, and FreeLOC changed the output."""
@@ -155,11 +155,11 @@ def test_vae_frame_ranges_decode_exactly_diffusers_decode(parts):
     from freeloc_dist.video import to_uint8
 
     vae = parts.vae
-    z = torch.randn(1, 4, 6, 4, 4, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(1, 4, 5, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = to_uint8(vae.decode(z / vae.config.scaling_factor, return_dict=False)[0])  # tiled in time (F > 4)
-    pieces = [np.concatenate(list(iter_decode(vae, z, s, e))) for s, e in ((0, 1), (1, 5), (5, 6))]
-    assert want.shape[0] == 21 and np.array_equal(np.concatenate(pieces), want)
+    pieces = [np.concatenate(list(iter_decode(vae, z, s, e))) for s, e in ((0, 1), (1, 4), (4, 5))]
+    assert want.shape[0] == 17 and np.array_equal(np.concatenate(pieces), want)
 
 
 # ---- the CLI against diffusers' pipeline -------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_cli_render_equals_diffusers_pipeline(generate, parts, tmp_path, monkeyp
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     latents = tmp_path / "lat.safetensors"
-    argv = ["--config", str(REPO_ROOT / "configs" / "tiny-random-hunyuan.yaml"), "--frames", "9", "--steps", "2",
+    argv = ["--config", str(REPO_ROOT / "configs" / "tiny-random-hunyuan.yaml"), "--frames", "5", "--steps", "2",
             "--true-cfg-scale", "1.5", "--negative-prompt", "blurry", "--out", str(tmp_path / "v.mp4"),
             "--save-latents", str(latents), "--quiet"]
     assert generate.main(argv) == 0
@@ -183,9 +183,9 @@ def test_cli_render_equals_diffusers_pipeline(generate, parts, tmp_path, monkeyp
                                 text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(prompt="a red fox running through fresh snow", negative_prompt="blurry", height=64, width=64,
-                  num_frames=9, num_inference_steps=2, guidance_scale=6.0, true_cfg_scale=1.5,
+                  num_frames=5, num_inference_steps=2, guidance_scale=6.0, true_cfg_scale=1.5,
                   generator=torch.Generator().manual_seed(0), output_type="latent", max_sequence_length=32).frames
-    assert ours.shape == theirs.shape == (1, 4, 3, 8, 8)
+    assert ours.shape == theirs.shape == (1, 4, 2, 8, 8)
     assert (ours - theirs).abs().max() < 1e-4
 
 
