@@ -248,3 +248,35 @@ def test_probing_is_refused_with_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "probing a model whose text joins its self-attention" in err[0], err
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_enable_freeloc_on_the_stock_pipeline_equals_the_render(parts):
+    """diffusers' HunyuanVideoPipeline with enable_freeloc at F = 7 > T (padded text and its mask reach the joint
+    layers) equals the render loop's (padded text dropped before the blocks) within 1e-5."""
+    from diffusers import HunyuanVideoPipeline
+
+    from freeloc_dist import enable_freeloc
+    from freeloc_dist.config import load_render_config
+    from freeloc_dist.install import apply_freeloc, remove_freeloc
+    from freeloc_dist.sampling import render
+
+    cfg = load_render_config(REPO_ROOT / "configs" / "tiny-random-hunyuan.yaml",
+                             {"video.frames": 25, "video.height": 32, "video.width": 32, "sampling.steps": 1})
+    handle = apply_freeloc(parts.transformer, cfg.profile)
+    try:
+        ours = render(parts, cfg, decode=False).latents
+    finally:
+        handle.remove()
+    pipe = HunyuanVideoPipeline(text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                transformer=parts.transformer, vae=parts.vae,
+                                scheduler=type(parts.scheduler).from_config(parts.scheduler.config),
+                                text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2)
+    pipe.set_progress_bar_config(disable=True)
+    enable_freeloc(pipe, cfg.profile)
+    try:
+        theirs = pipe(prompt=cfg.prompt, height=32, width=32, num_frames=25, num_inference_steps=1,
+                      guidance_scale=6.0, generator=torch.Generator().manual_seed(0), output_type="latent",
+                      max_sequence_length=32).frames
+    finally:
+        remove_freeloc(parts.transformer)
+    assert ((theirs - ours).norm() / ours.norm()) < 1e-5
