@@ -43,12 +43,16 @@ MODELS = {
     "wan-ti2v": ("configs/tiny-random-ti2v.yaml", [*LENGTH, "--steps", "3"]),
     "skeleton-t2v": (SKELETON, [*SMALL, "--steps", "3"]),
     "hunyuan-t2v": ("configs/tiny-random-hunyuan.yaml", [*SMALL, "--steps", "2"]),
+    # true classifier-free guidance (HunyuanVideo's is embedded otherwise): the two passes on two rank groups
+    "hunyuan-t2v-cfg": ("configs/tiny-random-hunyuan.yaml",
+                        [*SMALL, "--steps", "2", "--true-cfg-scale", "1.5", "--negative-prompt", "blurry"]),
 }
 # world shape -> (ranks, argv). No world of 1: it installs no engine, so it would compare a path with itself.
 WORLDS = {"sp2": (2, []), "sp3": (3, []), "cfg2xsp2": (4, ["--cfg-degree", "2"])}
 MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") for world in WORLDS] + [
     ("wan-flf2v", "sp3"), ("wan-i2v-a14b", "sp3"), ("wan-i2v-a14b", "cfg2xsp2"),
     ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"), ("hunyuan-t2v", "sp2"), ("hunyuan-t2v", "sp3"),
+    ("hunyuan-t2v-cfg", "cfg2xsp2"),
 ]
 # The one-process reference of a model case: its own render, except the skeleton's, which is Wan's render of the
 # same weights (tests/test_families.py shows the two equal bit for bit in one process).
