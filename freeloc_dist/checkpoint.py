@@ -59,8 +59,9 @@ def fingerprint_settings(cfg: RenderConfig, profile, *, profile_2=None, boundary
         "prompt": cfg.prompt,
     }
     # settings added later enter only when not at their default, so checkpoints written before them still resume
-    if cfg.sampling.scheduler == "model":
-        del settings["sampling.scheduler"]
+    for key, default in (("scheduler", "model"), ("true_cfg_scale", 1.0)):
+        if getattr(cfg.sampling, key) == default:
+            del settings[f"sampling.{key}"]
     if cfg.model.loras:  # each file's content (a changed file at the same path does not resume), scale, expert
         from freeloc_dist.loras import fingerprint_key
 

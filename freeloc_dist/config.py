@@ -90,6 +90,9 @@ class SamplingConfig:
     # two-expert models: the low-noise expert's (default: guidance_scale); guidance_scale decides whether the
     # unconditional pass runs for both experts (diffusers' rule), so a value <= 1 here still combines with it
     guidance_scale_2: float | None = None
+    # guidance-embedded models (HunyuanVideo): guidance_scale is embedded in the model's input, and a separate
+    # unconditional pass (true classifier-free guidance with negative_prompt) runs only when this is > 1
+    true_cfg_scale: float = 1.0
     shift: float = 3.0  # flow-matching sigma shift
     scheduler: Scheduler = "model"  # the model's own, or euler / unipc / dpm++ (freeloc_dist.schedulers)
     seed: int = 0
@@ -185,6 +188,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[An
     "sampling.steps": (lambda v: 1 <= v <= MAX_STEPS, f"must be >= 1 and <= {MAX_STEPS}"),
     "sampling.guidance_scale": (lambda v: 0 <= v <= MAX_GUIDANCE, _GUIDANCE_RANGE),
     "sampling.guidance_scale_2": (lambda v: 0 <= v <= MAX_GUIDANCE, _GUIDANCE_RANGE),
+    "sampling.true_cfg_scale": (lambda v: 0 <= v <= MAX_GUIDANCE, _GUIDANCE_RANGE),
     "sampling.shift": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
     "sampling.seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2**63)"),
     "sampling.max_text_tokens": (lambda v: 1 <= v <= MAX_TEXT_TOKENS, f"must be >= 1 and <= {MAX_TEXT_TOKENS}"),

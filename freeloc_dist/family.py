@@ -20,7 +20,7 @@ def model_family(model_dir: str | Path) -> Family:
     for family in families:
         if pipeline in family.pipelines:
             return family
-    known = " or ".join(p for f in families for p in f.pipelines)
+    known = " or ".join(p for f in reversed(families) for p in f.pipelines)  # in registration order
     raise ModelKindError(f"model_index.json: _class_name={pipeline!r}: expected {known}")
 
 

@@ -145,6 +145,10 @@ def apply_freeloc(transformer, profile, backend: str = "sdpa") -> FreeLOCHandle:
         )
     state = FreeLOCState(family, prof, family.temporal_rope(transformer), get_backend(backend).run)
     state.backend = backend
+    if family.joint_text:
+        from .attention.joint import get_joint
+
+        state.joint_attention = get_joint(backend)
     specs = [prof.layer_spec(i) for i in range(prof.num_layers)]  # "vrpr+long" on long-range layers
     install_processors(transformer, lambda i, original: FreeLOCAttnProcessor(specs[i], state), state)
     return FreeLOCHandle(transformer, state)

@@ -34,6 +34,9 @@ class Components:
     # image encoder and its processor, for families and models that encode the conditioning image (else None)
     image_encoder: Any = None
     image_processor: Any = None
+    # a second text encoder and its tokenizer, for families that encode the prompt twice (HunyuanVideo's CLIP)
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
 
     def experts(self) -> list:
         """The transformers of this model, high-noise expert first."""

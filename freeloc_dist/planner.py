@@ -30,7 +30,6 @@ from freeloc_dist.config import RenderConfig
 
 from .errors import UserError
 from .families.kind import FRAMES_RULE
-from .guidance import uses_cfg
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -67,6 +66,8 @@ class RenderPlan:
     text_encodings: int = 0  # text-encoder passes of the busiest rank, once per render (a storyboard's texts)
     text_encoder_flops: float = 0.0  # their FLOPs, once per render
     text_runs: int = 1  # cross-attention K/V projections per conditional (+ unconditional) pass set, worst rank
+    num_layers: int = 0  # FreeLOC (profile) layers of the model
+    trained_frames: int | None = None  # T of the profile (None: stock attention)
 
     @property
     def memory_total(self) -> float:
@@ -83,7 +84,7 @@ class RenderPlan:
         return self.flops_per_step * self.steps / (self.peak_tflops * 1e12)
 
 
-def _family(transformer_cfg: Mapping[str, Any]):
+def family_of_config(transformer_cfg: Mapping[str, Any]):
     """The family of a transformer config (config.json's `_class_name`, built-in configs carry it too)."""
     from freeloc_dist.families import registered
 
@@ -107,7 +108,7 @@ KNOWN_KINDS = _known("known_kinds")
 
 def transformer_params(t: Mapping[str, Any]) -> float:
     """Parameter count of a transformer from its config (the family's formula)."""
-    return _family(t).transformer_params(t)
+    return family_of_config(t).transformer_params(t)
 
 
 def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=None, *, world_size: int,
@@ -123,8 +124,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     from freeloc_dist.parallel.shards import frame_shards
     from freeloc_dist.plan import layer_plan
 
-    t = transformer_cfg
-    family = _family(t)
+    family = family_of_config(transformer_cfg)
+    t = family.planner_config(transformer_cfg)
     heads, head_dim, layers = t["num_attention_heads"], t["attention_head_dim"], t["num_layers"]
     d, ffn = heads * head_dim, t["ffn_dim"]
     _, ph, pw = t.get("patch_size", [1, 2, 2])
@@ -144,10 +145,10 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     shards = frame_shards(num_frames, sp)
     local_frames = max(shards.sizes)
     act_bytes = DTYPE_BYTES[cfg.model.dtype]
-    use_cfg = uses_cfg(cfg.sampling.guidance_scale)  # the first scale decides (guidance_scale_2 does not)
+    use_cfg, _ = family.classifier_free(cfg.sampling)  # Wan: the first scale decides (not guidance_scale_2)
     passes = (2 if use_cfg else 1) // (cfg_degree if use_cfg else 1)  # transformer passes per rank per step
     text_len = cfg.sampling.max_text_tokens
-    encodings, runs = text_work(cfg, num_frames, shards)  # runs: text K/V projections per rank per step
+    encodings, runs = text_work(cfg, num_frames, shards, use_cfg)  # runs: text K/V projections per rank per step
     text_encoder_flops = 2.0 * family.text_encoder_params(text_encoder_cfg) * cfg.sampling.max_text_tokens * encodings
     if t.get("image_dim"):  # CLIP tokens join the cross-attention keys
         text_len += model_kind.image_tokens if model_kind is not None else family.image_tokens
@@ -204,11 +205,9 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     settings, chosen, weights = _choose_settings(cfg, weights_of, memory, device_memory_gb)
     memory = {**weights.device, **memory}
     comm.update(weights.per_step)
-    # Linear layers per pass: self q k v o (4 d^2), cross q o (2 d^2), FFN (2 d ffn) per token; cross k v per
-    # text token (a storyboard: per run of frames, `runs` over the passes); 2 flops per multiply-add.
-    # Cross-attention scores: 4 x tokens x text_len x d.
-    per_pass = layers * (2.0 * local_tokens * (6 * d * d + 2 * d * ffn) + 4.0 * local_tokens * text_len * d)
-    linear = per_pass * passes + layers * 2.0 * text_len * 2 * d * d * runs
+    # Everything but the FreeLOC attention (the family's count: projections, MLPs, the text's attention scores);
+    # a storyboard projects the text K/V of `runs` texts over the passes of a step instead of one per pass
+    linear = family.linear_flops_per_pass(t, local_tokens, text_len, text_runs=runs / passes) * passes
     if sp > 1:
         # the prediction's other frames, float32 (Comm.gather_frames), for the rank with the smallest shard
         comm["gather"] = float(t["out_channels"] * (num_frames - min(shards.sizes)) * (h * ph) * (w * pw)) * 4
@@ -222,7 +221,8 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
                         device_memory_gb=device_memory_gb, memory_settings=settings, settings_chosen=chosen,
                         experts=2 if two_experts else 1,
                         encoding_bytes=weights.encoding, host_bytes=weights.host, bytes_per_job=weights.per_job,
-                        text_encodings=encodings, text_encoder_flops=text_encoder_flops, text_runs=runs)
+                        text_encodings=encodings, text_encoder_flops=text_encoder_flops, text_runs=runs,
+                        num_layers=layers, trained_frames=profile.trained_frames if profile is not None else None)
     return result
 
 
@@ -262,11 +262,11 @@ def _choose_settings(cfg, weights_of, other: Mapping[str, float], device_memory_
                           f"use more ranks, fewer frames or a smaller size")
 
 
-def text_work(cfg: RenderConfig, num_frames: int, shards) -> tuple[int, int]:
+def text_work(cfg: RenderConfig, num_frames: int, shards, use_cfg: bool) -> tuple[int, int]:
     """(text-encoder passes, cross-attention text K/V projections per step) of the busiest rank: one prompt (and a
     negative one under guidance) for a plain render; a storyboard's texts and runs of its own frames. Under
-    cfg_degree 2 a rank runs one side of guidance per step, but encodes both (as a plain render does)."""
-    use_cfg = uses_cfg(cfg.sampling.guidance_scale)
+    cfg_degree 2 a rank runs one side of guidance per step, but encodes both (as a plain render does). `use_cfg`: the
+    render runs an unconditional pass (the family's rule, Family.classifier_free)."""
     split = use_cfg and cfg.parallel.cfg_degree == 2
     if cfg.storyboard is None:
         return 1 + use_cfg, 1 if split else 1 + use_cfg
@@ -332,5 +332,8 @@ def format_plan(p: RenderPlan) -> str:
           if p.bytes_per_job else []),
         f"time: >= {format_seconds(p.seconds)} for {p.steps} steps at {p.peak_tflops:g} TFLOP/s per rank "
         f"(compute only, at the stated peak; {p.seconds / p.steps:.1f} s/step)",
+        f"model: {p.num_layers} attention layers; " + (f"T = {p.trained_frames} latent frames (F/T = "
+                                                        f"{p.latent_frames / p.trained_frames:.2f})"
+                                                        if p.trained_frames else "stock attention (no profile)"),
     ]
     return "\n".join(lines)

@@ -62,6 +62,8 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
         model_dir = check_model_dir(cfg.model.path)
     profile = load_profile_of(cfg)
     transformer_cfg = transformer_config(cfg, profile, required=options.dry_run)
+    if transformer_cfg is not None:
+        transformer_cfg = family_checks(cfg, transformer_cfg, world)
     if profile is not None and transformer_cfg is not None:
         num_layers = transformer_cfg.get("num_layers")
         if num_layers is not None and profile.num_layers != num_layers:
@@ -110,6 +112,24 @@ def read_loras_of(cfg: RenderConfig, model_dir: Path, kind) -> tuple:
     from .loras import read_loras
 
     return read_loras(cfg.model, model_family(model_dir), model_dir, kind)
+
+
+def family_checks(cfg: RenderConfig, transformer_cfg: dict, world: int) -> dict:
+    """What the model's family refuses in this render (one line), before any generic check; returns the transformer
+    config as the planner reads every family's (num_layers = FreeLOC layers)."""
+    from .planner import RenderPlanError, family_of_config
+
+    try:
+        family = family_of_config(transformer_cfg)
+    except RenderPlanError as e:
+        raise UserError(f"model.path={str(cfg.model.path)!r}: {first_line(e)}") from None
+    problem = family.check_sampling(cfg)
+    if problem is not None:
+        raise UserError(problem)
+    if family.joint_text and cfg.attention_backend == "flex":
+        raise UserError("attention_backend=flex: joint text-video attention (HunyuanVideo) runs on sdpa, sdpa-math "
+                        "or reference; not on flex yet")
+    return family.planner_config(transformer_cfg)
 
 
 def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):

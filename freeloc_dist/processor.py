@@ -16,6 +16,7 @@ up and builds the (cached) plan at run time. Its backward (register_autograd) is
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import weakref
 
@@ -39,6 +40,9 @@ class FreeLOCState:
         self.attention = attention  # (q, k, v, rotary_emb, plan, t_rope) -> out, all [B, L, h, d]
         self.grid: tuple[int, int, int] | None = None
         self.route_stock = False  # True under sequence parallelism: stock layers need all frames too
+        # joint text-video families (DESIGN 11): (qv, kv, vv, qt, kt, vt, rotary_emb, plan, t_rope, *, text_phase,
+        # text_valid) -> (out_video, out_text), freeloc_dist.attention.joint; None for families without
+        self.joint_attention = None
         self.engine = None  # the SequenceParallel engine driving this state, if any
         self._register()
 
@@ -132,11 +136,43 @@ def _backward(ctx, grad):
 freeloc_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("freeloc::joint_attention", mutates_args=())
+def freeloc_joint_attention(qv: torch.Tensor, kv: torch.Tensor, vv: torch.Tensor, qt: torch.Tensor,
+                            kt: torch.Tensor, vt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            text_valid: torch.Tensor | None, state_key: int, kind: str,
+                            grid: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FreeLOC joint text-video attention (video [B, Lv, h, d], text [B, Lt, h, d]) of one layer (DESIGN 11)."""
+    state = _STATES[state_key]
+    plan = state.plan_for(kind, tuple(grid))
+    out_v, out_t = state.joint_attention(qv, kv, vv, qt, kt, vt, (cos, sin), plan, state.t_rope,
+                                         text_phase=state.profile.joint_text_phase, text_valid=text_valid)
+    return out_v.to(qv.dtype).contiguous(), out_t.to(qt.dtype).contiguous()
+
+
+@freeloc_joint_attention.register_fake
+def _(qv, kv, vv, qt, kt, vt, cos, sin, text_valid, state_key, kind, grid):
+    return qv.new_empty(qv.shape), qt.new_empty(qt.shape)
+
+
+def _with_signature_of(fn, model):
+    """`fn`, presenting the call signature of `model` to inspect.signature."""
+
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    call.__signature__ = inspect.signature(model)
+    return call
+
+
 class FreeLOCAttnProcessor:
     def __init__(self, kind: str, state: FreeLOCState):
         self.kind = kind
         self.state = state
         self.stock = state.family.stock_processor()
+        # diffusers' generic Attention module hands a processor only the keyword arguments its __call__ names
+        # (inspect.signature(processor.__call__); HunyuanVideo's image_rotary_emb would be dropped silently): the
+        # instance shows the stock processor's signature there, and calls still run the class's __call__.
+        self.__call__ = _with_signature_of(self._call, self.stock.__call__)
 
     # diffusers' set_attention_backend is honoured where diffusers' attention runs (stock plans);
     # its context parallelism is refused (install.py), so _parallel_config stays None.
@@ -158,6 +194,9 @@ class FreeLOCAttnProcessor:
             raise RuntimeError(f"diffusers' parallel_config cannot be set on FreeLOC processors; {PARALLEL_HINT}")
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
+        return self._call(attn, hidden_states, *args, **kwargs)
+
+    def _call(self, attn, hidden_states, *args, **kwargs):
         state = self.state
         family = state.family
         rotary_emb = family.freeloc_rotary(args, kwargs)
@@ -170,5 +209,11 @@ class FreeLOCAttnProcessor:
             return self.stock(attn, hidden_states, *args, **kwargs)
         q, k, v = family.project_qkv(attn, hidden_states)
         cos, sin = rotary_emb
+        if family.joint_text:  # text joins this attention: never left to the stock path at F > T (DESIGN 11)
+            text, text_valid = family.joint_inputs(args, kwargs, hidden_states.shape[1])
+            qt, kt, vt = family.project_text_qkv(attn, text)
+            out_v, out_t = freeloc_joint_attention(q, k, v, qt, kt, vt, cos, sin, text_valid, state.key, self.kind,
+                                                   list(grid))
+            return family.project_joint_out(attn, out_v, out_t, q.dtype)
         out = freeloc_attention(q, k, v, cos, sin, state.key, self.kind, list(grid))
         return family.project_out(attn, out, q.dtype)

@@ -47,6 +47,15 @@ class Profile:
     # The profile names tsa.sink_frames itself; otherwise a conditioned render (image-to-video) puts the sinks
     # on its conditioning frames (freeloc_dist.families.wan.conditioning.use_condition_sinks).
     tsa_sinks_given: bool = False
+    # Joint text-video attention (DESIGN 11, HunyuanVideo): the phase at which video meets text, "phi" (the
+    # default when None) or "natural"; `family`: the model family the profile was made for (None: any family
+    # whose layer count and T it fits)
+    text_phase: str | None = None
+    family: str | None = None
+
+    @property
+    def joint_text_phase(self) -> str:
+        return self.text_phase or "phi"
 
     @property
     def num_layers(self) -> int:
@@ -75,6 +84,9 @@ class Profile:
                 out["tsa"].pop("sink_frames")
         if self.long_range is not None:
             out["long_range"] = self.long_range.to_mapping()
+        for key in ("text_phase", "family"):  # written only where given: older profiles' mappings stay as they were
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         out.update(self.extra)
         return out
 
@@ -85,7 +97,8 @@ def _plain(params) -> dict[str, Any]:
 
 
 _REQUIRED = ("model", "trained_frames", "layers", "source")
-_OPTIONAL = ("vrpr", "tsa", "long_range")
+_OPTIONAL = ("vrpr", "tsa", "long_range", "text_phase", "family")
+TEXT_PHASES = ("phi", "natural")  # freeloc_dist.attention.joint's
 
 
 def parse_profile(m: Mapping[str, Any], *, where: str = "profile", allow_extra: bool = True) -> Profile:
@@ -134,6 +147,11 @@ def parse_profile(m: Mapping[str, Any], *, where: str = "profile", allow_extra: 
     except PlanError as e:
         raise ProfileError(f"{where}: {e}") from None
     kinds = tuple(owner[i] for i in range(num_layers))
+    text_phase, family = m.get("text_phase"), m.get("family")
+    if text_phase is not None and text_phase not in TEXT_PHASES:
+        raise ProfileError(f"{where}.text_phase={text_phase!r}: must be one of {', '.join(TEXT_PHASES)}")
+    if family is not None and not isinstance(family, str):
+        raise ProfileError(f"{where}.family={family!r}: must be a string (a model family's name)")
     long_range = None if m.get("long_range") is None else _parse_long_range(m["long_range"], kinds, where)
     return Profile(
         model=m["model"],
@@ -145,6 +163,8 @@ def parse_profile(m: Mapping[str, Any], *, where: str = "profile", allow_extra: 
         long_range=long_range,
         extra=extra,
         tsa_sinks_given=isinstance(m.get("tsa"), Mapping) and "sink_frames" in m["tsa"],
+        text_phase=text_phase,
+        family=family,
     )
 
 

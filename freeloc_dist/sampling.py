@@ -21,7 +21,7 @@ import torch
 
 from freeloc_dist.config import RenderConfig
 from freeloc_dist.decode import decode_video
-from freeloc_dist.guidance import combine, runs_uncond, uses_cfg
+from freeloc_dist.guidance import combine, runs_uncond
 from freeloc_dist.schedulers import build_scheduler, scheduler_for_render  # noqa: F401  (probing's)
 
 PredictFn = Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
@@ -45,13 +45,15 @@ class LatentGeometry:
 def latent_geometry(vae, transformer, frames: int, height: int, width: int) -> LatentGeometry:
     from freeloc_dist.families import family_of
 
-    temporal, spatial = family_of(transformer).vae_scale_factors(vae)
-    _, patch_h, patch_w = transformer.config.patch_size
+    family = family_of(transformer)
+    temporal, spatial = family.vae_scale_factors(vae)
+    _, patch_h, patch_w = family.patch_size(transformer)
     if (frames - 1) % temporal:
         raise ValueError(f"frames={frames} must be {temporal}k+1 for this VAE")
     if height % (spatial * patch_h) or width % (spatial * patch_w):
         raise ValueError(f"height/width {height}x{width} must be multiples of {spatial * patch_h}x{spatial * patch_w}")
-    return LatentGeometry(vae.config.z_dim, (frames - 1) // temporal + 1, height // spatial, width // spatial)
+    return LatentGeometry(family.latent_channels(vae), (frames - 1) // temporal + 1, height // spatial,
+                          width // spatial)
 
 
 def initial_noise(geometry: LatentGeometry, seed: int, device: torch.device | str) -> torch.Tensor:
@@ -101,13 +103,14 @@ def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: tor
     (freeloc_dist.families.wan.conditioning.Conditioning, image-to-video): its channels join the input and its image
     tokens go to both passes; predict functions that take no image are called without it.
     """
+    from freeloc_dist.families import family_of
+
+    text_kwargs = family_of(transformer).text_kwargs  # the family's text conditioning as transformer arguments
     x, timestep, extra = transformer_inputs(transformer.dtype, latents, t, condition)
-    pos = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False,
-                      **extra)[0]
+    pos = transformer(hidden_states=x, timestep=timestep, return_dict=False, **text_kwargs(cond), **extra)[0]
     if not runs_uncond(uncond):
         return pos.float()
-    neg = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False,
-                      **extra)[0]
+    neg = transformer(hidden_states=x, timestep=timestep, return_dict=False, **text_kwargs(uncond), **extra)[0]
     return combine(pos, neg, guidance)
 
 
@@ -128,7 +131,13 @@ def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, un
     `token_timesteps` (freeloc_dist.families.wan.token_timesteps.TokenTimesteps, Wan2.2 TI2V): `predict` gets per-token
     timesteps and, in image mode, latents whose frame 0 is the clean conditioning latent, which the returned
     latents also carry; the scheduler's own latents (and checkpoints) stay unblended, as in diffusers."""
-    scheduler.set_timesteps(steps, device=latents.device)
+    from freeloc_dist.families import family_of
+
+    sigmas = family_of(transformer).sampling_sigmas(steps)  # None: the scheduler's own spacing
+    if sigmas is None:
+        scheduler.set_timesteps(steps, device=latents.device)
+    else:
+        scheduler.set_timesteps(sigmas=sigmas, device=latents.device)
     if scheduler_state is not None:
         from freeloc_dist.checkpoint import load_scheduler_state
 
@@ -182,7 +191,10 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
     device = next(transformer.parameters()).device
     s = cfg.sampling
     geometry = latent_geometry(components.vae, transformer, cfg.video.frames, cfg.video.height, cfg.video.width)
-    use_cfg = uses_cfg(s.guidance_scale)  # the first scale decides, for both experts (diffusers' rule)
+    from freeloc_dist.families import family_of
+
+    # Wan: the first scale decides, for both experts (diffusers' rule); HunyuanVideo: true_cfg_scale > 1
+    use_cfg, cfg_scale = family_of(transformer).classifier_free(s)
     if cfg.storyboard is not None:  # per-frame texts (freeloc_dist.storyboard)
         from freeloc_dist.storyboard import render_texts
 
@@ -204,16 +216,14 @@ def render(components, cfg: RenderConfig, *, decode: bool = True, predict: Predi
         torch.set_rng_state(resume.rng)
     else:
         latents = noise(geometry, s.seed, device)
-    experts = expert_schedule(components, scheduler, s.guidance_scale, s.guidance_scale_2, predict, predict_2)
+    experts = expert_schedule(components, scheduler, cfg_scale, s.guidance_scale_2, predict, predict_2)
     # image-to-video conditioning of the whole video (TSA sinks on its frames) and per-token timesteps
-    from freeloc_dist.families import family_of
-
     condition, per_token = family_of(transformer).render_inputs(components, cfg, geometry, image, device,
                                                                 transformer.dtype)
     from freeloc_dist.storyboard import frame_text_attention
 
     with frame_text_attention(components, enabled=cfg.storyboard is not None):
-        latents = sample(transformer, scheduler, latents, cond, uncond, steps=s.steps, guidance=s.guidance_scale,
+        latents = sample(transformer, scheduler, latents, cond, uncond, steps=s.steps, guidance=cfg_scale,
                          predict=predict, on_step=on_step, start_step=start_step, scheduler_state=state,
                          after_step=after_step, experts=experts, condition=condition, token_timesteps=per_token)
     frames = decode_video(components.vae, latents) if decode else None

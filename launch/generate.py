@@ -120,6 +120,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     config_flag(p, "--guidance-scale", "sampling.guidance_scale", type=float, help="classifier-free guidance scale")
     config_flag(p, "--guidance-scale-2", "sampling.guidance_scale_2", type=float,
                 help="two-expert models: the low-noise expert's guidance scale (default: --guidance-scale)")
+    config_flag(p, "--true-cfg-scale", "sampling.true_cfg_scale", type=float,
+                help="guidance-embedded models (HunyuanVideo): > 1 runs true classifier-free guidance")
     config_flag(p, "--image", "image", type=cwd_path, metavar="PATH",
                 help="image-to-video models: the first frame (PNG or JPEG, fitted to the render size)")
     config_flag(p, "--last-image", "last_image", type=cwd_path, metavar="PATH",

@@ -17,6 +17,8 @@ pytestmark = pytest.mark.unit
 PACKAGE = REPO_ROOT / "freeloc_dist"
 # Class names of the Wan family's models and of the text and image encoders it loads.
 WAN_CLASSES = re.compile(r"\b(Wan[A-Z]\w*|AutoencoderKLWan|UMT5\w*|CLIPVision\w*|CLIPImageProcessor\w*)\b")
+# ... and the HunyuanVideo family's (its transformer, VAE, pipeline, Llama and CLIP text encoders).
+HUNYUAN_CLASSES = re.compile(r"\b(HunyuanVideo[A-Z0-9]\w*|AutoencoderKLHunyuan\w*|Llama\w*|CLIPText\w*)\b")
 
 
 def _modules() -> dict[str, Path]:
@@ -27,10 +29,11 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def test_no_wan_class_named_outside_families():
+@pytest.mark.parametrize("classes", [WAN_CLASSES, HUNYUAN_CLASSES], ids=["wan", "hunyuan_video"])
+def test_no_family_class_named_outside_families(classes):
     offenders = [f"{path.relative_to(REPO_ROOT)}:{n}: {line.strip()}"
                  for path in _modules().values() if "families" not in path.relative_to(PACKAGE).parts
-                 for n, line in enumerate(path.read_text().splitlines(), 1) if WAN_CLASSES.search(line)]
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if classes.search(line)]
     assert offenders == []
 
 
@@ -40,6 +43,9 @@ def test_the_class_name_check_sees_a_named_class():
     assert WAN_CLASSES.search("encoder = UMT5EncoderModel(config)")
     assert not WAN_CLASSES.search("Wan2.2 TI2V-5B's 48-channel VAE")
     assert any(WAN_CLASSES.search(p.read_text()) for p in (PACKAGE / "families" / "wan").glob("*.py"))
+    assert HUNYUAN_CLASSES.search("from diffusers import HunyuanVideoTransformer3DModel")
+    assert not HUNYUAN_CLASSES.search("joint text-video attention (HunyuanVideo)")
+    assert any(HUNYUAN_CLASSES.search(p.read_text()) for p in (PACKAGE / "families" / "hunyuan_video").glob("*.py"))
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -147,7 +153,8 @@ def test_a_family_named_in_the_environment_is_registered(tmp_path, monkeypatch):
     monkeypatch.setattr(families, "_REGISTRY", list(families.registered()))
     monkeypatch.setattr(families, "_loaded", False)
     monkeypatch.setenv(families.PLUGINS_ENV, " plugin_family_for_test , ")
-    assert [f.name for f in families.registered()][:2] == ["plugin", "wan"]
+    names = [f.name for f in families.registered()]
+    assert names[0] == "plugin" and {"wan", "hunyuan_video"} <= set(names[1:])
 
     monkeypatch.setattr(families, "_loaded", False)
     monkeypatch.setenv(families.PLUGINS_ENV, "no_such_family_module")

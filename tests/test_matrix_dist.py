@@ -15,7 +15,9 @@ TI2V runs per-token timesteps, 48 channels and the 16x VAE's decode over the ran
 two-expert model with `text_encoder: rank0` (the other ranks never load the encoder) and `shard_weights: true`
 (FSDP2 blocks over the sp group) against the one-process render with whole weights;
 the storyboard row gives each rank only its own frames' texts (a blend, a hard cut, a per-segment negative
-prompt) under every world shape.
+prompt) under every world shape;
+HunyuanVideo runs joint text-video attention (text replicated per rank, text queries merged across ranks)
+in every layer kind.
 """
 
 import json
@@ -58,6 +60,10 @@ MODELS = {
     "wan-t2v-storyboard": ("configs/tiny-random.yaml",
                            [*SMALL, "--steps", "3", "--storyboard",
                             str(REPO_ROOT / "configs" / "storyboards" / "tiny-three.yaml")]),
+    "hunyuan-t2v": ("configs/tiny-random-hunyuan.yaml", [*SMALL, "--steps", "2"]),
+    # true classifier-free guidance (HunyuanVideo's is embedded otherwise): the two passes on two rank groups
+    "hunyuan-t2v-cfg": ("configs/tiny-random-hunyuan.yaml",
+                        [*SMALL, "--steps", "2", "--true-cfg-scale", "1.5", "--negative-prompt", "blurry"]),
 }
 # world shape -> (ranks, argv). No world of 1: it installs no engine, so it would compare a path with itself.
 WORLDS = {"sp2": (2, []), "sp3": (3, []), "cfg2xsp2": (4, ["--cfg-degree", "2"])}
@@ -67,6 +73,8 @@ MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") fo
     ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"),
     *[("wan-t2v-a14b-memory", world) for world in WORLDS],
     *[("wan-t2v-storyboard", world) for world in WORLDS],
+    ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"), ("hunyuan-t2v", "sp2"), ("hunyuan-t2v", "sp3"),
+    ("hunyuan-t2v-cfg", "cfg2xsp2"),
 ]
 # The one-process reference of a model case: its own render, except the skeleton's, which is Wan's render of the
 # same weights (tests/test_families.py shows the two equal bit for bit in one process).

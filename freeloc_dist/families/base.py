@@ -63,9 +63,40 @@ class Family:
         """Text states [1, L=max_tokens, D] of one prompt; positions past its real length are zero."""
         raise NotImplementedError
 
+    def sampling_sigmas(self, steps: int):
+        """The sigmas the family's pipeline hands its scheduler for `steps` steps (None: the scheduler's own)."""
+        return None
+
+    def text_kwargs(self, text) -> dict:
+        """The transformer's keyword arguments for the text conditioning `encode_prompt` returned."""
+        return {"encoder_hidden_states": text}
+
+    def classifier_free(self, sampling) -> tuple[bool, float]:
+        """(whether the render runs the unconditional pass, the scale that combines the two) from the config's
+        sampling section: classifier-free guidance on sampling.guidance_scale > 1 (diffusers' Wan rule)."""
+        from ..guidance import uses_cfg
+
+        return uses_cfg(sampling.guidance_scale), sampling.guidance_scale
+
+    def check_sampling(self, cfg) -> str | None:
+        """What this family refuses in a render config, as one line (None: nothing)."""
+        if cfg.sampling.true_cfg_scale != 1.0:
+            return (f"sampling.true_cfg_scale={cfg.sampling.true_cfg_scale:g}: only guidance-embedded models "
+                    "(HunyuanVideo) take a true-CFG scale; this model's classifier-free guidance is "
+                    "sampling.guidance_scale")
+        return None
+
     def vae_scale_factors(self, vae) -> tuple[int, int]:
         """(temporal, spatial) compression of the model's VAE."""
         raise NotImplementedError
+
+    def latent_channels(self, vae) -> int:
+        """C of the latents of the model's VAE."""
+        return int(vae.config.z_dim)
+
+    def patch_size(self, transformer) -> tuple[int, int, int]:
+        """The transformer's (t, h, w) patch over the latents."""
+        return tuple(transformer.config.patch_size)
 
     def owns_vae(self, vae) -> bool:
         """True if `vae` is this family's VAE."""
@@ -114,7 +145,18 @@ class Family:
         two_experts) when its directory is not here, by model id."""
         return {}
 
+    def planner_config(self, config) -> dict[str, Any]:
+        """The transformer config as the planner reads it: num_layers = FreeLOC (profile) layers, ffn_dim,
+        num_attention_heads, attention_head_dim, in/out_channels, patch_size [t, h, w]."""
+        return dict(config)
+
     def transformer_params(self, config) -> float:
+        raise NotImplementedError
+
+    def linear_flops_per_pass(self, config, video_tokens: int, text_tokens: int, text_runs: float = 1.0) -> float:
+        """FLOPs of one transformer pass besides its FreeLOC (video-video) attention, for a rank with
+        `video_tokens` video tokens and `text_tokens` text tokens; `text_runs`: texts whose keys and values one pass
+        projects (a storyboard's runs of frames; families without per-frame text: always 1)."""
         raise NotImplementedError
 
     def text_encoder_params(self, config) -> float:
@@ -145,6 +187,23 @@ class Family:
         raise NotImplementedError
 
     # -- attention surgery ------------------------------------------------------------------------------
+    # True where text joins the video inside FreeLOC's attention layers (DESIGN 11, joint attention); then the
+    # processor takes `joint_inputs`, `project_text_qkv` and `project_joint_out` too. False (Wan): text stays in a
+    # separate cross-attention FreeLOC never touches.
+    joint_text: bool = False
+
+    def joint_inputs(self, args: tuple, kwargs: dict, num_video_tokens: int):
+        """(text states [B, Lt, D], valid text keys Bool[B, Lt] or None) of a joint attention call."""
+        raise NotImplementedError
+
+    def project_text_qkv(self, attn, text: torch.Tensor):
+        """q, k, v [B, Lt, h, d] of the text of a joint attention call (no RoPE: text carries none)."""
+        raise NotImplementedError
+
+    def project_joint_out(self, attn, out_video: torch.Tensor, out_text: torch.Tensor, dtype):
+        """(video output, text output) of a joint attention call, as its stock processor returns them."""
+        raise NotImplementedError
+
     def attention_layers(self, transformer) -> list[Any]:
         """The attention modules FreeLOC replaces, in forward order (the profile's layer index)."""
         raise NotImplementedError

@@ -73,6 +73,7 @@ class ModelKind:
     vae_spatial: int  # pixels per latent cell, per axis
     trained_frames: int  # T
     condition_images: int = 1  # images the model is conditioned on: 2 for FLF2V (first and last frame)
+    family: str = ""  # the family that read it (freeloc_dist.families), which a profile's `family` must name
 
     @property
     def frames_rule(self) -> FramesRule:
@@ -111,9 +112,36 @@ def read_json(path: Path) -> dict:
 
 
 def check_profile_fits(kind: ModelKind, profile, where: str) -> None:
-    """A FreeLOC profile must list this model's layers and be made for its trained length; one line."""
+    """A FreeLOC profile must be made for this model's family (when it names one), list its layers and be made
+    for its trained length; one line."""
+    if profile.family is not None and kind.family and profile.family != kind.family:
+        raise ModelKindError(f"{where}: is a profile for the {profile.family} family, the model is {kind.family} "
+                             f"({kind.pipeline})")
     if profile.num_layers != kind.num_layers:
         raise ModelKindError(f"{where}: lists {profile.num_layers} layers, the model has {kind.num_layers}")
     if profile.trained_frames != kind.trained_frames:
         raise ModelKindError(f"{where}: trained_frames={profile.trained_frames}, but this {kind.task} model was "
                              f"trained on {kind.trained_frames} latent frames")
+
+
+FREELOC_FILE = "freeloc.json"  # our facts about a model directory, in a file diffusers never reads
+
+
+def declared_trained_frames(root: Path, index: dict) -> int | None:
+    """T as the model directory declares it (our writer does, for test models never trained at the family's
+    length): freeloc.json's `trained_frames`, else (directories written before it) model_index.json's; None when
+    neither says. It lives in its own file because diffusers warns about every key of model_index.json that
+    its pipeline does not take, on every from_pretrained."""
+    where, declared = "model_index.json", index.get("trained_frames")
+    own = root / FREELOC_FILE
+    if own.is_file():
+        where, declared = FREELOC_FILE, read_json(own).get("trained_frames")
+    if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared < 1):
+        raise ModelKindError(f"{where}: trained_frames={declared!r}: must be a positive integer")
+    return declared
+
+
+def write_declared_trained_frames(out: Path, trained_frames: int | None) -> None:
+    """The writer's side of declared_trained_frames (a test model's T), beside the diffusers files."""
+    if trained_frames is not None:
+        (out / FREELOC_FILE).write_text(json.dumps({"trained_frames": trained_frames}, indent=2) + "\n")

@@ -75,6 +75,9 @@ class SequenceParallel:
             if 1 < u < dims.sp_degree and strategy in ("hybrid", "auto"):
                 dims.sub_sp_group(u)  # every rank creates the sub-groups now, not in a forward
             state.attention = self._attention
+            if self.family.joint_text:  # text joins the video's attention: replicated text (parallel/joint.py)
+                self._saved_joint = state.joint_attention
+                state.joint_attention = self._joint_attention
             state.route_stock = True  # stock layers must see the whole sequence too
             self._hooks = [
                 self.family.rope_module(transformer).register_forward_hook(self._rope_rows),
@@ -94,6 +97,8 @@ class SequenceParallel:
             return
         self.detach()
         self.state.attention = self._saved_attention
+        if hasattr(self, "_saved_joint"):
+            self.state.joint_attention = self._saved_joint
         self.state.route_stock = False
         self.state.engine = None
 
@@ -216,8 +221,15 @@ class SequenceParallel:
         return self.finish_call(call, output)
 
     # -- attention ------------------------------------------------------------------------------
-    def _attention(self, q, k, v, rotary_local, plan: LayerPlan, t_rope):
-        ctx = SPContext(
+    def _joint_attention(self, qv, kv, vv, qt, kt, vt, rotary_local, plan: LayerPlan, t_rope, *, text_phase,
+                         text_valid):
+        from .joint import joint_attention_sp
+
+        return joint_attention_sp(qv, kv, vv, qt, kt, vt, self._context(plan, t_rope),
+                                  self.strategy_for(plan, qv.shape[-1]), text_phase=text_phase, text_valid=text_valid)
+
+    def _context(self, plan: LayerPlan, t_rope) -> SPContext:
+        return SPContext(
             plan=plan,
             shards=self.shards,
             sp_rank=self.dims.sp_rank,
@@ -227,7 +239,9 @@ class SequenceParallel:
             backend=self.backend,
             tag=plan.label,  # "vrpr+long" for long-range layers: their bytes are counted apart
         )
-        return STRATEGIES[self.strategy_for(plan, q.shape[-1])](q, k, v, ctx)
+
+    def _attention(self, q, k, v, rotary_local, plan: LayerPlan, t_rope):
+        return STRATEGIES[self.strategy_for(plan, q.shape[-1])](q, k, v, self._context(plan, t_rope))
 
     def strategy_for(self, plan: LayerPlan, head_dim: int) -> str:
         """The strategy this layer runs (decisions.layer_strategy, the planner's rule too)."""
@@ -255,8 +269,8 @@ class SequenceParallel:
         def run(text):
             self._local = True
             try:
-                return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text,
-                                   return_dict=False, **extra)[0]
+                return transformer(hidden_states=x, timestep=timestep, return_dict=False,
+                                   **self.family.text_kwargs(text), **extra)[0]
             finally:
                 self._local = False
 

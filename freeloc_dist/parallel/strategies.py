@@ -3,6 +3,8 @@
 (q, k, v [B, Ls, h, d] of this rank's frames, un-rotated; ctx) -> out [B, Ls, h, d], where ctx
 carries the layer plan, the shards, Wan's rotary tables and the Comm. Exactness against a single
 process is the contract: every strategy computes the same softmax over the same keys.
+With `lse=True` (joint text-video attention merges more key groups afterwards, parallel/joint.py) a strategy
+returns (out [B, Ls, h, d] float32, lse Float32[B, h, Ls]) instead; without it, its path is unchanged.
 """
 
 from __future__ import annotations
@@ -72,6 +74,12 @@ def _heads_to_frames(q, k, v, ctx: SPContext, size: int):
     return q_g, k_g, v_g, (ctx.shards.ranges[first][0], ctx.shards.ranges[first + size - 1][1])
 
 
+def _frames_to_heads_with_lse(out_g, lse_g, ctx: SPContext, size: int):
+    """_frames_to_heads of a float32 out [B, Lg, h/size, d] and its lse [B, h/size, Lg], sent as one more channel."""
+    packed = _frames_to_heads(torch.cat([out_g.float(), lse_g.transpose(1, 2)[..., None]], dim=-1), ctx, size)
+    return packed[..., :-1], packed[..., -1].transpose(1, 2)
+
+
 def _frames_to_heads(out_g, ctx: SPContext, size: int):
     """Inverse of _heads_to_frames: the group's frames x heads / size -> my frames x all heads."""
     bsz, _, hp, dim = out_g.shape
@@ -84,16 +92,20 @@ def _frames_to_heads(out_g, ctx: SPContext, size: int):
     return torch.cat(got, dim=2)  # heads back in rank order
 
 
-def ulysses(q, k, v, ctx: SPContext):
+def ulysses(q, k, v, ctx: SPContext, lse: bool = False):
     """All-to-all over heads: every rank attends the whole sequence for heads / P heads."""
     size = len(ctx.shards.ranges)
-    q_all, k_all, v_all, _ = _heads_to_frames(q, k, v, ctx, size)
+    q_all, k_all, v_all, frames = _heads_to_frames(q, k, v, ctx, size)
+    if lse:
+        q_nat, k_nat, q0, k0 = _heads_first(*_local_rotations(q_all, k_all, ctx, frames))
+        out, out_lse = grouped_attention(q_nat, k_nat, q0, k0, v_all.transpose(1, 2), ctx.plan, ctx.t_rope)
+        return _frames_to_heads_with_lse(out.transpose(1, 2), out_lse, ctx, size)
     out = get_backend(ctx.backend).run(q_all, k_all, v_all, ctx.rotary_global, ctx.plan, ctx.t_rope)
     return _frames_to_heads(out, ctx, size)
 
 
 # -------------------------------------------------------------------------------------- ring
-def _ring_core(q, k, v, ctx: SPContext, ranges, me: int, peer):
+def _ring_core(q, k, v, ctx: SPContext, ranges, me: int, peer, return_lse: bool = False):
     """Ring over len(ranges) members; member i holds frames ranges[i]; peer(i) is its sp rank.
 
     K/V blocks rotate around the ring and partial results merge by log-sum-exp. Uses the grouped
@@ -127,15 +139,17 @@ def _ring_core(q, k, v, ctx: SPContext, ranges, me: int, peer):
         if wait is not None:
             block = tuple(wait()[0].unbind(0))
             block_owner = src
+    if return_lse:
+        return out.transpose(1, 2), lse
     return out.to(q.dtype).transpose(1, 2)
 
 
-def ring(q, k, v, ctx: SPContext):
+def ring(q, k, v, ctx: SPContext, lse: bool = False):
     """K/V blocks of every sp rank rotate around the sp ring."""
-    return _ring_core(q, k, v, ctx, ctx.shards.ranges, ctx.sp_rank, lambda i: i)
+    return _ring_core(q, k, v, ctx, ctx.shards.ranges, ctx.sp_rank, lambda i: i, return_lse=lse)
 
 
-def hybrid(q, k, v, ctx: SPContext):
+def hybrid(q, k, v, ctx: SPContext, lse: bool = False):
     """Ulysses inside groups of U consecutive ranks, ring across the P/U groups (U = ulysses_degree).
 
     For heads not divisible by P (Wan2.1-1.3B's 12 heads on 8 GPUs: U=4, 2 ring steps) this moves
@@ -147,12 +161,14 @@ def hybrid(q, k, v, ctx: SPContext):
     groups = [(ctx.shards.ranges[g * size][0], ctx.shards.ranges[g * size + size - 1][1])
               for g in range(num_ranks // size)]
     member = ctx.sp_rank % size
-    out_g = _ring_core(q_g, k_g, v_g, ctx, groups, ctx.sp_rank // size, lambda g: g * size + member)
+    out_g = _ring_core(q_g, k_g, v_g, ctx, groups, ctx.sp_rank // size, lambda g: g * size + member, return_lse=lse)
+    if lse:
+        return _frames_to_heads_with_lse(*out_g, ctx, size)
     return _frames_to_heads(out_g, ctx, size)
 
 
 # ------------------------------------------------------------------------------- neighbour
-def neighbour(q, k, v, ctx: SPContext):
+def neighbour(q, k, v, ctx: SPContext, lse: bool = False):
     """Sparse layers (TSA, long-range dense layers): receive exactly the key frames this rank's queries attend
     (exchange_plan reads them from the plan's tiers), from the ranks that own them."""
     me = ctx.sp_rank
@@ -167,7 +183,7 @@ def neighbour(q, k, v, ctx: SPContext):
     _, wait = ctx.comm.exchange(sends, recvs, ctx.tag)
     own = tuple(range(s, e))
     remote_frames = tuple(f for _, frames in ex.recvs[me] for f in frames)
-    if ctx.backend == "flex":
+    if ctx.backend == "flex" and not lse:
         received = wait()
         key_frames = own + remote_frames
         k_buf = torch.cat([k0] + [b[0] for b in received], dim=2)
@@ -175,7 +191,8 @@ def neighbour(q, k, v, ctx: SPContext):
         out = flex_freeloc_attention(q0, k_buf, v_buf, ctx.plan, ctx.t_rope, query_frames=own, key_frames=key_frames)
         return out.transpose(1, 2)
     # Local keys first, while the neighbours' frames are in flight.
-    out, lse = grouped_attention(q_nat, k_nat, q0, k0, vt, ctx.plan, ctx.t_rope, query_frames=own, key_frames=own)
+    out, out_lse = grouped_attention(q_nat, k_nat, q0, k0, vt, ctx.plan, ctx.t_rope, query_frames=own,
+                                     key_frames=own)
     out = out.float()
     received = wait()
     if received:
@@ -186,7 +203,9 @@ def neighbour(q, k, v, ctx: SPContext):
             q_nat, ctx.t_rope.rotate(k_rem, frames), q0, k_rem, v_rem, ctx.plan, ctx.t_rope,
             query_frames=own, key_frames=remote_frames,
         )
-        merge_into(out, lse, o, l)
+        merge_into(out, out_lse, o, l)
+    if lse:
+        return out.transpose(1, 2), out_lse
     return out.to(q.dtype).transpose(1, 2)
 
 

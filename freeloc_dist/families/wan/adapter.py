@@ -163,6 +163,9 @@ class WanFamily(Family):
     def block_params(self, config):
         return counts.block_params(config)
 
+    def linear_flops_per_pass(self, config, video_tokens, text_tokens, text_runs=1.0):
+        return counts.linear_flops_per_pass(config, video_tokens, text_tokens, text_runs)
+
     def text_encoder_params(self, config):
         return counts.text_encoder_params(config)
 

@@ -86,6 +86,15 @@ def image_encoder_params(clip: Mapping[str, Any] | None) -> float:
     return embeddings + layers * layer + 4 * h  # + pre and post layer norms
 
 
+def linear_flops_per_pass(t: Mapping[str, Any], video_tokens: int, text_tokens: int, text_runs: float = 1.0) -> float:
+    """Linear layers per pass: self q k v o (4 d^2), cross q o (2 d^2), FFN (2 d ffn) per video token; cross k v per
+    text token of `text_runs` texts (a storyboard's runs of frames; 1: one prompt); 2 flops per multiply-add.
+    Cross-attention scores: 4 x tokens x text tokens x d."""
+    d, ffn = t["num_attention_heads"] * t["attention_head_dim"], t["ffn_dim"]
+    return t["num_layers"] * (2.0 * video_tokens * (6 * d * d + 2 * d * ffn) + 2.0 * text_tokens * 2 * d * d * text_runs
+                              + 4.0 * video_tokens * text_tokens * d)
+
+
 def text_encoder_params(te: Mapping[str, Any] | None) -> float:
     if not te:
         return UMT5_XXL_PARAMS

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..kind import EXPERT_NAMES, ModelKind, ModelKindError
+from ..kind import EXPERT_NAMES, ModelKind, ModelKindError, declared_trained_frames
 from ..kind import read_json as _read
 
 PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")  # model_index.json _class_name of a Wan directory
@@ -31,23 +31,6 @@ def _vae_factors(vae: dict) -> tuple[int, int]:
     temporal = vae.get("scale_factor_temporal") or 2 ** sum(bool(x) for x in vae.get("temperal_downsample", []))
     spatial = vae.get("scale_factor_spatial") or 2 ** (len(vae.get("dim_mult", [1, 2, 4, 4])) - 1)
     return int(temporal), int(spatial)
-
-
-FREELOC_FILE = "freeloc.json"  # our facts about a model directory, in a file diffusers never reads
-
-
-def declared_trained_frames(root: Path, index: dict) -> int | None:
-    """T as the model directory declares it (our writer does, for test models never trained at the family's
-    length): freeloc.json's `trained_frames`, else (directories written before it) model_index.json's; None when
-    neither says. It lives in its own file because diffusers warns about every key of model_index.json that
-    its pipeline does not take, on every from_pretrained."""
-    where, declared = "model_index.json", index.get("trained_frames")
-    own = root / FREELOC_FILE
-    if own.is_file():
-        where, declared = FREELOC_FILE, _read(own).get("trained_frames")
-    if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int) or declared < 1):
-        raise ModelKindError(f"{where}: trained_frames={declared!r}: must be a positive integer")
-    return declared
 
 
 def _trained_frames(root: Path, index: dict, expand: bool) -> int:
@@ -108,7 +91,7 @@ def read_model_kind(model_dir: str | Path, pipelines: tuple[str, ...] = PIPELINE
         num_layers=int(tcfg.get("num_layers", 0)), num_heads=int(tcfg.get("num_attention_heads", 0)),
         head_dim=int(tcfg.get("attention_head_dim", 0)), patch_size=tuple(tcfg.get("patch_size", (1, 2, 2))),
         vae_temporal=temporal, vae_spatial=spatial,
-        trained_frames=_trained_frames(root, index, expand), condition_images=images,
+        trained_frames=_trained_frames(root, index, expand), condition_images=images, family="wan",
     )
     check_model_kind(kind, root, z_dim=z_dim)
     return kind

@@ -21,6 +21,12 @@ import torch
 from freeloc_dist.config import ConfigError
 from freeloc_dist.models import Components, resolve_dtype
 
+from ..layout import check_weights_against
+from ..layout import config_of as _config_of
+from ..layout import has_weights as _has_weights
+from ..layout import load_scheduler as _load_scheduler
+from ..layout import weights_signature as _weights_signature
+
 # subfolder -> the config file that must exist in it
 _REQUIRED_CONFIGS = {
     "transformer": "config.json",
@@ -32,11 +38,6 @@ _REQUIRED_CONFIGS = {
 _WEIGHT_SUBFOLDERS = ("transformer", "vae", "text_encoder")
 # Image-to-video (Wan2.1 I2V / FLF2V): CLIP's vision tower and its preprocessor, when model_index.json names them
 _IMAGE_ENCODER, _IMAGE_PROCESSOR = "image_encoder", "image_processor"
-
-
-def _has_weights(folder: Path) -> bool:
-    return any(p.name.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
-               for p in folder.iterdir())
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
@@ -83,35 +84,6 @@ def _index_of(root: Path):
         return None
 
 
-def _weight_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
-    """{tensor name: shape} from the safetensors headers in `folder` (no tensor is read); None when the
-    weights are not all safetensors (.bin cannot be inspected without unpickling)."""
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files or any(p.name.endswith(".bin") for p in folder.iterdir()):
-        return None
-    shapes = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-        except Exception as e:  # a truncated or garbage header
-            raise ConfigError(f"config error: {path}: not a readable safetensors file ({type(e).__name__})") from None
-    return shapes
-
-
-def _config_of(folder: Path) -> dict:
-    try:
-        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"config error: {folder / 'config.json'}: not readable JSON ({type(e).__name__})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config error: {folder / 'config.json'}: expected a JSON object")
-    return data
-
-
 def check_weights_match_config(model_dir: str | Path) -> None:
     """Every safetensors tensor of transformer/ and vae/ against the model its config.json builds (on the
     meta device: shapes only, no memory): a config that disagrees with its weights (num_layers lowered or
@@ -123,31 +95,8 @@ def check_weights_match_config(model_dir: str | Path) -> None:
     builders = {"transformer": WanTransformer3DModel.from_config, "transformer_2": WanTransformer3DModel.from_config,
                 "vae": AutoencoderKLWan.from_config, "text_encoder": _umt5_of, _IMAGE_ENCODER: _clip_of}
     for sub in weight_subfolders(_index_of(root)):
-        build = builders[sub]
-        shapes = _weight_shapes(root / sub)
-        if shapes is None:
-            continue
-        config = _config_of(root / sub)
-        try:
-            with torch.device("meta"):
-                model = build(config)
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ConfigError(f"config error: {root / sub / 'config.json'}: cannot build the model "
-                              f"({type(e).__name__}: {first[:200]})") from None
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        where = f"config error: model.path={str(root)!r}: {sub}/config.json disagrees with its weights"
-        for name, shape in shapes.items():
-            if name not in expected:
-                raise ConfigError(f"{where}: the weights have {name} {list(shape)}, the config builds no such tensor")
-            if expected[name] != shape:
-                raise ConfigError(f"{where}: {name} is {list(shape)} in the weights, {list(expected[name])} "
-                                  f"from the config")
-        if sub != "text_encoder":  # diffusers saves every tensor (transformers leaves tied ones out)
-            missing = sorted(set(expected) - set(shapes))
-            if missing:
-                raise ConfigError(f"{where}: the config builds {missing[0]} (and {len(missing) - 1} more), "
-                                  f"missing from the weights")
+        # diffusers saves every tensor (transformers leaves tied ones out)
+        check_weights_against(root, sub, builders[sub], all_tensors=sub != "text_encoder")
 
 
 def transformer_shapes(model_dir: str | Path, expert: str) -> dict[str, tuple[int, ...]]:
@@ -196,41 +145,13 @@ def _clip_of(config: dict):
 
 def weights_signature(model_dir: str | Path) -> list:
     """(file, size, mtime) of every weight file: weights replaced in place change it (resume fingerprint)."""
-    root, out = Path(model_dir), []
-    for sub in weight_subfolders(_index_of(root)):
-        folder = root / sub
-        if folder.is_dir():
-            for p in sorted(folder.iterdir()):
-                if p.is_file() and p.name.endswith((".safetensors", ".bin", ".json")):
-                    st = p.stat()
-                    out.append([f"{sub}/{p.name}", st.st_size, st.st_mtime_ns])
-    return out
-
-
-def _scheduler_class(config_path: Path):
-    import diffusers
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
-
-    try:
-        name = json.loads(config_path.read_text())["_class_name"]
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"config error: {config_path}: no _class_name in the scheduler config") from None
-    cls = getattr(diffusers, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise ConfigError(f"config error: {config_path}: {name!r} is not a diffusers scheduler")
-    return cls
+    root = Path(model_dir)
+    return _weights_signature(root, weight_subfolders(_index_of(root)))
 
 
 def load_scheduler(model_dir: str | Path):
     """The scheduler of a local diffusers directory (scheduler/scheduler_config.json; no weights read)."""
-    root = check_model_dir(model_dir)
-    scheduler_cls = _scheduler_class(root / "scheduler" / "scheduler_config.json")
-    try:
-        return scheduler_cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
-    except Exception as e:  # an unreadable or refused config: a user file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"config error: model.path={str(root)!r}: cannot load scheduler/: "
-                          f"{type(e).__name__}: {first[:200]}") from None
+    return _load_scheduler(check_model_dir(model_dir))
 
 
 def load_components(model_dir: str | Path, dtype: str | torch.dtype = "bfloat16",
@@ -343,8 +264,7 @@ def save_components(parts: Components, out_dir: str | Path) -> Path:
     if parts.expand_timesteps:
         index["expand_timesteps"] = True
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if parts.trained_frames is not None:  # ours, not diffusers': a test model's declared T (kind.py)
-        from .kind import FREELOC_FILE
+    from ..kind import write_declared_trained_frames
 
-        (out / FREELOC_FILE).write_text(json.dumps({"trained_frames": parts.trained_frames}, indent=2) + "\n")
+    write_declared_trained_frames(out, parts.trained_frames)  # ours, not diffusers': a test model's declared T
     return out
