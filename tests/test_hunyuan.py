@@ -214,6 +214,12 @@ def _profile(tmp_path, **changes):
     return ["--profile", str(path)]
 
 
+def _storyboard(tmp_path):
+    path = tmp_path / "board.yaml"
+    path.write_text("- {at: 0, prompt: a fox}\n- {at: 0.3, prompt: a bird, transition: 0}\n")
+    return ["--storyboard", str(path)]
+
+
 CASES = [
     ("profile-family", lambda t: _profile(t, family="wan"), "is a profile for the wan family, the model is hunyuan"),
     ("profile-layers", lambda t: ["--profile", str(REPO_ROOT / "configs/profiles/tiny-random.yaml")],
@@ -223,6 +229,10 @@ CASES = [
     ("cfg-degree-2-embedded", lambda t: ["--cfg-degree", "2"], "parallel.cfg_degree=2: HunyuanVideo embeds"),
     ("image-on-t2v", lambda t: ["--image", str(REPO_ROOT / "assets" / "i2v-first.png")], "is text-to-video"),
     ("flex-backend", lambda t: ["--backend", "flex"], "attention_backend=flex: joint text-video attention"),
+    ("text-encoder-rank0", lambda t: ["--text-encoder", "rank0"], "memory.text_encoder=rank0: not supported for Hu"),
+    ("shard-weights", lambda t: ["--shard-weights", "true"], "memory.shard_weights=true: not supported for Hunyu"),
+    ("lora", lambda t: ["--lora", str(t / "x.safetensors")], "model.loras: not supported for HunyuanVideo"),
+    ("storyboard", lambda t: _storyboard(t), "has no per-frame text conditioning"),
 ]
 
 
