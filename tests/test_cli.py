@@ -16,7 +16,8 @@ GENERATE = REPO_ROOT / "launch" / "generate.py"
 TINY = yaml.safe_load((REPO_ROOT / "configs" / "tiny-random.yaml").read_text())
 
 
-def run(args, cwd=REPO_ROOT, env_extra=None, timeout=120):
+# A hang guard, not a speed check: the default render took 118-197 s here with the machine loaded (load ~20).
+def run(args, cwd=REPO_ROOT, env_extra=None, timeout=600):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, str(GENERATE), *map(str, args)], cwd=cwd, env=env,
