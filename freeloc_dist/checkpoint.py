@@ -66,6 +66,8 @@ def fingerprint_settings(cfg: RenderConfig, profile, *, profile_2=None, boundary
             from freeloc_dist.images import image_digest
 
             settings[key] = image_digest(path)
+    if cfg.cache is not None:
+        settings["cache"] = cfg.cache
     if boundary_ratio is not None:
         settings["profile_2"] = profile_2.to_mapping() if profile_2 is not None else None
         settings["boundary_ratio"] = boundary_ratio

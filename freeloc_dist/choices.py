@@ -7,3 +7,5 @@ ATTENTION_BACKENDS = ("sdpa", "flex")  # user-facing; the registry also has test
 STRATEGIES = ("ulysses", "ring", "hybrid", "neighbour")
 STRATEGY_CHOICES = ("auto", *STRATEGIES)  # auto: per layer, the cheapest by bytes moved (DESIGN 7)
 COMPILE_MODES = ("none", "blocks", "full")  # model.compile (freeloc_dist.compile)
+# cache.name: diffusers' caching hooks (freeloc_dist.caches)
+CACHES = ("first_block", "mag", "sea", "taylorseer", "pyramid_attention_broadcast", "text_kv")

@@ -21,7 +21,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from .choices import ATTENTION_BACKENDS, COMPILE_MODES, STRATEGY_CHOICES
+from .choices import ATTENTION_BACKENDS, CACHES, COMPILE_MODES, STRATEGY_CHOICES
 from .errors import UserError
 from .families.kind import FRAMES_RULE
 from .yamlio import load_yaml, yaml_problem
@@ -101,6 +101,9 @@ class RenderConfig:
     image: Path | None = None
     last_image: Path | None = None
     output: Path = Path("outputs/render.mp4")
+    # one of diffusers' caching hooks: {name: first_block, threshold: 0.1}; the other keys are that cache's
+    # settings (freeloc_dist.caches checks them)
+    cache: dict | None = None
 
     @property
     def latent_frames(self) -> int:
@@ -148,6 +151,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[An
     "parallel.cfg_degree": (lambda v: v in (1, 2), "must be 1 or 2"),
     "parallel.timeout_s": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
     "checkpoint.every": (lambda v: v >= 0, "must be >= 0 (0: checkpoint only on preemption)"),
+    "cache": (lambda v: v.get("name") in CACHES, f"needs name: one of {', '.join(CACHES)}"),
 }
 
 
@@ -182,6 +186,10 @@ def _convert(where: str, hint: Any, value: Any, checks: Mapping = _CHECKS) -> An
         return tuple(_convert(f"{where}[{i}]", inner, x) for i, x in enumerate(value))
     if dataclasses.is_dataclass(hint):
         return _build(where, hint, value, checks)
+    if hint is dict:  # settings passed on as they are (their owner checks them)
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            _fail(where, value, "expected a mapping")
+        return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
             _fail(where, value, "expected true or false")

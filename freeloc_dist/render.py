@@ -118,6 +118,9 @@ class Session:
                 self.engine_2 = parallelize(self.parts.transformer_2, dims, backend=cfg.attention_backend,
                                             strategy=cfg.parallel.strategy, comm=self.engine.comm)
                 self.predict_2 = self.engine_2.predict
+        from .caches import cache_config, enable
+
+        enable(self.experts, cache_config(cfg.cache, cfg.sampling.steps))  # after the engine: it adapts them
         from .compile import LengthGraphs, compile_transformer
 
         # After FreeLOC and the engine (their attention is one custom op, so both modes trace whole blocks;
@@ -235,6 +238,9 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
             raise Preempted(step, ckpt_path)
 
     progress = Progress(log_fn, start_step=resume.step if resume else 0, label=label)
+    from .caches import reset
+
+    reset(session.experts)  # each job's caches start afresh
     result = render(session.parts, cfg, decode=False, predict=session.predict, on_step=progress,
                     resume=resume, after_step=after_step, predict_2=session.predict_2)
     sample_s = time.perf_counter() - sample_start

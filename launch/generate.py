@@ -27,7 +27,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # runnable from a checkout without installing the package
 
-from freeloc_dist.choices import ATTENTION_BACKENDS, COMPILE_MODES, STRATEGY_CHOICES  # noqa: E402  (after sys.path)
+from freeloc_dist.choices import ATTENTION_BACKENDS, CACHES, COMPILE_MODES, STRATEGY_CHOICES  # noqa: E402  (after sys.path)
 from freeloc_dist.cli import (  # noqa: E402
     EXIT_FAILED,
     EXIT_PREEMPTED,
@@ -77,6 +77,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     config_flag(p, "--last-image", "last_image", type=cwd_path, metavar="PATH",
                 help="first-last-frame models (Wan2.1 FLF2V): the last frame (PNG or JPEG)")
     config_flag(p, "--negative-prompt", "sampling.negative_prompt", help="negative prompt (default: the config's)")
+    config_flag(p, "--cache", "cache.name", choices=CACHES,
+                help="one of diffusers' caches (settings: the config's cache section, or --cache-threshold)")
+    config_flag(p, "--cache-threshold", "cache.threshold", type=float,
+                help="the cache's threshold (first_block, mag, sea)")
     config_flag(p, "--cfg-degree", "parallel.cfg_degree", type=int, choices=CFG_DEGREES,
                 help="2: CFG passes on two rank groups")
     config_flag(p, "--strategy", "parallel.strategy", choices=STRATEGY_CHOICES,

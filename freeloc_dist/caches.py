@@ -1,0 +1,165 @@
+"""The render's `cache:` section: one of diffusers' caching hooks, by name, with its settings, on every transformer.
+
+    cache: {name: first_block, threshold: 0.1}
+
+`name` is one of choices.CACHES; the other keys are the fields of that diffusers config class (FirstBlockCacheConfig,
+MagCacheConfig, ...) with the types it declares, except what the render supplies itself: callbacks (the current
+timestep for pyramid attention broadcast) and MagCache's `num_inference_steps` (sampling.steps). `cache_config`
+checks a section and builds the diffusers config (one-line ConfigError, before any weight loads); `enable` installs
+it; `step_context` names each transformer call of a sampling step for the caches ("cond" or "uncond", the step,
+sigma), as diffusers' own pipelines do with `transformer.cache_context`. Under sequence parallelism the engine makes
+every data-dependent decision the whole video's (freeloc_dist.parallel.caches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping
+
+from .choices import CACHES
+from .config import ConfigError, _fail, _show
+
+# the diffusers config class of each name (choices.CACHES)
+_CLASSES = {"first_block": "FirstBlockCacheConfig", "mag": "MagCacheConfig", "sea": "SeaCacheConfig",
+            "taylorseer": "TaylorSeerCacheConfig", "pyramid_attention_broadcast": "PyramidAttentionBroadcastConfig",
+            "text_kv": "TextKVCacheConfig"}
+assert tuple(_CLASSES) == CACHES
+_FROM_RENDER = {"num_inference_steps": "sampling.steps"}  # settings the render gives (MagCache)
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cache_config(section: Mapping | None, steps: int):
+    """The diffusers cache config of a render's `cache:` section (None: no cache)."""
+    if section is None:
+        return None
+    import diffusers
+
+    name = section["name"]  # config.py checked it is one of CACHES
+    cls = getattr(diffusers, _CLASSES[name])
+    hints = typing.get_type_hints(cls)
+    settable = {f.name for f in dataclasses.fields(cls)
+                if f.name not in _FROM_RENDER and not _is_callable(hints[f.name])}
+    values = {}
+    for key, value in section.items():
+        if key == "name":
+            continue
+        where = f"cache.{key}"
+        if key in _FROM_RENDER:
+            raise ConfigError(f"config error: {where}: set by the render ({_FROM_RENDER[key]})")
+        if key not in settable:
+            raise ConfigError(f"config error: {where}: unknown setting of the {name} cache (expected one of: "
+                              f"{', '.join(sorted(settable)) or 'none'})")
+        values[key] = _setting(where, hints[key], value)
+    if "num_inference_steps" in hints:
+        values["num_inference_steps"] = steps
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        text = " ".join(str(e).split())
+        raise ConfigError(f"config error: cache={_show(dict(section))}: {text}") from None
+
+
+class _Clock:
+    """The timestep of the sampling step under way (step_context sets it), for pyramid attention broadcast."""
+
+    timestep = None
+
+
+def enable(transformers, config) -> None:
+    """Install the cache on every transformer (each expert has its own state, as in diffusers' pipelines)."""
+    if config is None:
+        return
+    if hasattr(config, "current_timestep_callback"):
+        config = dataclasses.replace(config, current_timestep_callback=lambda: _Clock.timestep)
+    for transformer in transformers:
+        transformer.enable_cache(config)
+
+
+def enabled(transformer) -> bool:
+    return getattr(transformer, "_cache_config", None) is not None
+
+
+@contextlib.contextmanager
+def step_context(transformer, scheduler, step: int, cond):
+    """Every transformer call inside (sampling step `step` of `scheduler`) carries a cache context: "cond" when its
+    text is `cond`, else "uncond", with the step, the step count and sigma."""
+    if not enabled(transformer):
+        yield
+        return
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    steps, sigma = len(scheduler.timesteps), float(scheduler.sigmas[step])
+
+    def name_call(module, args, kwargs):
+        text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        _set_cache_context(module, CacheContext("cond" if text is cond else "uncond", step_index=step,
+                                                num_inference_steps=steps, sigma=sigma))
+
+    _Clock.timestep = scheduler.timesteps[step]
+    handle = transformer.register_forward_pre_hook(name_call, with_kwargs=True, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        _set_cache_context(transformer, None)
+        _Clock.timestep = None
+
+
+def reset(transformers) -> None:
+    """A render starts every cache afresh (diffusers' pipelines do it at the end of each call)."""
+    for transformer in transformers:
+        if enabled(transformer):
+            transformer._reset_stateful_cache()
+
+
+def _is_callable(hint) -> bool:
+    return "Callable" in str(hint)  # typing.Callable[...] or collections.abc.Callable[...], maybe | None
+
+
+def _setting(where: str, hint, value: Any):
+    """`value` (from YAML or a flag) as the diffusers field's type `hint`; ConfigError naming `where`."""
+    import torch
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        *others, last = [o for o in options if o not in (type(None), torch.Tensor)]  # a tensor: as a list
+        for option in others:
+            with contextlib.suppress(ConfigError):
+                return _setting(where, option, value)
+        return _setting(where, last, value)
+    if hint is torch.dtype:
+        if value not in _DTYPES:
+            _fail(where, value, f"must be one of: {', '.join(_DTYPES)}")
+        return getattr(torch, value)
+    if origin in (list, tuple):
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            _fail(where, value, "expected a list")
+        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+            _fail(where, value, f"expected a list of {len(args)}")
+        inner = [args[0]] * len(value) if origin is list or args[-1] is Ellipsis else list(args)
+        items = [_setting(f"{where}[{i}]", h, v) for i, (h, v) in enumerate(zip(inner, value))]
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if not isinstance(value, bool):
+            _fail(where, value, "expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(where, value, "expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(where, value, "expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            _fail(where, value, "expected a string")
+        return value
+    _fail(where, value, "cannot be set from a config")
