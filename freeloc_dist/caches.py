@@ -6,9 +6,9 @@
 MagCacheConfig, ...) with the types it declares, except what the render supplies itself: callbacks (the current
 timestep for pyramid attention broadcast) and MagCache's `num_inference_steps` (sampling.steps). `cache_config`
 checks a section and builds the diffusers config (one-line ConfigError, before any weight loads); `enable` installs
-it; `step_context` names each transformer call of a sampling step for the caches ("cond" or "uncond", the step,
-sigma), as diffusers' own pipelines do with `transformer.cache_context`. Under sequence parallelism the engine makes
-every data-dependent decision the whole video's (freeloc_dist.parallel.caches).
+it and counts the transformer calls it skips; `step_context` names each transformer call of a sampling step for the
+caches ("cond" or "uncond", the step, sigma), as diffusers' own pipelines do with `transformer.cache_context`. Under
+sequence parallelism the engine makes every data-dependent decision the whole video's (freeloc_dist.parallel.caches).
 """
 
 from __future__ import annotations
@@ -68,14 +68,43 @@ class _Clock:
     timestep = None
 
 
-def enable(transformers, config) -> None:
-    """Install the cache on every transformer (each expert has its own state, as in diffusers' pipelines)."""
-    if config is None:
-        return
-    if hasattr(config, "current_timestep_callback"):
-        config = dataclasses.replace(config, current_timestep_callback=lambda: _Clock.timestep)
-    for transformer in transformers:
-        transformer.enable_cache(config)
+class RenderCache:
+    """The render's cache on every transformer (each expert has its own state, as in diffusers' pipelines), and
+    how many transformer calls ran their last attention layer: a whole-pass cache (first_block, mag, sea) skips
+    it, so `summary()` counts the calls it skipped."""
+
+    def __init__(self, transformers, name: str, config):
+        from .families import family_of
+
+        if hasattr(config, "current_timestep_callback"):
+            config = dataclasses.replace(config, current_timestep_callback=lambda: _Clock.timestep)
+        self.name, self.transformers = name, transformers
+        self.calls, self.full = 0, 0
+        for transformer in transformers:
+            transformer.enable_cache(config)
+            transformer.register_forward_pre_hook(self._count_call)
+            family_of(transformer).attention_layers(transformer)[-1].register_forward_pre_hook(self._count_full)
+
+    def _count_call(self, module, args):
+        self.calls += 1
+
+    def _count_full(self, module, args):
+        self.full += 1
+
+    def start(self) -> None:
+        """A render starts every cache afresh (diffusers' pipelines reset them after each call)."""
+        self.calls, self.full = 0, 0
+        for transformer in self.transformers:
+            transformer._reset_stateful_cache()
+
+    def summary(self) -> dict:
+        return {"name": self.name, "transformer_calls": self.calls, "skipped": self.calls - self.full}
+
+
+def enable(transformers, section: Mapping | None, steps: int) -> RenderCache | None:
+    """Install the render's `cache:` section (None: no cache)."""
+    config = cache_config(section, steps)
+    return None if config is None else RenderCache(transformers, section["name"], config)
 
 
 def enabled(transformer) -> bool:
@@ -106,13 +135,6 @@ def step_context(transformer, scheduler, step: int, cond):
         handle.remove()
         _set_cache_context(transformer, None)
         _Clock.timestep = None
-
-
-def reset(transformers) -> None:
-    """A render starts every cache afresh (diffusers' pipelines do it at the end of each call)."""
-    for transformer in transformers:
-        if enabled(transformer):
-            transformer._reset_stateful_cache()
 
 
 def _is_callable(hint) -> bool:

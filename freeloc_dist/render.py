@@ -118,9 +118,9 @@ class Session:
                 self.engine_2 = parallelize(self.parts.transformer_2, dims, backend=cfg.attention_backend,
                                             strategy=cfg.parallel.strategy, comm=self.engine.comm)
                 self.predict_2 = self.engine_2.predict
-        from .caches import cache_config, enable
+        from .caches import enable
 
-        enable(self.experts, cache_config(cfg.cache, cfg.sampling.steps))  # after the engine: it adapts them
+        self.cache = enable(self.experts, cfg.cache, cfg.sampling.steps)  # after the engine (which adapts it)
         from .compile import LengthGraphs, compile_transformer
 
         # After FreeLOC and the engine (their attention is one custom op, so both modes trace whole blocks;
@@ -238,12 +238,14 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
             raise Preempted(step, ckpt_path)
 
     progress = Progress(log_fn, start_step=resume.step if resume else 0, label=label)
-    from .caches import reset
-
-    reset(session.experts)  # each job's caches start afresh
+    if session.cache is not None:
+        session.cache.start()
     result = render(session.parts, cfg, decode=False, predict=session.predict, on_step=progress,
                     resume=resume, after_step=after_step, predict_2=session.predict_2)
     sample_s = time.perf_counter() - sample_start
+    if session.cache is not None:
+        c = session.cache.summary()
+        log_fn(f"{label}cache {c['name']}: {c['skipped']} of {c['transformer_calls']} transformer calls skipped")
     if options.report_comm:
         report_comm(session, s.steps)
     if not bool(torch.isfinite(result.latents).all()):  # the same global latents on every rank
@@ -329,6 +331,7 @@ def sidecar(cfg, session: Session, resume, timings) -> dict:
                      **{n: version(n) for n in ("freeloc_dist", "torch", "diffusers", "transformers",
                                                 "imageio-ffmpeg")}},
         "timings": {k: round(x, 3) for k, x in timings.items()},
+        "cache": session.cache.summary() if session.cache is not None else None,
     }
 
 
