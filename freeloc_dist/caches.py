@@ -62,31 +62,40 @@ def cache_config(section: Mapping | None, steps: int):
         raise ConfigError(f"config error: cache={_show(dict(section))}: {text}") from None
 
 
-class _Clock:
-    """The timestep of the sampling step under way (step_context sets it), for pyramid attention broadcast."""
+class _Step:
+    """The sampling step under way (set by step_context): what each transformer call tells the caches."""
 
-    timestep = None
+    cond = None  # the step's conditional text states (None: no step under way)
+    index = steps = sigma = timestep = None
 
 
 class RenderCache:
     """The render's cache on every transformer (each expert has its own state, as in diffusers' pipelines), and
     how many transformer calls ran their last attention layer: a whole-pass cache (first_block, mag, sea) skips
-    it, so `summary()` counts the calls it skipped."""
+    it, so `summary()` counts the calls it skipped. The hooks are registered once (a compiled transformer sees the
+    same hooks at every step)."""
 
     def __init__(self, transformers, name: str, config):
         from .families import family_of
 
-        if hasattr(config, "current_timestep_callback"):
-            config = dataclasses.replace(config, current_timestep_callback=lambda: _Clock.timestep)
+        if hasattr(config, "current_timestep_callback"):  # pyramid attention broadcast
+            config = dataclasses.replace(config, current_timestep_callback=lambda: _Step.timestep)
         self.name, self.transformers = name, transformers
         self.calls, self.full = 0, 0
         for transformer in transformers:
             transformer.enable_cache(config)
-            transformer.register_forward_pre_hook(self._count_call)
+            transformer.register_forward_pre_hook(self._name_call, with_kwargs=True, prepend=True)
             family_of(transformer).attention_layers(transformer)[-1].register_forward_pre_hook(self._count_full)
 
-    def _count_call(self, module, args):
+    def _name_call(self, module, args, kwargs):
+        """The call's cache context: "cond" when its text is the step's conditional text, else "uncond"."""
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
         self.calls += 1
+        if _Step.cond is not None:
+            text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+            _set_cache_context(module, CacheContext("cond" if text is _Step.cond else "uncond", step_index=_Step.index,
+                                                    num_inference_steps=_Step.steps, sigma=_Step.sigma))
 
     def _count_full(self, module, args):
         self.full += 1
@@ -107,34 +116,21 @@ def enable(transformers, section: Mapping | None, steps: int) -> RenderCache | N
     return None if config is None else RenderCache(transformers, section["name"], config)
 
 
-def enabled(transformer) -> bool:
-    return getattr(transformer, "_cache_config", None) is not None
-
-
 @contextlib.contextmanager
 def step_context(transformer, scheduler, step: int, cond):
-    """Every transformer call inside (sampling step `step` of `scheduler`) carries a cache context: "cond" when its
-    text is `cond`, else "uncond", with the step, the step count and sigma."""
-    if not enabled(transformer):
+    """The transformer calls inside are sampling step `step` of `scheduler`, `cond` its conditional text."""
+    if getattr(transformer, "_cache_config", None) is None:  # no cache on this transformer
         yield
         return
-    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+    from diffusers.hooks.hooks import _set_cache_context
 
-    steps, sigma = len(scheduler.timesteps), float(scheduler.sigmas[step])
-
-    def name_call(module, args, kwargs):
-        text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        _set_cache_context(module, CacheContext("cond" if text is cond else "uncond", step_index=step,
-                                                num_inference_steps=steps, sigma=sigma))
-
-    _Clock.timestep = scheduler.timesteps[step]
-    handle = transformer.register_forward_pre_hook(name_call, with_kwargs=True, prepend=True)
+    _Step.cond, _Step.index, _Step.steps = cond, step, len(scheduler.timesteps)
+    _Step.sigma, _Step.timestep = float(scheduler.sigmas[step]), scheduler.timesteps[step]
     try:
         yield
     finally:
-        handle.remove()
+        _Step.cond = _Step.index = _Step.steps = _Step.sigma = _Step.timestep = None
         _set_cache_context(transformer, None)
-        _Clock.timestep = None
 
 
 def _is_callable(hint) -> bool:
