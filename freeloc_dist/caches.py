@@ -20,7 +20,7 @@ import typing
 from typing import Any, Mapping
 
 from .choices import CACHES
-from .config import ConfigError, _fail, _show
+from .config import ConfigError, _convert, _fail, _show
 
 # the diffusers config class of each name (choices.CACHES)
 _CLASSES = {"first_block": "FirstBlockCacheConfig", "mag": "MagCacheConfig", "sea": "SeaCacheConfig",
@@ -164,20 +164,6 @@ def _setting(where: str, hint, value: Any):
         inner = [args[0]] * len(value) if origin is list or args[-1] is Ellipsis else list(args)
         items = [_setting(f"{where}[{i}]", h, v) for i, (h, v) in enumerate(zip(inner, value))]
         return tuple(items) if origin is tuple else items
-    if hint is bool:
-        if not isinstance(value, bool):
-            _fail(where, value, "expected true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(where, value, "expected an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(where, value, "expected a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            _fail(where, value, "expected a string")
-        return value
+    if hint in (bool, int, float, str):
+        return _convert(where, hint, value)  # the config's own scalar rules
     _fail(where, value, "cannot be set from a config")
