@@ -113,6 +113,16 @@ def test_sea_cache_indicator_reads_the_whole_videos_input():
     assert torch.equal(got, local[0])
 
 
+def test_a_deciding_cache_the_engine_cannot_adapt_is_refused_naming_it():
+    """A first block cache hook without the decision function the engine replaces (another diffusers version)."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    model = tiny_transformer()
+    HookRegistry.check_if_exists_or_initialize(model.blocks[0]).register_hook(ModelHook(), "fbc_leader_block_hook")
+    with pytest.raises(RuntimeError, match="^parallelize_pipeline: diffusers' first block cache decides from"):
+        make_global(model, ThreadRanks().engine(0))
+
+
 # ---- the render's cache: section --------------------------------------------------------------------------------
 
 def test_cache_sections_build_diffusers_configs():
