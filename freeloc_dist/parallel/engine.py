@@ -66,7 +66,7 @@ class SequenceParallel:
         self._saved_attention = state.attention
         self._local = False  # True inside predict: the transformer is then called with this rank's frames
         self._call: GlobalCall | None = None  # the global call under way (set by _enter, cleared by _leave)
-        self._predict_input = None  # inside predict: the whole video's transformer input (caches.py reads it)
+        self._predict_input = None  # inside predict: makes the whole video's transformer input (for caches.py)
         self.pairing = None  # parallelize_pipeline with cfg_degree 2: pipeline.CFGPairing
         self._wrappers: list[GlobalForward] = []
         self.forward = self._wrap_forward()
@@ -221,7 +221,7 @@ class SequenceParallel:
         """The whole video's transformer input [B, C, F, H, W] of the call under way (None outside one)."""
         if self._call is not None:
             return self._call.hidden
-        return self._predict_input
+        return None if self._predict_input is None else self._predict_input()
 
     # -- attention ------------------------------------------------------------------------------
     def _attention(self, q, k, v, rotary_local, plan: LayerPlan, t_rope):
@@ -261,8 +261,10 @@ class SequenceParallel:
         use_cfg = runs_uncond(uncond)  # the render decided (its first scale > 1), not this step's scale
 
         make_global(transformer, self)
-        whole = latents.to(transformer.dtype)
-        whole = whole if condition is None else condition.input_for(whole)
+
+        def whole():  # only a cache that reads the input builds it (the whole video's, on every rank)
+            x = latents.to(transformer.dtype)
+            return x if condition is None else condition.input_for(x)
 
         def run(text):
             self._local, self._predict_input = True, whole
