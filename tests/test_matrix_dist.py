@@ -136,7 +136,7 @@ def run_world(folder: Path, ranks: int, cases: list[dict]) -> dict[str, dict]:
         for case in pending:
             logs = {r: (folder / f"{case['id']}.rank{r}.log").read_text()
                     for r in range(ranks) if (folder / f"{case['id']}.rank{r}.log").exists()}
-            done = folder / f"{case['id']}.json"
+            done = folder / f"{case['id']}.case.json"
             if done.exists():
                 results[case["id"]] = {**json.loads(done.read_text()), "logs": logs}
                 ran.append(case)
