@@ -113,6 +113,36 @@ def test_sea_cache_indicator_reads_the_whole_videos_input():
     assert torch.equal(got, local[0])
 
 
+def test_mag_cache_calibration_averages_over_the_whole_video():
+    """MagCache's calibration ratio is the mean over tokens of |current| / |previous| residual norms: both ranks
+    record one process's mean (rank 1 holds fewer tokens, so the mean of the ranks' means would differ)."""
+    from diffusers import MagCacheConfig
+    from diffusers.hooks.mag_cache import MagCacheBlockHook
+
+    g = torch.Generator().manual_seed(0)
+    previous = [torch.rand(1, 6, 8, generator=g) + 0.5, torch.rand(1, 2, 8, generator=g) * 5 + 0.5]
+    current = [p * torch.rand(1, p.shape[1], 1, generator=g) * 2 for p in previous]
+
+    def state(prev):
+        return SimpleNamespace(previous_residual=prev, calibration_ratios=[])
+
+    one = state(torch.cat(previous, dim=1))
+    MagCacheBlockHook._perform_calibration_step(None, one, torch.cat(current, dim=1))
+    ranks, models, states = ThreadRanks(), [], [state(p) for p in previous]
+    for rank in range(2):
+        model = tiny_transformer(num_layers=3)
+        model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=2))
+        make_global(model, ranks.engine(rank))
+        models.append(model.blocks[-1]._diffusers_hook.hooks["mag_cache_block_hook"])
+    run_ranks([lambda h=h, s=s, c=c: h._perform_calibration_step(s, c) for h, s, c in zip(models, states, current)])
+    for s in states:
+        assert s.calibration_ratios == pytest.approx(one.calibration_ratios, rel=1e-6)
+    alone = [state(p) for p in previous]
+    for s, c in zip(alone, current):
+        MagCacheBlockHook._perform_calibration_step(None, s, c)
+    assert abs(sum(s.calibration_ratios[0] for s in alone) / 2 - one.calibration_ratios[0]) > 1e-2
+
+
 def test_a_deciding_cache_the_engine_cannot_adapt_is_refused_naming_it():
     """A first block cache hook without the decision function the engine replaces (another diffusers version)."""
     from diffusers.hooks import HookRegistry, ModelHook
