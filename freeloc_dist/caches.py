@@ -82,6 +82,7 @@ class RenderCache:
             config = dataclasses.replace(config, current_timestep_callback=lambda: _Step.timestep)
         self.name, self.transformers = name, transformers
         self.calls, self.full = 0, 0
+        self.last = None  # the last render's summary()
         for transformer in transformers:
             transformer.enable_cache(config)
             transformer.register_forward_pre_hook(self._name_call, with_kwargs=True, prepend=True)
@@ -103,11 +104,21 @@ class RenderCache:
     def start(self) -> None:
         """A render starts every cache afresh (diffusers' pipelines reset them after each call)."""
         self.calls, self.full = 0, 0
+        self.last = None  # the last render's summary()
         for transformer in self.transformers:
             transformer._reset_stateful_cache()
 
-    def summary(self) -> dict:
-        return {"name": self.name, "transformer_calls": self.calls, "skipped": self.calls - self.full}
+    def summary(self, comm) -> dict:
+        """The render's calls and skipped calls, kept as `last`. Under cfg_degree 2 each CFG group runs half the
+        calls, so the counts are summed over the cfg group (a collective: every rank calls this once a render)."""
+        import torch
+
+        counts = [self.calls, self.calls - self.full]
+        if comm.dims.cfg_degree > 1:
+            counts = [int(sum(x)) for x in zip(*comm.cfg_all_gather(torch.tensor(counts, device=comm.dims.device),
+                                                                   tag="cache"))]
+        self.last = {"name": self.name, "transformer_calls": counts[0], "skipped": counts[1]}
+        return self.last
 
 
 def enable(transformers, section: Mapping | None, steps: int) -> RenderCache | None:

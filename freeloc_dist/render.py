@@ -244,7 +244,7 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
                     resume=resume, after_step=after_step, predict_2=session.predict_2)
     sample_s = time.perf_counter() - sample_start
     if session.cache is not None:
-        c = session.cache.summary()
+        c = session.cache.summary(session.comm)
         log_fn(f"{label}cache {c['name']}: {c['skipped']} of {c['transformer_calls']} transformer calls skipped")
     if options.report_comm:
         report_comm(session, s.steps)
@@ -331,7 +331,7 @@ def sidecar(cfg, session: Session, resume, timings) -> dict:
                      **{n: version(n) for n in ("freeloc_dist", "torch", "diffusers", "transformers",
                                                 "imageio-ffmpeg")}},
         "timings": {k: round(x, 3) for k, x in timings.items()},
-        "cache": session.cache.summary() if session.cache is not None else None,
+        "cache": session.cache.last if session.cache is not None else None,
     }
 
 
