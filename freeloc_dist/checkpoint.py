@@ -78,6 +78,8 @@ def fingerprint_settings(cfg: RenderConfig, profile, *, profile_2=None, boundary
         from freeloc_dist.storyboard import load_storyboard
 
         settings["storyboard"] = load_storyboard(cfg.storyboard).to_mapping()
+    if cfg.cache is not None:
+        settings["cache"] = cfg.cache
     if boundary_ratio is not None:
         settings["profile_2"] = profile_2.to_mapping() if profile_2 is not None else None
         settings["boundary_ratio"] = boundary_ratio

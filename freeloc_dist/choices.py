@@ -14,3 +14,5 @@ LORA_EXPERTS = ("high", "low", "both")
 # memory: (freeloc_dist.memory): where the text encoder runs, where the idle expert waits
 TEXT_ENCODER_PLACES = ("gpu", "cpu", "rank0")  # gpu: the render device
 EXPERT_PLACES = ("resident", "offload")
+# cache.name: diffusers' caching hooks (freeloc_dist.caches)
+CACHES = ("first_block", "mag", "sea", "taylorseer", "pyramid_attention_broadcast", "text_kv")

@@ -24,6 +24,7 @@ import yaml
 
 from .choices import (
     ATTENTION_BACKENDS,
+    CACHES,
     COMPILE_MODES,
     EXPERT_PLACES,
     LORA_EXPERTS,
@@ -148,6 +149,9 @@ class RenderConfig:
     output: Path = Path("outputs/render.mp4")
     # a prompt schedule (YAML list of {at, prompt, ...}) that replaces `prompt` (freeloc_dist.storyboard)
     storyboard: Path | None = None
+    # one of diffusers' caching hooks: {name: first_block, threshold: 0.1}; the other keys are that cache's
+    # settings (freeloc_dist.caches checks them)
+    cache: dict | None = None
 
     @property
     def latent_frames(self) -> int:
@@ -197,6 +201,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[An
     "parallel.timeout_s": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
     "model.loras[].scale": (math.isfinite, "must be a finite number"),
     "checkpoint.every": (lambda v: v >= 0, "must be >= 0 (0: checkpoint only on preemption)"),
+    "cache": (lambda v: v.get("name") in CACHES, f"needs name: one of {', '.join(CACHES)}"),
 }
 
 
@@ -231,6 +236,10 @@ def _convert(where: str, hint: Any, value: Any, checks: Mapping = _CHECKS) -> An
         return tuple(_convert(f"{where}[{i}]", inner, x, checks) for i, x in enumerate(value))
     if dataclasses.is_dataclass(hint):
         return _build(where, hint, value, checks)
+    if hint is dict:  # settings passed on as they are (their owner checks them)
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            _fail(where, value, "expected a mapping")
+        return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
             _fail(where, value, "expected true or false")

@@ -130,7 +130,7 @@ def _stateful_hooks(transformer) -> bool:
     """Whether a stateful diffusers hook (a cache: pyramid attention broadcast, first block cache, ...) sits on the
     transformer or one of its modules. Such a hook counts the calls it sees; a paired uncond call, answered without
     running the forward, would change what it counts, so CFG pairing computes every call as asked instead."""
-    from .parallel.engine import diffusers_hooks
+    from .parallel.caches import diffusers_hooks
 
     return any(getattr(hook, "_is_stateful", False) for _, hook in diffusers_hooks(transformer))
 

@@ -55,6 +55,9 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
     """Validate a run; raises UserError (one line) on the first problem."""
     world = world_size(options)
     cfg = load_config(config_path, overrides, seconds)
+    from .caches import cache_config
+
+    cache_config(cfg.cache, cfg.sampling.steps)  # its settings against the diffusers cache's own checks
     model_dir = Path(cfg.model.path)
     if not options.dry_run:  # the planner needs only the transformer's config (or a built-in copy)
         from .models import check_model_dir

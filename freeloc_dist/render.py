@@ -129,6 +129,9 @@ class Session:
                 self.engine_2 = parallelize(self.parts.transformer_2, dims, backend=cfg.attention_backend,
                                             strategy=cfg.parallel.strategy, comm=self.comm)
                 self.predict_2 = self.engine_2.predict
+        from .caches import enable
+
+        self.cache = enable(self.experts, cfg.cache, cfg.sampling.steps)  # after the engine (which adapts it)
         from .compile import LengthGraphs, compile_transformer
 
         # After FreeLOC and the engine (their attention is one custom op, so both modes trace whole blocks;
@@ -245,11 +248,16 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
             raise Preempted(step, ckpt_path)
 
     progress = Progress(log_fn, start_step=resume.step if resume else 0, label=label)
+    if session.cache is not None:
+        session.cache.start()
     result = render(session.parts, cfg, decode=False, predict=session.predict, on_step=progress,
                     resume=resume, after_step=after_step, predict_2=session.predict_2,
                     encode_prompts=session.memory.encoder,
                     own_frames=own_frames(cfg.latent_frames, dims.sp_degree, dims.sp_rank))
     sample_s = time.perf_counter() - sample_start
+    if session.cache is not None:
+        c = session.cache.summary(session.comm)
+        log_fn(f"{label}cache {c['name']}: {c['skipped']} of {c['transformer_calls']} transformer calls skipped")
     if options.report_comm:
         report_comm(session, s.steps)
     if not bool(torch.isfinite(result.latents).all()):  # the same global latents on every rank
@@ -342,6 +350,7 @@ def sidecar(cfg, session: Session, resume, timings) -> dict:
                      **{n: version(n) for n in ("freeloc_dist", "torch", "diffusers", "transformers",
                                                 "imageio-ffmpeg")}},
         "timings": {k: round(x, 3) for k, x in timings.items()},
+        "cache": session.cache.last if session.cache is not None else None,
     }
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from freeloc_dist.caches import step_context
 from freeloc_dist.config import RenderConfig
 from freeloc_dist.decode import decode_video
 from freeloc_dist.guidance import combine, runs_uncond
@@ -154,7 +155,8 @@ def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, un
         x, t_in = latents, t
         if token_timesteps is not None:
             x, t_in = token_timesteps.model_input(latents), token_timesteps.timestep(t)  # t_in [1, L]
-        flow = step_predict(model, x, t_in, cond, uncond, step_guidance, **extra)  # [B, C, F, H, W] float32
+        with step_context(model, scheduler, i, cond):  # what diffusers' caches read (freeloc_dist.caches)
+            flow = step_predict(model, x, t_in, cond, uncond, step_guidance, **extra)  # [B, C, F, H, W] float32
         latents = scheduler.step(flow, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i + 1, len(timesteps), time.perf_counter() - start)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO_ROOT))  # runnable from a checkout without installin
 
 from freeloc_dist.choices import (  # noqa: E402  (after sys.path)
     ATTENTION_BACKENDS,
+    CACHES,
     COMPILE_MODES,
     EXPERT_PLACES,
     LORA_EXPERTS,
@@ -127,6 +128,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     config_flag(p, "--last-image", "last_image", type=cwd_path, metavar="PATH",
                 help="first-last-frame models (Wan2.1 FLF2V): the last frame (PNG or JPEG)")
     config_flag(p, "--negative-prompt", "sampling.negative_prompt", help="negative prompt (default: the config's)")
+    config_flag(p, "--cache", "cache.name", choices=CACHES,
+                help="one of diffusers' caches (settings: the config's cache section, or --cache-threshold)")
+    config_flag(p, "--cache-threshold", "cache.threshold", type=float,
+                help="the cache's threshold (first_block, mag, sea)")
     config_flag(p, "--cfg-degree", "parallel.cfg_degree", type=int, choices=CFG_DEGREES,
                 help="2: CFG passes on two rank groups")
     config_flag(p, "--strategy", "parallel.strategy", choices=STRATEGY_CHOICES,

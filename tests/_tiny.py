@@ -69,3 +69,39 @@ def render(pipe, frames, **kw):
                 num_inference_steps=2, guidance_scale=4.0, max_sequence_length=16, output_type="latent",
                 generator=torch.Generator().manual_seed(0))
     return pipe(**{**args, **kw}).frames
+
+
+# diffusers' caches on the tiny pipeline, set so that each really skips work within CACHE_STEPS steps (first block
+# cache 0.05 decides but never skips there: the decision is still made over the ranks), all in float32
+CACHE_STEPS = 8
+CACHE_FRAMES = 25  # 7 latent frames: past the tiny profile's trained 5
+CACHES = ("first_block_0.05", "first_block_0.1", "first_block_0.3", "mag", "sea", "taylorseer", "text_kv")
+
+
+def enable_cache(pipe, name, steps=CACHE_STEPS):
+    import diffusers
+
+    if name.startswith("first_block"):
+        config = diffusers.FirstBlockCacheConfig(threshold=float(name.rsplit("_", 1)[1]))
+    elif name == "mag":
+        config = diffusers.MagCacheConfig(threshold=0.5, num_inference_steps=steps, mag_ratios=[1.0] * steps)
+    elif name == "sea":
+        config = diffusers.SeaCacheConfig(threshold=0.5)
+    elif name == "taylorseer":  # Wan's attention modules are attn1/attn2 (the default patterns miss them)
+        config = diffusers.TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1,
+                                                 cache_identifiers=[r"blocks\.\d+\.attn\d"],
+                                                 taylor_factors_dtype=torch.float32)
+    elif name == "pab":
+        config = diffusers.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+            current_timestep_callback=lambda: pipe.current_timestep)
+    else:
+        config = diffusers.TextKVCacheConfig()
+    pipe.transformer.enable_cache(config)
+
+
+def count_full_passes(pipe) -> list:
+    """A list that grows by one each time the transformer's last block really runs (not skipped by a cache)."""
+    calls = []
+    pipe.transformer.blocks[-1].ffn.register_forward_hook(lambda *a: calls.append(1))
+    return calls

@@ -5,10 +5,11 @@ group made here once (freeloc_dist.parallel.init_parallel reuses it; destroy_par
 of a world (interpreters, imports, the rendezvous) is paid once per world shape instead of once per case.
 
 For each case every rank writes `<case>.rank<R>.log` (its stderr and, for an internal error, the traceback) and
-rank 0 writes `<case>.json`: the exit code of every rank and the calls each test-only family counted. After a
+rank 0 writes `<case>.case.json` (apart from the render's own sidecar `<case>.json`): the exit code of every rank
+and the calls each test-only family counted. After a
 case that failed on any rank the world ends (a rank that failed mid-collective leaves the others' groups in an
 unknown state) and the caller starts a new world for the cases left. A case that hangs dumps every stack into
-its log after --case-timeout seconds and the world ends; the caller sees a case with a log and no `.json`.
+its log after --case-timeout seconds and the world ends; the caller sees a case with a log and no `.case.json`.
 """
 
 import argparse
@@ -64,7 +65,7 @@ def main() -> int:
             dist.all_gather_object(codes, code, group=control)
             if rank == 0:
                 calls = {f.name: dict(f.calls) for f in counting}
-                (out / f"{case['id']}.json").write_text(json.dumps({"codes": codes, "family_calls": calls}))
+                (out / f"{case['id']}.case.json").write_text(json.dumps({"codes": codes, "family_calls": calls}))
             if any(c != 0 for c in codes):
                 break
     finally:

@@ -14,7 +14,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _tiny import TINY_PROFILE, render, tiny_pipeline, tiny_transformer  # noqa: E402
+from _tiny import (  # noqa: E402
+    CACHE_FRAMES,
+    CACHE_STEPS,
+    CACHES,
+    TINY_PROFILE,
+    count_full_passes,
+    enable_cache,
+    render,
+    tiny_pipeline,
+    tiny_transformer,
+)
 
 from freeloc_dist import apply_freeloc, enable_freeloc, parallelize_pipeline  # noqa: E402
 from freeloc_dist.parallel import destroy_parallel, init_parallel, parallelize  # noqa: E402
@@ -93,27 +103,21 @@ def other_hooks(order, cfg):
     return out
 
 
-def activation_cache():
-    """diffusers' first block cache (decisions from activations) before or after parallelize_pipeline: refused
-    at the pipeline call with one line on every rank, twice, then the same pipeline renders once it is disabled."""
-    from diffusers import FirstBlockCacheConfig
-
-    out = {"plain": render(tiny_pipeline(), 25)}  # this rank alone
-    for order in ("before", "after"):
+def caches(order):
+    """Every diffusers cache of _tiny.CACHES installed before or after parallelize_pipeline, two pipeline calls
+    each: the latents and how many times the last block really ran (the test compares both with one process)."""
+    out = {}
+    for name in CACHES:
         pipe = tiny_pipeline()
+        enable_freeloc(pipe, TINY_PROFILE)
         if order == "before":
-            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+            enable_cache(pipe, name)
         parallelize_pipeline(pipe)
         if order == "after":
-            pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
-        for call in range(2):
-            try:
-                render(pipe, 25)
-                out[f"{order}{call}"] = "no error"
-            except RuntimeError as e:
-                out[f"{order}{call}"] = str(e)
-        pipe.transformer.disable_cache()
-        out[f"{order}_disabled"] = render(pipe, 25)
+            enable_cache(pipe, name)
+        full = count_full_passes(pipe)
+        out[name] = [render(pipe, CACHE_FRAMES, num_inference_steps=CACHE_STEPS) for _ in range(2)]
+        out[f"{name}_full"] = len(full)
     return out
 
 
@@ -192,8 +196,9 @@ def main():
         for order in ("before", "after"):
             if f"hooks_{order}" in cases:
                 results[f"hooks_{order}"] = other_hooks(order, args.cfg)
-        if "fbc" in cases:
-            results["fbc"] = activation_cache()
+        for order in ("before", "after"):
+            if f"caches_{order}" in cases:
+                results[f"caches_{order}"] = caches(order)
         if "refuse" in cases:
             results["refuse"] = refusals()
         if "mismatch" in cases:  # ranks drawing different noise: refused on every rank

@@ -129,6 +129,25 @@ CASES = [
      "entry 3: at=1.4: past the end of the video (17 frames at 16 fps = 1.0625 s)"),
     ("storyboard-with-prompts", lambda t: [*storyboard(t, SB_OK), "--prompts", prompts(t, "a cat")], None,
      "--storyboard: not allowed with --prompts"),
+    ("cache-name", lambda t: [], lambda c: c.update(cache={"name": "tea"}), "cache={'name': 'tea'}: needs name"),
+    ("cache-no-name", lambda t: ["--cache-threshold", "0.1"], None, "cache={'threshold': 0.1}: needs name"),
+    ("cache-flag-name", lambda t: ["--cache", "tea"], None, "--cache: invalid choice: 'tea'"),
+    ("cache-setting", lambda t: [], lambda c: c.update(cache={"name": "first_block", "treshold": 0.1}),
+     "cache.treshold: unknown setting of the first_block cache (expected one of: threshold)"),
+    ("cache-setting-type", lambda t: ["--cache", "sea"], lambda c: c.update(cache={"residual_order": "one"}),
+     "cache.residual_order='one': expected an integer"),
+    ("cache-diffusers-check", lambda t: ["--cache", "sea", "--cache-threshold", "-1"], None,
+     "`threshold` must be non-negative, got -1.0."),
+    ("cache-mag-ratios", lambda t: ["--cache", "mag"], None, "`mag_ratios` must be provided"),
+    ("cache-mag-ratios-type", lambda t: [], lambda c: c.update(cache={"name": "mag", "mag_ratios": [1, "x"]}),
+     "cache.mag_ratios[1]='x': expected a number"),
+    ("cache-from-render", lambda t: [], lambda c: c.update(cache={"name": "mag", "num_inference_steps": 3}),
+     "cache.num_inference_steps: set by the render (sampling.steps)"),
+    ("cache-taylor-dtype", lambda t: [], lambda c: c.update(cache={"name": "taylorseer", "taylor_factors_dtype": "f8"}),
+     "cache.taylor_factors_dtype='f8': must be one of: float32, bfloat16, float16"),
+    ("cache-pab-range", lambda t: [], lambda c: c.update(
+        cache={"name": "pyramid_attention_broadcast", "spatial_attention_timestep_skip_range": [1]}),
+     "expected a list of 2"),
 ]
 
 

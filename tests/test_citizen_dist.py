@@ -9,7 +9,17 @@ import sys
 
 import pytest
 import torch
-from _tiny import TINY_PROFILE, rel_err, render, tiny_pipeline
+from _tiny import (
+    CACHE_FRAMES,
+    CACHE_STEPS,
+    CACHES,
+    TINY_PROFILE,
+    count_full_passes,
+    enable_cache,
+    rel_err,
+    render,
+    tiny_pipeline,
+)
 
 from freeloc_dist import enable_freeloc
 
@@ -59,15 +69,30 @@ def test_stock_pipeline_parallel_equals_one_process(tmp_path, single, nproc, cfg
             assert torch.equal(got["freeloc_removed"], got["plain_short"]), rank
 
 
+@pytest.fixture(scope="module")
+def hooks_world(tmp_path_factory):
+    """Two ranks with hooks and caches installed before and after parallelize_pipeline, one launch per cfg degree
+    (the sp2 one also runs every cache of _tiny.CACHES)."""
+    worlds = {}
+
+    def get(cfg):
+        if cfg not in worlds:
+            cases = "hooks_before,hooks_after" + (",caches_before,caches_after" if cfg == 1 else "")
+            out = tmp_path_factory.mktemp(f"hooks_cfg{cfg}") / "r"
+            worlds[cfg] = launch(2, out, "--cfg", str(cfg), "--cases", cases)
+        return worlds[cfg]
+    return get
+
+
 @pytest.mark.parametrize("cfg", [1, 2], ids=["sp2", "cfg2"])
-def test_offload_and_diffusers_hooks_before_or_after_parallelize(tmp_path, single, cfg):
+def test_offload_and_diffusers_hooks_before_or_after_parallelize(hooks_world, single, cfg):
     """enable_model_cpu_offload (accelerate: wraps transformer.forward, and at the end of every pipeline call
     restores the forward it saved, then wraps again), a root-level diffusers HookRegistry hook and diffusers'
     pyramid attention broadcast cache (against one process with the same cache), installed
     before or after parallelize_pipeline: two pipeline calls each equal one process (the second one was a
     shape error / gloo assertion when the engine lived in transformer.forward), the CFG pairing still skips the
     uncond forward, and the handle's remove() leaves each rank's plain pipeline."""
-    ranks = launch(2, tmp_path / "r", "--cfg", str(cfg), "--cases", "hooks_before,hooks_after")
+    ranks = hooks_world(cfg)
     kinds = ("offload", "registry", "pab") if importlib.util.find_spec("accelerate") else ("registry", "pab")
     for rank, got in enumerate(ranks):
         assert rel_err(got["hooks_before"]["pab_single"], single["freeloc"]) > 1e-3  # the cache changed the video
@@ -86,18 +111,38 @@ def test_offload_and_diffusers_hooks_before_or_after_parallelize(tmp_path, singl
             assert res["registry_calls"] >= 4, (rank, order)  # the diffusers hook really ran
 
 
-def test_a_cache_deciding_from_activations_is_refused_on_every_rank(tmp_path):
-    """diffusers' first block cache compares the first block's residual with a threshold: each rank sees its own
-    frames, so the ranks would decide apart (one skipping collectives the others wait in). Before or after
-    parallelize_pipeline, every pipeline call is refused with one line on every rank; disabled, it renders."""
-    ranks = launch(2, tmp_path / "r", "--cases", "fbc")
-    for rank, got in enumerate(ranks):
-        res = got["fbc"]
-        for order in ("before", "after"):
-            for call in range(2):
-                message = res[f"{order}{call}"]
-                assert "parallelize_pipeline" in message and "first block cache" in message, (rank, order, message)
-            assert rel_err(res[f"{order}_disabled"], res["plain"]) < TOL, (rank, order)
+def test_caches_decide_once_for_the_whole_video(hooks_world):
+    """diffusers' first block cache (thresholds 0.05, 0.1, 0.3), MagCache, SeaCache, TaylorSeer and TextKVCache,
+    enabled before or after parallelize_pipeline: two pipeline calls on 2 ranks equal one process with the same
+    cache, and the last block ran as often as in one process. The first block cache and SeaCache decide from
+    activations (each rank holds its own frames): the engine makes each decision the whole video's."""
+    ranks = hooks_world(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few tiny renders: threads only contend
+    try:
+        plain = tiny_pipeline()
+        enable_freeloc(plain, TINY_PROFILE)
+        no_cache = render(plain, CACHE_FRAMES, num_inference_steps=CACHE_STEPS)
+        for name in CACHES:
+            pipe = tiny_pipeline()
+            enable_freeloc(pipe, TINY_PROFILE)
+            enable_cache(pipe, name)
+            full = count_full_passes(pipe)
+            # one process, one call: a pipeline call starts the cache afresh, so a second call is the same
+            want = render(pipe, CACHE_FRAMES, num_inference_steps=CACHE_STEPS)
+            if name not in ("first_block_0.05", "text_kv"):  # these change nothing on the tiny model in 8 steps
+                assert rel_err(want, no_cache) > 1e-3, name
+            if name in ("first_block_0.1", "first_block_0.3", "mag", "sea"):  # skipped whole passes
+                assert len(full) < 2 * CACHE_STEPS, (name, len(full))
+            for rank, got in enumerate(ranks):
+                for order in ("before", "after"):
+                    res = got[f"caches_{order}"]
+                    for call in range(2):
+                        err = rel_err(res[name][call], want)
+                        assert err < TOL, (rank, order, name, call, err)
+                    assert res[f"{name}_full"] == 2 * len(full), (rank, order, name, res[f"{name}_full"], len(full))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_diffusers_parallelism_is_refused_in_either_order(tmp_path):

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.dist
 TOL = 1e-5
 LENGTH = ["--frames", "33"]  # 33 frames = 9 latent frames: past every tiny model's T of 5; shards 5/4, 3/3/3
 SMALL = [*LENGTH, "--height", "32", "--width", "32"]
-SKELETON = "skeleton"  # a config written by the `skeleton_config` fixture
+SKELETON = "skeleton"  # a config written by the `written_configs` fixture
 COMM_LINE = re.compile(r"^\[rank 0\] (communication: bytes received|  rank \d+: )")  # --report-comm (with --quiet)
 
 # model case -> (config, argv after it). The id's first word is the family.
@@ -65,21 +65,42 @@ MODELS = {
     "hunyuan-t2v-cfg": ("configs/tiny-random-hunyuan.yaml",
                         [*SMALL, "--steps", "2", "--true-cfg-scale", "1.5", "--negative-prompt", "blurry"]),
 }
+# diffusers' caches through the CLI (8 steps: each skips work on the tiny model): a flag, or a config with the
+# `cache:` section (written by the `written_configs` fixture); the one-process reference renders the same argv.
+# First block cache at 0.102: at the 5th call the whole video's ratio is 0.1026 (compute) while the last 4 of 9
+# frames alone give 0.1014 (sp 2) and the middle 3 0.0977 (sp 3): ranks deciding alone would part there.
+CACHE_SECTIONS = {
+    "mag": {"name": "mag", "threshold": 0.5, "mag_ratios": [1.0]},
+    "taylorseer": {"name": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 1,
+                   "cache_identifiers": [r"blocks\.\d+\.attn\d"], "taylor_factors_dtype": "float32"},
+    "pab": {"name": "pyramid_attention_broadcast", "spatial_attention_block_skip_range": 2,
+            "spatial_attention_timestep_skip_range": [-1, 1001]},
+}
+MODELS.update({
+    "cache-first-block": ("configs/tiny-random.yaml",
+                          [*SMALL, "--cache", "first_block", "--cache-threshold", "0.102"]),
+    "cache-sea": ("configs/tiny-random.yaml", [*SMALL, "--cache", "sea", "--cache-threshold", "0.5"]),
+    "cache-text-kv": ("configs/tiny-random.yaml", [*SMALL, "--cache", "text_kv"]),
+    **{f"cache-{name}": (f"cache:{name}", SMALL) for name in CACHE_SECTIONS},
+})
+WHOLE_PASS_CACHES = ("cache-first-block", "cache-sea", "cache-mag")  # these skip whole transformer calls
 # world shape -> (ranks, argv). No world of 1: it installs no engine, so it would compare a path with itself.
 WORLDS = {"sp2": (2, []), "sp3": (3, []), "cfg2xsp2": (4, ["--cfg-degree", "2"])}
 MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") for world in WORLDS] + [
     ("wan-flf2v", "sp3"), ("wan-i2v-a14b", "sp3"), ("wan-i2v-a14b", "cfg2xsp2"),
     ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"), ("wan-t2v-a14b-fast", "sp2"),
-    ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"),
     *[("wan-t2v-a14b-memory", world) for world in WORLDS],
     *[("wan-t2v-storyboard", world) for world in WORLDS],
-    ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"), ("hunyuan-t2v", "sp2"), ("hunyuan-t2v", "sp3"),
-    ("hunyuan-t2v-cfg", "cfg2xsp2"),
+    ("hunyuan-t2v", "sp2"), ("hunyuan-t2v", "sp3"), ("hunyuan-t2v-cfg", "cfg2xsp2"),
+    *[("cache-first-block", world) for world in WORLDS], ("cache-sea", "sp2"), ("cache-sea", "sp3"),
+    ("cache-mag", "sp3"), ("cache-taylorseer", "sp2"), ("cache-pab", "sp3"), ("cache-text-kv", "sp2"),
 ]
+assert len(set(MATRIX)) == len(MATRIX), "a case listed twice"
 # The one-process reference of a model case: its own render, except the skeleton's, which is Wan's render of the
 # same weights (tests/test_families.py shows the two equal bit for bit in one process).
 REFERENCE_OF = {"skeleton-t2v": "wan-t2v", "wan-t2v-a14b-memory": "wan-t2v-a14b"}  # memory: whole weights, alone
 MODELS["wan-t2v"] = ("configs/tiny-random.yaml", MODELS["skeleton-t2v"][1])
+MODELS["wan-t2v-plain"] = ("configs/tiny-random.yaml", SMALL)  # the cache rows without their cache
 
 
 def case_argv(config: str, argv: list[str], folder: Path, name: str) -> list[str]:
@@ -102,26 +123,30 @@ def lora(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def skeleton_config(tmp_path_factory) -> str:
-    """tiny-random.yaml on a copy of its tiny Wan turned into the skeleton family's model directory."""
+def written_configs(tmp_path_factory) -> dict[str, str]:
+    """The configs written here: tiny-random.yaml on a copy of its tiny Wan turned into the skeleton family's model
+    directory (SKELETON), and tiny-random.yaml with each of CACHE_SECTIONS ("cache:<name>")."""
     from skeleton_family import as_skeleton_dir
 
     folder = tmp_path_factory.mktemp("skeleton")
-    config = yaml.safe_load((REPO_ROOT / "configs" / "tiny-random.yaml").read_text())
-    model = as_skeleton_dir(shutil.copytree(REPO_ROOT / config["model"]["path"], folder / "tiny-skeleton"))
-    config["model"]["path"] = str(model)
-    path = folder / "tiny-skeleton.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
+    tiny = yaml.safe_load((REPO_ROOT / "configs" / "tiny-random.yaml").read_text())
+    model = as_skeleton_dir(shutil.copytree(REPO_ROOT / tiny["model"]["path"], folder / "tiny-skeleton"))
+    written = {SKELETON: {**tiny, "model": {**tiny["model"], "path": str(model)}},
+               **{f"cache:{name}": {**tiny, "cache": section} for name, section in CACHE_SECTIONS.items()}}
+    paths = {}
+    for key, config in written.items():
+        paths[key] = folder / f"{key.replace(':', '-')}.yaml"
+        paths[key].write_text(yaml.safe_dump(config))
+    return {key: str(path) for key, path in paths.items()}
 
 
-def config_of(model: str, skeleton_config: str) -> str:
+def config_of(model: str, written: dict[str, str]) -> str:
     config = MODELS[model][0]
-    return skeleton_config if config == SKELETON else config
+    return written.get(config, config)
 
 
 @pytest.fixture(scope="module")
-def reference(generate, skeleton_config, tmp_path_factory):
+def reference(generate, written_configs, tmp_path_factory):
     """model case -> the latents of one plain process (rendered here, once)."""
     from safetensors.torch import load_file
 
@@ -131,10 +156,11 @@ def reference(generate, skeleton_config, tmp_path_factory):
     def get(model: str):
         model = REFERENCE_OF.get(model, model)
         if model not in cache:
-            argv = case_argv(config_of(model, skeleton_config), MODELS[model][1], folder, model)
+            argv = case_argv(config_of(model, written_configs), MODELS[model][1], folder, model)
             assert generate.main(argv) == 0, model
             cache[model] = load_file(folder / f"{model}.safetensors")["latents"]
         return cache[model]
+    get.folder = folder  # the references' sidecars
     return get
 
 
@@ -154,7 +180,7 @@ def run_world(folder: Path, ranks: int, cases: list[dict]) -> dict[str, dict]:
         for case in pending:
             logs = {r: (folder / f"{case['id']}.rank{r}.log").read_text()
                     for r in range(ranks) if (folder / f"{case['id']}.rank{r}.log").exists()}
-            done = folder / f"{case['id']}.json"
+            done = folder / f"{case['id']}.case.json"
             if done.exists():
                 results[case["id"]] = {**json.loads(done.read_text()), "logs": logs}
                 ran.append(case)
@@ -169,7 +195,7 @@ def run_world(folder: Path, ranks: int, cases: list[dict]) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def worlds(skeleton_config, tmp_path_factory):
+def worlds(written_configs, tmp_path_factory):
     """world shape -> its cases' results, each world run once, on first use, for every case of its shape."""
     cache = {}
 
@@ -177,7 +203,7 @@ def worlds(skeleton_config, tmp_path_factory):
         if world not in cache:
             folder = tmp_path_factory.mktemp(f"world-{world}")
             ranks, world_argv = WORLDS[world]
-            cases = [{"id": model, "argv": case_argv(config_of(model, skeleton_config),
+            cases = [{"id": model, "argv": case_argv(config_of(model, written_configs),
                                                      [*MODELS[model][1], *world_argv], folder, model)}
                      for model, shape in MATRIX if shape == world]
             cache[world] = (folder, run_world(folder, ranks, cases))

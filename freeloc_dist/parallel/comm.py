@@ -80,6 +80,13 @@ class Comm:
         return torch.cat([g.narrow(dim, 0, s) for g, s in zip(gathered, sizes)], dim=dim)
 
     # -- cfg axis -----------------------------------------------------------------------------
+    def sp_sum(self, values: torch.Tensor, tag: str) -> torch.Tensor:
+        """The sum over the sp group of a few numbers (a cache's decision statistics), on every sp rank."""
+        total = values.to(self.dims.device).contiguous()
+        dist.all_reduce(total, group=self.dims.sp_group)
+        self._count(tag, total.numel() * total.element_size() * (self.dims.sp_degree - 1))
+        return total
+
     def cfg_all_gather(self, local: torch.Tensor, tag: str = "cfg") -> list[torch.Tensor]:
         """[tensor of cfg rank 0, tensor of cfg rank 1]."""
         parts = [torch.empty_like(local) for _ in range(self.dims.cfg_degree)]

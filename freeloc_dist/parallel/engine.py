@@ -23,6 +23,7 @@ from ..families import family_of
 from ..guidance import combine, runs_uncond
 from ..install import apply_freeloc, remove_freeloc
 from ..plan import LayerPlan
+from .caches import make_global, release
 from .comm import Comm
 from .decisions import check_strategy, layer_strategy, ulysses_degree
 from .dims import ParallelDims
@@ -65,6 +66,7 @@ class SequenceParallel:
         self._saved_attention = state.attention
         self._local = False  # True inside predict: the transformer is then called with this rank's frames
         self._call: GlobalCall | None = None  # the global call under way (set by _enter, cleared by _leave)
+        self._predict_input = None  # inside predict: makes the whole video's transformer input (for caches.py)
         self.pairing = None  # parallelize_pipeline with cfg_degree 2: pipeline.CFGPairing
         self._wrappers: list[GlobalForward] = []
         self.forward = self._wrap_forward()
@@ -109,6 +111,7 @@ class SequenceParallel:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        release(self.transformer)
         self._call = None
         for wrapper in self._wrappers:
             wrapper.engine = None
@@ -176,8 +179,6 @@ class SequenceParallel:
                 _, h, w = self.family.grid_of(module, latents)
                 self.state.grid = (self.num_frames, h, w)
             return None
-        if self.dims.sp_degree > 1:
-            check_no_activation_cache(module)
         call = self.begin_call(args, kwargs)
         args, kwargs = call.args, call.kwargs
         if not self._wrapped():
@@ -189,6 +190,7 @@ class SequenceParallel:
         """A global call (global latents, timestep, text): checked, paired, sharded."""
         hidden, timestep, text = (_arg(args, kwargs, i) for i in range(3))
         self.check_same_inputs(hidden, timestep, text)
+        make_global(self.transformer, self)  # caches installed before or after parallelize decide together
         self.num_frames = hidden.shape[2]
         _, h, w = self.family.grid_of(self.transformer, hidden)
         self.state.grid = (self.num_frames, h, w)
@@ -219,6 +221,12 @@ class SequenceParallel:
         if call is None or output is None or call.done:  # a local call, an error, or GlobalForward answered
             return None
         return self.finish_call(call, output)
+
+    def global_input(self):
+        """The whole video's transformer input [B, C, F, H, W] of the call under way (None outside one)."""
+        if self._call is not None:
+            return self._call.hidden
+        return None if self._predict_input is None else self._predict_input()
 
     # -- attention ------------------------------------------------------------------------------
     def _joint_attention(self, qv, kv, vv, qt, kt, vt, rotary_local, plan: LayerPlan, t_rope, *, text_phase,
@@ -266,13 +274,19 @@ class SequenceParallel:
             timestep = timestep.reshape(1).expand(x.shape[0])
         use_cfg = runs_uncond(uncond)  # the render decided (its first scale > 1), not this step's scale
 
+        make_global(transformer, self)
+
+        def whole():  # only a cache that reads the input builds it (the whole video's, on every rank)
+            x = latents.to(transformer.dtype)
+            return x if condition is None else condition.input_for(x)
+
         def run(text):
-            self._local = True
+            self._local, self._predict_input = True, whole
             try:
                 return transformer(hidden_states=x, timestep=timestep, return_dict=False,
                                    **self.family.text_kwargs(text), **extra)[0]
             finally:
-                self._local = False
+                self._local, self._predict_input = False, None
 
         if dims.cfg_degree == 2 and use_cfg:
             mine = run(cond if dims.cfg_rank == 0 else uncond).float()
@@ -335,29 +349,6 @@ class GlobalCall:
 
 
 _NAMES = ("hidden_states", "timestep", "encoder_hidden_states")
-
-
-# diffusers caches that decide from the activations (first block cache: the first block's residual change against a
-# threshold): under sequence parallelism each rank sees its own frames, so the ranks would decide differently and
-# one would skip the collectives the others wait in.
-ACTIVATION_CACHE_HOOKS = {"fbc_leader_block_hook": "first block cache"}
-
-
-def diffusers_hooks(transformer) -> list:
-    """(name, hook) of every diffusers HookRegistry hook on the transformer and its modules."""
-    return [(name, hook) for module in transformer.modules()
-            for name, hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).items()]
-
-
-def check_no_activation_cache(transformer) -> None:
-    """Refuse, on every rank alike (the hooks are the same on every rank), a cache whose decisions come from this
-    rank's activations."""
-    for name, _ in diffusers_hooks(transformer):
-        if name in ACTIVATION_CACHE_HOOKS:
-            raise RuntimeError(
-                f"parallelize_pipeline: diffusers' {ACTIVATION_CACHE_HOOKS[name]} decides from activations, which "
-                "differ between the ranks of sequence parallelism; disable it (transformer.disable_cache()) or "
-                "render on one process")
 
 
 def _arg(args, kwargs, i):
@@ -430,7 +421,12 @@ class GlobalForward:
         call = engine.begin_call(args, kwargs)  # a direct transformer.forward(...) call
         if call.mode == "cached":
             return _as_output(call.value, kwargs.get("return_dict", True))
-        return engine.finish_call(call, self.inner(*call.args, **call.kwargs))
+        engine._call, call.done = call, True  # seen by the caches (global_input); nothing left for _leave
+        try:
+            output = self.inner(*call.args, **call.kwargs)
+        finally:
+            engine._call = None
+        return engine.finish_call(call, output)
 
 
 def parallelize(transformer, dims: ParallelDims, *, backend: str = "sdpa", strategy: str = "auto",
