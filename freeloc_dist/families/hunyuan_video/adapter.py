@@ -158,6 +158,12 @@ class HunyuanVideoFamily(Family):
     def image_encoder_params(self, config):
         return 0.0
 
+    def weight_blocks(self, transformer):
+        return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+    def block_params(self, config):
+        return counts.block_params(config)
+
     def linear_flops_per_pass(self, config, video_tokens, text_tokens, text_runs=1.0):
         return counts.linear_flops_per_pass(config, video_tokens, text_tokens)  # one text (no storyboards)
 

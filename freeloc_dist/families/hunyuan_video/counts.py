@@ -54,6 +54,27 @@ def _params_of(config_json: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@functools.lru_cache(maxsize=8)
+def _mean_block_params_of(config_json: str) -> float:
+    """Mean parameters of the dual- and single-stream blocks a config builds (meta device)."""
+    import torch
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = HunyuanVideoTransformer3DModel(**config)
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    return sum(p.numel() for b in blocks for p in b.parameters()) / len(blocks)
+
+
+def block_params(t: Mapping[str, Any]) -> float:
+    """The planner's block (memory.shard_weights' unit): the mean of the dual- and single-stream blocks, so that
+    blocks x layers is every block's parameters. HunyuanVideo refuses shard_weights for now (adapter), so this only
+    sizes the planner's candidates."""
+    raw = t.get("_model_config", t)
+    return _mean_block_params_of(json.dumps(raw, sort_keys=True))
+
+
 def transformer_params(t: Mapping[str, Any]) -> float:
     """Parameter count of a HunyuanVideoTransformer3DModel from its config (12.82e9 for the published one)."""
     raw = t.get("_model_config", t)  # the diffusers config, under the planner's view of it
