@@ -429,7 +429,8 @@ def planner_prediction(s: Shapes, transformer_cfg: dict, num_frames: int, memory
         "sampling": {"steps": 1, "guidance_scale": 1.0, "max_text_tokens": s.text_tokens},
     })
     plan = plan_render(cfg, transformer_cfg, load_profile(s.profile), world_size=1, device_memory_gb=memory_gb)
-    mem = plan.memory_total - plan.memory_bytes["weights: text encoder"]
+    # while sampling: the text encoder (memory.text_encoder: gpu) is freed after encoding, so not in memory_bytes
+    mem = sum(plan.memory_bytes.values()) - plan.memory_bytes.get("weights: text encoder", 0.0)
     text = (f">= {plan.seconds:.3g} s at {plan.peak_tflops:g} TFLOP/s ({plan.flops_per_step / 1e12:.3g} TFLOP); "
             f"{mem / GiB:.2f} GiB w/o text encoder")
     return text, plan.flops_per_step

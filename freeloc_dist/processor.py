@@ -169,10 +169,12 @@ class FreeLOCAttnProcessor:
         self.kind = kind
         self.state = state
         self.stock = state.family.stock_processor()
-        # diffusers' generic Attention module hands a processor only the keyword arguments its __call__ names
-        # (inspect.signature(processor.__call__); HunyuanVideo's image_rotary_emb would be dropped silently): the
-        # instance shows the stock processor's signature there, and calls still run the class's __call__.
-        self.__call__ = _with_signature_of(self._call, self.stock.__call__)
+        # diffusers' generic Attention module (HunyuanVideo's) hands a processor only the keyword arguments its
+        # __call__ names (inspect.signature(processor.__call__): image_rotary_emb would be dropped silently): the
+        # instance shows the stock processor's signature there, and calls still run the class's __call__. Only
+        # there: dynamo cannot trace an instance attribute __call__ (torch.compile of Wan's blocks broke on it).
+        if state.family.joint_text:
+            self.__call__ = _with_signature_of(self._call, self.stock.__call__)
 
     # diffusers' set_attention_backend is honoured where diffusers' attention runs (stock plans);
     # its context parallelism is refused (install.py), so _parallel_config stays None.
