@@ -43,20 +43,9 @@ def planner_config(t: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=8)
-def _params_of(config_json: str) -> int:
-    """Parameters of the model a config builds, counted on the meta device (no memory, exact)."""
-    import torch
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
-    with torch.device("meta"):
-        model = HunyuanVideoTransformer3DModel(**config)
-    return sum(p.numel() for p in model.parameters())
-
-
-@functools.lru_cache(maxsize=8)
-def _mean_block_params_of(config_json: str) -> float:
-    """Mean parameters of the dual- and single-stream blocks a config builds (meta device)."""
+def _meta_counts(config_json: str) -> tuple[int, float]:
+    """(parameters of the model a config builds, mean parameters of its dual- and single-stream blocks), counted on
+    the meta device (no memory, exact); one build serves both counts."""
     import torch
     from diffusers import HunyuanVideoTransformer3DModel
 
@@ -64,21 +53,25 @@ def _mean_block_params_of(config_json: str) -> float:
     with torch.device("meta"):
         model = HunyuanVideoTransformer3DModel(**config)
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-    return sum(p.numel() for b in blocks for p in b.parameters()) / len(blocks)
+    mean_block = sum(p.numel() for b in blocks for p in b.parameters()) / len(blocks)
+    return sum(p.numel() for p in model.parameters()), mean_block
+
+
+def _counts_of(t: Mapping[str, Any]) -> tuple[int, float]:
+    raw = t.get("_model_config", t)  # the diffusers config, under the planner's view of it
+    return _meta_counts(json.dumps(raw, sort_keys=True))
 
 
 def block_params(t: Mapping[str, Any]) -> float:
     """The planner's block (memory.shard_weights' unit): the mean of the dual- and single-stream blocks, so that
     blocks x layers is every block's parameters. HunyuanVideo refuses shard_weights for now (adapter), so this only
     sizes the planner's candidates."""
-    raw = t.get("_model_config", t)
-    return _mean_block_params_of(json.dumps(raw, sort_keys=True))
+    return _counts_of(t)[1]
 
 
 def transformer_params(t: Mapping[str, Any]) -> float:
     """Parameter count of a HunyuanVideoTransformer3DModel from its config (12.82e9 for the published one)."""
-    raw = t.get("_model_config", t)  # the diffusers config, under the planner's view of it
-    return float(_params_of(json.dumps(raw, sort_keys=True)))
+    return float(_counts_of(t)[0])
 
 
 def text_encoder_params(te: Mapping[str, Any] | None) -> float:
