@@ -80,4 +80,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from freeloc_dist.parallel.exit import exit_process
+
+    exit_process(main())

@@ -170,4 +170,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from freeloc_dist.parallel.exit import exit_process
+
+    exit_process(main())

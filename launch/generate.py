@@ -209,4 +209,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from freeloc_dist.parallel.exit import exit_process
+
+    exit_process(main())

@@ -82,4 +82,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from freeloc_dist.parallel.exit import exit_process
+
+    exit_process(main())

@@ -9,18 +9,18 @@ Every test belongs to exactly one tier (a pytest marker, registered in pyproject
 A module of one tier declares it with `pytestmark`; a mixed module marks each test. A test with no tier, or
 with two, fails collection, so a new test cannot silently escape `make test-fast` or land in the wrong tier.
 
-`make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). Each test gets an xdist group here:
-every dist and slurm test shares one group, so one worker runs them one after another and no two torchrun
-worlds (or Slurm clusters, whose daemons take fixed ports) ever overlap; every other test is grouped by its
-module, so a module's fixtures are built once.
+`make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). Each test gets its module as its xdist
+group, so a module's fixtures (a torchrun world serving many renders, the GPU check's smoke table, a Slurm cluster) are
+built once, on one worker; the Slurm tests are one module, so no two Slurm clusters (whose daemons take fixed ports)
+ever overlap. Two torchrun worlds of different modules may run at once (their rendezvous ports are free ones).
+xdist carries the group as a suffix of the test's id, which pytest 9.2 silently drops (pytest-xdist#1386: every test
+then becomes its own group and module fixtures are built on both workers); the lock pins pytest 9.1.1, and
+every test fails (tests/conftest.py, pytest_collection_finish) if the groups did not take effect.
 """
 
 import pytest
 
 TIERS = ("unit", "cli", "dist", "slurm", "gpu")
-
-
-SERIAL_TIERS = ("dist", "slurm")  # several processes each: run one at a time, on one worker
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns xdist_group marks into node ids
@@ -29,13 +29,37 @@ def pytest_collection_modifyitems(config, items):
         tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
         if len(tiers) != 1:
             raise pytest.UsageError(f"{item.nodeid}: needs exactly one tier marker of {TIERS}, has {tiers}")
-        group = "multi-process" if tiers[0] in SERIAL_TIERS else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
         if tiers == ["gpu"]:
             import torch
 
             if not torch.cuda.is_available():
                 item.add_marker(pytest.mark.skip(reason="needs CUDA (gpu tier)"))
+
+
+def _group(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+_GROUPS_LOST = []  # set on an xdist worker whose tests lost their group; every test then fails with it
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist sends the collection to the controller
+def pytest_collection_finish(session):
+    """On an xdist worker under --dist loadgroup, every test id must carry its group, or the grouping is off.
+    (A worker that stops here would take its message with it; a failing test shows it.)"""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in session.items if not item.nodeid.endswith("@" + _group(item))]
+    if lost:
+        _GROUPS_LOST.append(f"pytest-xdist's loadgroup did not take effect ({len(lost)} tests without their group, "
+                            f"e.g. {lost[0]}): pytest-xdist#1386; install the lock's pytest (make setup)")
+
+
+@pytest.fixture(autouse=True)
+def _xdist_groups_took_effect():
+    if _GROUPS_LOST:
+        pytest.fail(_GROUPS_LOST[0], pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -52,3 +52,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    from freeloc_dist.parallel.exit import exit_process
+
+    exit_process(0)

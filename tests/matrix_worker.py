@@ -75,4 +75,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    sys.exit(main())
+    from freeloc_dist.parallel.exit import exit_process
+
+    exit_process(main())

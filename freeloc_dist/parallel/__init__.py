@@ -3,7 +3,7 @@ beyond the three hooks in engine.py, and nothing of the sampler.
 
 Imports are lazy so that the pure planning modules (decisions, shards) load without diffusers."""
 
-__all__ = ["ParallelDims", "init_parallel", "destroy_parallel", "SequenceParallel", "parallelize"]
+__all__ = ["ParallelDims", "init_parallel", "destroy_parallel", "exit_process", "SequenceParallel", "parallelize"]
 
 
 def __getattr__(name):
@@ -11,6 +11,10 @@ def __getattr__(name):
         from . import dims
 
         return getattr(dims, name)
+    if name == "exit_process":
+        from .exit import exit_process
+
+        return exit_process
     if name in ("SequenceParallel", "parallelize"):
         from . import engine
 
