@@ -288,3 +288,17 @@ def test_enable_freeloc_on_the_stock_pipeline_equals_the_render(parts):
     finally:
         remove_freeloc(parts.transformer)
     assert ((theirs - ours).norm() / ours.norm()) < 1e-5
+
+
+def test_enable_freeloc_at_trained_length_is_the_stock_pipeline():
+    """At F = T every layer is stock: a stock HunyuanVideoPipeline with enable_freeloc returns bitwise what it
+    returns without (true CFG 1.5, padded text)."""
+    from _hunyuan import HUNYUAN_PROFILE, HUNYUAN_SHORT, render_hunyuan, tiny_hunyuan_pipeline
+
+    from freeloc_dist import enable_freeloc
+
+    pipe = tiny_hunyuan_pipeline()
+    stock = render_hunyuan(pipe, HUNYUAN_SHORT)
+    handle = enable_freeloc(pipe, HUNYUAN_PROFILE)
+    assert torch.equal(render_hunyuan(pipe, HUNYUAN_SHORT), stock)
+    handle.remove()
