@@ -1,6 +1,7 @@
-"""A stock diffusers WanPipeline (and, on 2 ranks, a HunyuanVideoPipeline) under torchrun (gloo) with enable_freeloc +
-parallelize_pipeline equals one process, on every rank. 1e-5 relative in float32: the parallel paths only reorder float32 reductions
-(test_parallel.py); the pipeline's scheduler and loop are the same code on every rank."""
+"""A stock diffusers WanPipeline (and, on 2 ranks, a HunyuanVideoPipeline) under torchrun (gloo) with
+enable_freeloc + parallelize_pipeline equals one process, on every rank. 1e-5 relative in float32: the parallel
+paths only reorder float32 reductions (test_parallel.py); the pipeline's scheduler and loop are the same code on
+every rank."""
 
 import importlib.util
 import os

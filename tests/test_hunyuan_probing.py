@@ -166,3 +166,26 @@ def test_probe_cli_writes_a_hunyuan_profile_the_renderer_accepts(tmp_path, monke
     assert len(profile["scores"]["text_entropy_phi"]) == 4 and "text_drift_phi" in profile["rule"]
     generate = load_script("launch/generate.py")
     assert generate.main(["--config", str(config), "--profile", str(out), "--frames", "33", "--dry-run"]) == 0
+
+
+def test_probe_with_flex_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """The flex backend has no joint text-video attention: the probe refuses it as a render does, one line, exit 2,
+    before any weight loads and without writing the profile."""
+    import freeloc_dist.models
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_load(*_a, **_k):
+        raise AssertionError("weights loaded before the input was refused")
+
+    monkeypatch.setattr(freeloc_dist.models, "load_components", no_load)
+    raw = yaml.safe_load((REPO_ROOT / "configs" / "tiny-random-hunyuan.yaml").read_text())
+    raw["model"]["path"], raw["profile"] = str(TINY), str(TINY_PROFILE)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({**raw, "attention_backend": "flex"}))
+    out = tmp_path / "p.yaml"
+    assert load_script("launch/probe.py").main(["--config", str(config), "--frames", "33", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "attention_backend=flex: joint text-video attention" in err[0], err
+    assert not out.exists()

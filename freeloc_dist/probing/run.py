@@ -48,6 +48,10 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
         kind = read_model_kind(cfg.model.path)
     except ModelKindError as e:
         raise UserError(f"model.path={str(cfg.model.path)!r}: {str(e).splitlines()[0]}") from None
+    from freeloc_dist.family import model_family
+    from freeloc_dist.preflight import check_joint_backend
+
+    check_joint_backend(model_family(cfg.model.path), cfg.attention_backend)
     image_checks(cfg, kind, cfg.model.path)  # an image-to-video model probes with its image, as it renders
     experts = kind.experts
     if expert not in experts:
