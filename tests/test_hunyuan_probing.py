@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from _scripts import load_script
+from _tiny import one_thread  # noqa: F401 (autouse)
 
 from freeloc_dist.config import REPO_ROOT
 
@@ -24,14 +25,6 @@ def parts():
     from freeloc_dist.models import load_components
 
     return load_components(TINY, "float32", "cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _inputs(frames, seed=1):
