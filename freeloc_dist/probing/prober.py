@@ -262,7 +262,7 @@ class Prober:
         for layer, by_key in self.state.text_stats.items():
             for key, entropy in by_key.items():
                 self._add(f"text_entropy_{key}", layer, float(entropy.mean()))
-        self.state.stats, self.state.text_stats = {}, {}
+        self.state.text_stats = {}
 
     def probe_position(self, inp: ProbeInput) -> None:
         """Position probe of every measured layer at one trajectory point of length T."""
@@ -275,6 +275,7 @@ class Prober:
             self._add("entropy_trained", layer, float(entropy.mean()))
             for delta, d in zip(self.deltas, diff):
                 self._add(f"position_attention@{delta:+d}", layer, float(d.mean()))
+        self.state.stats = {}
         self._add_text_stats()
         if not self.measure_output:
             return
@@ -293,6 +294,7 @@ class Prober:
             h_full, h_win = stats[layer]
             self._add("entropy_target", layer, float(h_full.mean()))
             self._add("context_entropy", layer, float(((h_win - h_full).abs() / h_full.clamp_min(1e-12)).mean()))
+        self.state.stats = {}
         self._add_text_stats()
         if not self.measure_output:
             return
