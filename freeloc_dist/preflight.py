@@ -129,10 +129,15 @@ def family_checks(cfg: RenderConfig, transformer_cfg: dict, world: int) -> dict:
     problem = family.check_sampling(cfg)
     if problem is not None:
         raise UserError(problem)
-    if family.joint_text and cfg.attention_backend == "flex":
+    check_joint_backend(family, cfg.attention_backend)
+    return family.planner_config(transformer_cfg)
+
+
+def check_joint_backend(family, backend: str) -> None:
+    """The attention backends of families whose text joins FreeLOC's layers (renders and probes)."""
+    if family.joint_text and backend == "flex":
         raise UserError("attention_backend=flex: joint text-video attention (HunyuanVideo) runs on sdpa, sdpa-math "
                         "or reference; not on flex yet")
-    return family.planner_config(transformer_cfg)
 
 
 def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):

@@ -115,6 +115,17 @@ def predict_noise(transformer, latents: torch.Tensor, t: torch.Tensor, cond: tor
     return combine(pos, neg, guidance)
 
 
+def set_timesteps(transformer, scheduler, steps: int, device) -> None:
+    """Set `scheduler` to the timesteps the family's pipeline runs for `steps` steps (its own sigmas, if any)."""
+    from freeloc_dist.families import family_of
+
+    sigmas = family_of(transformer).sampling_sigmas(steps)  # None: the scheduler's own spacing
+    if sigmas is None:
+        scheduler.set_timesteps(steps, device=device)
+    else:
+        scheduler.set_timesteps(sigmas=sigmas, device=device)
+
+
 @torch.inference_mode()
 def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
            steps: int, guidance: float, predict: PredictFn = predict_noise,
@@ -132,13 +143,7 @@ def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, un
     `token_timesteps` (freeloc_dist.families.wan.token_timesteps.TokenTimesteps, Wan2.2 TI2V): `predict` gets per-token
     timesteps and, in image mode, latents whose frame 0 is the clean conditioning latent, which the returned
     latents also carry; the scheduler's own latents (and checkpoints) stay unblended, as in diffusers."""
-    from freeloc_dist.families import family_of
-
-    sigmas = family_of(transformer).sampling_sigmas(steps)  # None: the scheduler's own spacing
-    if sigmas is None:
-        scheduler.set_timesteps(steps, device=latents.device)
-    else:
-        scheduler.set_timesteps(sigmas=sigmas, device=latents.device)
+    set_timesteps(transformer, scheduler, steps, latents.device)
     if scheduler_state is not None:
         from freeloc_dist.checkpoint import load_scheduler_state
 

@@ -1,4 +1,4 @@
-"""Probe each self-attention layer of a Wan model and write a FreeLOC profile (freeloc_dist.probing).
+"""Probe each self-attention layer of a model (Wan, HunyuanVideo) and write a FreeLOC profile (freeloc_dist.probing).
 
     python launch/probe.py --config CONFIG --out PROFILE
         [--probe-config configs/probing.yaml] [--prompt TEXT ...] [--frames N] [--trained-frames T]
@@ -12,7 +12,8 @@ The render config gives the model, resolution, sampler and (through its profile)
 configs/probing.yaml gives the probe settings and the decision rule; flags override both. For each
 prompt the sampler runs at T frames (stock attention) and at the target length (every layer vrpr), and
 each layer is probed at a few points of those trajectories. Image-to-video models (and TI2V-5B in image
-mode) are conditioned on the config's image at both lengths, as a render is. Runs under torchrun too (trajectories and
+mode) are conditioned on the config's image at both lengths, as a render is. Joint text-video models (HunyuanVideo)
+also get their text phase probed (`text_phase` in the profile). Runs under torchrun too (trajectories and
 layers split over the ranks; freeloc_dist.probing.run). This file only parses flags: a flag that sets a
 render-config key or a probing setting is declared with that key. User errors are one line `error: ...`
 on stderr and exit code 2.
@@ -33,7 +34,7 @@ PROBING = "probing:"  # dest prefix of flags that set a probing setting (configs
 
 
 def _parse_args(argv):
-    p = OneLineParser(description="Probe each layer of a Wan model and write a FreeLOC profile.")
+    p = OneLineParser(description="Probe each layer of a model and write a FreeLOC profile.")
     p.add_argument("--config", required=True, type=Path, help="render config YAML (model, resolution, sampler)")
     p.add_argument("--out", required=True, type=Path, help="profile to write, e.g. configs/profiles/NAME.yaml")
     p.add_argument("--probe-config", type=Path, help="probing settings YAML (default configs/probing.yaml)")

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
@@ -13,6 +14,16 @@ THREE_LAYERS = {
     "layers": {"tsa": [0], "vrpr": [1], "full": [2]},
     "tsa": {"dense_frames": 1, "stripe_frames": 3, "stripe_width": 2, "sink_frames": [0]},
 }
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation, which on a busy machine costs 10x. Autouse in every
+    test module that imports it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_transformer(num_layers=2, heads=3, head_dim=12, seed=0):

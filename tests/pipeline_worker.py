@@ -1,4 +1,5 @@
-"""One rank of test_citizen_dist.py: a stock diffusers WanPipeline under torchrun (gloo, CPU).
+"""One rank of test_citizen_dist.py: a stock diffusers WanPipeline (and HunyuanVideoPipeline) under torchrun (gloo,
+CPU).
 
 Saves this rank's results to <out>.rank<r>; the test compares every rank with one process.
 """
@@ -14,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _hunyuan import HUNYUAN_LONG, HUNYUAN_PROFILE, HUNYUAN_SHORT, render_hunyuan, tiny_hunyuan_pipeline  # noqa: E402
 from _tiny import (  # noqa: E402
     CACHE_FRAMES,
     CACHE_STEPS,
@@ -201,6 +203,13 @@ def main():
                 results[f"caches_{order}"] = caches(order)
         if "refuse" in cases:
             results["refuse"] = refusals()
+        if "hunyuan" in cases:  # a stock HunyuanVideoPipeline: joint text-video layers, true CFG
+            pipe = tiny_hunyuan_pipeline()
+            enable_freeloc(pipe, HUNYUAN_PROFILE)
+            handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
+            results["hunyuan"] = render_hunyuan(pipe, HUNYUAN_LONG)
+            results["hunyuan_short"] = render_hunyuan(pipe, HUNYUAN_SHORT)  # F = T through the engine
+            handle.remove()
         if "mismatch" in cases:  # ranks drawing different noise: refused on every rank
             pipe = tiny_pipeline()
             parallelize_pipeline(pipe, cfg_degree=args.cfg)

@@ -1,6 +1,7 @@
-"""A stock diffusers WanPipeline under torchrun (gloo) with enable_freeloc + parallelize_pipeline equals one
-process, on every rank. 1e-5 relative in float32: the parallel paths only reorder float32 reductions
-(test_parallel.py); the pipeline's scheduler and loop are the same code on every rank."""
+"""A stock diffusers WanPipeline (and, on 2 ranks, a HunyuanVideoPipeline) under torchrun (gloo) with
+enable_freeloc + parallelize_pipeline equals one process, on every rank. 1e-5 relative in float32: the parallel
+paths only reorder float32 reductions (test_parallel.py); the pipeline's scheduler and loop are the same code on
+every rank."""
 
 import importlib.util
 import os
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from _hunyuan import HUNYUAN_LONG, HUNYUAN_PROFILE, HUNYUAN_SHORT, render_hunyuan, tiny_hunyuan_pipeline
 from _tiny import (
     CACHE_FRAMES,
     CACHE_STEPS,
@@ -41,15 +43,20 @@ def launch(nproc, out, *extra, timeout=300):
 
 @pytest.fixture(scope="module")
 def single():
-    """One process, plain pipelines: with FreeLOC and stock, at 4x the trained length."""
+    """One process, plain pipelines: with FreeLOC and stock, at 4x the trained length; the tiny HunyuanVideo with
+    FreeLOC past its trained length and stock at it."""
     freeloc = tiny_pipeline()
     enable_freeloc(freeloc, TINY_PROFILE)
-    return {"freeloc": render(freeloc, FRAMES), "stock": render(tiny_pipeline(), FRAMES)}
+    hunyuan = tiny_hunyuan_pipeline()
+    enable_freeloc(hunyuan, HUNYUAN_PROFILE)
+    return {"freeloc": render(freeloc, FRAMES), "stock": render(tiny_pipeline(), FRAMES),
+            "hunyuan": render_hunyuan(hunyuan, HUNYUAN_LONG),
+            "hunyuan_short": render_hunyuan(tiny_hunyuan_pipeline(), HUNYUAN_SHORT)}
 
 
 @pytest.mark.parametrize("nproc, cfg, cases", [
     (1, 1, "freeloc"),
-    (2, 1, "freeloc,stock,engine,mismatch"),
+    (2, 1, "freeloc,stock,engine,mismatch,hunyuan"),
     (3, 1, "freeloc"),
     (2, 2, "freeloc,stock"),
 ], ids=["world1", "sp2", "sp3", "cfg2"])
@@ -60,8 +67,10 @@ def test_stock_pipeline_parallel_equals_one_process(tmp_path, single, nproc, cfg
             if case == "mismatch":
                 assert "different inputs" in got["mismatch"], (rank, got["mismatch"])
                 continue
-            want = single["stock" if case == "stock" else "freeloc"]
-            assert rel_err(got[case], want) < TOL, (rank, case, rel_err(got[case], want))
+            # hunyuan: a stock HunyuanVideoPipeline with enable_freeloc past T, and at T (stock) through the engine
+            for key in ("hunyuan", "hunyuan_short") if case == "hunyuan" else (case,):
+                want = single[key if key in ("stock", "hunyuan", "hunyuan_short") else "freeloc"]
+                assert rel_err(got[key], want) < TOL, (rank, key, rel_err(got[key], want))
         if "freeloc" in got:
             # 2 steps with CFG: 4 transformer forwards per rank, 2 when the CFG groups pair them
             assert got["forwards"] == (2 if cfg == 2 else 4), (rank, got["forwards"])

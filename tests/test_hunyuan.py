@@ -258,19 +258,6 @@ def test_true_cfg_scale_refused_on_wan(generate, tmp_path, monkeypatch, capsys):
     assert_refused(generate, flags, tmp_path, monkeypatch, capsys, "sampling.true_cfg_scale=2: only guidance-embedded")
 
 
-def test_probing_is_refused_with_one_line(tmp_path, monkeypatch, capsys):
-    from _scripts import load_script
-
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
-    probe = load_script("launch/probe.py")
-    code = probe.main(["--config", str(REPO_ROOT / "configs" / "tiny-random-hunyuan.yaml"), "--out",
-                       str(tmp_path / "p.yaml")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "probing a model whose text joins its self-attention" in err[0], err
-    assert not (tmp_path / "p.yaml").exists()
-
-
 def test_enable_freeloc_on_the_stock_pipeline_equals_the_render(parts):
     """diffusers' HunyuanVideoPipeline with enable_freeloc at F = 7 > T (padded text and its mask reach the joint
     layers) equals the render loop's (padded text dropped before the blocks) within 1e-5."""
@@ -301,3 +288,17 @@ def test_enable_freeloc_on_the_stock_pipeline_equals_the_render(parts):
     finally:
         remove_freeloc(parts.transformer)
     assert ((theirs - ours).norm() / ours.norm()) < 1e-5
+
+
+def test_enable_freeloc_at_trained_length_is_the_stock_pipeline():
+    """At F = T every layer is stock: a stock HunyuanVideoPipeline with enable_freeloc returns bitwise what it
+    returns without (true CFG 1.5, padded text)."""
+    from _hunyuan import HUNYUAN_PROFILE, HUNYUAN_SHORT, render_hunyuan, tiny_hunyuan_pipeline
+
+    from freeloc_dist import enable_freeloc
+
+    pipe = tiny_hunyuan_pipeline()
+    stock = render_hunyuan(pipe, HUNYUAN_SHORT)
+    handle = enable_freeloc(pipe, HUNYUAN_PROFILE)
+    assert torch.equal(render_hunyuan(pipe, HUNYUAN_SHORT), stock)
+    handle.remove()

@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 from _scripts import load_script
-from _tiny import rel_err, tiny_transformer, transformer_inputs
+from _tiny import one_thread, rel_err, tiny_transformer, transformer_inputs  # noqa: F401 (one_thread: autouse)
 
 from freeloc_dist import apply_freeloc, load_profile
 from freeloc_dist.attention.reference import reference_attention
@@ -34,15 +34,6 @@ from freeloc_dist.rope import TemporalRope
 pytestmark = pytest.mark.unit
 
 T = 4  # trained frames of the tests' tiny transformer (R = 3)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation, which on a busy machine costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _inputs(num_frames, seed):

@@ -18,6 +18,14 @@ how that layer is perturbed), for a seeded sample of query rows (softmax over al
 reduced to per-head numbers inside the layer: at most one layer's probabilities exist at a time, in
 head chunks of bounded size. Output changes cost one forward per (layer, perturbation).
 
+Joint text-video families (DESIGN 11, HunyuanVideo): the probe runs through the family adapter like any other
+(layers in forward order, text joining each layer's attention as under FreeLOC). The perturbations move and window
+the video keys only (text is never sparsified) and the attention statistics above are over the video keys. The
+text-phase probe reads the same baselines: per layer, the entropy of the sampled video queries' attention over the
+text keys alone at T (natural phases, all in range), and at F for the rows whose frame meets the text at a different
+phase under the two settings, once at phi(f) and once at f. `choose_text_phase` picks the setting whose entropy
+drifts less from T's (mean over the non-full layers; phi on a tie) and writes it as the profile's `text_phase`.
+
 The decision rule (`RuleSettings`, written into the profile): a layer is `tsa` if its context score is
 at least max(tsa_min, tsa_relative * mean context score over layers); otherwise `full` if its position
 score is at most full_max (positions do not matter to it, stock attention is exact and cheapest);
@@ -32,7 +40,7 @@ Legend: B batch (1), L tokens, F frames, n tokens per frame, h heads, d head dim
 R = T - 1.
 """
 
-from .decide import RULE_TEXT, assign_kinds, probed_profile, score_table, write_profile
+from .decide import RULE_TEXT, assign_kinds, choose_text_phase, probed_profile, score_table, write_profile
 from .prober import ProbeAttnProcessor, ProbeInput, Prober, trajectory_inputs
 from .settings import (
     CONTEXT_SCORES,
@@ -45,12 +53,21 @@ from .settings import (
     parse_probe_settings,
     trajectory_steps,
 )
-from .stats import centred_window_starts, context_stats, position_stats, sample_rows, window_plan
+from .stats import (
+    centred_window_starts,
+    context_stats,
+    position_stats,
+    sample_rows,
+    text_entropy,
+    text_phase_stats,
+    window_plan,
+)
 
 __all__ = [
-    "RULE_TEXT", "assign_kinds", "probed_profile", "score_table", "write_profile",
+    "RULE_TEXT", "assign_kinds", "choose_text_phase", "probed_profile", "score_table", "write_profile",
     "ProbeAttnProcessor", "ProbeInput", "Prober", "trajectory_inputs",
     "CONTEXT_SCORES", "DEFAULT_PROMPTS", "DEFAULT_SETTINGS_PATH", "POSITION_SCORES", "ProbeSettings",
     "RuleSettings", "load_probe_settings", "parse_probe_settings", "trajectory_steps",
-    "centred_window_starts", "context_stats", "position_stats", "sample_rows", "window_plan",
+    "centred_window_starts", "context_stats", "position_stats", "sample_rows", "text_entropy", "text_phase_stats",
+    "window_plan",
 ]

@@ -49,10 +49,9 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
     except ModelKindError as e:
         raise UserError(f"model.path={str(cfg.model.path)!r}: {str(e).splitlines()[0]}") from None
     from freeloc_dist.family import model_family
+    from freeloc_dist.preflight import check_joint_backend
 
-    if model_family(cfg.model.path).joint_text:  # its text joins the probed attention: not built yet (DESIGN 11)
-        raise UserError(f"model.path={str(cfg.model.path)!r}: probing a model whose text joins its self-attention "
-                        f"({kind.pipeline}) is not supported yet; write its profile by hand")
+    check_joint_backend(model_family(cfg.model.path), cfg.attention_backend)
     image_checks(cfg, kind, cfg.model.path)  # an image-to-video model probes with its image, as it renders
     experts = kind.experts
     if expert not in experts:
@@ -182,9 +181,11 @@ def _conditioning(parts, cfg, geometry, frames: int, device, dtype) -> dict:
             if value is not None}
 
 
-def _trajectories(transformer, parts, geometry, my_prompts, texts, seed, steps, record, s, experts, conditioning):
+def _trajectories(transformer, parts, geometry, my_prompts, texts, seed, steps, record, s, guidance, experts,
+                  conditioning):
     """Recorded latents of this rank's prompts at one length, stacked: [len(my_prompts) * k, C, F, H, W];
-    `conditioning`: that length's (`_conditioning`)."""
+    `guidance`: the classifier-free scale (the family's, Family.classifier_free); `conditioning`: that length's
+    (`_conditioning`)."""
     import torch
 
     from freeloc_dist.probing import trajectory_inputs
@@ -196,7 +197,7 @@ def _trajectories(transformer, parts, geometry, my_prompts, texts, seed, steps, 
         noise = initial_noise(geometry, seed + p, device)
         scheduler = scheduler_for_render(parts.scheduler, s.shift)
         out += [inp.latents for inp in trajectory_inputs(transformer, scheduler, noise, texts[0][p], texts[1],
-                                                         steps=steps, guidance=s.guidance_scale, record=record,
+                                                         steps=steps, guidance=guidance, record=record,
                                                          experts=experts, **conditioning)]
     return torch.cat(out) if out else torch.empty((0, *geometry.shape[1:]), device=device)
 
@@ -213,11 +214,11 @@ def _share(comm, dims, local, num_prompts: int, k: int):
     return [by_prompt[p] for p in range(num_prompts)]
 
 
-def _timesteps(parts, s, steps, record, device):
-    from freeloc_dist.sampling import scheduler_for_render
+def _timesteps(parts, transformer, s, steps, record, device):
+    from freeloc_dist.sampling import scheduler_for_render, set_timesteps
 
     scheduler = scheduler_for_render(parts.scheduler, s.shift)
-    scheduler.set_timesteps(steps, device=device)
+    set_timesteps(transformer, scheduler, steps, device)
     return [scheduler.timesteps[i] for i in record]
 
 
@@ -246,7 +247,6 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
 
     from freeloc_dist.experts import expert_schedule
     from freeloc_dist.families import family_of
-    from freeloc_dist.guidance import uses_cfg
     from freeloc_dist.models import load_components
     from freeloc_dist.parallel import destroy_parallel, init_parallel
     from freeloc_dist.parallel.comm import Comm
@@ -254,12 +254,13 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
         ProbeInput,
         Prober,
         assign_kinds,
+        choose_text_phase,
         probed_profile,
         score_table,
         trajectory_steps,
         write_profile,
     )
-    from freeloc_dist.sampling import latent_geometry, predict_noise, scheduler_for_render
+    from freeloc_dist.sampling import latent_geometry, predict_noise, scheduler_for_render, set_timesteps
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -271,20 +272,21 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
         steps = settings.steps or s.steps
         seed = s.seed if settings.seed is None else settings.seed
         prompts = settings.prompts or (cfg.prompt,)
-        use_cfg = uses_cfg(s.guidance_scale)
         if lead:
             _log(f"loading {cfg.model.path} ({cfg.model.dtype}, {dims.device}); world size {dims.world_size}"
                  + (": prompts' trajectories and layers split over ranks, each rank holds the whole model"
                     if dims.world_size > 1 else ""))
         parts = load_components(cfg.model.path, cfg.model.dtype, dims.device)
         transformer = getattr(parts, expert)
+        family = family_of(transformer)
+        use_cfg, cfg_scale = family.classifier_free(s)  # Wan: guidance_scale > 1; HunyuanVideo: true_cfg_scale > 1
         others = [t for t in (parts.transformer, parts.transformer_2) if t is not None and t is not transformer]
-        schedule = expert_schedule(parts, parts.scheduler, s.guidance_scale, s.guidance_scale_2, predict_noise)
+        schedule = expert_schedule(parts, parts.scheduler, cfg_scale, s.guidance_scale_2, predict_noise)
         scheduler = scheduler_for_render(parts.scheduler, s.shift)
-        scheduler.set_timesteps(steps, device=dims.device)
+        set_timesteps(transformer, scheduler, steps, dims.device)
         within = expert_range(scheduler.timesteps, schedule.boundary_timestep, expert, steps)
         record = trajectory_steps(settings.timesteps, steps, within)
-        num_layers = len(family_of(transformer).attention_layers(transformer))
+        num_layers = len(family.attention_layers(transformer))
         mine = list(range(dims.rank, num_layers, dims.world_size))
         lengths = [FRAMES_RULE.frames(trained), FRAMES_RULE.frames(target)]  # output frames of the two probe lengths
         geometries = [latent_geometry(parts.vae, transformer, f, cfg.video.height, cfg.video.width) for f in lengths]
@@ -296,7 +298,8 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
         comm = Comm(dims)
         prober = Prober(transformer, trained_frames=trained, shifts=settings.shifts,
                         query_samples=settings.query_samples, measure_output=settings.measure_output, seed=seed,
-                        vrpr=base.vrpr if base is not None else None, backend=cfg.attention_backend, layers=mine)
+                        vrpr=base.vrpr if base is not None else None, backend=cfg.attention_backend, layers=mine,
+                        text_phase=base.joint_text_phase if base is not None else "phi")
         # the other expert's steps of the trajectories: same attention as the probed one's baseline
         passive = [Prober(t, trained_frames=trained, vrpr=base.vrpr if base is not None else None,
                           backend=cfg.attention_backend, layers=[]) for t in others]
@@ -318,10 +321,11 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
                               for g, f in zip(geometries, lengths)]
                 # Trajectories: prompt p on rank p % world; the recorded states are then shared by all ranks.
                 states = [_together(comm, lambda g=g, c=c: _trajectories(transformer, parts, g, my_prompts, texts,
-                                                                         seed, steps, record, s, schedule, c))
+                                                                         seed, steps, record, s, cfg_scale,
+                                                                         schedule, c))
                           for g, c in zip(geometries, conditions)]
                 states = [_share(comm, dims, x, len(prompts), len(record)) for x in states]
-                timesteps = _timesteps(parts, s, steps, record, dims.device)
+                timesteps = _timesteps(parts, transformer, s, steps, record, dims.device)
 
                 def probe_all():
                     for p in range(len(prompts)):
@@ -338,6 +342,10 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
         if not lead:
             return None
         kinds, applied = assign_kinds(scores, settings.rule)
+        text_phase = None
+        if family.joint_text:  # the text-phase probe (DESIGN 11), from the same baselines
+            text_phase, drift = choose_text_phase(scores, kinds)
+            applied = {**applied, **drift}
         seconds = time.perf_counter() - start
         settings_out = {
             "model_path": _shown_path(cfg.model.path),
@@ -353,6 +361,7 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
             "width": cfg.video.width,
             "steps": steps,
             "guidance_scale": s.guidance_scale,
+            **({"true_cfg_scale": s.true_cfg_scale} if s.true_cfg_scale != 1.0 else {}),
             "shift": s.shift,
             "timesteps": list(settings.timesteps),
             "probed_steps": record,
@@ -373,10 +382,12 @@ def run_probe(config_path: Path, out: Path, *, probe_config: Path | None = None,
         profile = probed_profile(model=model_id, trained_frames=trained, kinds=kinds,
                                  scores=score_table(scores, settings.shifts, trained), rule=settings.rule,
                                  applied=applied, settings=settings_out,
-                                 base=base.to_mapping() if base is not None else None)
+                                 base=base.to_mapping() if base is not None else None, family=family.name,
+                                 text_phase=text_phase)
         write_profile(out, profile)
         per_rank = f" ({' + '.join(map(str, forwards))} over {len(forwards)} ranks)" if len(forwards) > 1 else ""
-        _log("kinds: " + " ".join(f"{i}:{k}" for i, k in enumerate(kinds)))
+        _log("kinds: " + " ".join(f"{i}:{k}" for i, k in enumerate(kinds))
+             + (f"; text_phase: {text_phase}" if text_phase is not None else ""))
         _log(f"forward passes: {sum(forwards)}{per_rank}; done in {seconds:.1f}s")
         return out
     finally:

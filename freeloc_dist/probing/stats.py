@@ -123,3 +123,27 @@ def context_stats(q_nat, k_nat, q0, k0, plan, window: int, rows, t_rope):
             s = starts[a]
             h_win += _entropy_sum(torch.softmax(logits[:, :, s * n : (s + window) * n], -1))
     return h_full / len(rows), h_win / len(rows)
+
+
+def text_entropy(q0, text_keys, phases, rows, t_rope) -> torch.Tensor:
+    """Mean over the video query rows `rows` of the entropy of their attention over the text keys alone, each
+    row's query at temporal phase phases[i] (text sits at position 0; DESIGN 11), Float64[h].
+
+    q0 [1, L, h, d] at temporal position 0, text_keys [Lt', h, d] (the valid ones), phases Long[m]."""
+    scale = q0.shape[-1] ** -0.5
+    q = t_rope.rotate(q0[0, rows].float(), phases.cpu()[:, None])  # [m, h, d]
+    logits = torch.matmul(q.transpose(0, 1), text_keys.float().permute(1, 2, 0)) * scale  # [h, m, Lt']
+    return _entropy_sum(torch.softmax(logits, -1)) / len(rows)
+
+
+def text_phase_stats(q0, text_keys, plan, rows, t_rope) -> dict[str, torch.Tensor]:
+    """The text-phase probe's statistics of one layer at the target length under a vrpr `plan`: the mean
+    text-only attention entropy (`text_entropy`) of the sampled video query rows whose frame meets the text at a
+    different phase under the two settings (phi(f) != f; all rows where none does), for `phi` and `natural`."""
+    from ..attention.joint import TEXT_PHASES, text_phases
+
+    frames = rows // plan.tokens_per_frame
+    phases = {p: text_phases(plan, p)[frames] for p in TEXT_PHASES}
+    differ = phases["phi"] != phases["natural"]
+    keep = differ if bool(differ.any()) else torch.ones_like(differ)
+    return {p: text_entropy(q0, text_keys, phase[keep], rows[keep], t_rope) for p, phase in phases.items()}
