@@ -122,6 +122,45 @@ def group_timeout(dims, timeout_s):
 
 
 @torch.no_grad()
+def equivalence_results(dims, frames, backend, heads_list):
+    """Every strategy's prediction, the auto strategy's sampled latents and choices, and the bytes of a vrpr layer
+    against the byte model (rank 0 saves them; test_parallel.py compares with one process)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from freeloc_dist.sampling import sample
+
+    latents, cond, uncond = case_inputs(frames)
+    results = {}
+    for heads in heads_list:
+        for strategy in strategies_for(heads, dims.sp_degree):
+            model = build(heads, backend)
+            engine = parallelize(model, dims, backend=backend, strategy=strategy)
+            results[f"pred/h{heads}/{strategy}"] = engine.predict(
+                model, latents, torch.tensor(700.0), cond, uncond, GUIDANCE
+            )
+            if dims.sp_degree > 1:  # bytes of the one vrpr layer vs the byte model (fp32; CFG passes)
+                from freeloc_dist.parallel.decisions import received_elements
+
+                passes = 1 if dims.cfg_degree == 2 else 2
+                plan = model.freeloc_state.plan("vrpr")
+                used = engine.strategy_for(plan, 12)
+                predicted = received_elements(used, plan, engine.shards, heads, 12)[dims.sp_rank] * 4 * passes
+                results[f"vrpr_bytes/h{heads}/{strategy}"] = (engine.comm.bytes["vrpr"], predicted)
+            if strategy == "auto":
+                chosen = {k: engine.strategy_for(model.freeloc_state.plan(k), 12) for k in ("tsa", "vrpr", "full")}
+                results[f"strategy/h{heads}"] = chosen
+                scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+                results[f"latents/h{heads}"] = sample(
+                    model, scheduler, latents.clone(), cond, uncond, steps=2, guidance=GUIDANCE,
+                    predict=engine.predict,
+                )
+                engine.comm.reset()
+                engine.predict(model, latents, torch.tensor(700.0), cond, None, 1.0)
+                results[f"bytes/h{heads}"] = dict(engine.comm.bytes)
+    return results
+
+
+@torch.no_grad()
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -129,9 +168,10 @@ def main():
     ap.add_argument("--cfg", type=int, default=1)
     ap.add_argument("--heads", default="6,5")
     ap.add_argument("--backend", default="sdpa")
-    ap.add_argument("--strategies", default=None, help="--case long: only these strategies (comma-separated)")
+    ap.add_argument("--strategies", default=None, help="--case long, flex: long-range strategies (comma-separated)")
     ap.add_argument("--fail-rank", type=int, default=-1)
-    ap.add_argument("--case", choices=["equivalence", "bytes", "long", "group-timeout"], default="equivalence")
+    ap.add_argument("--case", choices=["equivalence", "bytes", "long", "flex", "group-timeout"], default="equivalence")
+    ap.add_argument("--long-frames", type=int, default=None, help="--case flex: frames of the long-range part")
     ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args()
     # a hang prints every stack, then exits (group-timeout waits out the timeout on purpose, the dump comes later)
@@ -152,38 +192,12 @@ def main():
             if dims.rank == 0:
                 torch.save(results, args.out)
             return
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from freeloc_dist.sampling import sample
-
-        latents, cond, uncond = case_inputs(args.frames)
-        results = {}
-        for heads in [int(h) for h in args.heads.split(",")]:
-            for strategy in strategies_for(heads, dims.sp_degree):
-                model = build(heads, args.backend)
-                engine = parallelize(model, dims, backend=args.backend, strategy=strategy)
-                results[f"pred/h{heads}/{strategy}"] = engine.predict(
-                    model, latents, torch.tensor(700.0), cond, uncond, GUIDANCE
-                )
-                if dims.sp_degree > 1:  # bytes of the one vrpr layer vs the byte model (fp32; CFG passes)
-                    from freeloc_dist.parallel.decisions import received_elements
-
-                    passes = 1 if dims.cfg_degree == 2 else 2
-                    plan = model.freeloc_state.plan("vrpr")
-                    used = engine.strategy_for(plan, 12)
-                    predicted = received_elements(used, plan, engine.shards, heads, 12)[dims.sp_rank] * 4 * passes
-                    results[f"vrpr_bytes/h{heads}/{strategy}"] = (engine.comm.bytes["vrpr"], predicted)
-                if strategy == "auto":
-                    chosen = {k: engine.strategy_for(model.freeloc_state.plan(k), 12) for k in ("tsa", "vrpr", "full")}
-                    results[f"strategy/h{heads}"] = chosen
-                    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-                    results[f"latents/h{heads}"] = sample(
-                        model, scheduler, latents.clone(), cond, uncond, steps=2, guidance=GUIDANCE,
-                        predict=engine.predict,
-                    )
-                    engine.comm.reset()
-                    engine.predict(model, latents, torch.tensor(700.0), cond, None, 1.0)
-                    results[f"bytes/h{heads}"] = dict(engine.comm.bytes)
+        heads = [int(h) for h in args.heads.split(",")]
+        if args.case == "flex":  # both flex cases in one world: flex compiles on CPU for tens of seconds
+            results = {"equivalence": equivalence_results(dims, args.frames, "flex", heads),
+                       "long": long_range_results(dims, args.long_frames, "flex", heads, args.strategies.split(","))}
+        else:
+            results = equivalence_results(dims, args.frames, args.backend, heads)
         if dims.rank == 0:
             torch.save(results, args.out)
     finally:

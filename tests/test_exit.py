@@ -1,6 +1,6 @@
 """freeloc_dist.parallel.exit.exit_process, which every entry point ends with: under torchrun (WORLD_SIZE > 1)
 it ends the process without the interpreter's finalization, after flushing what the process wrote, so no gloo
-worker thread can ask for the GIL of a finalizing interpreter (SIGABRT after a run that succeeded: 13 of 15
+worker thread can ask for the GIL of a finalizing interpreter (SIGABRT after a run that succeeded: 9 of 15
 torchrun worlds with a plain exit, 0 of 15 through exit_process, `bench/exit_race.py`). Outside torchrun it is
 sys.exit. The finalization is observed through an atexit hook, which runs in it."""
 

@@ -68,15 +68,23 @@ def test_parallel_equals_single_process(tmp_path, nproc, cfg, frames):
             assert set(results[f"bytes/h{heads}"]) >= {"tsa", "vrpr", "full", "gather"}
 
 
+@pytest.fixture(scope="module")
+def flex_world(tmp_path_factory):
+    """One 3-rank world runs both flex cases (the strategies at 10 frames, the long range at 13 with 6 heads under
+    neighbour exchange and Ulysses): each rank compiles flex on CPU once for both."""
+    out = tmp_path_factory.mktemp("flex") / "flex.pt"
+    proc = launch(3, out, "--case", "flex", "--frames", "10", "--long-frames", "13", "--heads", "6",
+                  "--strategies", "auto,ulysses")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out)
+
+
 @pytest.mark.dist
-def test_flex_backend_parallel_equals_single_process(tmp_path):
+def test_flex_backend_parallel_equals_single_process(flex_world):
     """The flex backend under every strategy on 3 uneven shards: Ulysses runs flex on whole frames, neighbour
     exchange runs it on the local plus received key frames, ring (which needs log-sum-exp) the grouped
     kernel; all against one process running flex."""
-    out = tmp_path / "flex.pt"
-    proc = launch(3, out, "--frames", "10", "--heads", "6", "--backend", "flex")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = torch.load(out)
+    results = flex_world["equivalence"]
     pred, final = single_process(10, 6, backend="flex")
     for strategy in strategies_for(6, 3):
         assert rel_err(results[f"pred/h6/{strategy}"], pred) < TOL, strategy
@@ -175,23 +183,27 @@ def _single_long(num_frames, heads, backend):
 
 
 # Every strategy is covered: sp 2 with 6 heads (Ulysses), sp 3 with 5 heads (ring, degenerate hybrid), flex under
-# neighbour exchange (auto) and Ulysses; all with frame counts that do not divide.
-@pytest.mark.parametrize("nproc, frames, backend, heads, only", [
-    (2, 11, "sdpa", 6, None), (3, 13, "sdpa", 5, None), (3, 13, "flex", 6, "auto,ulysses")],
-    ids=["sp2", "sp3", "sp3-flex"])
+# neighbour exchange (auto) and Ulysses (flex_world); all with frame counts that do not divide.
+@pytest.mark.parametrize("nproc, frames, heads", [(2, 11, 6), (3, 13, 5)], ids=["sp2", "sp3"])
 @pytest.mark.dist
-def test_long_range_parallel_equals_single_process(tmp_path, nproc, frames, backend, heads, only):
+def test_long_range_parallel_equals_single_process(tmp_path, nproc, frames, heads):
     """Long-range dense layers (issue 18) under every strategy equal one process; their bytes equal the byte
     model; auto serves them by neighbour exchange, which receives only the band, the key frames and the sinks."""
+    out = tmp_path / "long.pt"
+    proc = launch(nproc, out, "--frames", str(frames), "--case", "long", "--heads", str(heads))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _check_long_range(torch.load(out), nproc, frames, "sdpa", heads, None)
+
+
+@pytest.mark.dist
+def test_flex_long_range_parallel_equals_single_process(flex_world):
+    _check_long_range(flex_world["long"], 3, 13, "flex", 6, "auto,ulysses")
+
+
+def _check_long_range(results, nproc, frames, backend, heads, only):
     from freeloc_dist.parallel.shards import exchange_plan, frame_shards
     from freeloc_dist.plan import layer_plan
 
-    out = tmp_path / "long.pt"
-    extra = ["--strategies", only] if only else []
-    proc = launch(nproc, out, "--frames", str(frames), "--case", "long", "--backend", backend, "--heads", str(heads),
-                  *extra)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = torch.load(out)
     ref = _single_long(frames, heads, backend)
     for strategy in [s for s in strategies_for(heads, nproc) if only is None or s in only.split(",")]:
         assert rel_err(results[f"pred/h{heads}/{strategy}"], ref) < TOL, (heads, strategy)

@@ -4,7 +4,7 @@ Under torchrun (WORLD_SIZE > 1) the interpreter's finalization is skipped. A glo
 collective's work, and with it the last C++ reference to the work's tensors, just after the caller's wait()
 returns; dropping it needs the GIL, and a thread that asks for the GIL once the main thread has begun finalizing is
 unwound through noexcept code: "terminate called without an active exception", SIGABRT, after a run that had
-succeeded (`bench/exit_race.py`: 13 of 15 torchrun worlds aborted with a plain exit, 0 of 15 through this).
+succeeded (`bench/exit_race.py`: 9 of 15 torchrun worlds aborted with a plain exit, 0 of 15 through this).
 Everything the process wrote is flushed first; its outputs are closed by then (their `with` blocks and
 destroy_parallel have run), so only atexit hooks are skipped. Outside torchrun it is sys.exit.
 No torch import here: `--help` and user errors stay cheap.
