@@ -8,10 +8,11 @@ object alone ("a red circle"); from --at seconds (default the middle of the vide
 and the other shape ("a yellow square"), with the default transition (--transition, 1 s centred on --at). It
 renders at --length x T (12x: 621 frames, 38.8 s) with --method (default freeloc: the config's FreeLOC profile
 installed, as launch/generate.py renders; `direct` is stock attention over all frames), and the same world and seed
-with the first prompt alone (`plain`: what the detector sees without a switch; --plain-pairs N: for the first N
-pairs only). Per video frame the testbed's
-detector (freeloc_dist.testbed.metrics.analyse: blobs of each palette colour of at least a quarter of an object's
-area) says whether each of the two colours is present. Reported per pair and as mean +- std over pairs:
+with each prompt alone (`plain`: the first, `plain_second`: the second; what the detector sees without a switch,
+and whether the toy draws each object at this length at all; --plain-pairs N: for the first N pairs only).
+Per video frame the testbed's detector (freeloc_dist.testbed.metrics.analyse: blobs of each palette colour of at
+least a quarter of an object's area) says whether each of the two colours is present.
+Reported per pair and as mean +- std over pairs:
   A_before, B_before: share of frames before the window (t < at - transition / 2) showing colour A, colour B;
   A_after, B_after:   the same after the window (t > at + transition / 2);
   switch_s:           the detected switch: the split second that best separates "A and not B" before it from
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
                    help="long-video method of every render (default freeloc: the config's profile)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plain-pairs", type=int, default=None,
-                   help="render the one-prompt control for the first N pairs only (default: every pair)")
+                   help="render the one-prompt controls for the first N pairs only (default: every pair)")
     p.add_argument("--json", type=Path, default=REPO_ROOT / "outputs/storyboard.json")
     p.add_argument("--cache", type=Path, default=None, help="keep rendered videos here (.npy) and reuse them")
     p.add_argument("--strip", type=Path, default=None,
@@ -111,6 +112,7 @@ def main(argv=None) -> int:
         runs = {"storyboard": {"storyboard": str(board)}}
         if a.plain_pairs is None or i < a.plain_pairs:
             runs["plain"] = {"prompt": f"a {ca} {sa}"}
+            runs["plain_second"] = {"prompt": f"a {cb} {sb}"}
         for name, over in runs.items():
             cfg = load_render_config(a.config, {**over, "video.frames": frames, "sampling.seed": i,
                                                 "sampling.steps": a.steps})
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
                   + f" in_window={m['in_window']}", flush=True)
             if a.strip is not None:
                 label = (f"pair {i}: {ca} {sa}\n-> {cb} {sb}\nswitch {m['switch_s']:.1f} s" if name == "storyboard"
-                         else f"pair {i} plain:\n{ca} {sa}")
+                         else f"pair {i} {name}:\n{over['prompt'][2:]}")
                 strip_rows.append((name != "storyboard", i, label, video, [ca, cb]))
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(rows) + "\n")

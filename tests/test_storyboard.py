@@ -212,9 +212,9 @@ def test_bench_renders_with_the_method_it_reports(monkeypatch, tmp_path):
     bench.load_components = lambda path, dtype: toy  # the toy's transformer is all an install needs
     common = ["--pairs", "1", "--length", "2", "--steps", "1"]
     assert bench.main([*common, "--json", str(tmp_path / "f.json")]) == 0
-    assert seen == [(True, True), (False, True)]  # the storyboard, then the one-prompt control
+    assert seen == [(True, True), (False, True), (False, True)]  # the storyboard, then each prompt alone
     assert json.loads((tmp_path / "f.json").read_text())[0]["method"] == "freeloc"
     assert getattr(toy.transformer, "freeloc_state", None) is None  # uninstalled after each render
     seen.clear()
     assert bench.main([*common, "--method", "direct", "--json", str(tmp_path / "d.json")]) == 0
-    assert seen == [(True, False), (False, False)]
+    assert seen == [(True, False), (False, False), (False, False)]
