@@ -32,7 +32,6 @@ from freeloc_dist.families.wan.toy_train import EVAL_SEED_BASE  # noqa: E402
 from freeloc_dist.methods import METHODS, get_method  # noqa: E402
 from freeloc_dist.models import load_components  # noqa: E402
 from freeloc_dist.profile import load_profile  # noqa: E402
-from freeloc_dist.sampling import render  # noqa: E402
 from freeloc_dist.testbed import metrics as tm  # noqa: E402
 from freeloc_dist.testbed import world as tw  # noqa: E402
 from freeloc_dist.video import write_mp4  # noqa: E402
@@ -118,11 +117,7 @@ def main(argv=None) -> int:
                 elif a.cached_only:
                     continue
                 else:
-                    undo = method.install(parts.transformer, latent)
-                    try:
-                        video = render(parts, cfg, predict=method.predict, noise=method.noise).frames
-                    finally:
-                        undo()
+                    video = method.render(parts, cfg, latent).frames
                     if cached is not None:
                         cached.parent.mkdir(parents=True, exist_ok=True)
                         np.save(cached.with_suffix(".tmp.npy"), video)

@@ -1,16 +1,18 @@
 """Does a two-segment storyboard switch at its scheduled second? Measured on the testbed's toy Wan.
 
-    python bench/storyboard.py --steps 10 --threads 2 --json bench/results/storyboard_12x.json \\
+    python bench/storyboard.py --steps 10 --threads 1 --plain-pairs 1 --json bench/results/storyboard_12x.json \\
         --cache outputs/sbcache --strip assets/storyboard_strip_12x.png
 
 For each held-out world (seeds from EVAL_SEED_BASE, as bench/quality.py) the storyboard is: from 0 s, its first
 object alone ("a red circle"); from --at seconds (default the middle of the video), one object of another colour
 and the other shape ("a yellow square"), with the default transition (--transition, 1 s centred on --at). It
-renders at --length x T (12x: 621 frames, 38.8 s) with the config's FreeLOC profile, and the same world and seed
-with the first prompt alone (`plain`: what the detector sees without a switch; --plain-pairs N: for the first N
-pairs only). Per video frame the testbed's
-detector (freeloc_dist.testbed.metrics.analyse: blobs of each palette colour of at least a quarter of an object's
-area) says whether each of the two colours is present. Reported per pair and as mean +- std over pairs:
+renders at --length x T (12x: 621 frames, 38.8 s) with --method (default freeloc: the config's FreeLOC profile
+installed, as launch/generate.py renders; `direct` is stock attention over all frames), and the same world and seed
+with each prompt alone (`plain`: the first, `plain_second`: the second; what the detector sees without a switch,
+and whether the toy draws each object at this length at all; --plain-pairs N: for the first N pairs only).
+Per video frame the testbed's detector (freeloc_dist.testbed.metrics.analyse: blobs of each palette colour of at
+least a quarter of an object's area) says whether each of the two colours is present.
+Reported per pair and as mean +- std over pairs:
   A_before, B_before: share of frames before the window (t < at - transition / 2) showing colour A, colour B;
   A_after, B_after:   the same after the window (t > at + transition / 2);
   switch_s:           the detected switch: the split second that best separates "A and not B" before it from
@@ -35,9 +37,9 @@ import torch  # noqa: E402
 
 from freeloc_dist.config import REPO_ROOT, load_render_config  # noqa: E402
 from freeloc_dist.families.wan.toy_train import EVAL_SEED_BASE  # noqa: E402
+from freeloc_dist.methods import METHODS, get_method  # noqa: E402
 from freeloc_dist.models import load_components  # noqa: E402
 from freeloc_dist.profile import load_profile  # noqa: E402
-from freeloc_dist.sampling import render  # noqa: E402
 from freeloc_dist.testbed import metrics as tm  # noqa: E402
 from freeloc_dist.testbed import world as tw  # noqa: E402
 
@@ -81,9 +83,11 @@ def main(argv=None) -> int:
     p.add_argument("--at", type=float, default=None, help="second of the switch (default: the middle)")
     p.add_argument("--transition", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--method", choices=METHODS, default="freeloc",
+                   help="long-video method of every render (default freeloc: the config's profile)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plain-pairs", type=int, default=None,
-                   help="render the one-prompt control for the first N pairs only (default: every pair)")
+                   help="render the one-prompt controls for the first N pairs only (default: every pair)")
     p.add_argument("--json", type=Path, default=REPO_ROOT / "outputs/storyboard.json")
     p.add_argument("--cache", type=Path, default=None, help="keep rendered videos here (.npy) and reuse them")
     p.add_argument("--strip", type=Path, default=None,
@@ -96,6 +100,7 @@ def main(argv=None) -> int:
     fps = base.video.fps
     at = a.at if a.at is not None else round(frames / fps / 2, 1)
     parts = load_components(base.model.path, base.model.dtype)
+    method = get_method(a.method, trained_frames=trained, profile=base.profile, backend=base.attention_backend)
     rows, strip_rows, start = [], [], time.perf_counter()
     folder = Path(tempfile.mkdtemp(prefix="storyboard-"))
     for i in range(a.pairs):
@@ -107,31 +112,33 @@ def main(argv=None) -> int:
         runs = {"storyboard": {"storyboard": str(board)}}
         if a.plain_pairs is None or i < a.plain_pairs:
             runs["plain"] = {"prompt": f"a {ca} {sa}"}
+            runs["plain_second"] = {"prompt": f"a {cb} {sb}"}
         for name, over in runs.items():
             cfg = load_render_config(a.config, {**over, "video.frames": frames, "sampling.seed": i,
                                                 "sampling.steps": a.steps})
-            key = f"{frames}f_{name}_{i}_{a.steps}steps_at{at}_tr{a.transition}.npy"
+            key = f"{frames}f_{a.method}_{name}_{i}_{a.steps}steps_at{at}_tr{a.transition}.npy"
             cached = a.cache / key if a.cache is not None else None
             if cached is not None and cached.exists():
                 video = np.load(cached)
             else:
-                video = render(parts, cfg).frames
+                video = method.render(parts, cfg, (frames - 1) // 4 + 1).frames
                 if cached is not None:
                     cached.parent.mkdir(parents=True, exist_ok=True)
                     np.save(cached, video)
             m = detect(video, [ca, cb], fps, at, a.transition)
-            rows.append(dict(pair=i, run=name, first=f"a {ca} {sa}", second=f"a {cb} {sb}", at=at,
+            rows.append(dict(pair=i, run=name, method=a.method, first=f"a {ca} {sa}", second=f"a {cb} {sb}", at=at,
                              transition=a.transition, frames=frames, **m))
             print(f"[{time.perf_counter() - start:6.0f}s] pair {i} {name:10s} {ca} {sa} -> {cb} {sb}: "
                   + " ".join(f"{k}={m[k]:.3f}" for k in ("A_before", "B_before", "A_after", "B_after", "switch_s"))
                   + f" in_window={m['in_window']}", flush=True)
             if a.strip is not None:
                 label = (f"pair {i}: {ca} {sa}\n-> {cb} {sb}\nswitch {m['switch_s']:.1f} s" if name == "storyboard"
-                         else f"pair {i} plain:\n{ca} {sa}")
+                         else f"pair {i} {name}:\n{over['prompt'][2:]}")
                 strip_rows.append((name != "storyboard", i, label, video, [ca, cb]))
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(rows) + "\n")
     print()
+    print(f"method {a.method}")
     print(table(rows, at, a.transition, frames, fps))
     if strip_rows:
         w = a.transition / 2

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from freeloc_dist.sampling import LatentGeometry, PredictFn, initial_noise, predict_noise
+from freeloc_dist.sampling import LatentGeometry, PredictFn, initial_noise, predict_noise, render
 
 METHODS = ("direct", "sliding", "freenoise", "riflex", "freeloc", "freeloc-all", "freeloc-random", "freeloc-long")
 
@@ -45,6 +45,15 @@ class Method:
     install: Callable[[Any, int], Undo] = lambda transformer, num_frames: (lambda: None)
     predict: PredictFn = predict_noise
     noise: Callable[[LatentGeometry, int, Any], torch.Tensor] = initial_noise
+
+    def render(self, components, cfg, latent_frames: int):
+        """freeloc_dist.sampling.render of `cfg` (`latent_frames` latent frames) with this method: installed on the
+        model for this render only, its predict and noise. Rendering with `sampling.render` alone is direct."""
+        undo = self.install(components.transformer, latent_frames)
+        try:
+            return render(components, cfg, predict=self.predict, noise=self.noise)
+        finally:
+            undo()
 
 
 # ----------------------------------------------------------------------------------------------- windows

@@ -185,3 +185,36 @@ def test_a_family_without_per_frame_text_is_refused(monkeypatch):
     monkeypatch.setattr(WanFamily, "per_frame_text", False)
     with pytest.raises(StoryboardError, match="the wan family has no per-frame text conditioning"):
         check_storyboard(cfg, WanFamily(), prompt_flag=False)
+
+
+def test_bench_renders_with_the_method_it_reports(monkeypatch, tmp_path):
+    """bench/storyboard.py renders with FreeLOC installed by default (as launch/generate.py does) and stock
+    attention with --method direct; it once called sampling.render bare, measuring direct while reporting FreeLOC."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from diffusers import WanTransformer3DModel
+
+    from freeloc_dist import methods, sampling
+
+    seen = []
+
+    def fake_render(components, cfg, **kwargs):  # records what the model had installed; renders nothing
+        seen.append((cfg.storyboard is not None, getattr(components.transformer, "freeloc_state", None) is not None))
+        return sampling.RenderResult(latents=None, frames=np.zeros((cfg.video.frames, 64, 64, 3), np.uint8))
+
+    monkeypatch.setattr(sampling, "render", fake_render)
+    monkeypatch.setattr(methods, "render", fake_render)
+    from _scripts import load_script
+
+    bench = load_script("bench/storyboard.py")
+    toy = SimpleNamespace(transformer=WanTransformer3DModel.from_pretrained(REPO_ROOT / "assets/toy-wan/transformer"))
+    bench.load_components = lambda path, dtype: toy  # the toy's transformer is all an install needs
+    common = ["--pairs", "1", "--length", "2", "--steps", "1"]
+    assert bench.main([*common, "--json", str(tmp_path / "f.json")]) == 0
+    assert seen == [(True, True), (False, True), (False, True)]  # the storyboard, then each prompt alone
+    assert json.loads((tmp_path / "f.json").read_text())[0]["method"] == "freeloc"
+    assert getattr(toy.transformer, "freeloc_state", None) is None  # uninstalled after each render
+    seen.clear()
+    assert bench.main([*common, "--method", "direct", "--json", str(tmp_path / "d.json")]) == 0
+    assert seen == [(True, False), (False, False), (False, False)]
