@@ -1,0 +1,147 @@
+"""The HunyuanVideo 1.5 family (DESIGN 11; freeloc_dist.families.hunyuan_video15): the CLI render equal to diffusers'
+HunyuanVideo15Pipeline (text-to-video) and HunyuanVideo15ImageToVideoPipeline at F <= T, the joint attention
+through the 1.5 adapter (forced FreeLOC path = stock attention with padded text; sdpa = the float64 reference at
+F > T), the dry-run of the real configs, the planner's counts, and bad input refused with one line before weights
+load. The joint kernel itself is tested against DESIGN 11 materialised in test_hunyuan.py (shared with v1).
+"""
+
+import pytest
+import torch
+import yaml
+from _cli import assert_refused, edited_config
+
+from freeloc_dist.config import REPO_ROOT
+
+pytestmark = pytest.mark.unit
+TINY = REPO_ROOT / "assets" / "tiny-hunyuan15"
+TINY_I2V = REPO_ROOT / "assets" / "tiny-hunyuan15-i2v"
+TINY_PROFILE = REPO_ROOT / "configs" / "profiles" / "tiny-random-hunyuan15.yaml"
+GLYPH_PROMPT = 'a red fox running through fresh snow with a sign that says "hello"'  # quoted: ByT5 tokens too
+
+
+@pytest.fixture(scope="module")
+def parts():
+    from freeloc_dist.models import load_components
+
+    return load_components(TINY, "float32", "cpu")  # the production loader
+
+
+def _no_world(monkeypatch):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def _cli_latents(generate, tmp_path, config, *flags):
+    from safetensors.torch import load_file
+
+    latents = tmp_path / "lat.safetensors"
+    argv = ["--config", str(REPO_ROOT / "configs" / config), "--frames", "9", "--steps", "2", "--prompt", GLYPH_PROMPT,
+            "--negative-prompt", "blurry", "--out", str(tmp_path / "v.mp4"), "--save-latents", str(latents),
+            "--quiet", *flags]
+    assert generate.main(argv) == 0
+    return load_file(latents)["latents"]
+
+
+def _pipeline_args(parts):
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    return dict(text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, transformer=parts.transformer,
+                vae=parts.vae, scheduler=type(parts.scheduler).from_config(parts.scheduler.config),
+                text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
+                guider=ClassifierFreeGuidance(guidance_scale=6.0))
+
+
+# ---- the CLI against diffusers' pipelines -------------------------------------------------------------------
+def test_cli_render_equals_diffusers_pipeline(generate, parts, tmp_path, monkeypatch):
+    """launch/generate.py with the tiny config at F = T = 3 latent frames (stock), classifier-free guidance on and
+    a prompt with glyph text (Qwen and ByT5 tokens): its float32 latents equal HunyuanVideo15Pipeline's for the
+    same prompt, seed and settings within 1e-4 (the pipeline pads Qwen to 1000 tokens and passes 729 masked
+    image slots; the render drops both: rounding only)."""
+    from diffusers import HunyuanVideo15Pipeline
+
+    _no_world(monkeypatch)
+    ours = _cli_latents(generate, tmp_path, "tiny-random-hunyuan15.yaml")
+    pipe = HunyuanVideo15Pipeline(**_pipeline_args(parts))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt=GLYPH_PROMPT, negative_prompt="blurry", height=64, width=64, num_frames=9,
+                  num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    assert ours.shape == theirs.shape == (1, 4, 3, 4, 4)
+    assert (ours - theirs).abs().max() < 1e-4, (ours - theirs).abs().max()
+
+
+# ---- the joint attention through the 1.5 adapter ------------------------------------------------------------
+def _transformer_inputs(parts, frames, seed=1):
+    """Inputs as the pipeline passes them: padded Qwen text (the transformer moves valid tokens first and hands the
+    joint layers a [B, Lt] key mask), no glyph text, and 5 masked zero image slots (text-to-video)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([[1.0, 1, 1, 1, 0, 0]])
+    return dict(hidden_states=torch.randn(1, 9, frames, 4, 4, generator=g), timestep=torch.tensor([500.0]),
+                encoder_hidden_states=torch.randn(1, 6, 32, generator=g), encoder_attention_mask=mask,
+                encoder_hidden_states_2=torch.randn(1, 3, 24, generator=g), encoder_attention_mask_2=torch.zeros(1, 3),
+                image_embeds=torch.zeros(1, 5, 16), return_dict=False)
+
+
+def test_forced_freeloc_path_equals_stock_attention(parts):
+    """With stock plans forced through FreeLOC's joint path (route_stock, as sequence parallelism forces it), every
+    dual-stream layer computes diffusers' 1.5 joint attention: the inherited projections, the text's [B, Lt] key
+    mask (padded Qwen, ByT5 and image slots) and the output projections are the stock processor's."""
+    from freeloc_dist import apply_freeloc
+
+    model = parts.transformer
+    inputs = _transformer_inputs(parts, frames=3)
+    with torch.no_grad():
+        stock = model(**inputs)[0]
+        handle = apply_freeloc(model, TINY_PROFILE)
+        try:
+            model.freeloc_state.route_stock = True
+            ours = model(**inputs)[0]
+        finally:
+            handle.remove()
+    assert (ours - stock).abs().max() < 1e-5, (ours - stock).abs().max()
+
+
+def test_model_at_F_gt_T_sdpa_equals_reference_backend(parts):
+    """Every layer kind of the tiny profile (tsa, vrpr, full) through the 1.5 processor at F = 7 > T = 3 with
+    padded text: the sdpa backend equals the materialised float64 reference, and FreeLOC changed the output."""
+    from freeloc_dist import apply_freeloc
+
+    model = parts.transformer
+    inputs = _transformer_inputs(parts, frames=7)
+    outs = {}
+    with torch.no_grad():
+        outs["stock"] = model(**inputs)[0]
+        for backend in ("sdpa", "reference"):
+            handle = apply_freeloc(model, TINY_PROFILE, backend=backend)
+            try:
+                outs[backend] = model(**inputs)[0]
+            finally:
+                handle.remove()
+    assert (outs["sdpa"] - outs["reference"]).abs().max() < 1e-4
+    assert (outs["sdpa"] - outs["stock"]).abs().max() > 1e-3
+
+
+# ---- bad input: one line, exit 2, before weights load -------------------------------------------------------
+def _profile(tmp_path, **changes):
+    p = {**yaml.safe_load(TINY_PROFILE.read_text()), **changes}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(p))
+    return ["--profile", str(path)]
+
+
+CASES = [
+    ("profile-family", lambda t: _profile(t, family="hunyuan_video"),
+     "is a profile for the hunyuan_video family, the model is hunyuan_video15"),
+    ("profile-layers", lambda t: _profile(t, family=None, layers={"tsa": [0], "vrpr": [1], "full": [2, 3]}),
+     "lists 4 layers, the model at"),
+    ("profile-trained-frames", lambda t: _profile(t, trained_frames=9), "trained_frames=9, but this t2v model"),
+    ("image-on-t2v", lambda t: ["--image", str(REPO_ROOT / "assets" / "i2v-first.png")], "is text-to-video"),
+    ("guidance-below-1", lambda t: ["--guidance-scale", "0.5"], "sampling.guidance_scale=0.5: below 1 is not"),
+    ("true-cfg-scale", lambda t: ["--true-cfg-scale", "2"], "sampling.true_cfg_scale=2: HunyuanVideo 1.5 runs real"),
+    ("text-encoder-rank0", lambda t: ["--text-encoder", "rank0"], "memory.text_encoder=rank0: not supported for Hu"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2(generate, tmp_path, monkeypatch, capsys, argv, needle):
+    flags = ["--config", str(edited_config(tmp_path, "tiny-random-hunyuan15.yaml")), *argv(tmp_path)]
+    assert_refused(generate, flags, tmp_path, monkeypatch, capsys, needle)
