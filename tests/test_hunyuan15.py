@@ -51,6 +51,14 @@ def _pipeline_args(parts):
                 guider=ClassifierFreeGuidance(guidance_scale=6.0))
 
 
+def _tiny_pipeline(pipe):
+    """The pipeline with the config's Qwen length (sampling.max_text_tokens: 64, the pipeline's own 1000 would pad
+    every prompt to 1108 tokens; padding is masked either way), quiet."""
+    pipe.tokenizer_max_length = 64
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # ---- the CLI against diffusers' pipelines -------------------------------------------------------------------
 def test_cli_render_equals_diffusers_pipeline(generate, parts, tmp_path, monkeypatch):
     """launch/generate.py with the tiny config at F = T = 3 latent frames (stock), classifier-free guidance on and
@@ -61,8 +69,7 @@ def test_cli_render_equals_diffusers_pipeline(generate, parts, tmp_path, monkeyp
 
     _no_world(monkeypatch)
     ours = _cli_latents(generate, tmp_path, "tiny-random-hunyuan15.yaml")
-    pipe = HunyuanVideo15Pipeline(**_pipeline_args(parts))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _tiny_pipeline(HunyuanVideo15Pipeline(**_pipeline_args(parts)))
     theirs = pipe(prompt=GLYPH_PROMPT, negative_prompt="blurry", height=64, width=64, num_frames=9,
                   num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").frames
     assert ours.shape == theirs.shape == (1, 4, 3, 4, 4)
@@ -145,3 +152,24 @@ CASES = [
 def test_bad_input_is_one_line_exit_2(generate, tmp_path, monkeypatch, capsys, argv, needle):
     flags = ["--config", str(edited_config(tmp_path, "tiny-random-hunyuan15.yaml")), *argv(tmp_path)]
     assert_refused(generate, flags, tmp_path, monkeypatch, capsys, needle)
+
+
+def test_cli_image_to_video_equals_diffusers_pipeline(generate, tmp_path, monkeypatch):
+    """The image-to-video config at F = T (stock): the image fitted to 64 x 64 (the pipeline's bucket for it at
+    the tiny target_size), its VAE latent and mask channels on frame 0 and its SigLIP tokens joined to the text;
+    float32 latents equal HunyuanVideo15ImageToVideoPipeline's within 1e-4."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+
+    from freeloc_dist.images import load_image
+    from freeloc_dist.models import load_components
+
+    _no_world(monkeypatch)
+    parts = load_components(TINY_I2V, "float32", "cpu")
+    ours = _cli_latents(generate, tmp_path, "tiny-random-hunyuan15-i2v.yaml")
+    pipe = _tiny_pipeline(HunyuanVideo15ImageToVideoPipeline(**_pipeline_args(parts), image_encoder=parts.image_encoder,
+                                                             feature_extractor=parts.image_processor))
+    theirs = pipe(image=load_image(REPO_ROOT / "assets" / "i2v-first.png"), prompt=GLYPH_PROMPT,
+                  negative_prompt="blurry", num_frames=9, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    assert ours.shape == theirs.shape == (1, 4, 3, 4, 4)
+    assert (ours - theirs).abs().max() < 1e-4, (ours - theirs).abs().max()
