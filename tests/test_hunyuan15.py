@@ -173,3 +173,64 @@ def test_cli_image_to_video_equals_diffusers_pipeline(generate, tmp_path, monkey
                   generator=torch.Generator().manual_seed(0), output_type="latent").frames
     assert ours.shape == theirs.shape == (1, 4, 3, 4, 4)
     assert (ours - theirs).abs().max() < 1e-4, (ours - theirs).abs().max()
+
+
+# ---- the real configs without the model, and the planner's counts ------------------------------------------
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_dry_run_of_the_real_config_without_the_model(generate, capsys, monkeypatch, task):
+    _no_world(monkeypatch)
+    assert not (REPO_ROOT / "models" / f"HunyuanVideo-1.5-480p_{task}").exists()
+    assert generate.main(["--config", str(REPO_ROOT / "configs" / f"hunyuanvideo1.5-{task}-480p.yaml"),
+                          "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "31 latent frames x 1590 tokens" in out and "vrpr 54" in out  # 848 x 480 at 16x, patch 1: 53 x 30
+    assert "model: 54 attention layers; T = 31 latent frames" in out
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"trained_frames": 33}, "trained_frames=33, but hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v was trained"),
+    ({"family": "hunyuan_video"}, "is a profile for the hunyuan_video family, hunyuanvideo-community/HunyuanVideo-1.5"),
+    ({"layers": {"vrpr": list(range(60)), "tsa": [], "full": []}}, "lists 60 layers, the model at"),
+], ids=["T", "family", "layers"])
+def test_dry_run_refuses_a_profile_that_does_not_fit(generate, tmp_path, monkeypatch, capsys, change, needle):
+    profile = REPO_ROOT / "configs" / "profiles" / "hunyuanvideo1.5-t2v-480p.yaml"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(profile.read_text()), **change}))
+    flags = ["--config", str(edited_config(tmp_path, "hunyuanvideo1.5-t2v-480p.yaml")), "--profile", str(path),
+             "--dry-run"]
+    assert_refused(generate, flags, tmp_path, monkeypatch, capsys, needle)
+
+
+def test_published_parameter_counts():
+    """The transformer (meta-device build of the published config: 8.3 B), Qwen 2.5-VL-7B's language model from
+    its published shape (7.07 B) plus ByT5's encoder."""
+    from freeloc_dist.families.hunyuan_video15 import counts
+
+    t = counts.planner_config(counts.KNOWN_TRANSFORMERS[counts.T2V_ID])
+    assert t["num_layers"] == 54 and t["ffn_dim"] == 8192
+    assert round(counts.transformer_params(t) / 1e9, 1) == 8.3
+    qwen = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064)
+    assert round((counts.text_encoder_params(qwen) - counts.BYT5_SMALL_ENCODER_PARAMS) / 1e9, 2) == 7.07
+    assert counts.text_encoder_params(None) == counts.QWEN25_VL_7B_TEXT_PARAMS + counts.BYT5_SMALL_ENCODER_PARAMS
+
+
+def test_text_encoder_count_is_the_built_models(parts):
+    """The Qwen formula against the tiny Qwen's own parameters (grouped k/v, q/k/v biases, norms, embeddings)."""
+    from freeloc_dist.families.hunyuan_video15 import counts
+
+    config = parts.text_encoder.config.to_dict()
+    built = sum(p.numel() for p in parts.text_encoder.parameters())
+    assert counts.text_encoder_params(config) - counts.BYT5_SMALL_ENCODER_PARAMS == built
+
+
+def test_text_and_video_flops():
+    """Text costs FLOPs in every block (projections, MLP, its attention scores); image-to-video adds SigLIP's 729
+    tokens to the text; with no text, the count is the video's linear layers alone."""
+    from freeloc_dist.families.hunyuan_video15 import counts
+
+    t2v, i2v = (counts.planner_config(counts.KNOWN_TRANSFORMERS[m]) for m in (counts.T2V_ID, counts.I2V_ID))
+    video, d, layers = 1590, 2048, 54
+    assert counts.linear_flops_per_pass(t2v, video, 0) == 2.0 * video * layers * (4 * d * d + 2 * d * 8192)
+    assert counts.linear_flops_per_pass(t2v, video, 1000) > counts.linear_flops_per_pass(t2v, video, 0)
+    assert counts.linear_flops_per_pass(i2v, video, 0) == counts.linear_flops_per_pass(t2v, video, 729)

@@ -13,7 +13,7 @@ import functools
 import json
 from typing import Any, Mapping
 
-from .kind import patch_of
+from .kind import TRAINED_FRAMES, patch_of
 
 T2V_ID = "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v"
 I2V_ID = "hunyuanvideo-community/HunyuanVideo-1.5-480p_i2v"
@@ -26,7 +26,7 @@ _PUBLISHED = {"_class_name": "HunyuanVideo15Transformer3DModel", "in_channels": 
 KNOWN_TRANSFORMERS: dict[str, dict[str, Any]] = {T2V_ID: {**_PUBLISHED, "task_type": "t2v"},
                                                  I2V_ID: {**_PUBLISHED, "task_type": "i2v"}}
 VAE_SPATIAL = 16
-KNOWN_KINDS = {T2V_ID: {"vae_spatial": VAE_SPATIAL}, I2V_ID: {"vae_spatial": VAE_SPATIAL}}
+KNOWN_KINDS = {model: {"vae_spatial": VAE_SPATIAL, "trained_frames": TRAINED_FRAMES} for model in (T2V_ID, I2V_ID)}
 SIGLIP_TOKENS = 729  # SigLIP so400m at 384 px, patch 14: 27 x 27 (the pipeline's vision_num_semantic_tokens)
 # The text encoders when text_encoder/config.json is absent: Qwen2.5-VL-7B's language model (no LM head; 3584
 # wide, 28 layers, MLP 18944, 4 k/v heads, vocabulary 152064) and ByT5-small's encoder (the glyph text).
