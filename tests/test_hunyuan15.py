@@ -83,13 +83,13 @@ def test_streaming_decode_equals_diffusers_decode(parts):
     from freeloc_dist.families.hunyuan_video15.vae import iter_decode, stream_decode
 
     vae = parts.vae
-    z = torch.randn(1, 4, 5, 4, 4, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(1, 4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = vae.decode(z, return_dict=False)[0]
     chunks = list(stream_decode(vae, z))
-    assert [c.shape[2] for c in chunks] == [1, 4, 4, 4, 4]
+    assert [c.shape[2] for c in chunks] == [1, 4, 4]
     assert (torch.cat(chunks, 2) - want).abs().max() < 1e-5
-    assert sum(c.shape[0] for c in iter_decode(vae, z * vae.config.scaling_factor)) == 17
+    assert sum(c.shape[0] for c in iter_decode(vae, z * vae.config.scaling_factor)) == 9
 
 
 # ---- the joint attention through the 1.5 adapter ------------------------------------------------------------
