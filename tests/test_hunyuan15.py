@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from _cli import assert_refused, edited_config
+from _joint import with_freeloc
 
 from freeloc_dist.config import REPO_ROOT
 
@@ -35,7 +36,8 @@ def _cli_latents(generate, tmp_path, config, *flags):
     from safetensors.torch import load_file
 
     latents = tmp_path / "lat.safetensors"
-    argv = ["--config", str(REPO_ROOT / "configs" / config), "--frames", "9", "--steps", "2", "--prompt", GLYPH_PROMPT,
+    argv = ["--config", str(REPO_ROOT / "configs" / config), "--frames", "9", "--steps", "2", "--height", "32",
+            "--width", "32", "--prompt", GLYPH_PROMPT,
             "--negative-prompt", "blurry", "--out", str(tmp_path / "v.mp4"), "--save-latents", str(latents),
             "--quiet", *flags]
     assert generate.main(argv) == 0
@@ -53,8 +55,10 @@ def _pipeline_args(parts):
 
 def _tiny_pipeline(pipe):
     """The pipeline with the config's Qwen length (sampling.max_text_tokens: 64, the pipeline's own 1000 would pad
-    every prompt to 1108 tokens; padding is masked either way), quiet."""
+    every prompt to 1108 tokens; padding is masked either way) and a 32 x 32 target size (the image-to-video
+    bucket of a square-ish image: the renders' 32 x 32, which keeps the tests' VAE work small), quiet."""
     pipe.tokenizer_max_length = 64
+    pipe.target_size = 32
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -70,9 +74,9 @@ def test_cli_render_equals_diffusers_pipeline(generate, parts, tmp_path, monkeyp
     _no_world(monkeypatch)
     ours = _cli_latents(generate, tmp_path, "tiny-random-hunyuan15.yaml")
     pipe = _tiny_pipeline(HunyuanVideo15Pipeline(**_pipeline_args(parts)))
-    theirs = pipe(prompt=GLYPH_PROMPT, negative_prompt="blurry", height=64, width=64, num_frames=9,
+    theirs = pipe(prompt=GLYPH_PROMPT, negative_prompt="blurry", height=32, width=32, num_frames=9,
                   num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").frames
-    assert ours.shape == theirs.shape == (1, 4, 3, 4, 4)
+    assert ours.shape == theirs.shape == (1, 4, 3, 2, 2)
     assert (ours - theirs).abs().max() < 1e-4, (ours - theirs).abs().max()
 
 
@@ -83,7 +87,7 @@ def test_streaming_decode_equals_diffusers_decode(parts):
     from freeloc_dist.families.hunyuan_video15.vae import iter_decode, stream_decode
 
     vae = parts.vae
-    z = torch.randn(1, 4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(1, 4, 3, 1, 1, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = vae.decode(z, return_dict=False)[0]
     chunks = list(stream_decode(vae, z))
@@ -108,37 +112,22 @@ def test_forced_freeloc_path_equals_stock_attention(parts):
     """With stock plans forced through FreeLOC's joint path (route_stock, as sequence parallelism forces it), every
     dual-stream layer computes diffusers' 1.5 joint attention: the inherited projections, the text's [B, Lt] key
     mask (padded Qwen, ByT5 and image slots) and the output projections are the stock processor's."""
-    from freeloc_dist import apply_freeloc
-
     model = parts.transformer
     inputs = _transformer_inputs(parts, frames=3)
     with torch.no_grad():
         stock = model(**inputs)[0]
-        handle = apply_freeloc(model, TINY_PROFILE)
-        try:
-            model.freeloc_state.route_stock = True
-            ours = model(**inputs)[0]
-        finally:
-            handle.remove()
+    ours = with_freeloc(model, inputs, TINY_PROFILE, route_stock=True)
     assert (ours - stock).abs().max() < 1e-5, (ours - stock).abs().max()
 
 
 def test_model_at_F_gt_T_sdpa_equals_reference_backend(parts):
     """Every layer kind of the tiny profile (tsa, vrpr, full) through the 1.5 processor at F = 7 > T = 3 with
     padded text: the sdpa backend equals the materialised float64 reference, and FreeLOC changed the output."""
-    from freeloc_dist import apply_freeloc
-
     model = parts.transformer
     inputs = _transformer_inputs(parts, frames=7)
-    outs = {}
     with torch.no_grad():
-        outs["stock"] = model(**inputs)[0]
-        for backend in ("sdpa", "reference"):
-            handle = apply_freeloc(model, TINY_PROFILE, backend=backend)
-            try:
-                outs[backend] = model(**inputs)[0]
-            finally:
-                handle.remove()
+        outs = {"stock": model(**inputs)[0]}
+    outs.update({b: with_freeloc(model, inputs, TINY_PROFILE, backend=b) for b in ("sdpa", "reference")})
     assert (outs["sdpa"] - outs["reference"]).abs().max() < 1e-4
     assert (outs["sdpa"] - outs["stock"]).abs().max() > 1e-3
 
@@ -171,8 +160,8 @@ def test_bad_input_is_one_line_exit_2(generate, tmp_path, monkeypatch, capsys, a
 
 
 def test_cli_image_to_video_equals_diffusers_pipeline(generate, tmp_path, monkeypatch):
-    """The image-to-video config at F = T (stock): the image fitted to 64 x 64 (the pipeline's bucket for it at
-    the tiny target_size), its VAE latent and mask channels on frame 0 and its SigLIP tokens joined to the text;
+    """The image-to-video config at F = T (stock): the image fitted to 32 x 32 (the pipeline's bucket for it at
+    the target size 32), its VAE latent and mask channels on frame 0 and its SigLIP tokens joined to the text;
     float32 latents equal HunyuanVideo15ImageToVideoPipeline's within 1e-4."""
     from diffusers import HunyuanVideo15ImageToVideoPipeline
 
@@ -187,7 +176,7 @@ def test_cli_image_to_video_equals_diffusers_pipeline(generate, tmp_path, monkey
     theirs = pipe(image=load_image(REPO_ROOT / "assets" / "i2v-first.png"), prompt=GLYPH_PROMPT,
                   negative_prompt="blurry", num_frames=9, num_inference_steps=2,
                   generator=torch.Generator().manual_seed(0), output_type="latent").frames
-    assert ours.shape == theirs.shape == (1, 4, 3, 4, 4)
+    assert ours.shape == theirs.shape == (1, 4, 3, 2, 2)
     assert (ours - theirs).abs().max() < 1e-4, (ours - theirs).abs().max()
 
 

@@ -12,9 +12,21 @@ channels and image tokens of both tasks (conditioning.py), the VAE (vae.py) and 
 
 from __future__ import annotations
 
+import importlib
+
+from ..base import Family
 from ..hunyuan_video.adapter import HunyuanVideoFamily
 from . import counts
 from .kind import PIPELINES
+
+
+def _delegate(module: str, name: str):
+    """An adapter method that calls `name` of this folder's `module` (imported on first use: the registry is
+    imported before torch), passing the arguments on."""
+    def method(self, *args, **kwargs):
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(*args, **kwargs)
+    method.__name__ = name
+    return method
 
 
 class HunyuanVideo15Family(HunyuanVideoFamily):
@@ -22,48 +34,21 @@ class HunyuanVideo15Family(HunyuanVideoFamily):
     transformer_classes = ("HunyuanVideo15Transformer3DModel",)
     pipelines = PIPELINES
     text_encoder_fields = ("text_encoder", "text_encoder_2")  # Qwen and ByT5
+    title = "HunyuanVideo 1.5"
 
-    # -- model directories ---------------------------------------------------------------------------------
-    def read_model_kind(self, model_dir):
-        from .kind import read_model_kind
+    # -- model directories, inputs and VAE: this folder's modules -----------------------------------------------
+    read_model_kind = _delegate("kind", "read_model_kind")
+    check_model_dir = _delegate("loading", "check_model_dir")
+    check_weights_match_config = _delegate("loading", "check_weights_match_config")
+    weights_signature = _delegate("loading", "weights_signature")
+    load_components = _delegate("loading", "load_components")
+    load_scheduler = _delegate("loading", "load_scheduler")
+    encode_prompt = _delegate("text", "encode_prompt")
+    vae_scale_factors = _delegate("vae", "vae_scale_factors")
+    can_decode_ranges = _delegate("vae", "can_decode_ranges")
+    iter_decode = _delegate("vae", "iter_decode")
 
-        return read_model_kind(model_dir, self.pipelines)
-
-    def check_model_dir(self, model_dir):
-        from .loading import check_model_dir
-
-        return check_model_dir(model_dir)
-
-    def check_weights_match_config(self, model_dir):
-        from .loading import check_weights_match_config
-
-        check_weights_match_config(model_dir)
-
-    def weights_signature(self, model_dir):
-        from .loading import weights_signature
-
-        return weights_signature(model_dir)
-
-    def load_components(self, model_dir, dtype, device, placement=None):
-        from .loading import load_components
-
-        return load_components(model_dir, dtype, device, placement)
-
-    def load_scheduler(self, model_dir):
-        from .loading import load_scheduler
-
-        return load_scheduler(model_dir)
-
-    # -- inputs and VAE ---------------------------------------------------------------------------------------
-    def encode_prompt(self, components, prompt, max_tokens):
-        from .text import encode_prompt
-
-        return encode_prompt(components, prompt, max_tokens)
-
-    def classifier_free(self, sampling):
-        from ...guidance import uses_cfg
-
-        return uses_cfg(sampling.guidance_scale), sampling.guidance_scale
+    classifier_free = Family.classifier_free  # real CFG on sampling.guidance_scale, not HunyuanVideo's true CFG
 
     def check_sampling(self, cfg):
         s = cfg.sampling
@@ -73,17 +58,7 @@ class HunyuanVideo15Family(HunyuanVideoFamily):
         if s.guidance_scale < 1.0:  # the pipeline's guider runs CFG below 1 too; the engine's rule is > 1
             return (f"sampling.guidance_scale={s.guidance_scale:g}: below 1 is not supported for HunyuanVideo 1.5 "
                     "(1: no guidance; > 1: classifier-free guidance)")
-        if s.guidance_scale_2 is not None:
-            return "sampling.guidance_scale_2: HunyuanVideo 1.5 has one transformer (no second expert)"
-        # Not built for this family yet: its text is a Hunyuan15Text (Qwen and ByT5 states with masks), which the
-        # rank-0 broadcast does not carry; LoRAs are read with Wan's converters.
-        if cfg.memory.text_encoder == "rank0":
-            return "memory.text_encoder=rank0: not supported for HunyuanVideo 1.5 yet; use gpu or cpu"
-        if cfg.memory.shard_weights:
-            return "memory.shard_weights=true: not supported for HunyuanVideo 1.5 yet"
-        if cfg.model.loras:
-            return "model.loras: not supported for HunyuanVideo 1.5 yet (LoRAs are read with Wan's converters)"
-        return None
+        return self.not_built(cfg)
 
     def render_inputs(self, components, cfg, geometry, image, device, dtype):
         from ...images import load_image
@@ -96,25 +71,10 @@ class HunyuanVideo15Family(HunyuanVideoFamily):
                                        width=cfg.video.width, device=device, dtype=dtype)
         return condition, None
 
-    def vae_scale_factors(self, vae):
-        from .vae import vae_scale_factors
-
-        return vae_scale_factors(vae)
-
     def owns_vae(self, vae):
         from diffusers import AutoencoderKLHunyuanVideo15
 
         return isinstance(vae, AutoencoderKLHunyuanVideo15)
-
-    def can_decode_ranges(self, vae):
-        from .vae import can_decode_ranges
-
-        return can_decode_ranges(vae)
-
-    def iter_decode(self, vae, latents, start=0, end=None):
-        from .vae import iter_decode
-
-        return iter_decode(vae, latents, start, end)
 
     def owns(self, transformer) -> bool:
         from diffusers import HunyuanVideo15Transformer3DModel
@@ -130,33 +90,13 @@ class HunyuanVideo15Family(HunyuanVideoFamily):
 
     # -- the dry-run planner ---------------------------------------------------------------------------------
     vae_spatial = counts.VAE_SPATIAL
-
-    def known_transformers(self):
-        return counts.KNOWN_TRANSFORMERS
-
-    def known_kinds(self):
-        return counts.KNOWN_KINDS
-
-    def planner_config(self, config):
-        return counts.planner_config(config)
-
-    def transformer_params(self, config):
-        return counts.transformer_params(config)
-
-    def text_encoder_params(self, config):
-        return counts.text_encoder_params(config)
+    counts = counts  # the inherited planner methods read this folder's counts
 
     def image_encoder_params(self, config):
         return counts.SIGLIP_SO400M_PARAMS
 
     def weight_blocks(self, transformer):
         return list(transformer.transformer_blocks)
-
-    def block_params(self, config):
-        return counts.block_params(config)
-
-    def linear_flops_per_pass(self, config, video_tokens, text_tokens, text_runs=1.0):
-        return counts.linear_flops_per_pass(config, video_tokens, text_tokens)  # one text (no storyboards)
 
     # -- attention surgery (the rest is HunyuanVideo's) -------------------------------------------------------
     def attention_layers(self, transformer):

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..kind import ModelKind, ModelKindError, declared_trained_frames
+from ..hunyuan_video.kind import patch_of  # the same config keys (a saved config always has them)
+from ..kind import ModelKind, ModelKindError, declared_trained_frames, read_pipeline
 from ..kind import read_json as _read
 
 T2V_PIPELINE = "HunyuanVideo15Pipeline"
@@ -22,17 +23,9 @@ TRAINED_FRAMES = 31  # 121 video frames at 24 fps through the 4x temporal VAE
 MASK_CHANNELS = 1  # the conditioning mask: 1 on the given image's latent frame
 
 
-def patch_of(tcfg: dict) -> tuple[int, int, int]:
-    p = int(tcfg.get("patch_size", 1))
-    return int(tcfg.get("patch_size_t", 1)), p, p
-
-
 def read_model_kind(model_dir: str | Path, pipelines: tuple[str, ...] = PIPELINES) -> ModelKind:
     root = Path(model_dir)
-    index = _read(root / "model_index.json")
-    pipeline = str(index.get("_class_name", ""))
-    if pipeline not in pipelines:
-        raise ModelKindError(f"model_index.json: _class_name={pipeline!r}: expected {' or '.join(pipelines)}")
+    index, pipeline = read_pipeline(root, pipelines)
     tcfg = _read(root / "transformer" / "config.json")
     vae = _read(root / "vae" / "config.json")
     z_dim = int(vae.get("latent_channels", 32))
