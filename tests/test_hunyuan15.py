@@ -239,3 +239,31 @@ def test_text_and_video_flops():
     assert counts.linear_flops_per_pass(t2v, video, 0) == 2.0 * video * layers * (4 * d * d + 2 * d * 8192)
     assert counts.linear_flops_per_pass(t2v, video, 1000) > counts.linear_flops_per_pass(t2v, video, 0)
     assert counts.linear_flops_per_pass(i2v, video, 0) == counts.linear_flops_per_pass(t2v, video, 729)
+
+
+def test_enable_freeloc_on_the_stock_pipeline_equals_the_render(parts):
+    """diffusers' HunyuanVideo15Pipeline with enable_freeloc at F = 7 > T (padded Qwen and ByT5 text and 729 masked
+    image slots reach the joint layers through their key mask) equals the render loop's (padding dropped before
+    the blocks) within 1e-5 relative."""
+    from diffusers import HunyuanVideo15Pipeline
+
+    from freeloc_dist import enable_freeloc
+    from freeloc_dist.config import load_render_config
+    from freeloc_dist.install import apply_freeloc, remove_freeloc
+    from freeloc_dist.sampling import render
+
+    cfg = load_render_config(REPO_ROOT / "configs" / "tiny-random-hunyuan15.yaml",
+                             {"video.frames": 25, "video.height": 32, "video.width": 32, "sampling.steps": 1})
+    handle = apply_freeloc(parts.transformer, cfg.profile)
+    try:
+        ours = render(parts, cfg, decode=False).latents
+    finally:
+        handle.remove()
+    pipe = _tiny_pipeline(HunyuanVideo15Pipeline(**_pipeline_args(parts)))
+    enable_freeloc(pipe, cfg.profile)
+    try:
+        theirs = pipe(prompt=cfg.prompt, height=32, width=32, num_frames=25, num_inference_steps=1,
+                      generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    finally:
+        remove_freeloc(parts.transformer)
+    assert ((theirs - ours).norm() / ours.norm()) < 1e-5, ((theirs - ours).norm() / ours.norm())
