@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from _cli import assert_refused, edited_config
-from _joint import with_freeloc
+from _joint import assert_sdpa_is_the_reference, freeloc_render, with_freeloc
 
 from freeloc_dist.config import REPO_ROOT
 
@@ -123,13 +123,7 @@ def test_forced_freeloc_path_equals_stock_attention(parts):
 def test_model_at_F_gt_T_sdpa_equals_reference_backend(parts):
     """Every layer kind of the tiny profile (tsa, vrpr, full) through the 1.5 processor at F = 7 > T = 3 with
     padded text: the sdpa backend equals the materialised float64 reference, and FreeLOC changed the output."""
-    model = parts.transformer
-    inputs = _transformer_inputs(parts, frames=7)
-    with torch.no_grad():
-        outs = {"stock": model(**inputs)[0]}
-    outs.update({b: with_freeloc(model, inputs, TINY_PROFILE, backend=b) for b in ("sdpa", "reference")})
-    assert (outs["sdpa"] - outs["reference"]).abs().max() < 1e-4
-    assert (outs["sdpa"] - outs["stock"]).abs().max() > 1e-3
+    assert_sdpa_is_the_reference(parts.transformer, _transformer_inputs(parts, frames=7), TINY_PROFILE)
 
 
 # ---- bad input: one line, exit 2, before weights load -------------------------------------------------------
@@ -248,17 +242,10 @@ def test_enable_freeloc_on_the_stock_pipeline_equals_the_render(parts):
     from diffusers import HunyuanVideo15Pipeline
 
     from freeloc_dist import enable_freeloc
-    from freeloc_dist.config import load_render_config
-    from freeloc_dist.install import apply_freeloc, remove_freeloc
-    from freeloc_dist.sampling import render
+    from freeloc_dist.install import remove_freeloc
 
-    cfg = load_render_config(REPO_ROOT / "configs" / "tiny-random-hunyuan15.yaml",
-                             {"video.frames": 25, "video.height": 32, "video.width": 32, "sampling.steps": 1})
-    handle = apply_freeloc(parts.transformer, cfg.profile)
-    try:
-        ours = render(parts, cfg, decode=False).latents
-    finally:
-        handle.remove()
+    cfg, ours = freeloc_render(parts, REPO_ROOT / "configs" / "tiny-random-hunyuan15.yaml",
+                               {"video.frames": 25, "video.height": 32, "video.width": 32, "sampling.steps": 1})
     pipe = _tiny_pipeline(HunyuanVideo15Pipeline(**_pipeline_args(parts)))
     enable_freeloc(pipe, cfg.profile)
     try:
