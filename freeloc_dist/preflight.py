@@ -147,6 +147,7 @@ def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
     from .family import ModelKindError, check_profile_fits, read_model_kind
 
     if not (Path(model_dir) / "model_index.json").is_file():
+        check_published_profile(cfg, profile)
         if cfg.profile_2 is None:
             return None, None
         from .planner import KNOWN_KINDS
@@ -180,6 +181,23 @@ def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
     except ModelKindError as e:
         raise UserError(first_line(e)) from None
     return kind, profile_2
+
+
+def check_published_profile(cfg: RenderConfig, profile) -> None:
+    """Without the model directory (a --dry-run), a profile of a published model the planner knows must be made
+    for that model's family and, where the family states it (planner.KNOWN_KINDS `trained_frames`), its T."""
+    from .planner import KNOWN_KINDS, KNOWN_TRANSFORMERS, family_of_config
+
+    if profile is None or profile.model not in KNOWN_TRANSFORMERS:
+        return
+    family = family_of_config(KNOWN_TRANSFORMERS[profile.model]).name
+    where = f"profile={str(cfg.profile)!r}"
+    if profile.family is not None and profile.family != family:
+        raise UserError(f"{where}: is a profile for the {profile.family} family, {profile.model} is {family}")
+    trained = KNOWN_KINDS.get(profile.model, {}).get("trained_frames")
+    if trained is not None and profile.trained_frames != trained:
+        raise UserError(f"{where}: trained_frames={profile.trained_frames}, but {profile.model} was trained on "
+                        f"{trained} latent frames")
 
 
 def image_checks(cfg: RenderConfig, kind, model_dir: Path) -> None:

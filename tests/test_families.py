@@ -17,8 +17,10 @@ pytestmark = pytest.mark.unit
 PACKAGE = REPO_ROOT / "freeloc_dist"
 # Class names of the Wan family's models and of the text and image encoders it loads.
 WAN_CLASSES = re.compile(r"\b(Wan[A-Z]\w*|AutoencoderKLWan|UMT5\w*|CLIPVision\w*|CLIPImageProcessor\w*)\b")
-# ... and the HunyuanVideo family's (its transformer, VAE, pipeline, Llama and CLIP text encoders).
-HUNYUAN_CLASSES = re.compile(r"\b(HunyuanVideo[A-Z0-9]\w*|AutoencoderKLHunyuan\w*|Llama\w*|CLIPText\w*)\b")
+# ... and the HunyuanVideo families' (transformers, VAEs, pipelines; Llama and CLIP text encoders; 1.5's Qwen 2.5-VL,
+# ByT5 on T5EncoderModel and SigLIP).
+HUNYUAN_CLASSES = re.compile(r"\b(HunyuanVideo[A-Z0-9]\w*|AutoencoderKLHunyuan\w*|Llama\w*|CLIPText\w*|Qwen2_5_VL\w*"
+                             r"|T5EncoderModel|Siglip\w*)\b")
 
 
 def _modules() -> dict[str, Path]:
@@ -46,6 +48,7 @@ def test_the_class_name_check_sees_a_named_class():
     assert HUNYUAN_CLASSES.search("from diffusers import HunyuanVideoTransformer3DModel")
     assert not HUNYUAN_CLASSES.search("joint text-video attention (HunyuanVideo)")
     assert any(HUNYUAN_CLASSES.search(p.read_text()) for p in (PACKAGE / "families" / "hunyuan_video").glob("*.py"))
+    assert HUNYUAN_CLASSES.search("from transformers import Qwen2_5_VLTextModel")
 
 
 def import_graph() -> dict[str, set[str]]:

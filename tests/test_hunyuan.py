@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from _cli import assert_refused, edited_config
+from _joint import assert_sdpa_is_the_reference, freeloc_render, with_freeloc
 
 from freeloc_dist.config import REPO_ROOT
 
@@ -111,18 +112,11 @@ def test_forced_freeloc_path_equals_stock_attention(parts):
     """With stock plans forced through FreeLOC's joint path (route_stock, as sequence parallelism forces it), every
     layer (dual- and single-stream) computes diffusers' joint attention: the adapter's projections, text
     handling and padded-key mask are the stock processor's."""
-    from freeloc_dist import apply_freeloc
-
     model = parts.transformer
     inputs = _transformer_inputs(parts, frames=3)
     with torch.no_grad():
         stock = model(**inputs)[0]
-        handle = apply_freeloc(model, TINY_PROFILE)
-        try:
-            model.freeloc_state.route_stock = True
-            ours = model(**inputs)[0]
-        finally:
-            handle.remove()
+    ours = with_freeloc(model, inputs, TINY_PROFILE, route_stock=True)
     assert (ours - stock).abs().max() < 1e-5
 
 
@@ -130,22 +124,8 @@ def test_forced_freeloc_path_equals_stock_attention(parts):
 def test_model_at_F_gt_T_sdpa_equals_reference_backend(parts, text_phase, tmp_path):
     """Every layer kind of the tiny profile (tsa, vrpr, full; dual and single blocks) through the processor at
     F = 7 > T = 5: the sdpa backend equals the materialised float64 reference, and FreeLOC changed the output."""
-    from freeloc_dist import apply_freeloc
-
     profile = {**yaml.safe_load(TINY_PROFILE.read_text()), "text_phase": text_phase}
-    model = parts.transformer
-    inputs = _transformer_inputs(parts, frames=7)
-    outs = {}
-    with torch.no_grad():
-        outs["stock"] = model(**inputs)[0]
-        for backend in ("sdpa", "reference"):
-            handle = apply_freeloc(model, profile, backend=backend)
-            try:
-                outs[backend] = model(**inputs)[0]
-            finally:
-                handle.remove()
-    assert (outs["sdpa"] - outs["reference"]).abs().max() < 1e-4
-    assert (outs["sdpa"] - outs["stock"]).abs().max() > 1e-3
+    assert_sdpa_is_the_reference(parts.transformer, _transformer_inputs(parts, frames=7), profile)
 
 
 def test_vae_frame_ranges_decode_exactly_diffusers_decode(parts):
@@ -264,17 +244,10 @@ def test_enable_freeloc_on_the_stock_pipeline_equals_the_render(parts):
     from diffusers import HunyuanVideoPipeline
 
     from freeloc_dist import enable_freeloc
-    from freeloc_dist.config import load_render_config
-    from freeloc_dist.install import apply_freeloc, remove_freeloc
-    from freeloc_dist.sampling import render
+    from freeloc_dist.install import remove_freeloc
 
-    cfg = load_render_config(REPO_ROOT / "configs" / "tiny-random-hunyuan.yaml",
-                             {"video.frames": 25, "video.height": 32, "video.width": 32, "sampling.steps": 1})
-    handle = apply_freeloc(parts.transformer, cfg.profile)
-    try:
-        ours = render(parts, cfg, decode=False).latents
-    finally:
-        handle.remove()
+    cfg, ours = freeloc_render(parts, REPO_ROOT / "configs" / "tiny-random-hunyuan.yaml",
+                               {"video.frames": 25, "video.height": 32, "video.width": 32, "sampling.steps": 1})
     pipe = HunyuanVideoPipeline(text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                                 transformer=parts.transformer, vae=parts.vae,
                                 scheduler=type(parts.scheduler).from_config(parts.scheduler.config),

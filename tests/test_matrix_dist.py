@@ -17,7 +17,7 @@ two-expert model with `text_encoder: rank0` (the other ranks never load the enco
 the storyboard row gives each rank only its own frames' texts (a blend, a hard cut, a per-segment negative
 prompt) under every world shape;
 HunyuanVideo runs joint text-video attention (text replicated per rank, text queries merged across ranks)
-in every layer kind.
+in every layer kind; HunyuanVideo 1.5 too, with real CFG on two rank groups and its image-to-video channels.
 """
 
 import json
@@ -64,6 +64,10 @@ MODELS = {
     # true classifier-free guidance (HunyuanVideo's is embedded otherwise): the two passes on two rank groups
     "hunyuan-t2v-cfg": ("configs/tiny-random-hunyuan.yaml",
                         [*SMALL, "--steps", "2", "--true-cfg-scale", "1.5", "--negative-prompt", "blurry"]),
+    # HunyuanVideo 1.5: classifier-free guidance (guidance 6), glyph text (ByT5 tokens join Qwen's), 54-block layout
+    # in miniature; image-to-video slices the conditioning channels and sends SigLIP tokens to every rank
+    "hunyuan15-t2v": ("configs/tiny-random-hunyuan15.yaml", [*SMALL, "--steps", "2", "--prompt", 'a sign says "hi"']),
+    "hunyuan15-i2v": ("configs/tiny-random-hunyuan15-i2v.yaml", [*SMALL, "--steps", "2"]),
 }
 # diffusers' caches through the CLI (8 steps: each skips work on the tiny model): a flag, or a config with the
 # `cache:` section (written by the `written_configs` fixture); the one-process reference renders the same argv.
@@ -92,6 +96,7 @@ MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") fo
     *[("wan-t2v-a14b-memory", world) for world in WORLDS],
     *[("wan-t2v-storyboard", world) for world in WORLDS],
     ("hunyuan-t2v", "sp2"), ("hunyuan-t2v", "sp3"), ("hunyuan-t2v-cfg", "cfg2xsp2"),
+    *[("hunyuan15-t2v", world) for world in WORLDS], ("hunyuan15-i2v", "sp3"),
     # every cache on 2 and 3 ranks (the first block cache also cfg 2 x sp 2); 1 rank is the reference
     *[("cache-first-block", world) for world in WORLDS],
     *[(f"cache-{name}", world) for name in ("sea", "mag", "taylorseer", "pab", "text-kv") for world in ("sp2", "sp3")],

@@ -23,7 +23,8 @@ from .base import Family
 __all__ = ["Family", "register", "family_of", "family_of_vae", "registered", "PLUGINS_ENV"]
 
 # The folders imported on first use (each calls `register`); FREELOC_FAMILIES and a test may register more.
-_BUILTIN = ("freeloc_dist.families.wan", "freeloc_dist.families.hunyuan_video")
+_BUILTIN = ("freeloc_dist.families.wan", "freeloc_dist.families.hunyuan_video",
+            "freeloc_dist.families.hunyuan_video15")
 PLUGINS_ENV = "FREELOC_FAMILIES"
 _REGISTRY: list[Family] = []
 _loaded = False

@@ -111,6 +111,15 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def read_pipeline(root: Path, pipelines: tuple[str, ...]) -> tuple[dict, str]:
+    """(model_index.json, its pipeline class), which must be one of the family's `pipelines`."""
+    index = read_json(root / "model_index.json")
+    pipeline = str(index.get("_class_name", ""))
+    if pipeline not in pipelines:
+        raise ModelKindError(f"model_index.json: _class_name={pipeline!r}: expected {' or '.join(pipelines)}")
+    return index, pipeline
+
+
 def check_profile_fits(kind: ModelKind, profile, where: str) -> None:
     """A FreeLOC profile must be made for this model's family (when it names one), list its layers and be made
     for its trained length; one line."""

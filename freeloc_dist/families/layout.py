@@ -113,3 +113,14 @@ def load_scheduler(root: Path):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"config error: model.path={str(root)!r}: cannot load scheduler/: "
                           f"{type(e).__name__}: {first[:200]}") from None
+
+
+def load_part(root: Path, what: str, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` loading component `what` of the model at `root`; any failure is one ConfigError line
+    naming the component (a user's file, not a traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"config error: model.path={str(root)!r}: cannot load {what}/: "
+                          f"{type(e).__name__}: {first[:200]}") from None

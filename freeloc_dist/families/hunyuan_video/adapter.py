@@ -78,17 +78,23 @@ class HunyuanVideoFamily(Family):
         if cfg.parallel.cfg_degree == 2 and s.true_cfg_scale <= 1.0:
             return ("parallel.cfg_degree=2: HunyuanVideo embeds its guidance (sampling.guidance_scale) and runs no "
                     "unconditional pass unless sampling.true_cfg_scale > 1")
-        if s.guidance_scale_2 is not None:
-            return "sampling.guidance_scale_2: HunyuanVideo has one transformer (no second expert)"
-        # Not built for this family yet: its text is a HunyuanText (Llama states, mask, CLIP pooled), which the
-        # rank-0 broadcast does not carry, and its dual- and single-stream blocks differ in size (the planner's
-        # sharded share assumes one block size).
+        return self.not_built(cfg)
+
+    title = "HunyuanVideo"  # the model's name in refusals
+
+    def not_built(self, cfg):
+        """Settings refused because they are not built for these families yet (HunyuanVideo 1.5's too): their text
+        is a dataclass of several tensors (HunyuanText: Llama states, mask, CLIP pooled), which the rank-0
+        broadcast does not carry; v1's dual- and single-stream blocks differ in size (the planner's sharded share
+        assumes one block size); LoRAs are read with Wan's converters."""
+        if cfg.sampling.guidance_scale_2 is not None:
+            return f"sampling.guidance_scale_2: {self.title} has one transformer (no second expert)"
         if cfg.memory.text_encoder == "rank0":
-            return "memory.text_encoder=rank0: not supported for HunyuanVideo yet; use gpu or cpu"
+            return f"memory.text_encoder=rank0: not supported for {self.title} yet; use gpu or cpu"
         if cfg.memory.shard_weights:
-            return "memory.shard_weights=true: not supported for HunyuanVideo yet"
+            return f"memory.shard_weights=true: not supported for {self.title} yet"
         if cfg.model.loras:
-            return "model.loras: not supported for HunyuanVideo yet (LoRAs are read with Wan's converters)"
+            return f"model.loras: not supported for {self.title} yet (LoRAs are read with Wan's converters)"
         return None
 
     def render_inputs(self, components, cfg, geometry, image, device, dtype):
@@ -139,21 +145,22 @@ class HunyuanVideoFamily(Family):
 
     # -- the dry-run planner ---------------------------------------------------------------------------------
     vae_spatial = counts.VAE_SPATIAL
+    counts = counts  # the planner's numbers (HunyuanVideo 1.5 names its own module here)
 
     def known_transformers(self):
-        return counts.KNOWN_TRANSFORMERS
+        return self.counts.KNOWN_TRANSFORMERS
 
     def known_kinds(self):
-        return counts.KNOWN_KINDS
+        return self.counts.KNOWN_KINDS
 
     def planner_config(self, config):
-        return counts.planner_config(config)
+        return self.counts.planner_config(config)
 
     def transformer_params(self, config):
-        return counts.transformer_params(config)
+        return self.counts.transformer_params(config)
 
     def text_encoder_params(self, config):
-        return counts.text_encoder_params(config)
+        return self.counts.text_encoder_params(config)
 
     def image_encoder_params(self, config):
         return 0.0
@@ -162,10 +169,10 @@ class HunyuanVideoFamily(Family):
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
     def block_params(self, config):
-        return counts.block_params(config)
+        return self.counts.block_params(config)
 
     def linear_flops_per_pass(self, config, video_tokens, text_tokens, text_runs=1.0):
-        return counts.linear_flops_per_pass(config, video_tokens, text_tokens)  # one text (no storyboards)
+        return self.counts.linear_flops_per_pass(config, video_tokens, text_tokens)  # one text (no storyboards)
 
     # -- attention surgery ------------------------------------------------------------------------------
     def attention_layers(self, transformer):

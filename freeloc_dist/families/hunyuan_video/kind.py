@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..kind import ModelKind, ModelKindError, declared_trained_frames
+from ..kind import ModelKind, ModelKindError, declared_trained_frames, read_pipeline
 from ..kind import read_json as _read
 
 PIPELINES = ("HunyuanVideoPipeline",)
@@ -30,10 +30,7 @@ def patch_of(tcfg: dict) -> tuple[int, int, int]:
 
 def read_model_kind(model_dir: str | Path, pipelines: tuple[str, ...] = PIPELINES) -> ModelKind:
     root = Path(model_dir)
-    index = _read(root / "model_index.json")
-    pipeline = str(index.get("_class_name", ""))
-    if pipeline not in pipelines:
-        raise ModelKindError(f"model_index.json: _class_name={pipeline!r}: expected {' or '.join(pipelines)}")
+    index, pipeline = read_pipeline(root, pipelines)
     tcfg = _read(root / "transformer" / "config.json")
     vae = _read(root / "vae" / "config.json")
     if tcfg.get("image_condition_type") is not None:

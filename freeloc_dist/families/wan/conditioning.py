@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..conditioning import ChannelConditioning
 from .vae import latent_stats, vae_scale_factors
 
 MASK_CHANNELS = 4
@@ -35,19 +36,11 @@ TEXT_TOKENS_WITH_IMAGE = 512  # WanAttnProcessor's hard-coded text length when i
 
 
 @dataclass(frozen=True)
-class Conditioning:
-    latents: torch.Tensor  # [1, 4 + C, F, H, W]: mask then VAE latents, the whole video (transformer dtype)
+class Conditioning(ChannelConditioning):
+    # latents [1, 4 + C, F, H, W]: mask then VAE latents, the whole video (transformer dtype)
     image_embeds: torch.Tensor | None  # [images, tokens, D] CLIP hidden states, or None (no image encoder)
 
-    def input_for(self, latents: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """The transformer input of latents [1, C, e - s, H, W] that are frames [start, end) of the video:
-        those frames' conditioning appended on the channels."""
-        end = self.latents.shape[2] if end is None else end
-        assert latents.shape[2] == end - start, (latents.shape, start, end)
-        return torch.cat([latents, self.latents[:, :, start:end].to(latents.dtype)], dim=1)
-
     def transformer_kwargs(self) -> dict:
-        """Extra keyword arguments of every transformer call (both CFG passes)."""
         return {} if self.image_embeds is None else {"encoder_hidden_states_image": self.image_embeds}
 
 

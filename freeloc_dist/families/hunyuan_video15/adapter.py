@@ -1,0 +1,116 @@
+"""HunyuanVideo15Family: the adapter (families/base.py) for diffusers' HunyuanVideo15Transformer3DModel, text- and
+image-to-video.
+
+The joint attention is HunyuanVideo's (DESIGN 11): every dual-stream block's attention joins text to video (video
+first, text last), text with its own `add_*_proj`, norms and `to_add_out`, RoPE on video only, the same RoPE
+module interface. So the attention surgery and the RoPE are HunyuanVideoFamily's, inherited; what differs is here:
+54 dual-stream blocks and no single-stream ones, the joint call's mask (the text keys' mask [B, Lt], not the whole
+sequence's), the text encoders (Qwen 2.5-VL + ByT5, text.py), real classifier-free guidance on
+sampling.guidance_scale (the pipeline's ClassifierFreeGuidance: uncond + g (cond - uncond)), the conditioning
+channels and image tokens of both tasks (conditioning.py), the VAE (vae.py) and the planner's counts.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..base import Family
+from ..hunyuan_video.adapter import HunyuanVideoFamily
+from . import counts
+from .kind import PIPELINES
+
+
+def _delegate(module: str, name: str):
+    """An adapter method that calls `name` of this folder's `module` (imported on first use: the registry is
+    imported before torch), passing the arguments on."""
+    def method(self, *args, **kwargs):
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(*args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+class HunyuanVideo15Family(HunyuanVideoFamily):
+    name = "hunyuan_video15"
+    transformer_classes = ("HunyuanVideo15Transformer3DModel",)
+    pipelines = PIPELINES
+    text_encoder_fields = ("text_encoder", "text_encoder_2")  # Qwen and ByT5
+    title = "HunyuanVideo 1.5"
+
+    # -- model directories, inputs and VAE: this folder's modules -----------------------------------------------
+    read_model_kind = _delegate("kind", "read_model_kind")
+    check_model_dir = _delegate("loading", "check_model_dir")
+    check_weights_match_config = _delegate("loading", "check_weights_match_config")
+    weights_signature = _delegate("loading", "weights_signature")
+    load_components = _delegate("loading", "load_components")
+    load_scheduler = _delegate("loading", "load_scheduler")
+    encode_prompt = _delegate("text", "encode_prompt")
+    vae_scale_factors = _delegate("vae", "vae_scale_factors")
+    can_decode_ranges = _delegate("vae", "can_decode_ranges")
+    iter_decode = _delegate("vae", "iter_decode")
+
+    classifier_free = Family.classifier_free  # real CFG on sampling.guidance_scale, not HunyuanVideo's true CFG
+
+    def check_sampling(self, cfg):
+        s = cfg.sampling
+        if s.true_cfg_scale != 1.0:
+            return (f"sampling.true_cfg_scale={s.true_cfg_scale:g}: HunyuanVideo 1.5 runs real classifier-free "
+                    "guidance on sampling.guidance_scale (no embedded guidance)")
+        if s.guidance_scale < 1.0:  # the pipeline's guider runs CFG below 1 too; the engine's rule is > 1
+            return (f"sampling.guidance_scale={s.guidance_scale:g}: below 1 is not supported for HunyuanVideo 1.5 "
+                    "(1: no guidance; > 1: classifier-free guidance)")
+        return self.not_built(cfg)
+
+    def render_inputs(self, components, cfg, geometry, image, device, dtype):
+        from ...images import load_image
+        from .conditioning import build_conditioning
+
+        if image is not None:
+            raise ValueError("HunyuanVideo 1.5 takes its image through conditioning channels (cfg.image)")
+        shown = load_image(cfg.image, "image") if cfg.image is not None else None
+        condition = build_conditioning(components, shown, latent_shape=geometry.shape, height=cfg.video.height,
+                                       width=cfg.video.width, device=device, dtype=dtype)
+        return condition, None
+
+    def owns_vae(self, vae):
+        from diffusers import AutoencoderKLHunyuanVideo15
+
+        return isinstance(vae, AutoencoderKLHunyuanVideo15)
+
+    def owns(self, transformer) -> bool:
+        from diffusers import HunyuanVideo15Transformer3DModel
+
+        return isinstance(transformer, HunyuanVideo15Transformer3DModel)
+
+    # -- a stock diffusers pipeline: not built for this family yet --------------------------------------------
+    def pipeline_prompt_embeds(self, encode_prompt_output):
+        raise NotImplementedError("HunyuanVideo 1.5 pipelines: parallelize_pipeline is not supported yet")
+
+    def pipeline_uses_cfg(self, pipe):
+        raise NotImplementedError("HunyuanVideo 1.5 pipelines: parallelize_pipeline is not supported yet")
+
+    # -- the dry-run planner ---------------------------------------------------------------------------------
+    vae_spatial = counts.VAE_SPATIAL
+    counts = counts  # the inherited planner methods read this folder's counts
+
+    def image_encoder_params(self, config):
+        return counts.SIGLIP_SO400M_PARAMS
+
+    def weight_blocks(self, transformer):
+        return list(transformer.transformer_blocks)
+
+    # -- attention surgery (the rest is HunyuanVideo's) -------------------------------------------------------
+    def attention_layers(self, transformer):
+        return [block.attn for block in transformer.transformer_blocks]
+
+    def stock_processor(self):
+        from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
+
+        return HunyuanVideo15AttnProcessor2_0()
+
+    def joint_inputs(self, args, kwargs, num_video_tokens: int):
+        """(text states [B, Lt, D], valid text keys Bool[B, Lt] or None): the 1.5 processor's mask is the text
+        keys' own [B, Lt] (valid tokens first, as the transformer reorders them)."""
+        bound = dict(zip(self._ARGS, args)) | kwargs
+        text, mask = bound["encoder_hidden_states"], bound.get("attention_mask")
+        valid = None if mask is None else mask.reshape(mask.shape[0], -1)[:, -text.shape[1]:].bool()
+        return text, None if valid is None or bool(valid.all()) else valid

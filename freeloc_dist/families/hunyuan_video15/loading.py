@@ -1,0 +1,156 @@
+"""Loading a HunyuanVideo 1.5 model from a local diffusers-format directory (HunyuanVideo15Pipeline's layout):
+model_index.json, transformer/ (HunyuanVideo15Transformer3DModel), vae/ (AutoencoderKLHunyuanVideo15),
+text_encoder/ (transformers Qwen2_5_VLTextModel) with tokenizer/, text_encoder_2/ (T5EncoderModel, ByT5) with
+tokenizer_2/, scheduler/, and guider/ (the pipeline's ClassifierFreeGuidance; the render's scale is
+sampling.guidance_scale, so it is written for diffusers and not read here). Image-to-video adds image_encoder/
+(SiglipVisionModel) and feature_extractor/ (SiglipImageProcessor). Nothing is downloaded; the layout is checked
+first so a wrong path is one ConfigError naming the missing file. The tiny test model (tiny.py) is saved and
+loaded by this same code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from freeloc_dist.config import ConfigError
+from freeloc_dist.models import Components, resolve_dtype
+
+from ..kind import declared_trained_frames, write_declared_trained_frames
+from ..layout import check_weights_against, has_weights, load_part
+from ..layout import load_scheduler as layout_load_scheduler
+from ..layout import weights_signature as layout_weights_signature
+from .kind import I2V_PIPELINE, T2V_PIPELINE
+
+_REQUIRED_CONFIGS = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                     "text_encoder_2": "config.json", "tokenizer": "tokenizer_config.json",
+                     "tokenizer_2": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
+_I2V_CONFIGS = {"image_encoder": "config.json", "feature_extractor": "preprocessor_config.json"}
+TEXT_WEIGHTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+
+
+def _is_i2v(root: Path) -> bool:
+    return json.loads((root / "model_index.json").read_text()).get("_class_name") == I2V_PIPELINE
+
+
+def _weight_subfolders(root: Path) -> tuple[str, ...]:
+    return TEXT_WEIGHTS + (("image_encoder",) if _is_i2v(root) else ())
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    root = Path(model_dir)
+    where = f"config error: model.path={str(root)!r}"
+    if not root.is_dir():
+        raise ConfigError(f"{where}: model directory not found")
+    if not (root / "model_index.json").is_file():
+        raise ConfigError(f"{where}: missing model_index.json")
+    required = {**_REQUIRED_CONFIGS, **(_I2V_CONFIGS if _is_i2v(root) else {})}
+    for path in [root / sub / name for sub, name in required.items()]:
+        if not path.is_file():
+            raise ConfigError(f"{where}: missing {path.relative_to(root)}")
+    for sub in _weight_subfolders(root):
+        if not has_weights(root / sub):
+            raise ConfigError(f"{where}: no weights in {sub}/")
+    return root
+
+
+def _builders():
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
+    from transformers import (
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    return {"transformer": HunyuanVideo15Transformer3DModel.from_config,
+            "vae": AutoencoderKLHunyuanVideo15.from_config,
+            "text_encoder": lambda c: Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig.from_dict(c)),
+            "text_encoder_2": lambda c: T5EncoderModel(T5Config.from_dict(c)),
+            "image_encoder": lambda c: SiglipVisionModel(SiglipVisionConfig.from_dict(c))}
+
+
+def check_weights_match_config(model_dir: str | Path) -> None:
+    """Every safetensors tensor against the model its config.json builds on the meta device (shapes only)."""
+    root = Path(model_dir)
+    builders = _builders()
+    for sub in _weight_subfolders(root):  # transformers leaves tied tensors out of its files
+        check_weights_against(root, sub, builders[sub], all_tensors=sub in ("transformer", "vae"))
+
+
+def weights_signature(model_dir: str | Path) -> list:
+    root = Path(model_dir)
+    return layout_weights_signature(root, _weight_subfolders(root))
+
+
+def load_scheduler(model_dir: str | Path):
+    return layout_load_scheduler(check_model_dir(model_dir))
+
+
+def load_components(model_dir: str | Path, dtype="bfloat16", device="cpu", placement=None) -> Components:
+    """Transformer and text encoders in `dtype`, the VAE and the image encoder in float32 (as the other
+    families). `placement` (freeloc_dist.memory.Placement): where the transformer and the text encoders go (None:
+    all on `device`); text encoders placed on None are not loaded."""
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLTextModel, SiglipVisionModel, T5EncoderModel
+
+    root = check_model_dir(model_dir)
+    dtype = resolve_dtype(dtype)
+    tokenizer = load_part(root, "tokenizer", AutoTokenizer.from_pretrained, root / "tokenizer", local_files_only=True)
+    tokenizer_2 = load_part(root, "tokenizer_2", AutoTokenizer.from_pretrained, root / "tokenizer_2",
+                            local_files_only=True)
+    scheduler = load_scheduler(root)
+    transformer = load_part(root, "transformer", HunyuanVideo15Transformer3DModel.from_pretrained, root,
+                            subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+    vae = load_part(root, "vae", AutoencoderKLHunyuanVideo15.from_pretrained, root, subfolder="vae",
+                    torch_dtype=torch.float32, local_files_only=True)
+    text_device = placement.text_encoder if placement is not None else device
+    text_encoder = text_encoder_2 = None
+    if text_device is not None:
+        text_encoder = load_part(root, "text_encoder", Qwen2_5_VLTextModel.from_pretrained, root / "text_encoder",
+                                 dtype=dtype, local_files_only=True).to(text_device).eval()
+        text_encoder_2 = load_part(root, "text_encoder_2", T5EncoderModel.from_pretrained, root / "text_encoder_2",
+                                   dtype=dtype, local_files_only=True).to(text_device).eval()
+    image_encoder = image_processor = None
+    if _is_i2v(root):
+        image_encoder = load_part(root, "image_encoder", SiglipVisionModel.from_pretrained, root / "image_encoder",
+                                  dtype=torch.float32, local_files_only=True).to(device).eval()
+        image_processor = load_part(root, "feature_extractor", AutoImageProcessor.from_pretrained,
+                                    root / "feature_extractor", local_files_only=True)
+    index = json.loads((root / "model_index.json").read_text())
+    transformer_device = placement.transformer if placement is not None else device
+    return Components(transformer=transformer.to(transformer_device).eval(), vae=vae.to(device).eval(),
+                      text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                      trained_frames=declared_trained_frames(root, index), text_encoder_2=text_encoder_2,
+                      tokenizer_2=tokenizer_2, image_encoder=image_encoder, image_processor=image_processor)
+
+
+_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+_DIFFUSERS_PARTS = ("transformer", "vae", "scheduler", "guider")
+
+
+def save_components(parts: Components, out_dir: str | Path, guider=None) -> Path:
+    """Write the components in diffusers format (HunyuanVideo15Pipeline.from_pretrained, or the image-to-video
+    pipeline's when an image encoder is there, reads it too). `guider`: the pipeline's guider component."""
+    import diffusers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = {name: getattr(parts, name) for name in _PARTS}
+    if guider is not None:
+        saved["guider"] = guider
+    i2v = parts.image_encoder is not None
+    if i2v:
+        saved.update(image_encoder=parts.image_encoder, feature_extractor=parts.image_processor)
+    for name, part in saved.items():
+        part.save_pretrained(out / name)
+    index = {"_class_name": I2V_PIPELINE if i2v else T2V_PIPELINE, "_diffusers_version": diffusers.__version__,
+             **{name: ["diffusers" if name in _DIFFUSERS_PARTS else "transformers", type(part).__name__]
+                for name, part in saved.items()}}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_declared_trained_frames(out, parts.trained_frames)  # ours, not diffusers': a test model's declared T
+    return out
