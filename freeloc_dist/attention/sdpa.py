@@ -294,6 +294,14 @@ def _triangle(q0: int, m: int, edge: int, grow: bool):
         h = period
 
 
+def call_items(b: RunBatch, budget: int, per_frame: int) -> tuple[int, int]:
+    """(Query frames per sub-block, items per call) of full-frame batch b, for a call of at most `budget`
+    elements when one query frame of an item costs per_frame (B*h * n * d on the flash path, B*h * n * keys on
+    the matmul path)."""
+    size = _block_split(b.q_frames, b.count, max(1, budget // per_frame))
+    return size, max(1, budget // (size * per_frame))
+
+
 @functools.lru_cache(maxsize=1024)
 def _block_split(q_frames: int, count: int, cap: int) -> int:
     """Query frames per sub-block when a batch of `count` blocks of q_frames query frames is cut into
@@ -448,15 +456,15 @@ def grouped_attention(
         merge. q_rows_buf: a copy of q0's `rows` of every query frame, rotated in place per call."""
         q_src = q_nat if b.offset is None else q0
         per_row = d if uses_flash(impl, q0.device) else b.frames * keys.shape[2]
-        if rows is None and b.q_frames > 1:  # blocks of query frames: at most a call's budget each
-            size = _block_split(b.q_frames, b.count, max(1, budget // (bh * n * per_row)))
+        if rows is None:  # blocks of query frames: at most a call's budget each
+            size, per_call = call_items(b, budget, bh * n * per_row)
             if size < b.q_frames:
                 for u in range(0, b.q_frames, size):
                     run(dataclasses.replace(b, q_start=b.q_start + u, q_frames=min(size, b.q_frames - u)),
                         rows, keys, values, bias)
                 return
-        q_rows = b.q_frames * n if rows is None else rows.stop - rows.start
-        per_call = max(1, budget // (bh * q_rows * per_row))
+        else:
+            per_call = max(1, budget // (bh * (rows.stop - rows.start) * per_row))
         for s in range(0, b.count, per_call):
             c = min(per_call, b.count - s)
             q_at = b.q_start + s * b.q_step
