@@ -152,7 +152,7 @@ def test_long_range_changes_the_output():
 
 @pytest.mark.parametrize("impl", ["flash", "math"])
 def test_grouped_sdpa_long_range_over_split_key_buffers(impl):
-    """The key frames beyond the band come from a gathered copy of the buffer's key frames (issue 26): exact when a
+    """The key frames beyond the band come from a contiguous copy of the buffer's key frames (issue 26): exact when a
     rank's queries meet the keys in several buffers (ring blocks, neighbour windows) merged by log-sum-exp."""
     from freeloc_dist.attention.lse import merge_into
 
