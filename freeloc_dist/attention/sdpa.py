@@ -229,6 +229,10 @@ def _packed(blocks, q_step_only=None):
         i += count
 
 
+# A staircase of fewer query slots is left to per-kind batches (the split would not save calls).
+MIN_STAIRCASE = 4
+
+
 def _staircases(by_kind):
     """(the other runs by kind, RunBatches of the staircases): maximal spans of consecutive query slots whose
     run of one (offset, banded, side) keeps its start and grows by one key frame per slot, or keeps its end
@@ -265,10 +269,6 @@ def _staircases(by_kind):
                     rest.setdefault((offset, banded, fe - fs, side), []).append((qi, fs))
             i += m
     return rest, batches
-
-
-# A staircase of fewer query slots is left to per-kind batches (the split would not save calls).
-MIN_STAIRCASE = 4
 
 
 def _triangle(q0: int, m: int, edge: int, grow: bool):
