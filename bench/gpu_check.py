@@ -301,7 +301,7 @@ def rel(a, b) -> float:
 
 
 # ----------------------------------------------------------------------------- b. attention
-def math_score_bytes(plan, bh: int) -> int:
+def math_score_bytes(plan, bh: int, head_dim: int) -> int:
     """Largest float32 score buffer sdpa-math holds in one call (scores, their exp, the bias sum:
     three of them), from the same schedule and call budget the backend uses."""
     from freeloc_dist.attention import sdpa
@@ -310,10 +310,15 @@ def math_score_bytes(plan, bh: int) -> int:
     frames = tuple(range(plan.num_frames))
     chunk = max(16, plan.stripe_width)
     spans = [c1 - c0 for _, _, c0, c1 in sdpa._band_chunks(n, plan.stripe_width, chunk)]
+    budget = sdpa.call_budget(bh * len(frames) * n * head_dim)
     worst = 0
     for b in sdpa.batched_schedule(plan, frames, frames):
-        rows, keys = (min(chunk, n), b.frames * max(spans)) if b.banded else (b.q_frames * n, b.frames * n)
-        per_call = max(1, sdpa.CALL_BUDGET // (bh * rows * keys))
+        if b.banded:
+            rows, keys = min(chunk, n), b.frames * max(spans)
+            per_call = max(1, budget // (bh * rows * keys))
+        else:
+            size, per_call = sdpa.call_items(b, budget, bh * n * b.frames * n)
+            rows, keys = size * n, b.frames * n
         worst = max(worst, min(per_call, b.count) * bh * rows * keys)
     return 3 * 4 * worst
 
@@ -390,7 +395,7 @@ def run_attention(s: Shapes, emit, deadline, row_guard_s):
                         elif estimate > left:
                             reason = f"estimated {estimate:.0f} s from F={s.frames[0]}, {left:.0f} s left"
                     if backend == "sdpa-math" and total_mem is not None:
-                        need = math_score_bytes(plan, s.heads)
+                        need = math_score_bytes(plan, s.heads, s.head_dim)
                         if need > total_mem / 2:
                             reason = (f"sdpa-math would hold {need / 2**30:.0f} GiB of per-group scores "
                                       f"(> half of {total_mem / 2**30:.0f} GiB)")

@@ -8,10 +8,14 @@ copy). Most frames of a long video share their relative run pattern, so a layer 
 large calls instead of one small call per (query frame, run).
 
 A long range's key frames beyond the band are strided in the key buffer, so each would be a run of its
-own; they are served from one gathered copy of the buffer's key frames instead, where adjacent key frames
-sharing an offset form one run, and each run kind is one batch over every query frame that has it, with
-the query and key windows gathered by index (GatheredBatch): calls grow with the shard, not with shard x
-key frames.
+own; they are served from one contiguous copy of the buffer's key frames instead, where adjacent key frames
+sharing an offset form one run; the query frames sharing a run's key window (stride_frames of them) are one
+block, and blocks stepping evenly are one batch of strided views (no per-call copies of keys).
+
+The saturated phi level's run grows by one key frame per query frame (its start is the video's first frame),
+so no two query frames share its length: it is split into the keys every query frame of the shard shares
+plus one batch per bit of the remainder (_staircases). With calls sized to a fraction of the layer's output
+(call_budget), a run kind is a bounded number of calls, so a layer's calls follow its phi levels, not F.
 
 Banded (stripe) runs are further split into spatial query chunks, each against only the key
 columns its band can reach, so work tracks the attended pairs rather than whole frames. Memory
@@ -34,6 +38,18 @@ from .lse import attend, uses_flash
 # to stay near one unbatched full-frame group, so batching does not raise peak memory.
 CALL_BUDGET = 1 << 24
 
+# ... or, for a large shard, 1/CALLS_PER_KIND of the layer's output (the float32 accumulator the layer holds
+# anyway): a run kind (one phi level, one side) is then about CALLS_PER_KIND calls whatever the shard, so a
+# layer's calls are bounded by its levels, not by F, for at most 2/CALLS_PER_KIND of the accumulator more
+# (a call's output and its rotated queries).
+CALLS_PER_KIND = 8
+
+
+def call_budget(layer_elements: int) -> int:
+    """Elements of the largest tensor one call may materialise, for a layer whose output has layer_elements."""
+    return max(CALL_BUDGET, layer_elements // CALLS_PER_KIND)
+
+
 # torch's CPU flash kernel takes 256-row query blocks from 768 query rows on (at most 64 below),
 # which is ~10% faster per pair; full-frame runs of small frames are tiled over query frames to
 # reach it (see _tiled). At Wan's n = 1560 one frame already has enough rows.
@@ -54,18 +70,6 @@ class RunBatch:
     k_step: int
     q_step: int = 1
     q_frames: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class GatheredBatch:
-    """Item i: query slot q_slots[i] against key slots [k_starts[i], ... + frames), at one fixed offset rule.
-    For runs whose slots do not step evenly (the long range's key frames beyond the band: a query frame's
-    run moves by one key frame every stride_frames query frames), served from gathered copies."""
-
-    offset: int | None
-    frames: int
-    q_slots: tuple[int, ...]
-    k_starts: tuple[int, ...]
 
 
 # Band key spans are widened (with masked columns) to a multiple of this many keys: the CPU flash
@@ -168,8 +172,12 @@ def far_key_frames(plan: LayerPlan, key_frames: tuple[int, ...]) -> tuple[int, .
 @functools.lru_cache(maxsize=256)
 def batched_schedule(plan: LayerPlan, query_frames: tuple[int, ...], key_frames: tuple[int, ...],
                      far: bool | None = None):
-    """The runs of `schedule`, batched over consecutive query slots whose key starts step evenly; with
-    far True (the long range's key frames beyond the band) one GatheredBatch per run kind instead."""
+    """The runs of `schedule` as RunBatches: per run kind, blocks of query slots packed while their query and
+    key starts step evenly. A run whose length grows (or shrinks) by one key frame per query slot, the
+    saturated phi level, is a staircase: one batch for the keys all its slots share plus one per bit of the
+    remainder (_staircases), not one call per query slot. With far True (the long range's key frames beyond
+    the band, `key_frames` their contiguous copy) consecutive query slots sharing a key window are one block
+    (q_frames), so a run kind is a few batches of strided views whatever the shard."""
     by_kind: dict[tuple, list[tuple[int, int]]] = {}
     for qi, runs in enumerate(schedule(plan, query_frames, key_frames, far)):
         for offset, fs, fe, banded in runs:
@@ -177,25 +185,132 @@ def batched_schedule(plan: LayerPlan, query_frames: tuple[int, ...], key_frames:
             # (offset, banded, frames), and interleaved in one list they would break every batch.
             side = key_frames[fs] > query_frames[qi]
             by_kind.setdefault((offset, banded, fe - fs, side), []).append((qi, fs))
-    if far:
-        return tuple(GatheredBatch(offset, frames, *map(tuple, zip(*items)))
-                     for (offset, _, frames, _), items in by_kind.items())
     batches = []
+    if not far:
+        by_kind, batches = _staircases(by_kind)
     for (offset, banded, frames, _), items in by_kind.items():
-        i = 0
-        while i < len(items):  # greedy: extend while the query slot is +1 and the key slot +step
-            q_start, k_start = items[i]
-            count, step = 1, None
-            while i + count < len(items):
-                qi, fs = items[i + count]
-                if qi != q_start + count or fs < k_start or (step is not None and fs != k_start + count * step):
-                    break  # (strided views cannot step backwards)
-                step = fs - k_start if step is None else step
-                count += 1
-            batch = RunBatch(offset, banded, frames, q_start, count, k_start, step or 0)
+        blocks = _blocks(items) if far else [(qi, 1, fs) for qi, fs in items]
+        for q_start, q_frames, q_step, k_start, k_step, count in _packed(blocks, None if far else 1):
+            batch = RunBatch(offset, banded, frames, q_start, count, k_start, k_step, q_step, q_frames)
             batches.extend(_tiled(batch, -(-FLASH_TALL_QUERY // plan.tokens_per_frame)))
-            i += count
     return tuple(batches)
+
+
+def _blocks(items):
+    """(q_start, q_frames, k_start) blocks of consecutive query slots with one key start, from (slot, k_start)."""
+    out = []
+    for qi, fs in items:
+        if out and out[-1][2] == fs and out[-1][0] + out[-1][1] == qi:
+            out[-1] = (out[-1][0], out[-1][1] + 1, fs)
+        else:
+            out.append((qi, 1, fs))
+    return out
+
+
+def _packed(blocks, q_step_only=None):
+    """(q_start, q_frames, q_step, k_start, k_step, count): greedy runs of equal-size blocks whose query and
+    key starts step evenly (the key step >= 0: strided views cannot step backwards); q_step_only: the only
+    query step allowed (band chunks take consecutive query frames)."""
+    i = 0
+    while i < len(blocks):
+        q_start, q_frames, k_start = blocks[i]
+        count, q_step, k_step = 1, q_step_only, None
+        while i + count < len(blocks):
+            qi, qf, fs = blocks[i + count]
+            overlaps = qi < blocks[i + count - 1][0] + q_frames  # a query slot twice in one call
+            uneven = (q_step is not None and qi != q_start + count * q_step) or (
+                k_step is not None and fs != k_start + count * k_step)
+            if qf != q_frames or fs < k_start or overlaps or uneven:
+                break
+            if count == 1:
+                q_step, k_step = qi - q_start, fs - k_start
+            count += 1
+        yield q_start, q_frames, q_step or 1, k_start, k_step or 0, count
+        i += count
+
+
+# A staircase of fewer query slots is left to per-kind batches (the split would not save calls).
+MIN_STAIRCASE = 4
+
+
+def _staircases(by_kind):
+    """(the other runs by kind, RunBatches of the staircases): maximal spans of consecutive query slots whose
+    run of one (offset, banded, side) keeps its start and grows by one key frame per slot, or keeps its end
+    and shrinks by one (the saturated phi level before / after the query frame). Spans of fewer than
+    MIN_STAIRCASE slots stay per kind, and so do banded runs."""
+    families: dict[tuple, list[tuple[int, int, int]]] = {}
+    rest: dict[tuple, list[tuple[int, int]]] = {}
+    for (offset, banded, frames, side), items in by_kind.items():
+        if banded:  # band chunks take one query frame per item (see run)
+            rest[(offset, banded, frames, side)] = items
+        else:
+            families.setdefault((offset, banded, side), []).extend((qi, fs, fs + frames) for qi, fs in items)
+    batches = []
+    for (offset, banded, side), runs in families.items():
+        runs.sort()
+        i = 0
+        while i < len(runs):
+            m, grow = 1, None
+            while i + m < len(runs):
+                (q0, s0, e0), (q1, s1, e1) = runs[i + m - 1], runs[i + m]
+                step = (q1 == q0 + 1 and s1 == s0 and e1 == e0 + 1, q1 == q0 + 1 and s1 == s0 + 1 and e1 == e0)
+                if not any(step) or (grow is not None and not step[1 - grow]):
+                    break
+                grow = step[0] if grow is None else grow
+                m += 1
+            if m >= MIN_STAIRCASE:
+                (q0, s0, e0), (_, s_last, e_last) = runs[i], runs[i + m - 1]
+                shared = (s0, e0) if grow else (s_last, e_last)  # the keys of every slot of the span
+                if shared[1] > shared[0]:
+                    batches.append(RunBatch(offset, banded, shared[1] - shared[0], q0, m, shared[0], 0))
+                batches.extend(RunBatch(offset, banded, *t) for t in _triangle(q0, m, shared[grow], grow))
+            else:
+                for qi, fs, fe in runs[i:i + m]:
+                    rest.setdefault((offset, banded, fe - fs, side), []).append((qi, fs))
+            i += m
+    return rest, batches
+
+
+def _triangle(q0: int, m: int, edge: int, grow: bool):
+    """RunBatch fields (frames, q_start, count, k_start, k_step, q_step, q_frames) covering: query slot q0 + i
+    (i < m) against keys [edge, edge + i) (grow) or [edge - (m - 1 - i), edge) (shrink). Slot i's keys are
+    split by the bits of its length: bit j (h = 2^j) is h key frames, the same for h consecutive slots and
+    stepping by 2h with them, so each bit is one evenly stepped batch (plus one for a partial last block)."""
+    h = 1
+    while h < m:
+        period = 2 * h
+        full, tail = divmod(m, period)
+        tail = max(0, tail - h)  # slots of the partial last block that have bit j set
+        if grow:  # i in [g * period + h, (g + 1) * period): keys [edge + g * period, + h)
+            if full:
+                yield h, q0 + h, full, edge, period, period, h
+            if tail:
+                yield h, q0 + full * period + h, 1, edge + full * period, 0, 1, tail
+        else:  # mirrored: slot m - 1 - i' for i' as above, keys [edge - g * period - h, edge - g * period)
+            if tail:
+                yield h, q0, 1, edge - full * period - h, 0, 1, tail
+            if full:
+                yield h, q0 + m - full * period, full, edge - (full - 1) * period - h, period, period, h
+        h = period
+
+
+def call_items(b: RunBatch, budget: int, per_frame: int) -> tuple[int, int]:
+    """(Query frames per sub-block, items per call) of full-frame batch b, for a call of at most `budget`
+    elements when one query frame of an item costs per_frame (B*h * n * d on the flash path, B*h * n * keys on
+    the matmul path)."""
+    size = _block_split(b.q_frames, b.count, max(1, budget // per_frame))
+    return size, max(1, budget // (size * per_frame))
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_split(q_frames: int, count: int, cap: int) -> int:
+    """Query frames per sub-block when a batch of `count` blocks of q_frames query frames is cut into
+    sub-blocks of at most `cap` frames (a call's budget): the size that needs the fewest calls."""
+    def calls(size):
+        sizes = [size] * (q_frames // size) + [q_frames % size] * (q_frames % size > 0)
+        return sum(-(-count // (cap // x)) for x in sizes)
+
+    return min(range(min(q_frames, cap), 0, -1), key=calls)
 
 
 def _tiled(b: RunBatch, p: int) -> list[RunBatch]:
@@ -206,7 +321,8 @@ def _tiled(b: RunBatch, p: int) -> list[RunBatch]:
     each frame's remaining p - 1 key frames (before and after that span) become small batches of
     their own. Exact: every (query, key) pair stays in exactly one call.
     """
-    if p <= 1 or b.banded or b.k_step not in (0, 1) or b.count < p or b.frames < 2 * p * b.k_step:
+    if p <= 1 or b.banded or b.k_step not in (0, 1) or (b.q_step, b.q_frames) != (1, 1) or b.count < p \
+            or b.frames < 2 * p * b.k_step:
         return [b]
     tiles, rest = divmod(b.count, p)
     shared = b.frames - (p - 1) * b.k_step
@@ -279,14 +395,6 @@ def _slots_of(key_frames: tuple[int, ...], frames: tuple[int, ...], device) -> t
     return torch.tensor([where[f] for f in frames], device=device)
 
 
-@functools.lru_cache(maxsize=4096)
-def _gather_index(b: GatheredBatch, start: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(query slots Long[c], key slots Long[c * frames]) of items [start, start + size) of b."""
-    q_slots, k_starts = b.q_slots[start:start + size], b.k_starts[start:start + size]
-    keys = [k + j for k in k_starts for j in range(b.frames)]
-    return torch.tensor(q_slots, device=device), torch.tensor(keys, device=device)
-
-
 def _merge(out_acc, lse_acc, out, lse):
     """lse.merge_into for a fresh kernel result, whose lse is finite (every row attends a key): the
     new weight is then sigmoid(lse - lse_acc), 1 where the accumulator is still empty, and the
@@ -333,6 +441,7 @@ def grouped_attention(
         out_all = torch.empty((bh, len(query_frames), n, d), **f32)
         lse_all = torch.empty((bh, len(query_frames), n), **f32)
     touched = [False] * len(query_frames)
+    budget = call_budget(bh * len(query_frames) * n * d)
 
     def clear(frames):
         """Set the accumulators of untouched query slots `frames` to 'no key yet' (out 0, lse -inf)."""
@@ -346,9 +455,16 @@ def grouped_attention(
         """Attend the batch's query frames (only rows `rows` of each, if given) to their key windows;
         merge. q_rows_buf: a copy of q0's `rows` of every query frame, rotated in place per call."""
         q_src = q_nat if b.offset is None else q0
-        q_rows = b.q_frames * n if rows is None else rows.stop - rows.start
         per_row = d if uses_flash(impl, q0.device) else b.frames * keys.shape[2]
-        per_call = max(1, CALL_BUDGET // (bh * q_rows * per_row))
+        if rows is None:  # blocks of query frames: at most a call's budget each
+            size, per_call = call_items(b, budget, bh * n * per_row)
+            if size < b.q_frames:
+                for u in range(0, b.q_frames, size):
+                    run(dataclasses.replace(b, q_start=b.q_start + u, q_frames=min(size, b.q_frames - u)),
+                        rows, keys, values, bias)
+                return
+        else:
+            per_call = max(1, budget // (bh * (rows.stop - rows.start) * per_row))
         for s in range(0, b.count, per_call):
             c = min(per_call, b.count - s)
             q_at = b.q_start + s * b.q_step
@@ -386,26 +502,6 @@ def grouped_attention(
             else:
                 _merge(acc, lse_acc, out, lse)
 
-    def run_gathered(b: GatheredBatch, keys, values):
-        """Attend each item's query frame to its key window, both gathered; merge back by index.
-        Runs after every query slot is touched (each item merges into its own, distinct, slot)."""
-        q_src = q_nat if b.offset is None else q0
-        per_call = max(1, CALL_BUDGET // (bh * n * (d if uses_flash(impl, q0.device) else b.frames * n)))
-        for s in range(0, len(b.q_slots), per_call):
-            q_idx, k_idx = _gather_index(b, s, per_call, q0.device)
-            c = len(q_idx)
-            q = q_src.index_select(1, q_idx).transpose(0, 1)  # [c, BH, n, d] copy
-            if b.offset is not None:
-                q = _rotate(q, t_rope, b.offset, into=q)
-            # [BH, c * frames, n, d] -> [c, BH, frames * n, d]: item i's key frames, copied
-            k_win, v_win = (x.index_select(1, k_idx).view(bh, c, b.frames * n, d).transpose(0, 1)
-                            for x in (keys, values))
-            out, lse = attend(q, k_win, v_win, None, impl=impl)
-            acc, lse_acc = out_all.index_select(1, q_idx), lse_all.index_select(1, q_idx)
-            _merge(acc, lse_acc, out.transpose(0, 1), lse.transpose(0, 1))
-            out_all.index_copy_(1, q_idx, acc)
-            lse_all.index_copy_(1, q_idx, lse_acc)
-
     far_frames = far_key_frames(plan, key_frames)
     batches = batched_schedule(plan, query_frames, key_frames, False if far_frames else None)
     for b in batches:
@@ -414,9 +510,11 @@ def grouped_attention(
     clear(range(len(query_frames)))  # query frames no full-frame run reached
     if far_frames:  # the long range's key frames beyond the band, from one contiguous copy of them
         slots = _slots_of(key_frames, far_frames, q0.device)
-        k_nat_far, k0_far, v_far = (None if x is None else x.index_select(1, slots) for x in (k_nat, k0, v))
-        for b in batched_schedule(plan, query_frames, far_frames, True):
-            run_gathered(b, k_nat_far if b.offset is None else k0_far, v_far)
+        far = batched_schedule(plan, query_frames, far_frames, True)
+        k0_far, v_far = (x.index_select(1, slots) for x in (k0, v))
+        k_nat_far = k_nat.index_select(1, slots) if any(b.offset is None for b in far) else None
+        for b in far:
+            run(b, None, k_nat_far if b.offset is None else k0_far, v_far, None)
     banded = [b for b in batches if b.banded]  # all at fixed offsets (see _key_frames_of): q0, k0
     chunk = band_chunk or max(16, plan.stripe_width)
     for index, (r0, r1, c0, c1) in enumerate(_band_chunks(n, plan.stripe_width, chunk) if banded else ()):
