@@ -138,8 +138,9 @@ def skeleton():
     families.register(skeleton_family.FAMILY)
     skeleton_family.FAMILY.calls.clear()
     yield skeleton_family.FAMILY, skeleton_family.SkeletonTransformer
+    # As it was: the skeleton stays registered only if it was before (test_matrix_dist.py imports the module in
+    # this process, which registers it, and may run earlier on the same xdist worker).
     families._REGISTRY[:] = before
-    assert all(f.name != "skeleton" for f in families.registered())
 
 
 def test_a_family_named_in_the_environment_is_registered(tmp_path, monkeypatch):

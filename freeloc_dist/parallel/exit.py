@@ -19,7 +19,8 @@ from typing import NoReturn
 
 
 def exit_process(code: int) -> NoReturn:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world_size = os.environ.get("WORLD_SIZE", "")  # not trusted: a bad value is the render's one-line error
+    if world_size.isdigit() and int(world_size) > 1:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
