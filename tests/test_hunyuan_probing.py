@@ -137,26 +137,33 @@ def test_text_phase_rule_picks_the_setting_closer_to_the_trained_length(closer, 
     assert choose_text_phase(scores, ["full", "full", "full"]) == ("phi", {})
 
 
-def test_probe_cli_writes_a_hunyuan_profile_the_renderer_accepts(tmp_path, monkeypatch, capsys):
-    """launch/probe.py on the tiny HunyuanVideo writes a profile with the family, the decided text_phase and the
-    text-phase scores, which the render preflight accepts for the model."""
+# (config, family, layers, forward passes): trajectories 2 lengths x 1 step x passes (1: embedded guidance; 2: 1.5's
+# real CFG), plus the baselines at T and at F
+PROBED_FAMILIES = [("tiny-random-hunyuan.yaml", "hunyuan_video", 4, 4),
+                   ("tiny-random-hunyuan15.yaml", "hunyuan_video15", 3, 6)]
+
+
+@pytest.mark.parametrize("config_name, family, layers, passes", PROBED_FAMILIES, ids=["hunyuan", "hunyuan15"])
+def test_probe_cli_writes_a_hunyuan_profile_the_renderer_accepts(tmp_path, monkeypatch, capsys, config_name, family,
+                                                                 layers, passes):
+    """launch/probe.py on the tiny HunyuanVideo and HunyuanVideo 1.5 writes a profile with the family, the decided
+    text_phase and the text-phase scores, which the render preflight accepts for the model."""
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     settings = tmp_path / "probing.yaml"
     settings.write_text(yaml.safe_dump({"prompts": ["a cat"], "timesteps": [0.5], "steps": 2, "query_samples": 24,
                                         "measure_output": False}))
     out = tmp_path / "p.yaml"
-    config = REPO_ROOT / "configs" / "tiny-random-hunyuan.yaml"
+    config = REPO_ROOT / "configs" / config_name
     probe = load_script("launch/probe.py")
     assert probe.main(["--config", str(config), "--probe-config", str(settings), "--frames", "33", "--height", "32",
                        "--width", "32", "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    # trajectories: 2 lengths x 1 step x 1 pass (no true CFG); baselines: 1 at T, 1 at F
-    assert "forward passes: 4;" in err and "text_phase: " in err
+    assert f"forward passes: {passes};" in err and "text_phase: " in err
     profile = yaml.safe_load(out.read_text())
-    assert profile["family"] == "hunyuan_video" and profile["text_phase"] in ("phi", "natural")
-    assert sorted(i for v in profile["layers"].values() for i in v) == [0, 1, 2, 3]
-    assert len(profile["scores"]["text_entropy_phi"]) == 4 and "text_drift_phi" in profile["rule"]
+    assert profile["family"] == family and profile["text_phase"] in ("phi", "natural")
+    assert sorted(i for v in profile["layers"].values() for i in v) == list(range(layers))
+    assert len(profile["scores"]["text_entropy_phi"]) == layers and "text_drift_phi" in profile["rule"]
     generate = load_script("launch/generate.py")
     assert generate.main(["--config", str(config), "--profile", str(out), "--frames", "33", "--dry-run"]) == 0
 
