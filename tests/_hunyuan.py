@@ -1,5 +1,5 @@
-"""The tiny random HunyuanVideo as a stock diffusers HunyuanVideoPipeline, shared by the in-process and torchrun
-tests of enable_freeloc / parallelize_pipeline on it."""
+"""The tiny random HunyuanVideo and HunyuanVideo 1.5 as stock diffusers pipelines, shared by the in-process and
+torchrun tests of enable_freeloc / parallelize_pipeline on them."""
 
 import torch
 
@@ -8,6 +8,8 @@ from freeloc_dist.config import REPO_ROOT
 HUNYUAN_PROFILE = REPO_ROOT / "configs" / "profiles" / "tiny-random-hunyuan.yaml"  # T = 5 latent frames
 HUNYUAN_SHORT = 17  # 5 latent frames = T: stock
 HUNYUAN_LONG = 25  # 7 latent frames > T: every layer kind of the profile out of distribution
+HUNYUAN15 = REPO_ROOT / "assets" / "tiny-hunyuan15"
+HUNYUAN15_PROFILE = REPO_ROOT / "configs" / "profiles" / "tiny-random-hunyuan15.yaml"  # T = 3 latent frames
 
 
 def tiny_hunyuan_pipeline():
@@ -30,3 +32,38 @@ def render_hunyuan(pipe, frames, **kw):
                 num_frames=frames, height=32, width=32, num_inference_steps=2, max_sequence_length=32,
                 output_type="latent", generator=torch.Generator().manual_seed(0))
     return pipe(**{**args, **kw}).frames
+
+
+def pipeline_args(parts):
+    """HunyuanVideo 1.5's pipeline parts from the production loader's components, with real CFG 6 (its guider)."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    return dict(text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, transformer=parts.transformer,
+                vae=parts.vae, scheduler=type(parts.scheduler).from_config(parts.scheduler.config),
+                text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
+                guider=ClassifierFreeGuidance(guidance_scale=6.0))
+
+
+def tiny_pipeline15(pipe):
+    """The pipeline with the config's Qwen length (sampling.max_text_tokens: 64, the pipeline's own 1000 would pad
+    every prompt to 1108 tokens; padding is masked either way) and a 32 x 32 target size (the image-to-video
+    bucket of a square-ish image: the renders' 32 x 32, which keeps the tests' VAE work small), quiet."""
+    pipe.tokenizer_max_length = 64
+    pipe.target_size = 32
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_hunyuan15_pipeline():
+    """assets/tiny-hunyuan15 (through the production loader) as a stock HunyuanVideo15Pipeline."""
+    from diffusers import HunyuanVideo15Pipeline
+
+    from freeloc_dist.models import load_components
+
+    return tiny_pipeline15(HunyuanVideo15Pipeline(**pipeline_args(load_components(HUNYUAN15, "float32", "cpu"))))
+
+
+def render_hunyuan15(pipe):
+    """Float32 latents of 2 steps at 25 frames (7 latent frames > T = 3) with real CFG (both passes)."""
+    return pipe(prompt="a red fox running through fresh snow", height=32, width=32, num_frames=25,
+                num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").frames

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _hunyuan import HUNYUAN_LONG, HUNYUAN_PROFILE, HUNYUAN_SHORT, render_hunyuan, tiny_hunyuan_pipeline  # noqa: E402
+import _hunyuan as hy  # noqa: E402
 from _tiny import (  # noqa: E402
     CACHE_FRAMES,
     CACHE_STEPS,
@@ -204,11 +204,17 @@ def main():
         if "refuse" in cases:
             results["refuse"] = refusals()
         if "hunyuan" in cases:  # a stock HunyuanVideoPipeline: joint text-video layers, true CFG
-            pipe = tiny_hunyuan_pipeline()
-            enable_freeloc(pipe, HUNYUAN_PROFILE)
+            pipe = hy.tiny_hunyuan_pipeline()
+            enable_freeloc(pipe, hy.HUNYUAN_PROFILE)
             handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
-            results["hunyuan"] = render_hunyuan(pipe, HUNYUAN_LONG)
-            results["hunyuan_short"] = render_hunyuan(pipe, HUNYUAN_SHORT)  # F = T through the engine
+            results["hunyuan"] = hy.render_hunyuan(pipe, hy.HUNYUAN_LONG)
+            results["hunyuan_short"] = hy.render_hunyuan(pipe, hy.HUNYUAN_SHORT)  # F = T through the engine
+            handle.remove()
+        if "hunyuan15" in cases:  # a stock HunyuanVideo15Pipeline: joint layers, text key masks, the guider's CFG
+            pipe = hy.tiny_hunyuan15_pipeline()
+            enable_freeloc(pipe, hy.HUNYUAN15_PROFILE)
+            handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
+            results["hunyuan15"] = hy.render_hunyuan15(pipe)
             handle.remove()
         if "mismatch" in cases:  # ranks drawing different noise: refused on every rank
             pipe = tiny_pipeline()

@@ -1,4 +1,5 @@
-"""A stock diffusers WanPipeline (and, on 2 ranks, a HunyuanVideoPipeline) under torchrun (gloo) with
+"""A stock diffusers WanPipeline (and, on 2 ranks, a HunyuanVideoPipeline and a HunyuanVideo15Pipeline, the latter
+also with cfg 2) under torchrun (gloo) with
 enable_freeloc + parallelize_pipeline equals one process, on every rank. 1e-5 relative in float32: the parallel
 paths only reorder float32 reductions (test_parallel.py); the pipeline's scheduler and loop are the same code on
 every rank."""
@@ -10,7 +11,16 @@ import sys
 
 import pytest
 import torch
-from _hunyuan import HUNYUAN_LONG, HUNYUAN_PROFILE, HUNYUAN_SHORT, render_hunyuan, tiny_hunyuan_pipeline
+from _hunyuan import (
+    HUNYUAN15_PROFILE,
+    HUNYUAN_LONG,
+    HUNYUAN_PROFILE,
+    HUNYUAN_SHORT,
+    render_hunyuan,
+    render_hunyuan15,
+    tiny_hunyuan15_pipeline,
+    tiny_hunyuan_pipeline,
+)
 from _tiny import (
     CACHE_FRAMES,
     CACHE_STEPS,
@@ -49,16 +59,19 @@ def single():
     enable_freeloc(freeloc, TINY_PROFILE)
     hunyuan = tiny_hunyuan_pipeline()
     enable_freeloc(hunyuan, HUNYUAN_PROFILE)
+    hunyuan15 = tiny_hunyuan15_pipeline()
+    enable_freeloc(hunyuan15, HUNYUAN15_PROFILE)
     return {"freeloc": render(freeloc, FRAMES), "stock": render(tiny_pipeline(), FRAMES),
             "hunyuan": render_hunyuan(hunyuan, HUNYUAN_LONG),
-            "hunyuan_short": render_hunyuan(tiny_hunyuan_pipeline(), HUNYUAN_SHORT)}
+            "hunyuan_short": render_hunyuan(tiny_hunyuan_pipeline(), HUNYUAN_SHORT),
+            "hunyuan15": render_hunyuan15(hunyuan15)}
 
 
 @pytest.mark.parametrize("nproc, cfg, cases", [
     (1, 1, "freeloc"),
-    (2, 1, "freeloc,stock,engine,mismatch,hunyuan"),
+    (2, 1, "freeloc,stock,engine,mismatch,hunyuan,hunyuan15"),
     (3, 1, "freeloc"),
-    (2, 2, "freeloc,stock"),
+    (2, 2, "freeloc,stock,hunyuan15"),
 ], ids=["world1", "sp2", "sp3", "cfg2"])
 def test_stock_pipeline_parallel_equals_one_process(tmp_path, single, nproc, cfg, cases):
     ranks = launch(nproc, tmp_path / "r", "--cfg", str(cfg), "--cases", cases)
@@ -69,7 +82,7 @@ def test_stock_pipeline_parallel_equals_one_process(tmp_path, single, nproc, cfg
                 continue
             # hunyuan: a stock HunyuanVideoPipeline with enable_freeloc past T, and at T (stock) through the engine
             for key in ("hunyuan", "hunyuan_short") if case == "hunyuan" else (case,):
-                want = single[key if key in ("stock", "hunyuan", "hunyuan_short") else "freeloc"]
+                want = single[key if key in ("stock", "hunyuan", "hunyuan_short", "hunyuan15") else "freeloc"]
                 assert rel_err(got[key], want) < TOL, (rank, key, rel_err(got[key], want))
         if "freeloc" in got:
             # 2 steps with CFG: 4 transformer forwards per rank, 2 when the CFG groups pair them

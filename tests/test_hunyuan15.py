@@ -9,6 +9,8 @@ import pytest
 import torch
 import yaml
 from _cli import assert_refused, edited_config
+from _hunyuan import pipeline_args as _pipeline_args
+from _hunyuan import tiny_pipeline15 as _tiny_pipeline
 from _joint import assert_sdpa_is_the_reference, freeloc_render, with_freeloc
 
 from freeloc_dist.config import REPO_ROOT
@@ -42,25 +44,6 @@ def _cli_latents(generate, tmp_path, config, *flags):
             "--quiet", *flags]
     assert generate.main(argv) == 0
     return load_file(latents)["latents"]
-
-
-def _pipeline_args(parts):
-    from diffusers.guiders import ClassifierFreeGuidance
-
-    return dict(text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, transformer=parts.transformer,
-                vae=parts.vae, scheduler=type(parts.scheduler).from_config(parts.scheduler.config),
-                text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
-                guider=ClassifierFreeGuidance(guidance_scale=6.0))
-
-
-def _tiny_pipeline(pipe):
-    """The pipeline with the config's Qwen length (sampling.max_text_tokens: 64, the pipeline's own 1000 would pad
-    every prompt to 1108 tokens; padding is masked either way) and a 32 x 32 target size (the image-to-video
-    bucket of a square-ish image: the renders' 32 x 32, which keeps the tests' VAE work small), quiet."""
-    pipe.tokenizer_max_length = 64
-    pipe.target_size = 32
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # ---- the CLI against diffusers' pipelines -------------------------------------------------------------------

@@ -81,12 +81,15 @@ class HunyuanVideo15Family(HunyuanVideoFamily):
 
         return isinstance(transformer, HunyuanVideo15Transformer3DModel)
 
-    # -- a stock diffusers pipeline: not built for this family yet --------------------------------------------
+    # -- a stock diffusers pipeline ---------------------------------------------------------------------------
     def pipeline_prompt_embeds(self, encode_prompt_output):
-        raise NotImplementedError("HunyuanVideo 1.5 pipelines: parallelize_pipeline is not supported yet")
+        return encode_prompt_output[0], None  # (Qwen embeds, mask, ByT5 embeds, mask): the negative is a second call
 
     def pipeline_uses_cfg(self, pipe):
-        raise NotImplementedError("HunyuanVideo 1.5 pipelines: parallelize_pipeline is not supported yet")
+        # The guider runs the unconditional pass inside __call__ with its own inputs, which no encode_prompt call
+        # pairs with the cond one here: under cfg_degree 2 both CFG groups compute every call as asked (exact; the
+        # two groups do the same work, so cfg 2 gives a stock 1.5 pipeline no speed-up).
+        return False
 
     # -- the dry-run planner ---------------------------------------------------------------------------------
     vae_spatial = counts.VAE_SPATIAL
