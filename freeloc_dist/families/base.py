@@ -5,12 +5,23 @@ logic. Tensor shapes: B batch, L tokens (frame-major), h heads, d head channels,
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the registry is imported before any heavy work (preflight): no torch at import time
     import torch
 
     from ..rope import TemporalRope
+
+
+
+def delegate(package: str, module: str, name: str):
+    """An adapter method that calls `name` of the family folder `package`'s `module` with the same arguments. The
+    module is imported on first use: the registry is imported before torch (preflight runs without it)."""
+    def method(self, *args, **kwargs):
+        return getattr(importlib.import_module(f"{package}.{module}"), name)(*args, **kwargs)
+    method.__name__ = name
+    return method
 
 
 class Family:

@@ -11,7 +11,7 @@ sampling.true_cfg_scale > 1, as in HunyuanVideoPipeline.
 
 from __future__ import annotations
 
-from ..base import Family
+from ..base import Family, delegate
 from . import counts
 from .kind import PIPELINES
 
@@ -30,36 +30,14 @@ class HunyuanVideoFamily(Family):
 
     text_encoder_fields = ("text_encoder", "text_encoder_2")  # Llama and CLIP (memory.text_encoder places both)
 
-    def check_model_dir(self, model_dir):
-        from .loading import check_model_dir
-
-        return check_model_dir(model_dir)
-
-    def check_weights_match_config(self, model_dir):
-        from .loading import check_weights_match_config
-
-        check_weights_match_config(model_dir)
-
-    def weights_signature(self, model_dir):
-        from .loading import weights_signature
-
-        return weights_signature(model_dir)
-
-    def load_components(self, model_dir, dtype, device, placement=None):
-        from .loading import load_components
-
-        return load_components(model_dir, dtype, device, placement)
-
-    def load_scheduler(self, model_dir):
-        from .loading import load_scheduler
-
-        return load_scheduler(model_dir)
+    check_model_dir = delegate(__package__, "loading", "check_model_dir")
+    check_weights_match_config = delegate(__package__, "loading", "check_weights_match_config")
+    weights_signature = delegate(__package__, "loading", "weights_signature")
+    load_components = delegate(__package__, "loading", "load_components")
+    load_scheduler = delegate(__package__, "loading", "load_scheduler")
 
     # -- inputs and VAE ---------------------------------------------------------------------------------------
-    def encode_prompt(self, components, prompt, max_tokens):
-        from .text import encode_prompt
-
-        return encode_prompt(components, prompt, max_tokens)
+    encode_prompt = delegate(__package__, "text", "encode_prompt")
 
     def sampling_sigmas(self, steps):
         import numpy as np
@@ -104,10 +82,7 @@ class HunyuanVideoFamily(Family):
             raise ValueError("HunyuanVideo text-to-video takes no image")
         return EmbeddedGuidance(cfg.sampling.guidance_scale, device, dtype), None
 
-    def vae_scale_factors(self, vae):
-        from .vae import vae_scale_factors
-
-        return vae_scale_factors(vae)
+    vae_scale_factors = delegate(__package__, "vae", "vae_scale_factors")
 
     def latent_channels(self, vae):
         return int(vae.config.latent_channels)
@@ -121,15 +96,8 @@ class HunyuanVideoFamily(Family):
 
         return isinstance(vae, AutoencoderKLHunyuanVideo)
 
-    def can_decode_ranges(self, vae):
-        from .vae import can_decode_ranges
-
-        return can_decode_ranges(vae)
-
-    def iter_decode(self, vae, latents, start=0, end=None):
-        from .vae import iter_decode
-
-        return iter_decode(vae, latents, start, end)
+    can_decode_ranges = delegate(__package__, "vae", "can_decode_ranges")
+    iter_decode = delegate(__package__, "vae", "iter_decode")
 
     def owns(self, transformer) -> bool:
         from diffusers import HunyuanVideoTransformer3DModel
@@ -244,10 +212,7 @@ class HunyuanVideoFamily(Family):
     def rope_module(self, transformer):
         return transformer.rope
 
-    def global_rope(self, transformer, num_frames, height, width):
-        from .rope import global_rope
-
-        return global_rope(transformer, num_frames, height, width)
+    global_rope = delegate(__package__, "rope", "global_rope")
 
     def grow_rope(self, transformer, num_frames):
         return False  # HunyuanVideoRotaryPosEmbed computes its tables per forward, for any length

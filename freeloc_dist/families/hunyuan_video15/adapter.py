@@ -12,21 +12,10 @@ channels and image tokens of both tasks (conditioning.py), the VAE (vae.py) and 
 
 from __future__ import annotations
 
-import importlib
-
-from ..base import Family
+from ..base import Family, delegate
 from ..hunyuan_video.adapter import HunyuanVideoFamily
 from . import counts
 from .kind import PIPELINES
-
-
-def _delegate(module: str, name: str):
-    """An adapter method that calls `name` of this folder's `module` (imported on first use: the registry is
-    imported before torch), passing the arguments on."""
-    def method(self, *args, **kwargs):
-        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(*args, **kwargs)
-    method.__name__ = name
-    return method
 
 
 class HunyuanVideo15Family(HunyuanVideoFamily):
@@ -37,16 +26,16 @@ class HunyuanVideo15Family(HunyuanVideoFamily):
     title = "HunyuanVideo 1.5"
 
     # -- model directories, inputs and VAE: this folder's modules -----------------------------------------------
-    read_model_kind = _delegate("kind", "read_model_kind")
-    check_model_dir = _delegate("loading", "check_model_dir")
-    check_weights_match_config = _delegate("loading", "check_weights_match_config")
-    weights_signature = _delegate("loading", "weights_signature")
-    load_components = _delegate("loading", "load_components")
-    load_scheduler = _delegate("loading", "load_scheduler")
-    encode_prompt = _delegate("text", "encode_prompt")
-    vae_scale_factors = _delegate("vae", "vae_scale_factors")
-    can_decode_ranges = _delegate("vae", "can_decode_ranges")
-    iter_decode = _delegate("vae", "iter_decode")
+    read_model_kind = delegate(__package__, "kind", "read_model_kind")
+    check_model_dir = delegate(__package__, "loading", "check_model_dir")
+    check_weights_match_config = delegate(__package__, "loading", "check_weights_match_config")
+    weights_signature = delegate(__package__, "loading", "weights_signature")
+    load_components = delegate(__package__, "loading", "load_components")
+    load_scheduler = delegate(__package__, "loading", "load_scheduler")
+    encode_prompt = delegate(__package__, "text", "encode_prompt")
+    vae_scale_factors = delegate(__package__, "vae", "vae_scale_factors")
+    can_decode_ranges = delegate(__package__, "vae", "can_decode_ranges")
+    iter_decode = delegate(__package__, "vae", "iter_decode")
 
     classifier_free = Family.classifier_free  # real CFG on sampling.guidance_scale, not HunyuanVideo's true CFG
 

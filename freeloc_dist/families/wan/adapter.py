@@ -7,7 +7,7 @@ never touched); q, k, v are computed exactly as diffusers' WanAttnProcessor does
 
 from __future__ import annotations
 
-from ..base import Family
+from ..base import Family, delegate
 from . import counts
 from .kind import PIPELINES
 
@@ -23,41 +23,15 @@ class WanFamily(Family):
 
         return read_model_kind(model_dir, self.pipelines)
 
-    def check_model_dir(self, model_dir):
-        from .loading import check_model_dir
-
-        return check_model_dir(model_dir)
-
-    def check_weights_match_config(self, model_dir):
-        from .loading import check_weights_match_config
-
-        check_weights_match_config(model_dir)
-
-    def weights_signature(self, model_dir):
-        from .loading import weights_signature
-
-        return weights_signature(model_dir)
-
-    def load_components(self, model_dir, dtype, device, placement=None):
-        from .loading import load_components
-
-        return load_components(model_dir, dtype, device, placement)
-
-    def load_scheduler(self, model_dir):
-        from .loading import load_scheduler
-
-        return load_scheduler(model_dir)
+    check_model_dir = delegate(__package__, "loading", "check_model_dir")
+    check_weights_match_config = delegate(__package__, "loading", "check_weights_match_config")
+    weights_signature = delegate(__package__, "loading", "weights_signature")
+    load_components = delegate(__package__, "loading", "load_components")
+    load_scheduler = delegate(__package__, "loading", "load_scheduler")
 
     # -- LoRAs --------------------------------------------------------------------------------------------
-    def read_lora(self, path):
-        from .loading import read_lora
-
-        return read_lora(path)
-
-    def transformer_shapes(self, model_dir, expert):
-        from .loading import transformer_shapes
-
-        return transformer_shapes(model_dir, expert)
+    read_lora = delegate(__package__, "loading", "read_lora")
+    transformer_shapes = delegate(__package__, "loading", "transformer_shapes")
 
     # -- inputs and VAE ---------------------------------------------------------------------------------------
     def encode_prompt(self, components, prompt, max_tokens):
@@ -65,30 +39,16 @@ class WanFamily(Family):
 
         return encode_prompt(components.text_encoder, components.tokenizer, prompt, max_tokens)
 
-    def vae_scale_factors(self, vae):
-        from .vae import vae_scale_factors
-
-        return vae_scale_factors(vae)
+    vae_scale_factors = delegate(__package__, "vae", "vae_scale_factors")
 
     def owns_vae(self, vae):
         from diffusers import AutoencoderKLWan
 
         return isinstance(vae, AutoencoderKLWan)
 
-    def can_decode_ranges(self, vae):
-        from .vae import can_decode_ranges
-
-        return can_decode_ranges(vae)
-
-    def iter_decode(self, vae, latents, start=0, end=None):
-        from .vae import iter_decode
-
-        return iter_decode(vae, latents, start, end)
-
-    def render_inputs(self, components, cfg, geometry, image, device, dtype):
-        from .conditioning import render_inputs
-
-        return render_inputs(components, cfg, geometry, image, device, dtype)
+    can_decode_ranges = delegate(__package__, "vae", "can_decode_ranges")
+    iter_decode = delegate(__package__, "vae", "iter_decode")
+    render_inputs = delegate(__package__, "conditioning", "render_inputs")
 
     per_frame_text = True  # cross-attention is per token (families/wan/frame_text.py)
 
@@ -181,17 +141,11 @@ class WanFamily(Family):
     def rope_module(self, transformer):
         return transformer.rope
 
-    def global_rope(self, transformer, num_frames, height, width):
-        from .rope import global_rope
-
-        return global_rope(transformer, num_frames, height, width)
+    global_rope = delegate(__package__, "rope", "global_rope")
 
     def grow_rope(self, transformer, num_frames):
         from .rope import grow_rope_tables
 
         return grow_rope_tables(transformer.rope, num_frames)
 
-    def set_temporal_frequency(self, transformer, index, omega):
-        from .rope import set_temporal_frequency
-
-        return set_temporal_frequency(transformer, index, omega)
+    set_temporal_frequency = delegate(__package__, "rope", "set_temporal_frequency")
