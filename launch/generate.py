@@ -92,7 +92,8 @@ def on_off(text: str) -> bool:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(description="Render a video clip with a Wan model and FreeLOC (text- or image-to-video).")
+    p = OneLineParser(description="Render a video clip with FreeLOC from a Wan or HunyuanVideo model (text- or "
+                                  "image-to-video).")
     p.add_argument("--config", required=True, type=Path, help="render config YAML (e.g. configs/tiny.yaml)")
     config_flag(p, "--prompt", "prompt", help="text prompt (default: the config's)")
     config_flag(p, "--storyboard", "storyboard", type=cwd_path, metavar="FILE",

@@ -136,6 +136,44 @@ def test_bad_input_is_one_line_exit_2(generate, tmp_path, monkeypatch, capsys, a
     assert_refused(generate, flags, tmp_path, monkeypatch, capsys, needle)
 
 
+def _model_with_guider(tmp_path, **changes):
+    """The tiny model's folders linked under tmp_path, its guider/config.json changed."""
+    import json
+
+    from freeloc_dist.families.hunyuan_video15.loading import GUIDER_CONFIG
+
+    root = tmp_path / "model"
+    root.mkdir()
+    for entry in TINY.iterdir():
+        if entry.name != "guider":
+            (root / entry.name).symlink_to(entry)
+    (root / "guider").mkdir()
+    guider = json.loads((TINY / "guider" / GUIDER_CONFIG).read_text())
+    (root / "guider" / GUIDER_CONFIG).write_text(json.dumps({**guider, **changes}))
+    return root
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"guidance_rescale": 0.7}, "guider/guider_config.json: guidance_rescale=0.7 is not applied by the render"),
+    ({"stop": 0.5}, "guider/guider_config.json: stop=0.5 is not applied by the render"),
+    ({"enabled": False}, "guider/guider_config.json: enabled=False is not applied by the render"),
+    ({"_class_name": "AdaptiveProjectedGuidance"}, "'AdaptiveProjectedGuidance' is not supported"),
+], ids=["rescale", "stop", "disabled", "class"])
+def test_a_guider_the_render_does_not_apply_is_refused(generate, tmp_path, monkeypatch, capsys, changes, needle):
+    """The stock pipeline applies its guider/; the render applies plain CFG on every step, so any other guider
+    setting would be silently dropped: one line, exit 2, before weights load."""
+    model = _model_with_guider(tmp_path, **changes)
+    config = edited_config(tmp_path, "tiny-random-hunyuan15.yaml", lambda t, raw: raw["model"].update(path=str(model)))
+    flags = ["--config", str(config)]
+    assert_refused(generate, flags, tmp_path, monkeypatch, capsys, needle)
+
+
+def test_the_shipped_guider_settings_are_accepted(tmp_path):
+    from freeloc_dist.families.hunyuan_video15.loading import check_model_dir
+
+    assert check_model_dir(_model_with_guider(tmp_path, use_original_formulation=True, guidance_scale=3.0))
+
+
 def test_cli_image_to_video_equals_diffusers_pipeline(generate, tmp_path, monkeypatch):
     """The image-to-video config at F = T (stock): the image fitted to 32 x 32 (the pipeline's bucket for it at
     the target size 32), its VAE latent and mask channels on frame 0 and its SigLIP tokens joined to the text;

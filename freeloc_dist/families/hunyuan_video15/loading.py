@@ -2,10 +2,10 @@
 model_index.json, transformer/ (HunyuanVideo15Transformer3DModel), vae/ (AutoencoderKLHunyuanVideo15),
 text_encoder/ (transformers Qwen2_5_VLTextModel) with tokenizer/, text_encoder_2/ (T5EncoderModel, ByT5) with
 tokenizer_2/, scheduler/, and guider/ (the pipeline's ClassifierFreeGuidance; the render's scale is
-sampling.guidance_scale, so it is written for diffusers and not read here). Image-to-video adds image_encoder/
-(SiglipVisionModel) and feature_extractor/ (SiglipImageProcessor). Nothing is downloaded; the layout is checked
-first so a wrong path is one ConfigError naming the missing file. The tiny test model (tiny.py) is saved and
-loaded by this same code.
+sampling.guidance_scale, and a guider whose other settings the render does not apply is refused: `check_guider`).
+Image-to-video adds image_encoder/ (SiglipVisionModel) and feature_extractor/ (SiglipImageProcessor). Nothing is
+downloaded; the layout is checked first so a wrong path is one ConfigError naming the missing file. The tiny test
+model (tiny.py) is saved and loaded by this same code.
 """
 
 from __future__ import annotations
@@ -53,7 +53,36 @@ def check_model_dir(model_dir: str | Path) -> Path:
     for sub in _weight_subfolders(root):
         if not has_weights(root / sub):
             raise ConfigError(f"{where}: no weights in {sub}/")
+    check_guider(root, where)
     return root
+
+
+# The guider the render applies: plain classifier-free guidance on every step (freeloc_dist.guidance), its scale
+# from sampling.guidance_scale. diffusers' formulations (original or not) are the same sum, so that key is free.
+GUIDER_CONFIG = "guider_config.json"  # diffusers guiders' config file name
+_GUIDER_CLASS = "ClassifierFreeGuidance"
+_GUIDER_APPLIED = {"enabled": True, "guidance_rescale": 0.0, "start": 0.0, "stop": 1.0}
+
+
+def check_guider(root: Path, where: str) -> None:
+    """A model whose guider/ asks for what the render does not do (another guider class, guidance rescale, CFG on
+    part of the schedule, guidance disabled) is refused: the stock pipeline would apply it and the render would
+    silently not. No guider/ is the pipeline's own default (ClassifierFreeGuidance with these settings)."""
+    path = root / "guider" / GUIDER_CONFIG
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: guider/{GUIDER_CONFIG}: not readable JSON ({e})") from None
+    name = config.get("_class_name")
+    if name != _GUIDER_CLASS:
+        raise ConfigError(f"{where}: guider/{GUIDER_CONFIG}: {name!r} is not supported (the render applies "
+                          f"{_GUIDER_CLASS})")
+    for key, applied in _GUIDER_APPLIED.items():
+        if key in config and config[key] != applied:
+            raise ConfigError(f"{where}: guider/{GUIDER_CONFIG}: {key}={config[key]!r} is not applied by the render "
+                              f"(it applies {key}={applied!r})")
 
 
 def _builders():
