@@ -118,8 +118,9 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     """Plan one render on `world_size` ranks. Raises RenderPlanError if it cannot run or does not fit.
     `model_kind`: the model's freeloc_dist.family.ModelKind when its directory is here (the VAE's real spatial
     factor; a second expert's weights, resident on every rank beside the first). A transformer with image
-    cross-attention (`image_dim`, Wan2.1 I2V) adds its CLIP image encoder (`image_encoder_cfg`, else ViT-H/14)
-    and its image tokens to the cross-attention length."""
+    cross-attention (`image_dim`, Wan2.1 I2V) adds its image tokens to the cross-attention length; a model
+    rendered with an image encoder (Wan2.1 I2V's CLIP, HunyuanVideo 1.5 I2V's SigLIP) adds its float32 weights
+    (`image_encoder_cfg`, else the published encoder's count: the family's image_encoder_params)."""
     from freeloc_dist.parallel.decisions import check_world, layer_strategy, received_elements
     from freeloc_dist.parallel.shards import frame_shards
     from freeloc_dist.plan import layer_plan
@@ -164,18 +165,21 @@ def plan_render(cfg: RenderConfig, transformer_cfg: Mapping[str, Any], profile=N
     latent_elems = t["out_channels"] * num_frames * (h * ph) * (w * pw)
     weights_of = _weights_planner(cfg, t, family, text_encoder_cfg, sp=sp, passes=passes, two_experts=two_experts,
                                   world_size=world_size, prompts=encodings)
+    image_encoder = family.image_encoder_params(t, image_encoder_cfg)
+    pixel_frames = (family.conditioning_pixel_frames(t, FRAMES_RULE.frames(num_frames))
+                    if t["in_channels"] != t["out_channels"] else 0)
     memory = {
-        **({"weights: image encoder": family.image_encoder_params(image_encoder_cfg) * 4}  # float32 (models.py)
-           if t.get("image_dim") else {}),
+        **({"weights: image encoder": image_encoder * 4} if image_encoder else {}),  # float32 (every family's loader)
         "activations": float(local_tokens) * (8 * d + ffn) * act_bytes,
         **({"timestep tables": float(local_tokens) * d * (7 * act_bytes + 6 * 4)} if per_token else {}),
         "K/V buffers": 0.0,
         "latents": float(latent_elems) * 4 * 5,  # latents, prediction, 2 scheduler history, noise
-        # image-to-video: the whole video's conditioning channels (4 mask + C, transformer dtype) and, while it
-        # is built once before the first step, the float32 pixel video the VAE encodes (every rank: DESIGN 10)
-        **({"conditioning": float((t["in_channels"] - t["out_channels"]) * num_frames * h * ph * w * pw) * act_bytes,
-            "conditioning video (once)": 3.0 * 4 * FRAMES_RULE.frames(num_frames) * cfg.video.height * cfg.video.width}
+        # image-to-video: the whole video's conditioning channels (mask + C, transformer dtype) and, while it
+        # is built once before the first step, the float32 pixels the VAE encodes (every rank: DESIGN 10)
+        **({"conditioning": float((t["in_channels"] - t["out_channels"]) * num_frames * h * ph * w * pw) * act_bytes}
            if t["in_channels"] != t["out_channels"] else {}),
+        **({"conditioning video (once)": 3.0 * 4 * pixel_frames * cfg.video.height * cfg.video.width}
+           if pixel_frames else {}),
         "frame tables (host)": frame_table_bytes(num_frames, len(set(kinds))),
     }
     _choose_settings(cfg, weights_of, memory, device_memory_gb)  # before any frame table is built

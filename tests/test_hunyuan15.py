@@ -235,6 +235,32 @@ def test_published_parameter_counts():
     assert counts.text_encoder_params(None) == counts.QWEN25_VL_7B_TEXT_PARAMS + counts.BYT5_SMALL_ENCODER_PARAMS
 
 
+def test_planner_counts_siglip_for_image_to_video_only():
+    """The tiny I2V model's SigLIP counted from its config exactly (float32, resident like Wan's CLIP); the
+    published so400m encoder's count (built on the meta device: 428,225,600); none for text-to-video. The
+    one-off pixel buffer is the image's, not a video's."""
+    import json
+
+    from freeloc_dist.config import load_render_config
+    from freeloc_dist.family import read_model_kind
+    from freeloc_dist.models import load_components
+    from freeloc_dist.planner import family_of_config, plan_render
+
+    built = load_components(TINY_I2V, "float32", "cpu").image_encoder
+    siglip = json.loads((TINY_I2V / "image_encoder" / "config.json").read_text())
+    for model, name, want in ((TINY_I2V, "tiny-random-hunyuan15-i2v.yaml", sum(p.numel() for p in built.parameters())),
+                              (TINY, "tiny-random-hunyuan15.yaml", None)):
+        tcfg = json.loads((model / "transformer" / "config.json").read_text())
+        plan = plan_render(load_render_config(REPO_ROOT / "configs" / name), tcfg, world_size=1,
+                           model_kind=read_model_kind(model), image_encoder_cfg=siglip if want else None)
+        assert plan.memory_bytes.get("weights: image encoder") == (want * 4 if want else None), name
+        # the VAE encodes the image alone, not a pixel video (Wan's conditioning)
+        assert plan.memory_bytes.get("conditioning video (once)") == (3 * 4 * 64 * 64 if want else None), name
+    published = family_of_config({"_class_name": "HunyuanVideo15Transformer3DModel"})
+    assert published.image_encoder_params({"_class_name": "HunyuanVideo15Transformer3DModel", "task_type": "i2v"},
+                                          None) == 428_225_600
+
+
 def test_text_encoder_count_is_the_built_models(parts):
     """The Qwen formula against the tiny Qwen's own parameters (grouped k/v, q/k/v biases, norms, embeddings)."""
     from freeloc_dist.families.hunyuan_video15 import counts

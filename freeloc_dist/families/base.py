@@ -147,6 +147,12 @@ class Family:
     vae_spatial: int = 8  # pixels per latent cell when the model directory is not here
     image_tokens: int = 0  # image tokens before the text when the model directory is not here
 
+    def conditioning_pixel_frames(self, config, frames: int) -> int:
+        """Frames of pixels the VAE encodes once for a conditioned transformer (`config`: in_channels above
+        out_channels) rendering `frames` frames: the planner's one-off float32 buffer. Wan: the whole video (the
+        image, then zeros or the last image)."""
+        return frames
+
     def known_transformers(self) -> dict[str, dict[str, Any]]:
         """Published transformer configs by model id (with `_class_name`), for planning without weights."""
         return {}
@@ -174,7 +180,9 @@ class Family:
         """From text_encoder/config.json, or the published encoder's count when it is None."""
         raise NotImplementedError
 
-    def image_encoder_params(self, config) -> float:
+    def image_encoder_params(self, transformer_config, config) -> float:
+        """Parameters of the image encoder a transformer of `transformer_config` is rendered with (0: none), from
+        image_encoder/config.json (`config`), or the published encoder's count when it is None."""
         raise NotImplementedError
 
     # -- storyboards (freeloc_dist.storyboard) ---------------------------------------------------------------

@@ -130,7 +130,7 @@ class HunyuanVideoFamily(Family):
     def text_encoder_params(self, config):
         return self.counts.text_encoder_params(config)
 
-    def image_encoder_params(self, config):
+    def image_encoder_params(self, transformer_config, config):
         return 0.0
 
     def weight_blocks(self, transformer):

@@ -84,8 +84,10 @@ class HunyuanVideo15Family(HunyuanVideoFamily):
     vae_spatial = counts.VAE_SPATIAL
     counts = counts  # the inherited planner methods read this folder's counts
 
-    def image_encoder_params(self, config):
-        return counts.SIGLIP_SO400M_PARAMS
+    image_encoder_params = delegate(__package__, "counts", "image_encoder_params")
+
+    def conditioning_pixel_frames(self, config, frames):
+        return 1 if counts.image_tokens(config) else 0  # the image alone (text-to-video's channels are zeros)
 
     def weight_blocks(self, transformer):
         return list(transformer.transformer_blocks)

@@ -32,7 +32,9 @@ SIGLIP_TOKENS = 729  # SigLIP so400m at 384 px, patch 14: 27 x 27 (the pipeline'
 # wide, 28 layers, MLP 18944, 4 k/v heads, vocabulary 152064) and ByT5-small's encoder (the glyph text).
 QWEN25_VL_7B_TEXT_PARAMS = 7.07e9
 BYT5_SMALL_ENCODER_PARAMS = 2.18e8
-SIGLIP_SO400M_PARAMS = 4.28e8
+# SigLIP so400m at 384 px, patch 14 (1152 wide, 27 layers, MLP 4304, with its pooling head): SiglipVisionModel
+SIGLIP_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+                 "image_size": 384, "patch_size": 14}
 
 
 def planner_config(t: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,6 +89,24 @@ def text_encoder_params(te: Mapping[str, Any] | None) -> float:
 def image_tokens(t: Mapping[str, Any]) -> int:
     """Image tokens joining the text: SigLIP's for an image-to-video transformer, none for text-to-video."""
     return SIGLIP_TOKENS if t.get("task_type", "i2v") == "i2v" else 0
+
+
+@functools.lru_cache(maxsize=8)
+def _siglip_params(config_json: str) -> float:
+    import torch
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    with torch.device("meta"):
+        model = SiglipVisionModel(SiglipVisionConfig.from_dict(json.loads(config_json)))
+    return float(sum(p.numel() for p in model.parameters()))
+
+
+def image_encoder_params(t: Mapping[str, Any], siglip: Mapping[str, Any] | None) -> float:
+    """SigLIP's parameters for an image-to-video transformer (built from image_encoder/config.json on the meta
+    device, or SigLIP so400m's count), none for text-to-video."""
+    if not image_tokens(t):
+        return 0.0
+    return _siglip_params(json.dumps(dict(siglip or SIGLIP_SO400M), sort_keys=True))
 
 
 def linear_flops_per_pass(t: Mapping[str, Any], video_tokens: int, text_tokens: int) -> float:

@@ -129,8 +129,9 @@ class WanFamily(Family):
     def text_encoder_params(self, config):
         return counts.text_encoder_params(config)
 
-    def image_encoder_params(self, config):
-        return counts.image_encoder_params(config)
+    def image_encoder_params(self, transformer_config, config):
+        # image cross-attention (Wan2.1 I2V, FLF2V) comes with CLIP; Wan2.2's image modes have no image encoder
+        return counts.image_encoder_params(config) if transformer_config.get("image_dim") else 0.0
 
     # -- RoPE ---------------------------------------------------------------------------------------------
     def temporal_rope(self, transformer):
