@@ -9,6 +9,8 @@ HUNYUAN_PROFILE = REPO_ROOT / "configs" / "profiles" / "tiny-random-hunyuan.yaml
 HUNYUAN_SHORT = 17  # 5 latent frames = T: stock
 HUNYUAN_LONG = 25  # 7 latent frames > T: every layer kind of the profile out of distribution
 HUNYUAN15 = REPO_ROOT / "assets" / "tiny-hunyuan15"
+HUNYUAN15_I2V = REPO_ROOT / "assets" / "tiny-hunyuan15-i2v"
+IMAGE = REPO_ROOT / "assets" / "i2v-first.png"
 HUNYUAN15_PROFILE = REPO_ROOT / "configs" / "profiles" / "tiny-random-hunyuan15.yaml"  # T = 3 latent frames
 
 
@@ -67,3 +69,25 @@ def render_hunyuan15(pipe):
     """Float32 latents of 2 steps at 25 frames (7 latent frames > T = 3) with real CFG (both passes)."""
     return pipe(prompt="a red fox running through fresh snow", height=32, width=32, num_frames=25,
                 num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+
+
+def tiny_hunyuan15_i2v_pipeline(parts=None):
+    """assets/tiny-hunyuan15-i2v (through the production loader, or its loaded `parts`) as a stock
+    HunyuanVideo15ImageToVideoPipeline."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+
+    from freeloc_dist.models import load_components
+
+    parts = parts or load_components(HUNYUAN15_I2V, "float32", "cpu")
+    return tiny_pipeline15(HunyuanVideo15ImageToVideoPipeline(**pipeline_args(parts), image_encoder=parts.image_encoder,
+                                                              feature_extractor=parts.image_processor))
+
+
+def render_hunyuan15_i2v(pipe, frames=25):
+    """Float32 latents of 2 steps at 25 frames (7 latent frames > T = 3) from the test image (its VAE latent and
+    SigLIP tokens), real CFG with a negative prompt."""
+    from freeloc_dist.images import load_image
+
+    return pipe(image=load_image(IMAGE), prompt="a red fox running through fresh snow", negative_prompt="blurry",
+                num_frames=frames, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="latent").frames

@@ -216,6 +216,12 @@ def main():
             handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
             results["hunyuan15"] = hy.render_hunyuan15(pipe)
             handle.remove()
+        if "hunyuan15_i2v" in cases:  # the stock image-to-video pipeline: image latent on frame 0, SigLIP tokens
+            pipe = hy.tiny_hunyuan15_i2v_pipeline()
+            enable_freeloc(pipe, hy.HUNYUAN15_PROFILE)
+            handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
+            results["hunyuan15_i2v"] = hy.render_hunyuan15_i2v(pipe)
+            handle.remove()
         if "mismatch" in cases:  # ranks drawing different noise: refused on every rank
             pipe = tiny_pipeline()
             parallelize_pipeline(pipe, cfg_degree=args.cfg)

@@ -18,6 +18,8 @@ from _hunyuan import (
     HUNYUAN_SHORT,
     render_hunyuan,
     render_hunyuan15,
+    render_hunyuan15_i2v,
+    tiny_hunyuan15_i2v_pipeline,
     tiny_hunyuan15_pipeline,
     tiny_hunyuan_pipeline,
 )
@@ -61,17 +63,19 @@ def single():
     enable_freeloc(hunyuan, HUNYUAN_PROFILE)
     hunyuan15 = tiny_hunyuan15_pipeline()
     enable_freeloc(hunyuan15, HUNYUAN15_PROFILE)
+    hunyuan15_i2v = tiny_hunyuan15_i2v_pipeline()
+    enable_freeloc(hunyuan15_i2v, HUNYUAN15_PROFILE)
     return {"freeloc": render(freeloc, FRAMES), "stock": render(tiny_pipeline(), FRAMES),
             "hunyuan": render_hunyuan(hunyuan, HUNYUAN_LONG),
             "hunyuan_short": render_hunyuan(tiny_hunyuan_pipeline(), HUNYUAN_SHORT),
-            "hunyuan15": render_hunyuan15(hunyuan15)}
+            "hunyuan15": render_hunyuan15(hunyuan15), "hunyuan15_i2v": render_hunyuan15_i2v(hunyuan15_i2v)}
 
 
 @pytest.mark.parametrize("nproc, cfg, cases", [
     (1, 1, "freeloc"),
-    (2, 1, "freeloc,stock,engine,mismatch,hunyuan,hunyuan15"),
+    (2, 1, "freeloc,stock,engine,mismatch,hunyuan,hunyuan15,hunyuan15_i2v"),
     (3, 1, "freeloc"),
-    (2, 2, "freeloc,stock,hunyuan15"),
+    (2, 2, "freeloc,stock,hunyuan15,hunyuan15_i2v"),
 ], ids=["world1", "sp2", "sp3", "cfg2"])
 def test_stock_pipeline_parallel_equals_one_process(tmp_path, single, nproc, cfg, cases):
     ranks = launch(nproc, tmp_path / "r", "--cfg", str(cfg), "--cases", cases)
@@ -82,7 +86,8 @@ def test_stock_pipeline_parallel_equals_one_process(tmp_path, single, nproc, cfg
                 continue
             # hunyuan: a stock HunyuanVideoPipeline with enable_freeloc past T, and at T (stock) through the engine
             for key in ("hunyuan", "hunyuan_short") if case == "hunyuan" else (case,):
-                want = single[key if key in ("stock", "hunyuan", "hunyuan_short", "hunyuan15") else "freeloc"]
+                want = single[key if key in ("stock", "hunyuan", "hunyuan_short", "hunyuan15", "hunyuan15_i2v")
+                              else "freeloc"]
                 assert rel_err(got[key], want) < TOL, (rank, key, rel_err(got[key], want))
         if "freeloc" in got:
             # 2 steps with CFG: 4 transformer forwards per rank, 2 when the CFG groups pair them

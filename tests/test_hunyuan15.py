@@ -29,6 +29,13 @@ def parts():
     return load_components(TINY, "float32", "cpu")  # the production loader
 
 
+@pytest.fixture(scope="module")
+def i2v_parts():
+    from freeloc_dist.models import load_components
+
+    return load_components(TINY_I2V, "float32", "cpu")
+
+
 def _no_world(monkeypatch):
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
@@ -174,17 +181,16 @@ def test_the_shipped_guider_settings_are_accepted(tmp_path):
     assert check_model_dir(_model_with_guider(tmp_path, use_original_formulation=True, guidance_scale=3.0))
 
 
-def test_cli_image_to_video_equals_diffusers_pipeline(generate, tmp_path, monkeypatch):
+def test_cli_image_to_video_equals_diffusers_pipeline(generate, i2v_parts, tmp_path, monkeypatch):
     """The image-to-video config at F = T (stock): the image fitted to 32 x 32 (the pipeline's bucket for it at
     the target size 32), its VAE latent and mask channels on frame 0 and its SigLIP tokens joined to the text;
     float32 latents equal HunyuanVideo15ImageToVideoPipeline's within 1e-4."""
     from diffusers import HunyuanVideo15ImageToVideoPipeline
 
     from freeloc_dist.images import load_image
-    from freeloc_dist.models import load_components
 
     _no_world(monkeypatch)
-    parts = load_components(TINY_I2V, "float32", "cpu")
+    parts = i2v_parts
     ours = _cli_latents(generate, tmp_path, "tiny-random-hunyuan15-i2v.yaml")
     pipe = _tiny_pipeline(HunyuanVideo15ImageToVideoPipeline(**_pipeline_args(parts), image_encoder=parts.image_encoder,
                                                              feature_extractor=parts.image_processor))
@@ -193,6 +199,29 @@ def test_cli_image_to_video_equals_diffusers_pipeline(generate, tmp_path, monkey
                   generator=torch.Generator().manual_seed(0), output_type="latent").frames
     assert ours.shape == theirs.shape == (1, 4, 3, 2, 2)
     assert (ours - theirs).abs().max() < 1e-4, (ours - theirs).abs().max()
+
+
+def test_enable_freeloc_on_the_stock_image_to_video_pipeline_equals_the_render(i2v_parts):
+    """HunyuanVideo15ImageToVideoPipeline with enable_freeloc at F = 7 > T (the image's latent on frame 0, its
+    SigLIP tokens and padded text in the joint layers, CFG with a negative prompt) equals the render loop's float32
+    latents on the same weights within 1e-5 relative (measured 1.6e-6 against launch/generate.py)."""
+    from _hunyuan import render_hunyuan15_i2v, tiny_hunyuan15_i2v_pipeline
+
+    from freeloc_dist import enable_freeloc
+    from freeloc_dist.install import remove_freeloc
+
+    parts = i2v_parts
+    _, ours = freeloc_render(parts, REPO_ROOT / "configs" / "tiny-random-hunyuan15-i2v.yaml",
+                             {"video.frames": 25, "video.height": 32, "video.width": 32, "sampling.steps": 2,
+                              "sampling.negative_prompt": "blurry"})
+    pipe = tiny_hunyuan15_i2v_pipeline(parts)
+    enable_freeloc(pipe, TINY_PROFILE)
+    try:
+        theirs = render_hunyuan15_i2v(pipe)
+    finally:
+        remove_freeloc(parts.transformer)
+    assert ours.shape == theirs.shape == (1, 4, 7, 2, 2)
+    assert ((theirs - ours).norm() / ours.norm()) < 1e-5, ((theirs - ours).norm() / ours.norm())
 
 
 # ---- the real configs without the model, and the planner's counts ------------------------------------------
@@ -235,7 +264,7 @@ def test_published_parameter_counts():
     assert counts.text_encoder_params(None) == counts.QWEN25_VL_7B_TEXT_PARAMS + counts.BYT5_SMALL_ENCODER_PARAMS
 
 
-def test_planner_counts_siglip_for_image_to_video_only():
+def test_planner_counts_siglip_for_image_to_video_only(i2v_parts):
     """The tiny I2V model's SigLIP counted from its config exactly (float32, resident like Wan's CLIP); the
     published so400m encoder's count (built on the meta device: 428,225,600); none for text-to-video. The
     one-off pixel buffer is the image's, not a video's."""
@@ -243,10 +272,9 @@ def test_planner_counts_siglip_for_image_to_video_only():
 
     from freeloc_dist.config import load_render_config
     from freeloc_dist.family import read_model_kind
-    from freeloc_dist.models import load_components
     from freeloc_dist.planner import family_of_config, plan_render
 
-    built = load_components(TINY_I2V, "float32", "cpu").image_encoder
+    built = i2v_parts.image_encoder
     siglip = json.loads((TINY_I2V / "image_encoder" / "config.json").read_text())
     for model, name, want in ((TINY_I2V, "tiny-random-hunyuan15-i2v.yaml", sum(p.numel() for p in built.parameters())),
                               (TINY, "tiny-random-hunyuan15.yaml", None)):
