@@ -75,7 +75,7 @@ def single():
     (1, 1, "freeloc"),
     (2, 1, "freeloc,stock,engine,mismatch,hunyuan,hunyuan15,hunyuan15_i2v"),
     (3, 1, "freeloc"),
-    (2, 2, "freeloc,stock,hunyuan15,hunyuan15_i2v"),
+    (2, 2, "freeloc,stock,hunyuan,hunyuan15,hunyuan15_i2v"),
 ], ids=["world1", "sp2", "sp3", "cfg2"])
 def test_stock_pipeline_parallel_equals_one_process(tmp_path, single, nproc, cfg, cases):
     ranks = launch(nproc, tmp_path / "r", "--cfg", str(cfg), "--cases", cases)
