@@ -10,11 +10,13 @@ so every rank returns what one process returns. With cfg_degree 2 the pipeline's
 calls are paired: at the cond call the two CFG groups compute cond and uncond at once (the negative
 embeddings are taken from the pipeline's own encode_prompt, read as its family says), and the uncond call
 that follows with the same latents, timestep and negative embeddings gets the cached result. Any other call
-is computed as asked, so the result is exact whatever the pipeline does.
+is computed as asked, so the result is exact whatever the pipeline does. HunyuanVideo's pipelines are never
+paired (Family.pipeline_pairs_cfg): cfg_degree 2 on them warns that it is exact but no faster.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -99,7 +101,12 @@ def parallelize_pipeline(pipe, cfg_degree: int = 1, strategy: str = "auto", *, b
     if dims.cfg_degree == 2:
         from .families import family_of
 
-        capture = _PromptCapture(pipe, family_of(next(iter(engines.values())).transformer))
+        family = family_of(next(iter(engines.values())).transformer)
+        if not family.pipeline_pairs_cfg:
+            warnings.warn(f"parallelize_pipeline: cfg_degree=2 on a {type(pipe).__name__} computes both guidance "
+                          "passes on both CFG groups (exact, but no faster than cfg_degree=1 on half the ranks); "
+                          "launch/generate.py's parallel.cfg_degree splits them", stacklevel=2)
+        capture = _PromptCapture(pipe, family)
         for engine in engines.values():
             engine.pairing = CFGPairing(pipe, capture, engine)
         undo = capture.remove

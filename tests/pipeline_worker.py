@@ -9,6 +9,7 @@ import faulthandler
 import importlib.util
 import os
 import sys
+import warnings
 
 import torch
 
@@ -206,7 +207,10 @@ def main():
         if "hunyuan" in cases:  # a stock HunyuanVideoPipeline: joint text-video layers, true CFG
             pipe = hy.tiny_hunyuan_pipeline()
             enable_freeloc(pipe, hy.HUNYUAN_PROFILE)
-            handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
+            results["hunyuan_warnings"] = [str(w.message) for w in caught]
             results["hunyuan"] = hy.render_hunyuan(pipe, hy.HUNYUAN_LONG)
             results["hunyuan_short"] = hy.render_hunyuan(pipe, hy.HUNYUAN_SHORT)  # F = T through the engine
             handle.remove()

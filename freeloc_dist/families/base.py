@@ -131,6 +131,10 @@ class Family:
         """Whether the pipeline's current call runs a separate unconditional pass (classifier-free guidance)."""
         raise NotImplementedError
 
+    # whether parallelize_pipeline's CFG pairing can split this family's stock pipeline's cond and uncond passes
+    # over the two CFG groups (False: both groups compute every call; exact, and no faster than cfg_degree 1)
+    pipeline_pairs_cfg: bool = True
+
     # -- memory settings (freeloc_dist.memory) ---------------------------------------------------------------
     text_encoder_fields: tuple[str, ...] = ("text_encoder",)  # the Components fields that hold text encoders
 

@@ -111,6 +111,10 @@ class HunyuanVideoFamily(Family):
     def pipeline_uses_cfg(self, pipe):
         return False  # true CFG is decided inside __call__ (true_cfg_scale and a negative prompt)
 
+    # the uncond pass differs from the cond one in several inputs (text, its mask, pooled text; 1.5: both texts and
+    # masks), which the pairing (one negative encoder_hidden_states) does not carry
+    pipeline_pairs_cfg = False
+
     # -- the dry-run planner ---------------------------------------------------------------------------------
     vae_spatial = counts.VAE_SPATIAL
     counts = counts  # the planner's numbers (HunyuanVideo 1.5 names its own module here)
