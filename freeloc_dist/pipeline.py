@@ -10,13 +10,13 @@ so every rank returns what one process returns. With cfg_degree 2 the pipeline's
 calls are paired: at the cond call the two CFG groups compute cond and uncond at once (the negative
 embeddings are taken from the pipeline's own encode_prompt, read as its family says), and the uncond call
 that follows with the same latents, timestep and negative embeddings gets the cached result. Any other call
-is computed as asked, so the result is exact whatever the pipeline does. HunyuanVideo's pipelines are never
-paired (Family.pipeline_pairs_cfg): cfg_degree 2 on them warns that it is exact but no faster.
+is computed as asked, so the result is exact whatever the pipeline does. The embeddings are every text input
+of the transformer (HunyuanVideo: the text, its mask and the pooled text; 1.5: both texts and their masks), read
+from the pipeline's encode_prompt calls (one per prompt there: _PromptCapture).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 
 import torch
@@ -101,12 +101,7 @@ def parallelize_pipeline(pipe, cfg_degree: int = 1, strategy: str = "auto", *, b
     if dims.cfg_degree == 2:
         from .families import family_of
 
-        family = family_of(next(iter(engines.values())).transformer)
-        if not family.pipeline_pairs_cfg:
-            warnings.warn(f"parallelize_pipeline: cfg_degree=2 on a {type(pipe).__name__} computes both guidance "
-                          "passes on both CFG groups (exact, but no faster than cfg_degree=1 on half the ranks); "
-                          "launch/generate.py's parallel.cfg_degree splits them", stacklevel=2)
-        capture = _PromptCapture(pipe, family)
+        capture = _PromptCapture(pipe, family_of(next(iter(engines.values())).transformer))
         for engine in engines.values():
             engine.pairing = CFGPairing(pipe, capture, engine)
         undo = capture.remove
@@ -114,19 +109,31 @@ def parallelize_pipeline(pipe, cfg_degree: int = 1, strategy: str = "auto", *, b
 
 
 class _PromptCapture:
-    """Wraps pipe.encode_prompt (an instance attribute, removed again) to keep the last embeddings."""
+    """Wraps pipe.encode_prompt (an instance attribute, removed again) to keep the prompts a pipeline call encoded,
+    as the transformer inputs that carry them (the family reads encode_prompt's output): `texts` is [positive] or
+    [positive, negative]. Wan's encode_prompt returns both at once; HunyuanVideo's pipelines encode the negative
+    prompt in a second call, before any transformer call: a one-prompt encode that follows a one-prompt encode
+    with no transformer call between them is the negative of the first."""
 
     def __init__(self, pipe, family):
         self.pipe = pipe
         self.family = family  # reads the pipeline's encode_prompt output and its guidance flag
         self.inner = pipe.encode_prompt
-        self.embeds: tuple | None = None  # (prompt_embeds, negative_prompt_embeds or None)
+        self.texts: list[dict] = []
+        self.open = False  # the last encode gave one prompt and no transformer call has run since
         pipe.encode_prompt = self
 
     def __call__(self, *args, **kwargs):
         out = self.inner(*args, **kwargs)
-        self.embeds = self.family.pipeline_prompt_embeds(out)
+        new = self.family.pipeline_prompt_texts(out)
+        if self.open and len(new) == 1:
+            self.texts, self.open = self.texts + new, False
+        else:
+            self.texts, self.open = new, len(new) == 1
         return out
+
+    def transformer_called(self):
+        self.open = False
 
     def remove(self):
         if self.pipe.__dict__.get("encode_prompt") is self:
@@ -143,7 +150,16 @@ def _stateful_hooks(transformer) -> bool:
 
 
 def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
     return a is b or (a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype)))
+
+
+def _input(args, kwargs, name):
+    """A transformer call's input by name (encoder_hidden_states may come third positionally, as in forward)."""
+    if name == "encoder_hidden_states" and len(args) > 2:
+        return args[2]
+    return kwargs.get(name)
 
 
 class CFGPairing:
@@ -156,27 +172,44 @@ class CFGPairing:
         self.pipe = pipe
         self.capture = capture
         self.engine = engine
-        self.pending = None  # (latents, timestep, negative embeds, uncond prediction)
+        self.pending = None  # (latents, timestep, negative text inputs, uncond prediction)
 
-    def _negative_for(self, text):
-        if not self.capture.family.pipeline_uses_cfg(self.pipe) or self.capture.embeds is None:
+    def _negative_for(self, args, kwargs):
+        texts = self.capture.texts
+        if not self.capture.family.pipeline_uses_cfg(self.pipe) or len(texts) < 2:
             return None
-        pos, neg = self.capture.embeds
-        if neg is None or not _same(text, pos):
+        positive, negative = texts
+        if not all(_same(_input(args, kwargs, name), value) for name, value in positive.items()):
             return None
-        return neg.to(text.device, text.dtype)
+        return negative
 
-    def decide(self, hidden_states, timestep, encoder_hidden_states):
+    def decide(self, args, kwargs):
         """How the engine runs this call: ("cached", the uncond prediction computed at the paired cond call),
-        ("pair", the negative embeddings CFG group 1 uses) or ("plain", None)."""
+        ("pair", the negative text inputs CFG group 1 uses) or ("plain", None)."""
+        from .parallel.engine import _arg
+
+        self.capture.transformer_called()
         pending, self.pending = self.pending, None
         if _stateful_hooks(self.engine.transformer):
             return "plain", None
+        hidden_states, timestep = _arg(args, kwargs, 0), _arg(args, kwargs, 1)
         if (pending is not None and _same(hidden_states, pending[0]) and _same(timestep, pending[1])
-                and _same(encoder_hidden_states, pending[2])):
+                and all(_same(_input(args, kwargs, name), value) for name, value in pending[2].items())):
             return "cached", pending[3]
-        negative = self._negative_for(encoder_hidden_states)
+        negative = self._negative_for(args, kwargs)
         return ("plain", None) if negative is None else ("pair", negative)
+
+    def uncond_inputs(self, args, kwargs, negative):
+        """The call's (args, kwargs) with the negative prompt's text inputs, each as the call's own (device, dtype)."""
+        args, kwargs = list(args), dict(kwargs)
+        for name, value in negative.items():
+            mine = _input(args, kwargs, name)
+            value = value if value is None or mine is None else value.to(mine.device, mine.dtype)
+            if name == "encoder_hidden_states" and len(args) > 2:
+                args[2] = value
+            else:
+                kwargs[name] = value
+        return tuple(args), kwargs
 
     def remember(self, hidden_states, timestep, negative, uncond):
         """After a paired cond call: the uncond call that follows with these inputs gets `uncond`."""

@@ -9,7 +9,6 @@ import faulthandler
 import importlib.util
 import os
 import sys
-import warnings
 
 import torch
 
@@ -154,6 +153,17 @@ def refusals():
 
 
 @torch.no_grad()
+def counted_forwards(pipe, render_it):
+    """(render_it(pipe), forwards of pipe.transformer that really ran on this rank): the rope runs once per forward
+    (not for a cached uncond call)."""
+    calls = []
+    hook = pipe.transformer.rope.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        return render_it(pipe), len(calls)
+    finally:
+        hook.remove()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -169,11 +179,7 @@ def main():
             pipe = tiny_pipeline()
             enable_freeloc(pipe, TINY_PROFILE)
             handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
-            calls = []  # the rope runs once per forward that really runs (not for a cached uncond)
-            hook = pipe.transformer.rope.register_forward_hook(lambda *a, calls=calls: calls.append(1))
-            results["freeloc"] = render(pipe, FRAMES)
-            results["forwards"] = len(calls)
-            hook.remove()
+            results["freeloc"], results["forwards"] = counted_forwards(pipe, lambda p: render(p, FRAMES))
             handle.remove()
             results["freeloc_removed"] = render(pipe, 17)  # each rank alone again; F = T: stock
             results["plain_short"] = render(tiny_pipeline(), 17)
@@ -204,27 +210,21 @@ def main():
                 results[f"caches_{order}"] = caches(order)
         if "refuse" in cases:
             results["refuse"] = refusals()
-        if "hunyuan" in cases:  # a stock HunyuanVideoPipeline: joint text-video layers, true CFG
-            pipe = hy.tiny_hunyuan_pipeline()
-            enable_freeloc(pipe, hy.HUNYUAN_PROFILE)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
-            results["hunyuan_warnings"] = [str(w.message) for w in caught]
-            results["hunyuan"] = hy.render_hunyuan(pipe, hy.HUNYUAN_LONG)
-            results["hunyuan_short"] = hy.render_hunyuan(pipe, hy.HUNYUAN_SHORT)  # F = T through the engine
-            handle.remove()
-        if "hunyuan15" in cases:  # a stock HunyuanVideo15Pipeline: joint layers, text key masks, the guider's CFG
-            pipe = hy.tiny_hunyuan15_pipeline()
-            enable_freeloc(pipe, hy.HUNYUAN15_PROFILE)
+        # stock HunyuanVideo pipelines (joint text-video layers, text key masks): v1 with true CFG, 1.5 with the
+        # guider's CFG (text and image-to-video); "<case>_forwards": the forwards that ran on this rank
+        hunyuan = {"hunyuan": (hy.tiny_hunyuan_pipeline, hy.HUNYUAN_PROFILE,
+                               lambda pipe: hy.render_hunyuan(pipe, hy.HUNYUAN_LONG)),
+                   "hunyuan15": (hy.tiny_hunyuan15_pipeline, hy.HUNYUAN15_PROFILE, hy.render_hunyuan15),
+                   "hunyuan15_i2v": (hy.tiny_hunyuan15_i2v_pipeline, hy.HUNYUAN15_PROFILE, hy.render_hunyuan15_i2v)}
+        for case, (make, profile, render_it) in hunyuan.items():
+            if case not in cases:
+                continue
+            pipe = make()
+            enable_freeloc(pipe, profile)
             handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
-            results["hunyuan15"] = hy.render_hunyuan15(pipe)
-            handle.remove()
-        if "hunyuan15_i2v" in cases:  # the stock image-to-video pipeline: image latent on frame 0, SigLIP tokens
-            pipe = hy.tiny_hunyuan15_i2v_pipeline()
-            enable_freeloc(pipe, hy.HUNYUAN15_PROFILE)
-            handle = parallelize_pipeline(pipe, cfg_degree=args.cfg)
-            results["hunyuan15_i2v"] = hy.render_hunyuan15_i2v(pipe)
+            results[case], results[f"{case}_forwards"] = counted_forwards(pipe, render_it)
+            if case == "hunyuan":
+                results["hunyuan_short"] = hy.render_hunyuan(pipe, hy.HUNYUAN_SHORT)  # F = T through the engine
             handle.remove()
         if "mismatch" in cases:  # ranks drawing different noise: refused on every rank
             pipe = tiny_pipeline()

@@ -123,17 +123,15 @@ class Family:
         raise NotImplementedError
 
     # -- a stock diffusers pipeline (freeloc_dist.pipeline) --------------------------------------------------
-    def pipeline_prompt_embeds(self, encode_prompt_output) -> tuple:
-        """(prompt embeds, negative embeds or None) from what the pipeline's encode_prompt returned."""
+    def pipeline_prompt_texts(self, encode_prompt_output) -> list[dict]:
+        """The prompts one call of the pipeline's encode_prompt returned, each as the transformer inputs (by
+        keyword) that carry it: [positive, negative] or [one prompt] (a pipeline that encodes its negative prompt
+        in a second call)."""
         raise NotImplementedError
 
     def pipeline_uses_cfg(self, pipe) -> bool:
         """Whether the pipeline's current call runs a separate unconditional pass (classifier-free guidance)."""
         raise NotImplementedError
-
-    # whether parallelize_pipeline's CFG pairing can split this family's stock pipeline's cond and uncond passes
-    # over the two CFG groups (False: both groups compute every call; exact, and no faster than cfg_degree 1)
-    pipeline_pairs_cfg: bool = True
 
     # -- memory settings (freeloc_dist.memory) ---------------------------------------------------------------
     text_encoder_fields: tuple[str, ...] = ("text_encoder",)  # the Components fields that hold text encoders

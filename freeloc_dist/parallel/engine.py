@@ -196,9 +196,10 @@ class SequenceParallel:
         self.state.grid = (self.num_frames, h, w)
         call = GlobalCall(hidden, timestep, text)
         if self.pairing is not None:
-            call.mode, call.value = self.pairing.decide(hidden, timestep, text)
-            if call.mode == "pair":
-                text = text if self.dims.cfg_rank == 0 else call.value
+            call.mode, call.value = self.pairing.decide(args, kwargs)
+            if call.mode == "pair" and self.dims.cfg_rank == 1:  # this group computes the uncond pass
+                args, kwargs = self.pairing.uncond_inputs(args, kwargs, call.value)
+                text = _arg(args, kwargs, 2)
         x, local_t = self.shard_input(hidden, timestep)
         call.args, call.kwargs = _with_args(args, kwargs, x, local_t, text)
         return call
@@ -336,7 +337,7 @@ class SequenceParallel:
 
 class GlobalCall:
     """One global call of the transformer: its global inputs, the sharded args the forward runs with, and how
-    CFG pairing treats it: "plain", "pair" (`value`: the negative embeddings this call's uncond half uses) or
+    CFG pairing treats it: "plain", "pair" (`value`: the negative text inputs this call's uncond half uses) or
     "cached" (`value`: the global uncond prediction already computed at the paired cond call)."""
 
     def __init__(self, hidden, timestep, text):

@@ -105,15 +105,14 @@ class HunyuanVideoFamily(Family):
         return isinstance(transformer, HunyuanVideoTransformer3DModel)
 
     # -- a stock diffusers pipeline ---------------------------------------------------------------------------
-    def pipeline_prompt_embeds(self, encode_prompt_output):
-        return encode_prompt_output[0], None  # (prompt_embeds, pooled, mask): the negative is a second call
+    def pipeline_prompt_texts(self, encode_prompt_output):
+        embeds, pooled, mask = encode_prompt_output  # one prompt a call: the negative is a second call
+        return [{"encoder_hidden_states": embeds, "encoder_attention_mask": mask, "pooled_projections": pooled}]
 
     def pipeline_uses_cfg(self, pipe):
-        return False  # true CFG is decided inside __call__ (true_cfg_scale and a negative prompt)
-
-    # the uncond pass differs from the cond one in several inputs (text, its mask, pooled text; 1.5: both texts and
-    # masks), which the pairing (one negative encoder_hidden_states) does not carry
-    pipeline_pairs_cfg = False
+        # true CFG is decided inside __call__ (true_cfg_scale > 1 and a negative prompt), which encodes the
+        # negative prompt only then: a captured negative is the sign (pipeline._PromptCapture)
+        return True
 
     # -- the dry-run planner ---------------------------------------------------------------------------------
     vae_spatial = counts.VAE_SPATIAL

@@ -71,14 +71,11 @@ class HunyuanVideo15Family(HunyuanVideoFamily):
         return isinstance(transformer, HunyuanVideo15Transformer3DModel)
 
     # -- a stock diffusers pipeline ---------------------------------------------------------------------------
-    def pipeline_prompt_embeds(self, encode_prompt_output):
-        return encode_prompt_output[0], None  # (Qwen embeds, mask, ByT5 embeds, mask): the negative is a second call
-
-    def pipeline_uses_cfg(self, pipe):
-        # The guider runs the unconditional pass inside __call__ with its own inputs, which no encode_prompt call
-        # pairs with the cond one here: under cfg_degree 2 both CFG groups compute every call as asked (exact; the
-        # two groups do the same work, so cfg 2 gives a stock 1.5 pipeline no speed-up).
-        return False
+    def pipeline_prompt_texts(self, encode_prompt_output):
+        embeds, mask, embeds_2, mask_2 = encode_prompt_output  # one prompt a call: the negative is a second call
+        return [{"encoder_hidden_states": embeds, "encoder_attention_mask": mask, "encoder_hidden_states_2": embeds_2,
+                 "encoder_attention_mask_2": mask_2}]
+    # pipeline_uses_cfg: v1's rule (the guider encodes the negative prompt only when it runs an uncond pass)
 
     # -- the dry-run planner ---------------------------------------------------------------------------------
     vae_spatial = counts.VAE_SPATIAL

@@ -98,8 +98,9 @@ class WanFamily(Family):
         return f // p_t, h // p_h, w // p_w
 
     # -- a stock diffusers pipeline ---------------------------------------------------------------------------
-    def pipeline_prompt_embeds(self, encode_prompt_output):
-        return encode_prompt_output[0], encode_prompt_output[1]  # WanPipeline: (prompt_embeds, negative_embeds)
+    def pipeline_prompt_texts(self, encode_prompt_output):
+        positive, negative = encode_prompt_output  # WanPipeline: (prompt_embeds, negative_prompt_embeds or None)
+        return [{"encoder_hidden_states": e} for e in (positive, negative) if e is not None]
 
     def pipeline_uses_cfg(self, pipe):
         return bool(getattr(pipe, "do_classifier_free_guidance", False))
