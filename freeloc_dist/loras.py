@@ -186,11 +186,13 @@ def _scaling(name: str, rank: int, settings: dict, label: str) -> float:
 
 
 def check_fits(updates: dict[str, Update], shapes: dict, label: str, expert: str) -> None:
-    """Every updated layer is a linear layer of the expert with the update's shape; else LoraError."""
+    """Every updated layer is a linear layer of the expert (`shapes`: its linear layers' parameters) with the
+    update's shape; else LoraError."""
     for name, u in updates.items():
-        weight = shapes.get(f"{name}.weight")
-        if weight is None or len(weight) != 2:
-            raise LoraError(f"{label}: not a LoRA for this model: it updates {name}, which {expert} has not")
+        weight = shapes.get(f"{name}.weight")  # linear layers only (Family.transformer_shapes)
+        if weight is None:
+            raise LoraError(f"{label}: not a LoRA for this model: it updates {name}, which is not a linear layer "
+                            f"of {expert}")
         lora_shape = (u.up.shape[0], u.down.shape[1])
         if tuple(weight) != lora_shape:
             raise LoraError(f"{label}: not a LoRA for this model: {name} is {list(weight)} in {expert}, the "

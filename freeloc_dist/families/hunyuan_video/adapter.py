@@ -35,6 +35,7 @@ class HunyuanVideoFamily(Family):
     weights_signature = delegate(__package__, "loading", "weights_signature")
     load_components = delegate(__package__, "loading", "load_components")
     load_scheduler = delegate(__package__, "loading", "load_scheduler")
+    read_lora = delegate(__package__, "loading", "read_lora")  # diffusers' HunyuanVideo LoRA formats
 
     # -- inputs and VAE ---------------------------------------------------------------------------------------
     encode_prompt = delegate(__package__, "text", "encode_prompt")
@@ -64,15 +65,13 @@ class HunyuanVideoFamily(Family):
         """Settings refused because they are not built for these families yet (HunyuanVideo 1.5's too): their text
         is a dataclass of several tensors (HunyuanText: Llama states, mask, CLIP pooled), which the rank-0
         broadcast does not carry; v1's dual- and single-stream blocks differ in size (the planner's sharded share
-        assumes one block size); LoRAs are read with Wan's converters."""
+        assumes one block size)."""
         if cfg.sampling.guidance_scale_2 is not None:
             return f"sampling.guidance_scale_2: {self.title} has one transformer (no second expert)"
         if cfg.memory.text_encoder == "rank0":
             return f"memory.text_encoder=rank0: not supported for {self.title} yet; use gpu or cpu"
         if cfg.memory.shard_weights:
             return f"memory.shard_weights=true: not supported for {self.title} yet"
-        if cfg.model.loras:
-            return f"model.loras: not supported for {self.title} yet (LoRAs are read with Wan's converters)"
         return None
 
     def render_inputs(self, components, cfg, geometry, image, device, dtype):

@@ -32,6 +32,7 @@ class HunyuanVideo15Family(HunyuanVideoFamily):
     weights_signature = delegate(__package__, "loading", "weights_signature")
     load_components = delegate(__package__, "loading", "load_components")
     load_scheduler = delegate(__package__, "loading", "load_scheduler")
+    read_lora = delegate(__package__, "loading", "read_lora")  # diffusers' format only (no 1.5 converter)
     encode_prompt = delegate(__package__, "text", "encode_prompt")
     vae_scale_factors = delegate(__package__, "vae", "vae_scale_factors")
     can_decode_ranges = delegate(__package__, "vae", "can_decode_ranges")
