@@ -222,7 +222,6 @@ CASES = [
     ("flex-backend", lambda t: ["--backend", "flex"], "attention_backend=flex: joint text-video attention"),
     ("text-encoder-rank0", lambda t: ["--text-encoder", "rank0"], "memory.text_encoder=rank0: not supported for Hu"),
     ("shard-weights", lambda t: ["--shard-weights", "true"], "memory.shard_weights=true: not supported for Hunyu"),
-    ("lora", lambda t: ["--lora", str(t / "x.safetensors")], "model.loras: not supported for HunyuanVideo"),
     ("storyboard", lambda t: _storyboard(t), "has no per-frame text conditioning"),
 ]
 
