@@ -11,6 +11,7 @@ with the same bound.
 
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -36,12 +37,13 @@ def _no_world(monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
-def cli_latents(generate, model, tmp_path, monkeypatch, *flags):
+def cli_latents(generate, model, tmp_path, monkeypatch, *flags, edit=None):
+    """Final latents of one in-process CLI render of the model's tiny config (`edit(tmp_path, raw)` applied)."""
     _no_world(monkeypatch)
     latents = tmp_path / "lat.safetensors"
-    argv = ["--config", str(REPO_ROOT / "configs" / CONFIGS[model]), *FLAGS[model], "--steps", "2", "--height",
-            "32", "--width", "32", "--out", str(tmp_path / "v.mp4"), "--save-latents", str(latents), "--quiet",
-            *map(str, flags)]
+    argv = ["--config", str(edited_config(tmp_path, CONFIGS[model], edit)), *FLAGS[model], "--steps", "2",
+            "--height", "32", "--width", "32", "--out", str(tmp_path / "v.mp4"), "--save-latents", str(latents),
+            "--quiet", *map(str, flags)]
     assert generate.main(argv) == 0
     return load_file(latents)["latents"]
 
@@ -80,10 +82,10 @@ def v1_pipeline(parts, **changes):
 
 
 @torch.no_grad()
-def v1_latents(pipe):
+def v1_latents(pipe, steps=2, true_cfg_scale=1.5):
     """The stock pipeline's final latents with the CLI's v1 settings (configs/tiny-random-hunyuan.yaml + FLAGS)."""
-    return pipe(prompt=PROMPT, negative_prompt="blurry", height=32, width=32, num_frames=5, num_inference_steps=2,
-                guidance_scale=6.0, true_cfg_scale=1.5, generator=torch.Generator().manual_seed(0),
+    return pipe(prompt=PROMPT, negative_prompt="blurry", height=32, width=32, num_frames=5, num_inference_steps=steps,
+                guidance_scale=6.0, true_cfg_scale=true_cfg_scale, generator=torch.Generator().manual_seed(0),
                 output_type="latent", max_sequence_length=32).frames
 
 
@@ -95,9 +97,9 @@ def v15_pipeline(parts):
 
 
 @torch.no_grad()
-def v15_latents(pipe):
+def v15_latents(pipe, steps=2):
     return pipe(prompt=PROMPT, negative_prompt="blurry", height=32, width=32, num_frames=9,
-                num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent").frames
+                num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent").frames
 
 
 # ---------------------------------------------------------------------------------------- LoRA files
@@ -195,31 +197,72 @@ def test_v15_lora_saved_by_save_lora_adapter_reads_alike(v15_lora, tmp_path):
         assert u.scaling == want[layer].scaling == 3.0
 
 
+# ---------------------------------------------------------------------------------------- schedulers and caches
+def test_v1_scheduler_and_cache_equal_the_stock_pipeline(generate, v1_parts, tmp_path, monkeypatch):
+    """UniPC and FirstBlockCache (threshold 0.9: most calls skipped) with true CFG, 4 steps, equal
+    HunyuanVideoPipeline with that scheduler and cache: each pass keeps its own cache state, as the pipeline's
+    cache contexts "cond" / "uncond" do (the two texts differ in length here: shared state would not even run)."""
+    from diffusers import FirstBlockCacheConfig, UniPCMultistepScheduler
+
+    ours = cli_latents(generate, V1, tmp_path, monkeypatch, "--steps", 4, "--scheduler", "unipc", "--cache",
+                       "first_block", "--cache-threshold", 0.9)
+    assert json.loads((tmp_path / "v.json").read_text())["cache"]["skipped"] > 0
+    unipc = UniPCMultistepScheduler.from_config(v1_parts.scheduler.config, prediction_type="flow_prediction",
+                                                use_flow_sigmas=True, flow_shift=7.0)
+    pipe = v1_pipeline(v1_parts, scheduler=unipc)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.9))
+    theirs = v1_latents(pipe, steps=4)
+    assert (ours - theirs).abs().max() < 1e-4, (ours - theirs).abs().max()
+
+
+def test_v15_taylorseer_equals_the_stock_pipeline(generate, v15_parts, tmp_path, monkeypatch):
+    """TaylorSeer (its factors in float32: in bfloat16 their rounding turns the two loops' float32 differences
+    into ~1e-3) over 6 steps with CFG equals HunyuanVideo15Pipeline with it, and changes the output."""
+    from diffusers import TaylorSeerCacheConfig
+
+    ours = cli_latents(generate, V15, tmp_path, monkeypatch, "--steps", 6,
+                       edit=lambda t, raw: raw.update(cache={"name": "taylorseer", "taylor_factors_dtype": "float32"}))
+    pipe = v15_pipeline(v15_parts)
+    pipe.transformer.enable_cache(TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32))
+    theirs = v15_latents(pipe, steps=6)
+    assert (ours - theirs).abs().max() < 1e-4, (ours - theirs).abs().max()
+    assert (v15_latents(v15_pipeline(v15_parts), steps=6) - theirs).abs().max() > 1e-2
+
+
 # ---------------------------------------------------------------------------------------- refused before loading
 def _conv_lora(t):
     return save_diffusers_lora(t / "conv.safetensors", {"x_embedder.proj": (torch.zeros(2, 4), torch.zeros(32, 2),
                                                                              None)})
 
 
-LORA_CASES = [
-    ("v15-lora-on-v1", V1, lambda t, v1, v15: v15, "style.safetensors': not a LoRA for this model: "),
-    ("v1-lora-on-v15", V15, lambda t, v1, v15: v1[0], "style.safetensors': not a LoRA for this model: "),
-    ("original-format-on-v15", V15, lambda t, v1, v15: v1[1], "not in diffusers' LoRA format (diffusion_model."),
-    ("conv-layer", V1, lambda t, v1, v15: _conv_lora(t), "it updates x_embedder.proj, which is not a linear layer"),
-    ("expert-on-v1", V1, lambda t, v1, v15: f"{v1[0]}:1:high", "model.loras[0].expert='high': the model at"),
-    ("expert-on-v15", V15, lambda t, v1, v15: f"{v15}:1:both", "model.loras[0].expert='both': the model at"),
+REFUSED = [
+    ("v15-lora-on-v1", V1, lambda t, v1, v15: ["--lora", v15], "style.safetensors': not a LoRA for this model: "),
+    ("v1-lora-on-v15", V15, lambda t, v1, v15: ["--lora", v1[0]], "style.safetensors': not a LoRA for this model: "),
+    ("original-format-on-v15", V15, lambda t, v1, v15: ["--lora", v1[1]],
+     "not in diffusers' LoRA format (diffusion_model."),
+    ("conv-layer", V1, lambda t, v1, v15: ["--lora", _conv_lora(t)],
+     "it updates x_embedder.proj, which is not a linear layer"),
+    ("expert-on-v1", V1, lambda t, v1, v15: ["--lora", f"{v1[0]}:1:high"], "model.loras[0].expert='high': the model"),
+    ("expert-on-v15", V15, lambda t, v1, v15: ["--lora", f"{v15}:1:both"], "model.loras[0].expert='both': the model"),
+    ("dpm++-on-v1", V1, lambda *_: ["--scheduler", "dpm++"],
+     "sampling.scheduler=dpm++: not for HunyuanVideo: DPMSolverMultistepScheduler takes no custom sigmas"),
+    ("unipc-on-v15", V15, lambda *_: ["--scheduler", "unipc"],
+     "sampling.scheduler=unipc: not for HunyuanVideo 1.5: its integer timesteps"),
+    ("first-block-on-v15", V15, lambda *_: ["--cache", "first_block"],
+     "cache.name=first_block: not for HunyuanVideo 1.5: diffusers has no block registration"),
+    ("pab-with-true-cfg", V1, lambda *_: ["--cache", "pyramid_attention_broadcast", "--true-cfg-scale", "1.5"],
+     "cache.name=pyramid_attention_broadcast: not with HunyuanVideo's classifier-free guidance"),
 ]
 
 
-@pytest.mark.parametrize("model, make, needle", [c[1:] for c in LORA_CASES], ids=[c[0] for c in LORA_CASES])
-def test_bad_lora_is_one_line_exit_2(generate, v1_loras, v15_lora, tmp_path, monkeypatch, capsys, model, make,
-                                     needle):
+@pytest.mark.parametrize("model, make, needle", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_refused_in_one_line_exit_2(generate, v1_loras, v15_lora, tmp_path, monkeypatch, capsys, model, make,
+                                    needle):
     """Refused in preflight (one line, exit 2, nothing written), before any weight loads."""
     import freeloc_dist.models as models
 
     monkeypatch.setattr(models, "load_components", lambda *a, **k: pytest.fail("loaded weights"))
-    flags = ["--config", str(edited_config(tmp_path, CONFIGS[model])), "--lora", str(make(tmp_path, v1_loras,
-                                                                                           v15_lora))]
+    flags = ["--config", str(edited_config(tmp_path, CONFIGS[model])), *map(str, make(tmp_path, v1_loras, v15_lora))]
     assert_refused(generate, flags, tmp_path, monkeypatch, capsys, needle)
 
 

@@ -57,7 +57,32 @@ class HunyuanVideoFamily(Family):
         if cfg.parallel.cfg_degree == 2 and s.true_cfg_scale <= 1.0:
             return ("parallel.cfg_degree=2: HunyuanVideo embeds its guidance (sampling.guidance_scale) and runs no "
                     "unconditional pass unless sampling.true_cfg_scale > 1")
-        return self.not_built(cfg)
+        return self.refused_speedup(cfg) or self.not_built(cfg)
+
+    # sampling.scheduler choices and caches (`cache.name`) a render of this family cannot run as diffusers' own
+    # pipeline does, and why (tests/test_hunyuan_fast_sampling.py runs the others against the pipelines)
+    refused_schedulers = {"dpm++": "DPMSolverMultistepScheduler takes no custom sigmas, which HunyuanVideo's "
+                                   "sampling passes (the diffusers pipeline refuses it too)"}
+    refused_caches: dict = {}
+
+    def refused_speedup(self, cfg):
+        """A scheduler or cache of the render this family refuses, as one line (None: nothing)."""
+        s, name = cfg.sampling, (cfg.cache or {}).get("name")
+        if s.scheduler in self.refused_schedulers:
+            from ...choices import SCHEDULER_CHOICES
+
+            others = ", ".join(c for c in SCHEDULER_CHOICES if c not in self.refused_schedulers)
+            return (f"sampling.scheduler={s.scheduler}: not for {self.title}: {self.refused_schedulers[s.scheduler]}; "
+                    f"use one of: {others}")
+        if name in self.refused_caches:
+            return f"cache.name={name}: not for {self.title}: {self.refused_caches[name]}"
+        if name == "pyramid_attention_broadcast" and self.classifier_free(s)[0]:
+            # diffusers' pipelines pad both texts to one length and the cache hands one pass's attention output
+            # to the other; the render drops padded text, so the two passes' outputs differ in length
+            return (f"cache.name={name}: not with {self.title}'s classifier-free guidance (the cache shares "
+                    "attention outputs between the conditional and unconditional passes, whose texts differ in "
+                    "length here); use it with one pass, or another cache")
+        return None
 
     title = "HunyuanVideo"  # the model's name in refusals
 
