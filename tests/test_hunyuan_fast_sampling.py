@@ -170,6 +170,32 @@ def test_v1_loras_through_the_cli_equal_load_lora_weights(generate, v1_loras, v1
     assert (without - theirs).abs().max() > 1e-2  # the LoRAs matter at this size
 
 
+def test_v1_unfused_loras_at_f_above_t_equal_fused(v1_parts, v1_loras):
+    """F > T (7 latent frames, T = 5: FreeLOC's processors in every joint layer, dual- and single-stream): the
+    LoRAs kept unfused (forward hooks on the projections the processors call) give the transformer's output with
+    them fused into the weights (1e-5 relative: float32 rounding of one call, outputs ~20), and they change it."""
+    from _hunyuan import HUNYUAN_PROFILE, hunyuan_transformer_inputs
+    from _joint import with_freeloc
+    from _tiny import rel_err
+
+    from freeloc_dist.config import LoraConfig, ModelConfig
+    from freeloc_dist.family import model_family, read_model_kind
+    from freeloc_dist.loras import apply_loras, read_loras
+
+    specs = tuple(LoraConfig(path=path, scale=scale) for path, scale in zip(v1_loras, SCALES))
+    loras = read_loras(ModelConfig(path=V1, loras=specs), model_family(V1), V1, read_model_kind(V1))
+    inputs = hunyuan_transformer_inputs(frames=7)
+    outputs = []
+    for fuse in (True, False, None):
+        parts = dataclasses.replace(v1_parts, transformer=copy.deepcopy(v1_parts.transformer))
+        if fuse is not None:
+            apply_loras(parts, loras, fuse=fuse)
+        outputs.append(with_freeloc(parts.transformer, inputs, HUNYUAN_PROFILE))
+    fused, unfused, without = outputs
+    assert rel_err(unfused, fused) < 1e-5, rel_err(unfused, fused)
+    assert rel_err(without, fused) > 1e-2
+
+
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 def test_v15_lora_through_the_cli_equals_load_lora_adapter(generate, v15_lora, v15_stock, tmp_path, monkeypatch,
                                                            fuse):
