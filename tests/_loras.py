@@ -113,3 +113,30 @@ def save_original_hunyuan_lora(path, num_double, num_single, width, ffn, rank=2,
         tensors[f"diffusion_model.{layer}.lora_B.weight"] = 0.3 * torch.randn(out, rank, generator=g)
     save_file(tensors, path)
     return path
+
+
+# HunyuanVideo v1, tiny (assets/tiny-hunyuan): width 32 (2 heads x 16), ffn 64, 2 dual- and 2 single-stream blocks,
+# 1 refiner block. Diffusers' format (rank 4, alpha 8: scaling 2, a lora_B.bias on every layer) on the dual-stream
+# blocks' video and text projections, the single-stream blocks' attention, MLP and output, the token refiner, the
+# guidance embedder and the output projection; and the original HunyuanVideo format that diffusers converts.
+HUNYUAN_LAYERS = [
+    *(f"transformer_blocks.{i}.{m}" for i in range(2)
+      for m in ("attn.to_q", "attn.add_k_proj", "attn.to_add_out", "ff.net.0.proj")),
+    *(f"single_transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn.to_v", "proj_mlp", "proj_out")),
+    "context_embedder.token_refiner.refiner_blocks.0.attn.to_q", "time_text_embed.guidance_embedder.linear_1",
+    "proj_out"]
+
+
+def make_hunyuan_loras(folder):
+    """(diffusers-format file, original-format file) for the tiny HunyuanVideo, shaped from its linear layers."""
+    from freeloc_dist.config import REPO_ROOT
+    from freeloc_dist.family import model_family
+
+    model = REPO_ROOT / "assets" / "tiny-hunyuan"
+    shapes = model_family(model).transformer_shapes(model, "transformer")
+    folder.mkdir(parents=True, exist_ok=True)
+    style = save_diffusers_lora(folder / "style.safetensors", random_updates(shapes, HUNYUAN_LAYERS, 4, 0), alpha=8,
+                                bias=True)
+    original = save_original_hunyuan_lora(folder / "original.safetensors", num_double=2, num_single=2, width=32,
+                                          ffn=64)
+    return style, original

@@ -17,7 +17,7 @@ import pytest
 import torch
 from _cli import assert_refused, edited_config
 from _hunyuan import pipeline_args, tiny_pipeline15
-from _loras import random_updates, save_diffusers_lora, save_original_hunyuan_lora
+from _loras import make_hunyuan_loras, random_updates, save_diffusers_lora
 from safetensors.torch import load_file
 
 from freeloc_dist.config import REPO_ROOT
@@ -103,15 +103,7 @@ def v15_latents(pipe, steps=2):
 
 
 # ---------------------------------------------------------------------------------------- LoRA files
-# HunyuanVideo v1, tiny: width 32 (2 heads x 16), ffn 64, 2 dual- and 2 single-stream blocks, 1 refiner block.
-# Diffusers' format (rank 4, alpha 8: scaling 2, a lora_B.bias on every layer) on the dual-stream blocks' video
-# and text projections, the single-stream blocks' attention, MLP and output, the token refiner, the guidance
-# embedder and the output projection; and the original HunyuanVideo format that diffusers converts.
-V1_LAYERS = [f"transformer_blocks.{i}.{m}" for i in range(2)
-             for m in ("attn.to_q", "attn.add_k_proj", "attn.to_add_out", "ff.net.0.proj")] + \
-            [f"single_transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn.to_v", "proj_mlp", "proj_out")] + \
-            ["context_embedder.token_refiner.refiner_blocks.0.attn.to_q", "time_text_embed.guidance_embedder.linear_1",
-             "proj_out"]
+# HunyuanVideo: tests/_loras.py's make_hunyuan_loras (diffusers' format on every kind of layer; the original format).
 # HunyuanVideo 1.5, tiny: width 32, 3 dual-stream blocks, 1 refiner block; rank 2, alpha 6 (scaling 3).
 V15_LAYERS = [f"transformer_blocks.{i}.{m}" for i in range(3)
               for m in ("attn.to_k", "attn.add_v_proj", "ff_context.net.2", "norm1.linear")] + \
@@ -120,12 +112,7 @@ V15_LAYERS = [f"transformer_blocks.{i}.{m}" for i in range(3)
 
 @pytest.fixture(scope="module")
 def v1_loras(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("v1-loras")
-    style = save_diffusers_lora(folder / "style.safetensors", random_updates(shapes_of(V1), V1_LAYERS, 4, 0),
-                                alpha=8, bias=True)
-    original = save_original_hunyuan_lora(folder / "original.safetensors", num_double=2, num_single=2, width=32,
-                                          ffn=64)
-    return style, original
+    return make_hunyuan_loras(tmp_path_factory.mktemp("v1-loras"))
 
 
 @pytest.fixture(scope="module")
