@@ -135,7 +135,11 @@ def step_context(transformer, scheduler, step: int, cond):
         return
     from diffusers.hooks.hooks import _set_cache_context
 
-    _Step.cond, _Step.index, _Step.steps = cond, step, len(scheduler.timesteps)
+    from .families import family_of
+
+    # the conditional call's text argument (HunyuanVideo's text is a dataclass of several tensors)
+    _Step.cond = family_of(transformer).text_kwargs(cond)["encoder_hidden_states"]
+    _Step.index, _Step.steps = step, len(scheduler.timesteps)
     _Step.sigma, _Step.timestep = float(scheduler.sigmas[step]), scheduler.timesteps[step]
     try:
         yield

@@ -54,7 +54,8 @@ class ConfigError(UserError, ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class LoraConfig:
-    """One LoRA (freeloc_dist.loras): a local file in any format diffusers' Wan LoRA loader reads."""
+    """One LoRA (freeloc_dist.loras): a local file in a format diffusers reads for the model's family
+    (Family.read_lora: Wan's and HunyuanVideo's converters; HunyuanVideo 1.5: diffusers' own format)."""
 
     path: Path
     scale: float = 1.0  # multiplies the LoRA's update (its own alpha / rank applies as well)

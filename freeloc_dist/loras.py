@@ -4,15 +4,16 @@ loaded transformers, fused (each update added into its weight once) or unfused (
 A LoRA updates a linear layer W [out, in] by  s c B A  (A = lora_A [r, in], B = lora_B [out, r]; an optional
 lora_B.bias [out] adds s c b to the layer's bias), where s is the user's `scale` and c the adapter's own scaling:
 alpha / r (alpha / sqrt(r) for rsLoRA), from the adapter metadata diffusers saves with a file, and 1 without it
-(diffusers' rule: alpha = r). Wan's other formats carry their alphas in the file and diffusers' converters fold
-them into A and B. That is exactly what diffusers computes through peft (`load_lora_weights`, `set_adapters`
-weights, `fuse_lora`). We apply it ourselves: peft is not a locked dependency and only `load_lora_weights` needs
-it (reading and converting a file does not); no peft layer is left in the model for FreeLOC, the parallel
-engine or torch.compile to meet; and fusing happens in float32 whatever the model's dtype.
+(diffusers' rule: alpha = r). Other formats (Wan's original and musubi ones) carry their alphas in the file and
+diffusers' converters fold them into A and B. That is exactly what diffusers computes through peft
+(`load_lora_weights` / `load_lora_adapter`, `set_adapters` weights, `fuse_lora`). We apply it ourselves: only
+loading through diffusers needs peft (reading and converting a file does not); no peft layer is left in the
+model for FreeLOC, the parallel engine or torch.compile to meet; and fusing happens in float32 whatever the
+model's dtype.
 
 Reading is the family's (Family.read_lora: diffusers' converters of the family's LoRA formats); which layers a
-LoRA may touch is checked against the model's configs on the meta device (Family.transformer_shapes), so a LoRA
-for another model is one line, exit 2, before anything loads.
+LoRA may touch, the model's linear layers, is checked against its configs on the meta device
+(Family.transformer_shapes), so a LoRA for another model is one line, exit 2, before anything loads.
 """
 
 from __future__ import annotations
@@ -186,11 +187,13 @@ def _scaling(name: str, rank: int, settings: dict, label: str) -> float:
 
 
 def check_fits(updates: dict[str, Update], shapes: dict, label: str, expert: str) -> None:
-    """Every updated layer is a linear layer of the expert with the update's shape; else LoraError."""
+    """Every updated layer is a linear layer of the expert (`shapes`: its linear layers' parameters) with the
+    update's shape; else LoraError."""
     for name, u in updates.items():
-        weight = shapes.get(f"{name}.weight")
-        if weight is None or len(weight) != 2:
-            raise LoraError(f"{label}: not a LoRA for this model: it updates {name}, which {expert} has not")
+        weight = shapes.get(f"{name}.weight")  # linear layers only (Family.transformer_shapes)
+        if weight is None:
+            raise LoraError(f"{label}: not a LoRA for this model: it updates {name}, which is not a linear layer "
+                            f"of {expert}")
         lora_shape = (u.up.shape[0], u.down.shape[1])
         if tuple(weight) != lora_shape:
             raise LoraError(f"{label}: not a LoRA for this model: {name} is {list(weight)} in {expert}, the "

@@ -27,6 +27,18 @@ def tiny_hunyuan_pipeline():
     return pipe
 
 
+def hunyuan_transformer_inputs(frames, seed=1, padded=2):
+    """Random inputs of one tiny HunyuanVideo transformer call ([1, 4, frames, 8, 8] latents: 4 x 4 tokens a
+    frame), with `padded` masked text tokens as the stock pipeline masks its padding."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(1, 6, 32, generator=g)
+    mask = torch.ones(1, 6)
+    mask[:, 6 - padded:] = 0
+    return dict(hidden_states=torch.randn(1, 4, frames, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+                encoder_hidden_states=text, encoder_attention_mask=mask,
+                pooled_projections=torch.randn(1, 16, generator=g), guidance=torch.tensor([6000.0]), return_dict=False)
+
+
 def render_hunyuan(pipe, frames, **kw):
     """Float32 latents of 2 steps with embedded guidance and true CFG 1.5 (both passes; the prompt's padded text
     and its mask reach the joint layers)."""

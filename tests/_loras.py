@@ -63,3 +63,80 @@ def merged(transformer, deltas, scales):
                 if item[1] is not None:
                     module.bias.copy_(module.bias.double() + s * item[1])
     return model
+
+
+# ---- any family: random LoRAs shaped from a model's linear layers (Family.transformer_shapes) ----------------
+def random_updates(shapes, layers, rank, seed):
+    """{layer: (lora_A [rank, in], lora_B [out, rank], lora_B.bias [out])}, random, for the named linear layers
+    of `shapes` ({parameter: shape}, as Family.transformer_shapes gives them)."""
+    g = torch.Generator().manual_seed(seed)
+    updates = {}
+    for layer in layers:
+        out, inp = shapes[f"{layer}.weight"]
+        updates[layer] = tuple(0.3 * torch.randn(*s, generator=g) for s in ((rank, inp), (out, rank), (out,)))
+    return updates
+
+
+def save_diffusers_lora(path, updates, *, alpha=None, bias=False, prefix="transformer."):
+    """`updates` in diffusers' format: `prefix` + layer + .lora_A/.lora_B(.bias); with `alpha`, the adapter
+    metadata as diffusers writes it (prefixed keys, r, lora_alpha, lora_bias, target_modules)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for layer, (a, b, b_bias) in updates.items():
+        tensors |= {f"{prefix}{layer}.lora_A.weight": a, f"{prefix}{layer}.lora_B.weight": b}
+        if bias:
+            tensors[f"{prefix}{layer}.lora_B.bias"] = b_bias
+    header = None
+    if alpha is not None:
+        rank = next(iter(updates.values()))[0].shape[0]
+        settings = {"r": rank, "lora_alpha": alpha, "lora_bias": bias, "target_modules": sorted(updates)}
+        header = {"lora_adapter_metadata": json.dumps({f"{prefix}{k}": v for k, v in settings.items()})}
+    save_file(tensors, path, metadata=header)
+    return path
+
+
+def save_original_hunyuan_lora(path, num_double, num_single, width, ffn, rank=2, seed=1):
+    """A LoRA in the original HunyuanVideo format (`diffusion_model.` keys, the fused `img_attn_qkv`, the
+    original module names) that diffusers' HunyuanVideoPipeline converts: each dual-stream block's image qkv and
+    text MLP input, each single-stream block's output projection (`linear2`). (Single-stream `linear1` is left
+    out: diffusers' converter splits it at HunyuanVideo's width 3072, which a tiny model does not have.)"""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    layers = {**{f"double_blocks.{i}.img_attn_qkv": (3 * width, width) for i in range(num_double)},
+              **{f"double_blocks.{i}.txt_mlp.fc1": (ffn, width) for i in range(num_double)},
+              **{f"single_blocks.{i}.linear2": (width, width + ffn) for i in range(num_single)}}
+    tensors = {}
+    for layer, (out, inp) in layers.items():
+        tensors[f"diffusion_model.{layer}.lora_A.weight"] = 0.3 * torch.randn(rank, inp, generator=g)
+        tensors[f"diffusion_model.{layer}.lora_B.weight"] = 0.3 * torch.randn(out, rank, generator=g)
+    save_file(tensors, path)
+    return path
+
+
+# HunyuanVideo v1, tiny (assets/tiny-hunyuan): width 32 (2 heads x 16), ffn 64, 2 dual- and 2 single-stream blocks,
+# 1 refiner block. Diffusers' format (rank 4, alpha 8: scaling 2, a lora_B.bias on every layer) on the dual-stream
+# blocks' video and text projections, the single-stream blocks' attention, MLP and output, the token refiner, the
+# guidance embedder and the output projection; and the original HunyuanVideo format that diffusers converts.
+HUNYUAN_LAYERS = [
+    *(f"transformer_blocks.{i}.{m}" for i in range(2)
+      for m in ("attn.to_q", "attn.add_k_proj", "attn.to_add_out", "ff.net.0.proj")),
+    *(f"single_transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn.to_v", "proj_mlp", "proj_out")),
+    "context_embedder.token_refiner.refiner_blocks.0.attn.to_q", "time_text_embed.guidance_embedder.linear_1",
+    "proj_out"]
+
+
+def make_hunyuan_loras(folder):
+    """(diffusers-format file, original-format file) for the tiny HunyuanVideo, shaped from its linear layers."""
+    from freeloc_dist.config import REPO_ROOT
+    from freeloc_dist.family import model_family
+
+    model = REPO_ROOT / "assets" / "tiny-hunyuan"
+    shapes = model_family(model).transformer_shapes(model, "transformer")
+    folder.mkdir(parents=True, exist_ok=True)
+    style = save_diffusers_lora(folder / "style.safetensors", random_updates(shapes, HUNYUAN_LAYERS, 4, 0), alpha=8,
+                                bias=True)
+    original = save_original_hunyuan_lora(folder / "original.safetensors", num_double=2, num_single=2, width=32,
+                                          ffn=64)
+    return style, original

@@ -312,7 +312,7 @@ def _lora_file(t, tensors, name="x.safetensors"):
      "not a LoRA for this model: blocks.0.attn1.to_q is [24, 24] in transformer, the LoRA's update is [40, 40]"),
     (lambda t: _lora_file(t, {"transformer.blocks.7.attn1.to_q.lora_A.weight": torch.zeros(2, 24),
                               "transformer.blocks.7.attn1.to_q.lora_B.weight": torch.zeros(24, 2)}), "",
-     "it updates blocks.7.attn1.to_q, which transformer has not"),
+     "it updates blocks.7.attn1.to_q, which is not a linear layer of transformer"),
     (lambda t: _lora_file(t, {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 24)}), "",
      "blocks.0.attn1.to_q: needs lora_A [r, in] and lora_B [out, r]"),
     (lambda t: t / "x.safetensors", ":nan", "model.loras[0].scale=nan: must be a finite number"),

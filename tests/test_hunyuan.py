@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from _cli import assert_refused, edited_config
+from _hunyuan import hunyuan_transformer_inputs
 from _joint import assert_sdpa_is_the_reference, freeloc_render, with_freeloc
 
 from freeloc_dist.config import REPO_ROOT
@@ -98,22 +99,12 @@ def test_phi_text_phase_differs_from_natural_past_R():
 
 
 # ---- the processor inside the model -----------------------------------------------------------------------
-def _transformer_inputs(parts, frames, seed=1, padded=2):
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randn(1, 6, 32, generator=g)
-    mask = torch.ones(1, 6)
-    mask[:, 6 - padded:] = 0  # padded text, masked as the stock pipeline masks it
-    return dict(hidden_states=torch.randn(1, 4, frames, 8, 8, generator=g), timestep=torch.tensor([500.0]),
-                encoder_hidden_states=text, encoder_attention_mask=mask,
-                pooled_projections=torch.randn(1, 16, generator=g), guidance=torch.tensor([6000.0]), return_dict=False)
-
-
 def test_forced_freeloc_path_equals_stock_attention(parts):
     """With stock plans forced through FreeLOC's joint path (route_stock, as sequence parallelism forces it), every
     layer (dual- and single-stream) computes diffusers' joint attention: the adapter's projections, text
     handling and padded-key mask are the stock processor's."""
     model = parts.transformer
-    inputs = _transformer_inputs(parts, frames=3)
+    inputs = hunyuan_transformer_inputs(frames=3)
     with torch.no_grad():
         stock = model(**inputs)[0]
     ours = with_freeloc(model, inputs, TINY_PROFILE, route_stock=True)
@@ -125,7 +116,7 @@ def test_model_at_F_gt_T_sdpa_equals_reference_backend(parts, text_phase, tmp_pa
     """Every layer kind of the tiny profile (tsa, vrpr, full; dual and single blocks) through the processor at
     F = 7 > T = 5: the sdpa backend equals the materialised float64 reference, and FreeLOC changed the output."""
     profile = {**yaml.safe_load(TINY_PROFILE.read_text()), "text_phase": text_phase}
-    assert_sdpa_is_the_reference(parts.transformer, _transformer_inputs(parts, frames=7), profile)
+    assert_sdpa_is_the_reference(parts.transformer, hunyuan_transformer_inputs(frames=7), profile)
 
 
 def test_vae_frame_ranges_decode_exactly_diffusers_decode(parts):
@@ -222,7 +213,6 @@ CASES = [
     ("flex-backend", lambda t: ["--backend", "flex"], "attention_backend=flex: joint text-video attention"),
     ("text-encoder-rank0", lambda t: ["--text-encoder", "rank0"], "memory.text_encoder=rank0: not supported for Hu"),
     ("shard-weights", lambda t: ["--shard-weights", "true"], "memory.shard_weights=true: not supported for Hunyu"),
-    ("lora", lambda t: ["--lora", str(t / "x.safetensors")], "model.loras: not supported for HunyuanVideo"),
     ("storyboard", lambda t: _storyboard(t), "has no per-frame text conditioning"),
 ]
 

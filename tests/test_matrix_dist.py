@@ -17,7 +17,8 @@ two-expert model with `text_encoder: rank0` (the other ranks never load the enco
 the storyboard row gives each rank only its own frames' texts (a blend, a hard cut, a per-segment negative
 prompt) under every world shape;
 HunyuanVideo runs joint text-video attention (text replicated per rank, text queries merged across ranks)
-in every layer kind; HunyuanVideo 1.5 too, with real CFG on two rank groups and its image-to-video channels.
+in every layer kind; HunyuanVideo 1.5 too, with real CFG on two rank groups and its image-to-video channels;
+the HunyuanVideo speed row runs an unfused LoRA, UniPC and a first block cache that skips calls, with true CFG.
 """
 
 import json
@@ -68,6 +69,12 @@ MODELS = {
     # in miniature; image-to-video slices the conditioning channels and sends SigLIP tokens to every rank
     "hunyuan15-t2v": ("configs/tiny-random-hunyuan15.yaml", [*SMALL, "--steps", "2", "--prompt", 'a sign says "hi"']),
     "hunyuan15-i2v": ("configs/tiny-random-hunyuan15-i2v.yaml", [*SMALL, "--steps", "2"]),
+    # the speed levers on HunyuanVideo: an unfused LoRA on every kind of layer, UniPC, and the first block cache
+    # (3 of 12 calls skipped) with true CFG: each pass keeps its own cache state, decided for the whole video
+    "hunyuan-t2v-fast": ("configs/tiny-random-hunyuan.yaml",
+                         [*SMALL, "--steps", "6", "--true-cfg-scale", "1.5", "--negative-prompt", "blurry",
+                          "--lora", "{hunyuan_lora}:0.7", "--no-fuse-loras", "--scheduler", "unipc",
+                          "--cache", "first_block", "--cache-threshold", "0.9"]),
 }
 # diffusers' caches through the CLI (8 steps: each skips work on the tiny model): a flag, or a config with the
 # `cache:` section (written by the `written_configs` fixture); the one-process reference renders the same argv.
@@ -95,7 +102,7 @@ MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") fo
     ("skeleton-t2v", "sp2"), ("skeleton-t2v", "cfg2xsp2"), ("wan-t2v-a14b-fast", "sp2"),
     *[("wan-t2v-a14b-memory", world) for world in WORLDS],
     *[("wan-t2v-storyboard", world) for world in WORLDS],
-    ("hunyuan-t2v", "sp2"), ("hunyuan-t2v", "sp3"), ("hunyuan-t2v-cfg", "cfg2xsp2"),
+    ("hunyuan-t2v", "sp2"), ("hunyuan-t2v", "sp3"), ("hunyuan-t2v-cfg", "cfg2xsp2"), ("hunyuan-t2v-fast", "sp2"),
     *[("hunyuan15-t2v", world) for world in WORLDS], ("hunyuan15-i2v", "sp3"),
     # every cache on 2 and 3 ranks (the first block cache also cfg 2 x sp 2); 1 rank is the reference
     *[("cache-first-block", world) for world in WORLDS],
@@ -110,22 +117,24 @@ MODELS["wan-t2v-plain"] = ("configs/tiny-random.yaml", SMALL)  # the cache rows 
 
 
 def case_argv(config: str, argv: list[str], folder: Path, name: str) -> list[str]:
-    argv = [a.replace("{lora}", str(LORA)) for a in argv]
+    argv = [a.replace("{lora}", str(LORA)).replace("{hunyuan_lora}", str(HUNYUAN_LORA)) for a in argv]
     return ["--config", config, *argv, "--quiet", "--out", str(folder / f"{name}.mp4"),
             "--save-latents", str(folder / f"{name}.safetensors")]
 
 
-LORA = None  # the `{lora}` of an argv: a tiny random LoRA file (tests/_loras.py), written by the `lora` fixture
+# the `{lora}` / `{hunyuan_lora}` of an argv: tiny random LoRA files (tests/_loras.py), written by the `lora` fixture
+LORA = HUNYUAN_LORA = None
 
 
 @pytest.fixture(scope="module", autouse=True)
 def lora(tmp_path_factory):
-    global LORA
-    from _loras import make_loras
+    global LORA, HUNYUAN_LORA
+    from _loras import make_hunyuan_loras, make_loras
 
-    LORA = make_loras(tmp_path_factory.mktemp("lora"))[0]
+    folder = tmp_path_factory.mktemp("lora")
+    LORA, HUNYUAN_LORA = make_loras(folder)[0], make_hunyuan_loras(folder / "hunyuan")[0]
     yield LORA
-    LORA = None
+    LORA = HUNYUAN_LORA = None
 
 
 @pytest.fixture(scope="module")

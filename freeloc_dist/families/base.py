@@ -65,9 +65,21 @@ class Family:
         raise NotImplementedError(f"LoRAs are not supported for the {self.name} family yet")
 
     def transformer_shapes(self, model_dir, expert: str) -> dict[str, tuple[int, ...]]:
-        """{parameter name: shape} of one expert's transformer (a component name, e.g. "transformer_2"), built
-        from its config on the meta device (no weight read): what a LoRA is checked against before loading."""
-        raise NotImplementedError
+        """{parameter name: shape} of the linear layers (weight [out, in], bias [out]) of one expert's transformer
+        (a component name, e.g. "transformer_2"), built from its config on the meta device (no weight read, no
+        memory): the layers a LoRA may update, checked before loading. The family's diffusers class
+        (transformer_classes[0]) builds it; other modules (convolutions, embeddings) are not listed."""
+        from pathlib import Path
+
+        import diffusers
+        import torch
+
+        from .layout import config_of
+
+        with torch.device("meta"):
+            model = getattr(diffusers, self.transformer_classes[0]).from_config(config_of(Path(model_dir) / expert))
+        return {f"{name}.{kind}": tuple(p.shape) for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) for kind, p in module.named_parameters(recurse=False)}
 
     # -- inputs and VAE ---------------------------------------------------------------------------------------
     def encode_prompt(self, components, prompt: str, max_tokens: int):

@@ -35,6 +35,7 @@ class HunyuanVideoFamily(Family):
     weights_signature = delegate(__package__, "loading", "weights_signature")
     load_components = delegate(__package__, "loading", "load_components")
     load_scheduler = delegate(__package__, "loading", "load_scheduler")
+    read_lora = delegate(__package__, "loading", "read_lora")  # diffusers' HunyuanVideo LoRA formats
 
     # -- inputs and VAE ---------------------------------------------------------------------------------------
     encode_prompt = delegate(__package__, "text", "encode_prompt")
@@ -56,7 +57,32 @@ class HunyuanVideoFamily(Family):
         if cfg.parallel.cfg_degree == 2 and s.true_cfg_scale <= 1.0:
             return ("parallel.cfg_degree=2: HunyuanVideo embeds its guidance (sampling.guidance_scale) and runs no "
                     "unconditional pass unless sampling.true_cfg_scale > 1")
-        return self.not_built(cfg)
+        return self.refused_speedup(cfg) or self.not_built(cfg)
+
+    # sampling.scheduler choices and caches (`cache.name`) a render of this family cannot run as diffusers' own
+    # pipeline does, and why (tests/test_hunyuan_fast_sampling.py runs the others against the pipelines)
+    refused_schedulers = {"dpm++": "DPMSolverMultistepScheduler takes no custom sigmas, which HunyuanVideo's "
+                                   "sampling passes (the diffusers pipeline refuses it too)"}
+    refused_caches: dict = {}
+
+    def refused_speedup(self, cfg):
+        """A scheduler or cache of the render this family refuses, as one line (None: nothing)."""
+        s, name = cfg.sampling, (cfg.cache or {}).get("name")
+        if s.scheduler in self.refused_schedulers:
+            from ...choices import SCHEDULER_CHOICES
+
+            others = ", ".join(c for c in SCHEDULER_CHOICES if c not in self.refused_schedulers)
+            return (f"sampling.scheduler={s.scheduler}: not for {self.title}: {self.refused_schedulers[s.scheduler]}; "
+                    f"use one of: {others}")
+        if name in self.refused_caches:
+            return f"cache.name={name}: not for {self.title}: {self.refused_caches[name]}"
+        if name == "pyramid_attention_broadcast" and self.classifier_free(s)[0]:
+            # diffusers' pipelines pad both texts to one length and the cache hands one pass's attention output
+            # to the other; the render drops padded text, so the two passes' outputs differ in length
+            return (f"cache.name={name}: not with {self.title}'s classifier-free guidance (the cache shares "
+                    "attention outputs between the conditional and unconditional passes, whose texts differ in "
+                    "length here); use it with one pass, or another cache")
+        return None
 
     title = "HunyuanVideo"  # the model's name in refusals
 
@@ -64,15 +90,13 @@ class HunyuanVideoFamily(Family):
         """Settings refused because they are not built for these families yet (HunyuanVideo 1.5's too): their text
         is a dataclass of several tensors (HunyuanText: Llama states, mask, CLIP pooled), which the rank-0
         broadcast does not carry; v1's dual- and single-stream blocks differ in size (the planner's sharded share
-        assumes one block size); LoRAs are read with Wan's converters."""
+        assumes one block size)."""
         if cfg.sampling.guidance_scale_2 is not None:
             return f"sampling.guidance_scale_2: {self.title} has one transformer (no second expert)"
         if cfg.memory.text_encoder == "rank0":
             return f"memory.text_encoder=rank0: not supported for {self.title} yet; use gpu or cpu"
         if cfg.memory.shard_weights:
             return f"memory.shard_weights=true: not supported for {self.title} yet"
-        if cfg.model.loras:
-            return f"model.loras: not supported for {self.title} yet (LoRAs are read with Wan's converters)"
         return None
 
     def render_inputs(self, components, cfg, geometry, image, device, dtype):

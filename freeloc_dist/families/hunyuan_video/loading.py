@@ -122,3 +122,13 @@ def save_components(parts: Components, out_dir: str | Path) -> Path:
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     write_declared_trained_frames(out, parts.trained_frames)  # ours, not diffusers': a test model's declared T
     return out
+
+
+def read_lora(path: str | Path) -> tuple[dict, dict | None]:
+    """(state dict, metadata) of a local HunyuanVideo LoRA file as diffusers' HunyuanVideoPipeline reads it
+    (`lora_state_dict`, what `load_lora_weights` applies): diffusers' own format (`transformer.` keys, with the
+    adapter metadata `save_lora_weights` writes) and the original HunyuanVideo format (`diffusion_model.` keys,
+    fused `img_attn_qkv` / `linear1`), which diffusers converts. Needs no peft; freeloc_dist.loras applies it."""
+    from diffusers import HunyuanVideoPipeline
+
+    return HunyuanVideoPipeline.lora_state_dict(str(path), return_lora_metadata=True, local_files_only=True)

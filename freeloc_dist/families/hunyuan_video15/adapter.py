@@ -32,6 +32,7 @@ class HunyuanVideo15Family(HunyuanVideoFamily):
     weights_signature = delegate(__package__, "loading", "weights_signature")
     load_components = delegate(__package__, "loading", "load_components")
     load_scheduler = delegate(__package__, "loading", "load_scheduler")
+    read_lora = delegate(__package__, "loading", "read_lora")  # diffusers' format only (no 1.5 converter)
     encode_prompt = delegate(__package__, "text", "encode_prompt")
     vae_scale_factors = delegate(__package__, "vae", "vae_scale_factors")
     can_decode_ranges = delegate(__package__, "vae", "can_decode_ranges")
@@ -47,7 +48,18 @@ class HunyuanVideo15Family(HunyuanVideoFamily):
         if s.guidance_scale < 1.0:  # the pipeline's guider runs CFG below 1 too; the engine's rule is > 1
             return (f"sampling.guidance_scale={s.guidance_scale:g}: below 1 is not supported for HunyuanVideo 1.5 "
                     "(1: no guidance; > 1: classifier-free guidance)")
-        return self.not_built(cfg)
+        return self.refused_speedup(cfg) or self.not_built(cfg)
+
+    refused_schedulers = {
+        **HunyuanVideoFamily.refused_schedulers,
+        # UniPC's timesteps are integers; the 1.5 pipeline casts every timestep to the model's dtype, the render
+        # passes the scheduler's own (exact for Euler's float timesteps)
+        "unipc": "its integer timesteps are not cast to the model's dtype as HunyuanVideo15Pipeline casts them "
+                 "(not built)"}
+    # diffusers 0.42 registers no HunyuanVideo15TransformerBlock for the caches that skip blocks; the pipeline
+    # fails the same way
+    refused_caches = {name: "diffusers has no block registration of HunyuanVideo 1.5 for this cache"
+                      for name in ("first_block", "mag", "sea")}
 
     def render_inputs(self, components, cfg, geometry, image, device, dtype):
         from ...images import load_image

@@ -183,3 +183,31 @@ def save_components(parts: Components, out_dir: str | Path, guider=None) -> Path
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     write_declared_trained_frames(out, parts.trained_frames)  # ours, not diffusers': a test model's declared T
     return out
+
+
+# Key prefixes of LoRA formats other than diffusers' (ComfyUI / original checkpoints, kohya and musubi-tuner,
+# peft's PeftModel): diffusers converts none of them for HunyuanVideo 1.5.
+_OTHER_FORMATS = ("diffusion_model.", "lora_unet_", "lora_transformer_", "base_model.model.")
+
+
+def read_lora(path: str | Path) -> tuple[dict, dict | None]:
+    """(state dict with `transformer.` keys, metadata) of a local HunyuanVideo 1.5 LoRA file. diffusers 0.42 has
+    no LoRA loader (nor converter) for HunyuanVideo15Pipeline, so only diffusers' own format is read, as the
+    transformer's `load_lora_adapter` takes it: `transformer.`-prefixed keys (its default prefix; what a
+    pipeline's `save_lora_weights` writes) or unprefixed keys (`prefix=None`; what the transformer's
+    `save_lora_adapter` writes), with the adapter metadata in the safetensors header. Another format is refused
+    (NotImplementedError naming it) rather than read as layers the model does not have."""
+    from diffusers.loaders.lora_base import _fetch_state_dict
+
+    state, metadata = _fetch_state_dict(str(path), weight_name=None, use_safetensors=True, local_files_only=True,
+                                        cache_dir=None, force_download=False, proxies=None, token=None,
+                                        revision=None, subfolder=None, user_agent=None, allow_pickle=True)
+    if any(k.startswith("transformer.") for k in state):
+        return state, metadata
+    other = next((k for k in state if k.startswith(_OTHER_FORMATS)), None)
+    if other is not None:
+        raise NotImplementedError(
+            f"not in diffusers' LoRA format ({other}); diffusers converts no other format for HunyuanVideo 1.5: "
+            "give transformer.<layer>.lora_A/lora_B keys, as save_lora_weights or save_lora_adapter write them")
+    return ({f"transformer.{k}": v for k, v in state.items()},
+            None if metadata is None else {f"transformer.{k}": v for k, v in metadata.items()})

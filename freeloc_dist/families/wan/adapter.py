@@ -31,7 +31,6 @@ class WanFamily(Family):
 
     # -- LoRAs --------------------------------------------------------------------------------------------
     read_lora = delegate(__package__, "loading", "read_lora")
-    transformer_shapes = delegate(__package__, "loading", "transformer_shapes")
 
     # -- inputs and VAE ---------------------------------------------------------------------------------------
     def encode_prompt(self, components, prompt, max_tokens):

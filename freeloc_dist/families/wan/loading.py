@@ -22,7 +22,6 @@ from freeloc_dist.config import ConfigError
 from freeloc_dist.models import Components, resolve_dtype
 
 from ..layout import check_weights_against
-from ..layout import config_of as _config_of
 from ..layout import has_weights as _has_weights
 from ..layout import load_scheduler as _load_scheduler
 from ..layout import weights_signature as _weights_signature
@@ -97,16 +96,6 @@ def check_weights_match_config(model_dir: str | Path) -> None:
     for sub in weight_subfolders(_index_of(root)):
         # diffusers saves every tensor (transformers leaves tied ones out)
         check_weights_against(root, sub, builders[sub], all_tensors=sub != "text_encoder")
-
-
-def transformer_shapes(model_dir: str | Path, expert: str) -> dict[str, tuple[int, ...]]:
-    """{parameter name: shape} of the transformer in `expert`/ (transformer or transformer_2), built from its
-    config on the meta device: no weight is read and no memory used."""
-    from diffusers import WanTransformer3DModel
-
-    with torch.device("meta"):
-        model = WanTransformer3DModel.from_config(_config_of(Path(model_dir) / expert))
-    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
 
 def read_lora(path: str | Path) -> tuple[dict, dict | None]:
