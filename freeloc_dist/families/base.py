@@ -139,8 +139,9 @@ class Family:
         group and gathered one at a time (memory.shard_weights)."""
         raise NotImplementedError
 
-    def block_params(self, config) -> float:
-        """Parameters of one of those blocks, from the transformer's config (the planner's sharded share)."""
+    def weight_block_params(self, config) -> list[float]:
+        """Parameters of each of those blocks, in forward order, from the transformer's config (the planner's sharded
+        share, its largest gathered block and the all-gather bytes)."""
         raise NotImplementedError
 
     # -- the dry-run planner (freeloc_dist.planner) -----------------------------------------------------------
