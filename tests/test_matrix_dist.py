@@ -20,6 +20,7 @@ HunyuanVideo runs joint text-video attention (text replicated per rank, text que
 in every layer kind; HunyuanVideo 1.5 too, with real CFG on two rank groups and its image-to-video channels.
 """
 
+import functools
 import json
 import os
 import re
@@ -272,6 +273,35 @@ def test_sharded_weights_gather_every_block_at_every_pass(worlds, model, world):
     log = results[model]["logs"][0]
     got = [int(n.replace(",", "")) for n in re.findall(r"rank \d+: .*weights=([\d,]+)", log)]
     assert got == [want] * ranks, log
+
+
+@functools.lru_cache(maxsize=4)
+def text_bytes(model_path: str, prompts: tuple[str, ...], max_tokens: int) -> int:
+    """Bytes of the text conditioning of `prompts` as the model's family encodes them in one process: every field of
+    its text (a tensor, or a dataclass of tensors), each in its own dtype."""
+    import dataclasses
+
+    from freeloc_dist.families import family_of
+    from freeloc_dist.models import load_components
+
+    parts = load_components(model_path, "float32", "cpu")
+    texts = [family_of(parts.transformer).encode_prompt(parts, p, max_tokens) for p in prompts]
+    tensors = [x for t in texts for x in ([getattr(t, f.name) for f in dataclasses.fields(t)]
+                                          if dataclasses.is_dataclass(t) else [t])]
+    return sum(x.numel() * x.element_size() for x in tensors)
+
+
+@pytest.mark.parametrize("model, world", MEMORY_CASES, ids=[f"{m}-{w}" for m, w in MEMORY_CASES])
+def test_rank0_broadcasts_every_field_of_both_prompts(worlds, model, world):
+    """--report-comm's prompt bytes: every rank but 0 receives the whole text conditioning of the prompt and the
+    negative prompt (every field of the family's text, masks in their own dtype, empty ByT5 tensors)."""
+    folder, results = worlds(world)
+    cfg = json.loads((folder / f"{model}.json").read_text())["config"]  # the render's sidecar
+    s = cfg["sampling"]
+    want = text_bytes(cfg["model"]["path"], (cfg["prompt"], s["negative_prompt"]), s["max_text_tokens"]) / s["steps"]
+    log = results[model]["logs"][0]
+    got = [int(n.replace(",", "")) for n in re.findall(r"rank \d+: .*prompts=([\d,]+)", log)]
+    assert got == [0] + [round(want)] * (WORLDS[world][0] - 1), (log, want)
 
 
 def test_ti2v_latents_have_its_shape(reference):
