@@ -72,10 +72,10 @@ MODELS = {
 }
 # memory settings on both HunyuanVideo families: rank 0 broadcasts every field of the text (v1: Llama states, mask,
 # CLIP pooled, and the negative prompt's; 1.5: Qwen and ByT5 states and masks, the negative's ByT5 ones empty);
-# FSDP2 shards v1's dual- and single-stream blocks (two sizes), 1.5's blocks
+# FSDP2 shards v1's dual- and single-stream blocks (two sizes), 1.5's blocks; 1.5's image-to-video on 3 ranks
 MEMORY = ["--text-encoder", "rank0", "--shard-weights", "true", "--report-comm"]
 MODELS.update({f"{model}-memory": (MODELS[model][0], [*MODELS[model][1], *MEMORY])
-               for model in ("hunyuan-t2v-cfg", "hunyuan15-t2v")})
+               for model in ("hunyuan-t2v-cfg", "hunyuan15-t2v", "hunyuan15-i2v")})
 # diffusers' caches through the CLI (8 steps: each skips work on the tiny model): a flag, or a config with the
 # `cache:` section (written by the `written_configs` fixture); the one-process reference renders the same argv.
 # First block cache at 0.102: at the 5th call the whole video's ratio is 0.1026 (compute) while the last 4 of 9
@@ -105,6 +105,7 @@ MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") fo
     ("hunyuan-t2v", "sp2"), ("hunyuan-t2v", "sp3"), ("hunyuan-t2v-cfg", "cfg2xsp2"),
     *[("hunyuan15-t2v", world) for world in WORLDS], ("hunyuan15-i2v", "sp3"),
     *[(f"{model}-memory", world) for model in ("hunyuan-t2v-cfg", "hunyuan15-t2v") for world in WORLDS],
+    ("hunyuan15-i2v-memory", "sp3"),
     # every cache on 2 and 3 ranks (the first block cache also cfg 2 x sp 2); 1 rank is the reference
     *[("cache-first-block", world) for world in WORLDS],
     *[(f"cache-{name}", world) for name in ("sea", "mag", "taylorseer", "pab", "text-kv") for world in ("sp2", "sp3")],
