@@ -10,8 +10,9 @@ E experts (1, or 2 for Wan2.2 A14B), a text encoder of T parameters and sp seque
                                  (swapped once per render: 2 P b over the host link)
   text encoder                   gpu / rank0: T b on the device while the prompts are encoded, then freed (the
                                  peak is the larger of encoding and sampling); cpu: T b in host memory;
-                                 rank0 (rank 0 is the worst rank): the others receive the embeddings (count x
-                                 text tokens x text width x b once per job) and never hold the encoder
+                                 rank0 (rank 0 is the worst rank): the others receive each prompt's text
+                                 conditioning (at most the family's `prompt_bytes` each, once per job) and never
+                                 hold the encoder
   FSDP2 all-gathers              (sp - 1) / sp x S b received per transformer pass (FSDP pads each tensor's
                                  rows to a multiple of sp: the run's count, parallel.fsdp, is a little higher)
 """
@@ -61,7 +62,7 @@ class WeightPlan:
 
 def plan_weights(s: MemorySettings, *, transformer_params: float, block_params: Sequence[float], experts: int,
                  text_encoder_params: float, dtype_bytes: int, sp: int, passes: int, prompts: int,
-                 text_tokens: int, text_dim: int, world: int) -> WeightPlan:
+                 prompt_bytes: float, world: int) -> WeightPlan:
     """The weight lines of one rank (the worst: rank 0) under settings `s` (formulas: the module docstring);
     `block_params`: the parameters of each sharded block, in forward order."""
     whole = transformer_params * dtype_bytes
@@ -85,7 +86,7 @@ def plan_weights(s: MemorySettings, *, transformer_params: float, block_params: 
     else:
         encoding = encoder
     if s.text_encoder == "rank0" and world > 1:
-        per_job["prompt embeddings (rank 0 broadcast)"] = prompts * text_tokens * text_dim * dtype_bytes
+        per_job["prompt embeddings (rank 0 broadcast)"] = prompts * prompt_bytes
     return WeightPlan(device, encoding, host, per_step, per_job)
 
 

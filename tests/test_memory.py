@@ -178,8 +178,8 @@ def test_block_count_and_gathered_bytes_match_the_built_model():
     for sp in (2, 3):
         planned = plan_weights(MemorySettings("gpu", "resident", True), transformer_params=1e6,
                                block_params=[block_params(t)] * t["num_layers"], experts=1,
-                               text_encoder_params=0, dtype_bytes=4, sp=sp, passes=1, prompts=1, text_tokens=1,
-                               text_dim=1, world=sp).per_step["weights"]
+                               text_encoder_params=0, dtype_bytes=4, sp=sp, passes=1, prompts=1, prompt_bytes=1,
+                               world=sp).per_step["weights"]
         counted = sum(gathered_bytes(block, sp) for block in model.blocks)
         pad = sum((sp - 1) * (p[0].numel() if p.ndim else 1) * 4 for b in model.blocks for p in b.parameters())
         assert planned <= counted <= planned + pad, (sp, planned, counted)
@@ -252,10 +252,10 @@ def family_named(name):
 
 
 @functools.lru_cache(maxsize=2)
-def tiny_transformer(name):
+def tiny_parts(name):
     from freeloc_dist.models import load_components
 
-    return load_components(REPO_ROOT / "assets" / HUNYUAN[name], "float32", "cpu").transformer
+    return load_components(REPO_ROOT / "assets" / HUNYUAN[name], "float32", "cpu")
 
 
 def published(name):
@@ -275,7 +275,7 @@ def test_hunyuan_block_params_are_each_blocks_own(name):
     t = published(name)
     assert family.weight_block_params(family.planner_config(t)) == hunyuan_blocks_by_hand(t)
     assert set(hunyuan_blocks_by_hand(t)) == ({339_831_296, 141_591_808} if name == "hunyuan_video" else {151_056_896})
-    transformer = tiny_transformer(name)
+    transformer = tiny_parts(name).transformer
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
     built = [sum(p.numel() for p in block.parameters()) for block in family.weight_blocks(transformer)]
     assert family.weight_block_params(config) == hunyuan_blocks_by_hand(config) == built
@@ -307,13 +307,13 @@ def test_hunyuan_planned_all_gather_bytes_are_fsdp_layout_less_padding(name):
     from freeloc_dist.memory_plan import MemorySettings, plan_weights
     from freeloc_dist.parallel.fsdp import gathered_bytes
 
-    transformer, family = tiny_transformer(name), family_named(name)
+    transformer, family = tiny_parts(name).transformer, family_named(name)
     blocks = family.weight_blocks(transformer)
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
     for sp in (2, 3):
         planned = plan_weights(MemorySettings("gpu", "resident", True), transformer_params=1e6,
                                block_params=family.weight_block_params(config), experts=1, text_encoder_params=0,
-                               dtype_bytes=4, sp=sp, passes=1, prompts=1, text_tokens=1, text_dim=1,
+                               dtype_bytes=4, sp=sp, passes=1, prompts=1, prompt_bytes=1,
                                world=sp).per_step["weights"]
         counted = sum(gathered_bytes(block, sp) for block in blocks)
         pad = sum((sp - 1) * (p[0].numel() if p.ndim else 1) * 4 for b in blocks for p in b.parameters())
@@ -358,3 +358,15 @@ def test_hunyuan_one_process_with_rank0_and_sharding_equals_whole_weights(genera
         latents[run] = load_file(tmp_path / f"{run}.safetensors")["latents"]
     assert "warning: memory.shard_weights=true has no effect with one sequence-parallel rank" in capsys.readouterr().err
     assert rel_err(latents["memory"], latents["whole"]) < 1e-6
+
+
+@pytest.mark.parametrize("name", list(HUNYUAN))
+def test_hunyuan_planned_prompt_bytes_are_a_full_prompts_text(name):
+    """prompt_bytes (the planner's rank-0 broadcast per prompt) against the text of a prompt that fills every token
+    slot (a long prompt; for 1.5 also quoted text past ByT5's 256 tokens), encoded by the tiny model: every field,
+    masks in int64, as Comm.broadcast sends them."""
+    parts, family = tiny_parts(name), family_named(name)
+    config = {k: v for k, v in parts.transformer.config.items() if not k.startswith("_")}
+    text = family.encode_prompt(parts, "a red fox " * 40 + '"' + "hello " * 60 + '"', 16)
+    sent = sum(getattr(text, f.name).numel() * getattr(text, f.name).element_size() for f in dataclasses.fields(text))
+    assert family.prompt_bytes(config, 16, 4) == sent

@@ -133,6 +133,9 @@ class HunyuanVideoFamily(Family):
     def weight_block_params(self, config):
         return self.counts.weight_block_params(config)
 
+    def prompt_bytes(self, config, max_tokens, dtype_bytes):
+        return self.counts.prompt_bytes(config, max_tokens, dtype_bytes)
+
     def linear_flops_per_pass(self, config, video_tokens, text_tokens, text_runs=1.0):
         return self.counts.linear_flops_per_pass(config, video_tokens, text_tokens)  # one text (no storyboards)
 

@@ -67,6 +67,16 @@ def weight_block_params(t: Mapping[str, Any]) -> list[float]:
     return [float(n) for n in _counts_of(t)[1]]
 
 
+MASK_BYTES = 8  # a text mask travels as the tokenizer made it: int64
+
+
+def prompt_bytes(t: Mapping[str, Any], max_tokens: int, dtype_bytes: int) -> float:
+    """One prompt's HunyuanText at most: Llama states and their mask over max_tokens, CLIP's pooled output."""
+    c = t.get("_model_config", t)
+    return float(max_tokens * (c["text_embed_dim"] * dtype_bytes + MASK_BYTES)
+                 + c["pooled_projection_dim"] * dtype_bytes)
+
+
 def transformer_params(t: Mapping[str, Any]) -> float:
     """Parameter count of a HunyuanVideoTransformer3DModel from its config (12.82e9 for the published one)."""
     return float(_counts_of(t)[0])

@@ -13,6 +13,7 @@ import functools
 import json
 from typing import Any, Mapping
 
+from ..hunyuan_video.counts import MASK_BYTES
 from .kind import TRAINED_FRAMES, patch_of
 
 T2V_ID = "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v"
@@ -71,6 +72,16 @@ def transformer_params(t: Mapping[str, Any]) -> float:
 def weight_block_params(t: Mapping[str, Any]) -> list[float]:
     """Parameters of each block memory.shard_weights shards (the dual-stream blocks, all alike)."""
     return [float(n) for n in _counts_of(t)[1]]
+
+
+def prompt_bytes(t: Mapping[str, Any], max_tokens: int, dtype_bytes: int) -> float:
+    """One prompt's Hunyuan15Text at most: Qwen states and mask over max_tokens, ByT5 states and mask over its
+    256 tokens (masks int64, as the tokenizers make them)."""
+    from .text import BYT5_TOKENS
+
+    c = t.get("_model_config", t)
+    return float(max_tokens * (c["text_embed_dim"] * dtype_bytes + MASK_BYTES)
+                 + BYT5_TOKENS * (c["text_embed_2_dim"] * dtype_bytes + MASK_BYTES))
 
 
 def text_encoder_params(te: Mapping[str, Any] | None) -> float:
