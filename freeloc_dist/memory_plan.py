@@ -1,22 +1,26 @@
 """What each `memory:` setting keeps on the render device, in host memory, and what it moves: the dry-run
 planner's part of freeloc_dist.memory (torch-free, numbers only).
 
-Per rank, for a model of P transformer parameters in L blocks of B parameters each, b bytes per parameter,
+Per rank, for a model of P transformer parameters with blocks of B_1 .. B_L parameters (the family's
+`weight_block_params`: one model's blocks may differ in size), S = B_1 + .. + B_L, b bytes per parameter,
 E experts (1, or 2 for Wan2.2 A14B), a text encoder of T parameters and sp sequence-parallel ranks:
-  one expert on the device       whole: P b;  shard_weights: (P - L B + L B / sp) b, plus one gathered block B b
+  one expert on the device       whole: P b;  shard_weights: (P - S + S / sp) b, plus one gathered block, the
+                                 largest: max B_i b (a block is gathered for its forward and freed after)
   the second expert              resident: as the first;  offload: none on the device, P b in host memory
                                  (swapped once per render: 2 P b over the host link)
   text encoder                   gpu / rank0: T b on the device while the prompts are encoded, then freed (the
                                  peak is the larger of encoding and sampling); cpu: T b in host memory;
-                                 rank0 (rank 0 is the worst rank): the others receive the embeddings (count x
-                                 text tokens x text width x b once per job) and never hold the encoder
-  FSDP2 all-gathers              (sp - 1) / sp x L B b received per transformer pass (FSDP pads each tensor's
+                                 rank0 (rank 0 is the worst rank): the others receive each prompt's text
+                                 conditioning (at most the family's `prompt_bytes` each, once per job) and never
+                                 hold the encoder
+  FSDP2 all-gathers              (sp - 1) / sp x S b received per transformer pass (FSDP pads each tensor's
                                  rows to a multiple of sp: the run's count, parallel.fsdp, is a little higher)
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +60,14 @@ class WeightPlan:
     per_job: dict[str, float]  # bytes moved once per render (expert swap, prompt broadcast)
 
 
-def plan_weights(s: MemorySettings, *, transformer_params: float, block_params: float, layers: int, experts: int,
+def plan_weights(s: MemorySettings, *, transformer_params: float, block_params: Sequence[float], experts: int,
                  text_encoder_params: float, dtype_bytes: int, sp: int, passes: int, prompts: int,
-                 text_tokens: int, text_dim: int, world: int) -> WeightPlan:
-    """The weight lines of one rank (the worst: rank 0) under settings `s` (formulas: the module docstring)."""
+                 prompt_bytes: float, world: int) -> WeightPlan:
+    """The weight lines of one rank (the worst: rank 0) under settings `s` (formulas: the module docstring);
+    `block_params`: the parameters of each sharded block, in forward order."""
     whole = transformer_params * dtype_bytes
     sharded = s.shard_weights and sp > 1
-    blocks = layers * block_params
+    blocks = sum(block_params)
     one = (transformer_params - blocks + blocks / sp) * dtype_bytes if sharded else whole
     device, host, per_step, per_job = {"weights: transformer": one}, {}, {}, {}
     if experts == 2:
@@ -72,7 +77,7 @@ def plan_weights(s: MemorySettings, *, transformer_params: float, block_params: 
         else:
             device["weights: transformer_2"] = one
     if sharded:
-        device["weights: gathered block"] = block_params * dtype_bytes
+        device["weights: gathered block"] = max(block_params) * dtype_bytes
         per_step["weights"] = (sp - 1) / sp * blocks * dtype_bytes * passes
     encoder = text_encoder_params * dtype_bytes
     encoding = 0.0
@@ -81,7 +86,7 @@ def plan_weights(s: MemorySettings, *, transformer_params: float, block_params: 
     else:
         encoding = encoder
     if s.text_encoder == "rank0" and world > 1:
-        per_job["prompt embeddings (rank 0 broadcast)"] = prompts * text_tokens * text_dim * dtype_bytes
+        per_job["prompt embeddings (rank 0 broadcast)"] = prompts * prompt_bytes
     return WeightPlan(device, encoding, host, per_step, per_job)
 
 

@@ -235,11 +235,12 @@ def _weights_planner(cfg, t, family, text_encoder_cfg, *, sp, passes, two_expert
     from .memory_plan import plan_weights
 
     def weights_of(settings):
-        return plan_weights(settings, transformer_params=transformer_params(t), block_params=family.block_params(t),
-                            layers=t["num_layers"], experts=2 if two_experts else 1,
+        return plan_weights(settings, transformer_params=transformer_params(t),
+                            block_params=family.weight_block_params(t), experts=2 if two_experts else 1,
                             text_encoder_params=family.text_encoder_params(text_encoder_cfg),
                             dtype_bytes=DTYPE_BYTES[cfg.model.dtype], sp=sp, passes=passes, prompts=prompts,
-                            text_tokens=cfg.sampling.max_text_tokens, text_dim=t.get("text_dim", 4096),
+                            prompt_bytes=family.prompt_bytes(t, cfg.sampling.max_text_tokens,
+                                                             DTYPE_BYTES[cfg.model.dtype]),
                             world=world_size)
     return weights_of
 

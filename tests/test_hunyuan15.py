@@ -133,7 +133,6 @@ CASES = [
     ("image-on-t2v", lambda t: ["--image", str(REPO_ROOT / "assets" / "i2v-first.png")], "is text-to-video"),
     ("guidance-below-1", lambda t: ["--guidance-scale", "0.5"], "sampling.guidance_scale=0.5: below 1 is not"),
     ("true-cfg-scale", lambda t: ["--true-cfg-scale", "2"], "sampling.true_cfg_scale=2: HunyuanVideo 1.5 runs real"),
-    ("text-encoder-rank0", lambda t: ["--text-encoder", "rank0"], "memory.text_encoder=rank0: not supported for Hu"),
 ]
 
 

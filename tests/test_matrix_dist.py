@@ -21,6 +21,7 @@ in every layer kind; HunyuanVideo 1.5 too, with real CFG on two rank groups and 
 the HunyuanVideo speed row runs an unfused LoRA, UniPC and a first block cache that skips calls, with true CFG.
 """
 
+import functools
 import json
 import os
 import re
@@ -76,6 +77,12 @@ MODELS = {
                           "--lora", "{hunyuan_lora}:0.7", "--no-fuse-loras", "--scheduler", "unipc",
                           "--cache", "first_block", "--cache-threshold", "0.9"]),
 }
+# memory settings on both HunyuanVideo families: rank 0 broadcasts every field of the text (v1: Llama states, mask,
+# CLIP pooled, and the negative prompt's; 1.5: Qwen and ByT5 states and masks, the negative's ByT5 ones empty);
+# FSDP2 shards v1's dual- and single-stream blocks (two sizes), 1.5's blocks; 1.5's image-to-video on 3 ranks
+MEMORY = ["--text-encoder", "rank0", "--shard-weights", "true", "--report-comm"]
+MODELS.update({f"{model}-memory": (MODELS[model][0], [*MODELS[model][1], *MEMORY])
+               for model in ("hunyuan-t2v-cfg", "hunyuan15-t2v", "hunyuan15-i2v")})
 # diffusers' caches through the CLI (8 steps: each skips work on the tiny model): a flag, or a config with the
 # `cache:` section (written by the `written_configs` fixture); the one-process reference renders the same argv.
 # First block cache at 0.102: at the 5th call the whole video's ratio is 0.1026 (compute) while the last 4 of 9
@@ -104,6 +111,8 @@ MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") fo
     *[("wan-t2v-storyboard", world) for world in WORLDS],
     ("hunyuan-t2v", "sp2"), ("hunyuan-t2v", "sp3"), ("hunyuan-t2v-cfg", "cfg2xsp2"), ("hunyuan-t2v-fast", "sp2"),
     *[("hunyuan15-t2v", world) for world in WORLDS], ("hunyuan15-i2v", "sp3"),
+    *[(f"{model}-memory", world) for model in ("hunyuan-t2v-cfg", "hunyuan15-t2v") for world in WORLDS],
+    ("hunyuan15-i2v-memory", "sp3"),
     # every cache on 2 and 3 ranks (the first block cache also cfg 2 x sp 2); 1 rank is the reference
     *[("cache-first-block", world) for world in WORLDS],
     *[(f"cache-{name}", world) for name in ("sea", "mag", "taylorseer", "pab", "text-kv") for world in ("sp2", "sp3")],
@@ -111,7 +120,8 @@ MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") fo
 assert len(set(MATRIX)) == len(MATRIX), "a case listed twice"
 # The one-process reference of a model case: its own render, except the skeleton's, which is Wan's render of the
 # same weights (tests/test_families.py shows the two equal bit for bit in one process).
-REFERENCE_OF = {"skeleton-t2v": "wan-t2v", "wan-t2v-a14b-memory": "wan-t2v-a14b"}  # memory: whole weights, alone
+REFERENCE_OF = {"skeleton-t2v": "wan-t2v", **{model: model.removesuffix("-memory")  # memory: whole weights, alone
+                                               for model in MODELS if model.endswith("-memory")}}
 MODELS["wan-t2v"] = ("configs/tiny-random.yaml", MODELS["skeleton-t2v"][1])
 MODELS["wan-t2v-plain"] = ("configs/tiny-random.yaml", SMALL)  # the cache rows without their cache
 
@@ -249,24 +259,59 @@ def test_parallel_render_equals_one_process(worlds, reference, model, world):
         assert counted == {}
 
 
-@pytest.mark.parametrize("world", list(WORLDS))
-def test_sharded_weights_gather_every_block_at_every_pass(worlds, world):
-    """--report-comm's weight bytes per step: every block of the running expert gathered at each transformer pass,
-    each tensor's rows padded to a multiple of sp (parallel.fsdp.gathered_bytes over the built expert)."""
-    from diffusers import WanTransformer3DModel
+MEMORY_CASES = [(model, world) for model, world in MATRIX if model.endswith("-memory")]
 
+
+@pytest.mark.parametrize("model, world", MEMORY_CASES, ids=[f"{m}-{w}" for m, w in MEMORY_CASES])
+def test_sharded_weights_gather_every_block_at_every_pass(worlds, model, world):
+    """--report-comm's weight bytes per step: every block of the running transformer (the family's weight_blocks)
+    gathered at each transformer pass, each tensor's rows padded to a multiple of sp (parallel.fsdp.gathered_bytes
+    over the built transformer; the planner's figure is the same less the padding: tests/test_memory.py)."""
+    import diffusers
+
+    from freeloc_dist.families import family_of
     from freeloc_dist.parallel.fsdp import gathered_bytes
 
     folder, results = worlds(world)
     ranks, argv = WORLDS[world]
     sp = ranks // (2 if "--cfg-degree" in argv else 1)
-    config = json.loads((REPO_ROOT / "assets" / "tiny-a14b" / "transformer" / "config.json").read_text())
-    expert = WanTransformer3DModel.from_config(config)
-    passes = 1 if sp < ranks else 2  # guidance 4: cond and uncond on each rank, or one each on two CFG groups
-    want = sum(gathered_bytes(block, sp) for block in expert.blocks) * passes
-    log = results["wan-t2v-a14b-memory"]["logs"][0]
+    path = yaml.safe_load((REPO_ROOT / MODELS[model][0]).read_text())["model"]["path"]
+    config = json.loads((REPO_ROOT / path / "transformer" / "config.json").read_text())
+    transformer = getattr(diffusers, config["_class_name"]).from_config(config)
+    passes = 1 if sp < ranks else 2  # guidance: cond and uncond on each rank, or one each on two CFG groups
+    want = sum(gathered_bytes(block, sp) for block in family_of(transformer).weight_blocks(transformer)) * passes
+    log = results[model]["logs"][0]
     got = [int(n.replace(",", "")) for n in re.findall(r"rank \d+: .*weights=([\d,]+)", log)]
     assert got == [want] * ranks, log
+
+
+@functools.lru_cache(maxsize=4)
+def text_bytes(model_path: str, prompts: tuple[str, ...], max_tokens: int) -> int:
+    """Bytes of the text conditioning of `prompts` as the model's family encodes them in one process: every field of
+    its text (a tensor, or a dataclass of tensors), each in its own dtype."""
+    import dataclasses
+
+    from freeloc_dist.families import family_of
+    from freeloc_dist.models import load_components
+
+    parts = load_components(model_path, "float32", "cpu")
+    texts = [family_of(parts.transformer).encode_prompt(parts, p, max_tokens) for p in prompts]
+    tensors = [x for t in texts for x in ([getattr(t, f.name) for f in dataclasses.fields(t)]
+                                          if dataclasses.is_dataclass(t) else [t])]
+    return sum(x.numel() * x.element_size() for x in tensors)
+
+
+@pytest.mark.parametrize("model, world", MEMORY_CASES, ids=[f"{m}-{w}" for m, w in MEMORY_CASES])
+def test_rank0_broadcasts_every_field_of_both_prompts(worlds, model, world):
+    """--report-comm's prompt bytes: every rank but 0 receives the whole text conditioning of the prompt and the
+    negative prompt (every field of the family's text, masks in their own dtype, empty ByT5 tensors)."""
+    folder, results = worlds(world)
+    cfg = json.loads((folder / f"{model}.json").read_text())["config"]  # the render's sidecar
+    s = cfg["sampling"]
+    want = text_bytes(cfg["model"]["path"], (cfg["prompt"], s["negative_prompt"]), s["max_text_tokens"]) / s["steps"]
+    log = results[model]["logs"][0]
+    got = [int(n.replace(",", "")) for n in re.findall(r"rank \d+: .*prompts=([\d,]+)", log)]
+    assert got == [0] + [round(want)] * (WORLDS[world][0] - 1), (log, want)
 
 
 def test_ti2v_latents_have_its_shape(reference):

@@ -10,6 +10,7 @@ planner's figures are checked against sums done here by hand.
 """
 
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -176,9 +177,9 @@ def test_block_count_and_gathered_bytes_match_the_built_model():
     assert block_params(t) == sum(p.numel() for p in model.blocks[0].parameters())
     for sp in (2, 3):
         planned = plan_weights(MemorySettings("gpu", "resident", True), transformer_params=1e6,
-                               block_params=block_params(t), layers=t["num_layers"], experts=1,
-                               text_encoder_params=0, dtype_bytes=4, sp=sp, passes=1, prompts=1, text_tokens=1,
-                               text_dim=1, world=sp).per_step["weights"]
+                               block_params=[block_params(t)] * t["num_layers"], experts=1,
+                               text_encoder_params=0, dtype_bytes=4, sp=sp, passes=1, prompts=1, prompt_bytes=1,
+                               world=sp).per_step["weights"]
         counted = sum(gathered_bytes(block, sp) for block in model.blocks)
         pad = sum((sp - 1) * (p[0].numel() if p.ndim else 1) * 4 for b in model.blocks for p in b.parameters())
         assert planned <= counted <= planned + pad, (sp, planned, counted)
@@ -219,3 +220,153 @@ def test_a_rank_placed_without_the_text_encoder_never_loads_it(monkeypatch):
     parts = load_components(REPO_ROOT / "assets" / "tiny-a14b", "float32", cpu, Placement(cpu, cpu, None))
     assert parts.text_encoder is None and parts.tokenizer is not None and parts.transformer_2 is not None
 
+
+
+# ---- HunyuanVideo and HunyuanVideo 1.5 -------------------------------------------------------------------------------
+HUNYUAN = {"hunyuan_video": "tiny-hunyuan", "hunyuan_video15": "tiny-hunyuan15"}
+
+
+def dual_block(d: int, mlp: int, head_dim: int) -> int:
+    """Parameters of a dual-stream block, by hand: two AdaLayerNormZero (d -> 6d), q k v o and the text's own
+    q k v o, four RMS norms over head_dim, two MLPs (d -> mlp -> d); the plain LayerNorms have no weights."""
+    return 2 * (6 * d * d + 6 * d) + 8 * (d * d + d) + 4 * head_dim + 2 * (d * mlp + mlp + mlp * d + d)
+
+
+def single_block(d: int, mlp: int, head_dim: int) -> int:
+    """A single-stream block: AdaLayerNormZeroSingle (d -> 3d), q k v, two RMS norms, the MLP's input projection and
+    the fused output projection (d + mlp -> d)."""
+    return 3 * d * d + 3 * d + 3 * (d * d + d) + 2 * head_dim + d * mlp + mlp + (d + mlp) * d + d
+
+
+def hunyuan_blocks_by_hand(t) -> list[int]:
+    d, head_dim = t["num_attention_heads"] * t["attention_head_dim"], t["attention_head_dim"]
+    mlp = int(d * t["mlp_ratio"])
+    single = [single_block(d, mlp, head_dim)] * t.get("num_single_layers", 0)  # 1.5 has none
+    return [dual_block(d, mlp, head_dim)] * t["num_layers"] + single
+
+
+def family_named(name):
+    from freeloc_dist.families import registered
+
+    return next(f for f in registered() if f.name == name)
+
+
+@functools.lru_cache(maxsize=2)
+def tiny_parts(name):
+    from freeloc_dist.models import load_components
+
+    return load_components(REPO_ROOT / "assets" / HUNYUAN[name], "float32", "cpu")
+
+
+def published(name):
+    from freeloc_dist.families.hunyuan_video import counts as v1
+    from freeloc_dist.families.hunyuan_video15 import counts as v15
+
+    return {"hunyuan_video": v1.KNOWN_TRANSFORMERS[v1.MODEL_ID],
+            "hunyuan_video15": v15.KNOWN_TRANSFORMERS[v15.T2V_ID]}[name]
+
+
+@pytest.mark.parametrize("name", list(HUNYUAN))
+def test_hunyuan_block_params_are_each_blocks_own(name):
+    """weight_block_params: each block's parameters in weight_blocks' order, against sums by hand of the published
+    config (meta device; v1: 20 dual-stream blocks of 339.8 M, then 40 single-stream ones of 141.6 M) and of the
+    tiny model (also against its built blocks)."""
+    family = family_named(name)
+    t = published(name)
+    assert family.weight_block_params(family.planner_config(t)) == hunyuan_blocks_by_hand(t)
+    assert set(hunyuan_blocks_by_hand(t)) == ({339_831_296, 141_591_808} if name == "hunyuan_video" else {151_056_896})
+    transformer = tiny_parts(name).transformer
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    built = [sum(p.numel() for p in block.parameters()) for block in family.weight_blocks(transformer)]
+    assert family.weight_block_params(config) == hunyuan_blocks_by_hand(config) == built
+
+
+@pytest.mark.parametrize("name", list(HUNYUAN))
+def test_hunyuan_planner_shards_every_block_and_holds_the_largest(name):
+    """The planner on 8 ranks with shard_weights: the transformer less 7/8 of its blocks, the largest block gathered
+    (v1: a dual-stream block, not the mean), every block all-gathered per pass (guidance: 2 passes per step)."""
+    from freeloc_dist.planner import plan_render
+    from freeloc_dist.profile import load_profile
+
+    config, guidance = {"hunyuan_video": ("hunyuanvideo-t2v.yaml", {"sampling.true_cfg_scale": 2.0}),
+                        "hunyuan_video15": ("hunyuanvideo1.5-t2v-480p.yaml", {})}[name]  # 1.5: CFG by default
+    cfg = load_render_config(REPO_ROOT / "configs" / config, {"memory.shard_weights": True, **guidance})
+    t = family_named(name).planner_config(published(name))
+    plan = plan_render(cfg, t, load_profile(cfg.profile), world_size=8)
+    blocks, whole = hunyuan_blocks_by_hand(published(name)), family_named(name).transformer_params(t)
+    m = plan.memory_bytes
+    assert m["weights: transformer"] == (whole - sum(blocks) + sum(blocks) / 8) * 2  # bf16
+    assert m["weights: gathered block"] == max(blocks) * 2
+    assert plan.bytes_per_step["weights"] == 7 / 8 * sum(blocks) * 2 * 2
+
+
+@pytest.mark.parametrize("name", list(HUNYUAN))
+def test_hunyuan_planned_all_gather_bytes_are_fsdp_layout_less_padding(name):
+    """The planner's weights bytes per pass on the tiny models against FSDP2's layout of their blocks (what the run
+    counts): equal on 2 ranks (no tensor needs padding), within the padding on 3."""
+    from freeloc_dist.memory_plan import MemorySettings, plan_weights
+    from freeloc_dist.parallel.fsdp import gathered_bytes
+
+    transformer, family = tiny_parts(name).transformer, family_named(name)
+    blocks = family.weight_blocks(transformer)
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    for sp in (2, 3):
+        planned = plan_weights(MemorySettings("gpu", "resident", True), transformer_params=1e6,
+                               block_params=family.weight_block_params(config), experts=1, text_encoder_params=0,
+                               dtype_bytes=4, sp=sp, passes=1, prompts=1, prompt_bytes=1,
+                               world=sp).per_step["weights"]
+        counted = sum(gathered_bytes(block, sp) for block in blocks)
+        pad = sum((sp - 1) * (p[0].numel() if p.ndim else 1) * 4 for b in blocks for p in b.parameters())
+        assert planned <= counted <= planned + pad, (sp, planned, counted)
+        assert sp == 3 or counted == planned
+
+
+@pytest.mark.parametrize("name", list(HUNYUAN))
+def test_hunyuan_rank_without_the_text_encoders_loads_neither(name, monkeypatch):
+    """Placed without a text encoder (memory.text_encoder: rank0 on a rank other than 0), the loader builds neither of
+    the family's two (v1: Llama and CLIP; 1.5: Qwen and ByT5) and keeps both tokenizers."""
+    from transformers import CLIPTextModel, LlamaModel, Qwen2_5_VLTextModel, T5EncoderModel
+
+    from freeloc_dist.memory import Placement
+    from freeloc_dist.models import load_components
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a text encoder was loaded")
+
+    for encoder in (CLIPTextModel, LlamaModel, Qwen2_5_VLTextModel, T5EncoderModel):
+        monkeypatch.setattr(encoder, "from_pretrained", refuse)
+    cpu = torch.device("cpu")
+    parts = load_components(REPO_ROOT / "assets" / HUNYUAN[name], "float32", cpu, Placement(cpu, cpu, None))
+    assert parts.text_encoder is None and parts.text_encoder_2 is None
+    assert parts.tokenizer is not None and parts.tokenizer_2 is not None
+
+
+def test_hunyuan_one_process_with_rank0_and_sharding_equals_whole_weights(generate, monkeypatch, capsys, tmp_path):
+    """One process of HunyuanVideo with true CFG (two prompts): rank0 encodes here (nothing to broadcast),
+    shard_weights keeps whole weights (the warning); the latents equal the default render's within 1e-6 (the same
+    kernels on the same weights: measured 0). More ranks: the matrix (tests/test_matrix_dist.py), both families."""
+    from safetensors.torch import load_file
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    latents = {}
+    for run, flags in (("whole", []), ("memory", ["--text-encoder", "rank0", "--shard-weights", "true"])):
+        argv = ["--config", str(REPO_ROOT / "configs" / "tiny-random-hunyuan.yaml"), "--true-cfg-scale", "1.5",
+                "--negative-prompt", "blurry", "--frames", "9", "--steps", "2", "--height", "32", "--width", "32",
+                "--out", str(tmp_path / f"{run}.mp4"), "--save-latents", str(tmp_path / f"{run}.safetensors"), *flags]
+        assert generate.main(argv) == 0
+        latents[run] = load_file(tmp_path / f"{run}.safetensors")["latents"]
+    assert "warning: memory.shard_weights=true has no effect with one sequence-parallel rank" in capsys.readouterr().err
+    assert rel_err(latents["memory"], latents["whole"]) < 1e-6
+
+
+@pytest.mark.parametrize("name", list(HUNYUAN))
+def test_hunyuan_planned_prompt_bytes_are_a_full_prompts_text(name):
+    """prompt_bytes (the planner's rank-0 broadcast per prompt) against the text of a prompt that fills every token
+    slot (a long prompt; for 1.5 also quoted text past ByT5's 256 tokens), encoded by the tiny model: every field,
+    masks in int64, as Comm.broadcast sends them."""
+    parts, family = tiny_parts(name), family_named(name)
+    config = {k: v for k, v in parts.transformer.config.items() if not k.startswith("_")}
+    text = family.encode_prompt(parts, "a red fox " * 40 + '"' + "hello " * 60 + '"', 16)
+    sent = sum(getattr(text, f.name).numel() * getattr(text, f.name).element_size() for f in dataclasses.fields(text))
+    assert family.prompt_bytes(config, 16, 4) == sent

@@ -153,8 +153,14 @@ class Family:
         group and gathered one at a time (memory.shard_weights)."""
         raise NotImplementedError
 
-    def block_params(self, config) -> float:
-        """Parameters of one of those blocks, from the transformer's config (the planner's sharded share)."""
+    def prompt_bytes(self, config, max_tokens: int, dtype_bytes: int) -> float:
+        """Bytes of one prompt's text conditioning at most, as encode_prompt returns it (what memory.text_encoder:
+        rank0 broadcasts), from the transformer's config: by default states [1, max_tokens, text_dim]."""
+        return float(max_tokens * config.get("text_dim", 4096) * dtype_bytes)
+
+    def weight_block_params(self, config) -> list[float]:
+        """Parameters of each of those blocks, in forward order, from the transformer's config (the planner's sharded
+        share, its largest gathered block and the all-gather bytes)."""
         raise NotImplementedError
 
     # -- the dry-run planner (freeloc_dist.planner) -----------------------------------------------------------

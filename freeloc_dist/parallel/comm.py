@@ -7,6 +7,7 @@ ring 2(P-1)s, Ulysses 4(P-1)/P s, neighbour exchange <= 2(2 D2 + sinks) frames o
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -95,12 +96,23 @@ class Comm:
         return parts
 
     # -- world --------------------------------------------------------------------------------
-    def broadcast(self, tensor: torch.Tensor | None, tag: str) -> torch.Tensor:
-        """Rank 0's `tensor` (a floating tensor of up to 4 dims; the other ranks pass None) on every rank of the
-        world, on this rank's device: shape and dtype travel first (8 numbers, not counted), then the values."""
+    def broadcast(self, value, tag: str):
+        """Rank 0's `value` on every rank of the world, on this rank's device (the other ranks pass None): a tensor
+        of up to 4 dims (floating, integer or bool), or a dataclass whose fields are such tensors (a family's text
+        conditioning: every field, masks with their dtype, tensors with no elements included). The dataclass's type
+        travels first, then each tensor's shape and dtype (none of these counted), then its values."""
+        holder = [type(value) if self.dims.rank == 0 else None]
+        dist.broadcast_object_list(holder, src=0, device=self.dims.device)
+        kind = holder[0]
+        if not dataclasses.is_dataclass(kind):
+            return self._broadcast_tensor(value, tag)
+        return kind(**{f.name: self._broadcast_tensor(getattr(value, f.name) if self.dims.rank == 0 else None, tag)
+                       for f in dataclasses.fields(kind)})
+
+    def _broadcast_tensor(self, tensor: torch.Tensor | None, tag: str) -> torch.Tensor:
         header = torch.zeros(6, dtype=torch.int64, device=self.dims.device)
         if self.dims.rank == 0:
-            assert tensor is not None and tensor.ndim <= 4 and tensor.dtype in _BROADCAST_DTYPES, tensor
+            assert isinstance(tensor, torch.Tensor) and tensor.ndim <= 4 and tensor.dtype in _BROADCAST_DTYPES, tensor
             header[0], header[1] = tensor.ndim, _BROADCAST_DTYPES.index(tensor.dtype)
             header[2:2 + tensor.ndim] = torch.tensor(tensor.shape)
         dist.broadcast(header, src=0)
@@ -109,7 +121,8 @@ class Comm:
             out = tensor.to(self.dims.device).contiguous()
         else:
             out = torch.empty(header[2:2 + ndim].tolist(), dtype=dtype, device=self.dims.device)
-        dist.broadcast(out, src=0)
+        if out.numel():  # every rank knows the shape: an empty tensor (no glyph text) sends nothing
+            dist.broadcast(out, src=0)
         if self.dims.rank != 0:
             self._count(tag, out.numel() * out.element_size())
         return out
@@ -154,7 +167,7 @@ class Comm:
         return out
 
 
-_BROADCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BROADCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.bool)
 
 
 def _numel(shape) -> int:

@@ -87,16 +87,9 @@ class HunyuanVideoFamily(Family):
     title = "HunyuanVideo"  # the model's name in refusals
 
     def not_built(self, cfg):
-        """Settings refused because they are not built for these families yet (HunyuanVideo 1.5's too): their text
-        is a dataclass of several tensors (HunyuanText: Llama states, mask, CLIP pooled), which the rank-0
-        broadcast does not carry; v1's dual- and single-stream blocks differ in size (the planner's sharded share
-        assumes one block size)."""
+        """Settings these one-transformer families refuse (HunyuanVideo 1.5's too)."""
         if cfg.sampling.guidance_scale_2 is not None:
             return f"sampling.guidance_scale_2: {self.title} has one transformer (no second expert)"
-        if cfg.memory.text_encoder == "rank0":
-            return f"memory.text_encoder=rank0: not supported for {self.title} yet; use gpu or cpu"
-        if cfg.memory.shard_weights:
-            return f"memory.shard_weights=true: not supported for {self.title} yet"
         return None
 
     def render_inputs(self, components, cfg, geometry, image, device, dtype):
@@ -163,8 +156,11 @@ class HunyuanVideoFamily(Family):
     def weight_blocks(self, transformer):
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
-    def block_params(self, config):
-        return self.counts.block_params(config)
+    def weight_block_params(self, config):
+        return self.counts.weight_block_params(config)
+
+    def prompt_bytes(self, config, max_tokens, dtype_bytes):
+        return self.counts.prompt_bytes(config, max_tokens, dtype_bytes)
 
     def linear_flops_per_pass(self, config, video_tokens, text_tokens, text_runs=1.0):
         return self.counts.linear_flops_per_pass(config, video_tokens, text_tokens)  # one text (no storyboards)

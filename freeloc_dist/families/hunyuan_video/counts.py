@@ -43,8 +43,8 @@ def planner_config(t: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=8)
-def _meta_counts(config_json: str) -> tuple[int, float]:
-    """(parameters of the model a config builds, mean parameters of its dual- and single-stream blocks), counted on
+def _meta_counts(config_json: str) -> tuple[int, tuple[int, ...]]:
+    """(parameters of the model a config builds, parameters of each dual- then single-stream block), counted on
     the meta device (no memory, exact); one build serves both counts."""
     import torch
     from diffusers import HunyuanVideoTransformer3DModel
@@ -53,20 +53,28 @@ def _meta_counts(config_json: str) -> tuple[int, float]:
     with torch.device("meta"):
         model = HunyuanVideoTransformer3DModel(**config)
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-    mean_block = sum(p.numel() for b in blocks for p in b.parameters()) / len(blocks)
-    return sum(p.numel() for p in model.parameters()), mean_block
+    return sum(p.numel() for p in model.parameters()), tuple(sum(p.numel() for p in b.parameters()) for b in blocks)
 
 
-def _counts_of(t: Mapping[str, Any]) -> tuple[int, float]:
+def _counts_of(t: Mapping[str, Any]) -> tuple[int, tuple[int, ...]]:
     raw = t.get("_model_config", t)  # the diffusers config, under the planner's view of it
     return _meta_counts(json.dumps(raw, sort_keys=True))
 
 
-def block_params(t: Mapping[str, Any]) -> float:
-    """The planner's block (memory.shard_weights' unit): the mean of the dual- and single-stream blocks, so that
-    blocks x layers is every block's parameters. HunyuanVideo refuses shard_weights for now (adapter), so this only
-    sizes the planner's candidates."""
-    return _counts_of(t)[1]
+def weight_block_params(t: Mapping[str, Any]) -> list[float]:
+    """Parameters of each block memory.shard_weights shards (the adapter's weight_blocks: the dual-stream blocks,
+    then the smaller single-stream ones; 339.8e6 and 141.6e6 each in the published model)."""
+    return [float(n) for n in _counts_of(t)[1]]
+
+
+MASK_BYTES = 8  # a text mask travels as the tokenizer made it: int64
+
+
+def prompt_bytes(t: Mapping[str, Any], max_tokens: int, dtype_bytes: int) -> float:
+    """One prompt's HunyuanText at most: Llama states and their mask over max_tokens, CLIP's pooled output."""
+    c = t.get("_model_config", t)
+    return float(max_tokens * (c["text_embed_dim"] * dtype_bytes + MASK_BYTES)
+                 + c["pooled_projection_dim"] * dtype_bytes)
 
 
 def transformer_params(t: Mapping[str, Any]) -> float:

@@ -13,6 +13,7 @@ import functools
 import json
 from typing import Any, Mapping
 
+from ..hunyuan_video.counts import MASK_BYTES
 from .kind import TRAINED_FRAMES, patch_of
 
 T2V_ID = "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v"
@@ -49,19 +50,19 @@ def planner_config(t: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=8)
-def _meta_counts(config_json: str) -> tuple[int, float]:
-    """(parameters of the model a config builds, parameters of one dual-stream block), on the meta device."""
+def _meta_counts(config_json: str) -> tuple[int, tuple[int, ...]]:
+    """(parameters of the model a config builds, parameters of each dual-stream block), on the meta device."""
     import torch
     from diffusers import HunyuanVideo15Transformer3DModel
 
     config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
     with torch.device("meta"):
         model = HunyuanVideo15Transformer3DModel(**config)
-    block = sum(p.numel() for p in model.transformer_blocks[0].parameters())
-    return sum(p.numel() for p in model.parameters()), float(block)
+    blocks = tuple(sum(p.numel() for p in b.parameters()) for b in model.transformer_blocks)
+    return sum(p.numel() for p in model.parameters()), blocks
 
 
-def _counts_of(t: Mapping[str, Any]) -> tuple[int, float]:
+def _counts_of(t: Mapping[str, Any]) -> tuple[int, tuple[int, ...]]:
     return _meta_counts(json.dumps(t.get("_model_config", t), sort_keys=True))
 
 
@@ -70,8 +71,19 @@ def transformer_params(t: Mapping[str, Any]) -> float:
     return float(_counts_of(t)[0])
 
 
-def block_params(t: Mapping[str, Any]) -> float:
-    return _counts_of(t)[1]
+def weight_block_params(t: Mapping[str, Any]) -> list[float]:
+    """Parameters of each block memory.shard_weights shards (the dual-stream blocks, all alike)."""
+    return [float(n) for n in _counts_of(t)[1]]
+
+
+def prompt_bytes(t: Mapping[str, Any], max_tokens: int, dtype_bytes: int) -> float:
+    """One prompt's Hunyuan15Text at most: Qwen states and mask over max_tokens, ByT5 states and mask over its
+    256 tokens (masks int64, as the tokenizers make them)."""
+    from .text import BYT5_TOKENS
+
+    c = t.get("_model_config", t)
+    return float(max_tokens * (c["text_embed_dim"] * dtype_bytes + MASK_BYTES)
+                 + BYT5_TOKENS * (c["text_embed_2_dim"] * dtype_bytes + MASK_BYTES))
 
 
 def text_encoder_params(te: Mapping[str, Any] | None) -> float:

@@ -120,8 +120,8 @@ class WanFamily(Family):
     def weight_blocks(self, transformer):
         return list(transformer.blocks)
 
-    def block_params(self, config):
-        return counts.block_params(config)
+    def weight_block_params(self, config):
+        return [counts.block_params(config)] * config["num_layers"]  # every block alike
 
     def linear_flops_per_pass(self, config, video_tokens, text_tokens, text_runs=1.0):
         return counts.linear_flops_per_pass(config, video_tokens, text_tokens, text_runs)
