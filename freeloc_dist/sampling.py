@@ -157,7 +157,9 @@ def sample(transformer, scheduler, latents: torch.Tensor, cond: torch.Tensor, un
             e = experts.at(t)
             model, step_predict, step_guidance = e.transformer, e.predict, e.guidance
         extra = {} if condition is None else {"condition": condition}
-        x, t_in = latents, t
+        # the model gets a float timestep: UniPC's are integers, which HunyuanVideo 1.5's time embedder cannot take
+        # (its pipeline casts them; Wan's embedder casts them itself, so its input is the same number)
+        x, t_in = latents, (t if t.is_floating_point() else t.float())
         if token_timesteps is not None:
             x, t_in = token_timesteps.model_input(latents), token_timesteps.timestep(t)  # t_in [1, L]
         with step_context(model, scheduler, i, cond):  # what diffusers' caches read (freeloc_dist.caches)

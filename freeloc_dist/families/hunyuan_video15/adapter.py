@@ -50,12 +50,6 @@ class HunyuanVideo15Family(HunyuanVideoFamily):
                     "(1: no guidance; > 1: classifier-free guidance)")
         return self.refused_speedup(cfg) or self.not_built(cfg)
 
-    refused_schedulers = {
-        **HunyuanVideoFamily.refused_schedulers,
-        # UniPC's timesteps are integers; the 1.5 pipeline casts every timestep to the model's dtype, the render
-        # passes the scheduler's own (exact for Euler's float timesteps)
-        "unipc": "its integer timesteps are not cast to the model's dtype as HunyuanVideo15Pipeline casts them "
-                 "(not built)"}
     # diffusers 0.42 registers no HunyuanVideo15TransformerBlock for the caches that skip blocks; the pipeline
     # fails the same way
     refused_caches = {name: "diffusers has no block registration of HunyuanVideo 1.5 for this cache"
