@@ -140,3 +140,20 @@ def make_hunyuan_loras(folder):
     original = save_original_hunyuan_lora(folder / "original.safetensors", num_double=2, num_single=2, width=32,
                                           ffn=64)
     return style, original
+
+
+# HunyuanVideo 1.5, tiny: width 32, 3 dual-stream blocks, 1 refiner block (diffusers' format only: no 1.5 converter)
+HUNYUAN15_LAYERS = [f"transformer_blocks.{i}.{m}" for i in range(3)
+                    for m in ("attn.to_k", "attn.add_v_proj", "ff_context.net.2", "norm1.linear")] + \
+                   ["context_embedder.token_refiner.refiner_blocks.0.ff.net.0.proj", "proj_out"]
+
+
+def make_hunyuan15_lora(folder):
+    """A diffusers-format file (rank 2, alpha 6: scaling 3) for the tiny HunyuanVideo 1.5, shaped from its layers."""
+    from freeloc_dist.config import REPO_ROOT
+    from freeloc_dist.family import model_family
+
+    model = REPO_ROOT / "assets" / "tiny-hunyuan15"
+    shapes = model_family(model).transformer_shapes(model, "transformer")
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_diffusers_lora(folder / "style.safetensors", random_updates(shapes, HUNYUAN15_LAYERS, 2, 3), alpha=6)

@@ -17,7 +17,8 @@ import pytest
 import torch
 from _cli import assert_refused, edited_config
 from _hunyuan import pipeline_args, tiny_pipeline15
-from _loras import make_hunyuan_loras, random_updates, save_diffusers_lora
+from _loras import HUNYUAN15_LAYERS as V15_LAYERS
+from _loras import make_hunyuan15_lora, make_hunyuan_loras, random_updates, save_diffusers_lora
 from safetensors.torch import load_file
 
 from freeloc_dist.config import REPO_ROOT
@@ -104,10 +105,7 @@ def v15_latents(pipe, steps=2):
 
 # ---------------------------------------------------------------------------------------- LoRA files
 # HunyuanVideo: tests/_loras.py's make_hunyuan_loras (diffusers' format on every kind of layer; the original format).
-# HunyuanVideo 1.5, tiny: width 32, 3 dual-stream blocks, 1 refiner block; rank 2, alpha 6 (scaling 3).
-V15_LAYERS = [f"transformer_blocks.{i}.{m}" for i in range(3)
-              for m in ("attn.to_k", "attn.add_v_proj", "ff_context.net.2", "norm1.linear")] + \
-             ["context_embedder.token_refiner.refiner_blocks.0.ff.net.0.proj", "proj_out"]
+# HunyuanVideo 1.5: tests/_loras.py's make_hunyuan15_lora (rank 2, alpha 6: scaling 3).
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +115,7 @@ def v1_loras(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def v15_lora(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("v15-lora")
-    return save_diffusers_lora(folder / "style.safetensors", random_updates(shapes_of(V15), V15_LAYERS, 2, 3),
-                               alpha=6)
+    return make_hunyuan15_lora(tmp_path_factory.mktemp("v15-lora"))
 
 
 # ---------------------------------------------------------------------------------------- LoRAs vs diffusers

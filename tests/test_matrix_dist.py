@@ -76,6 +76,11 @@ MODELS = {
                          [*SMALL, "--steps", "6", "--true-cfg-scale", "1.5", "--negative-prompt", "blurry",
                           "--lora", "{hunyuan_lora}:0.7", "--no-fuse-loras", "--scheduler", "unipc",
                           "--cache", "first_block", "--cache-threshold", "0.9"]),
+    # and on HunyuanVideo 1.5 (CFG, glyph text): an unfused LoRA, UniPC (integer timesteps given to the model as
+    # floats) and the text K/V cache
+    "hunyuan15-t2v-fast": ("configs/tiny-random-hunyuan15.yaml",
+                           [*SMALL, "--steps", "4", "--prompt", 'a sign says "hi"', "--lora", "{hunyuan15_lora}:0.7",
+                            "--no-fuse-loras", "--scheduler", "unipc", "--cache", "text_kv"]),
 }
 # memory settings on both HunyuanVideo families: rank 0 broadcasts every field of the text (v1: Llama states, mask,
 # CLIP pooled, and the negative prompt's; 1.5: Qwen and ByT5 states and masks, the negative's ByT5 ones empty);
@@ -110,6 +115,7 @@ MATRIX = [(model, world) for model in ("wan-t2v-a14b", "wan-i2v", "wan-ti2v") fo
     *[("wan-t2v-a14b-memory", world) for world in WORLDS],
     *[("wan-t2v-storyboard", world) for world in WORLDS],
     ("hunyuan-t2v", "sp2"), ("hunyuan-t2v", "sp3"), ("hunyuan-t2v-cfg", "cfg2xsp2"), ("hunyuan-t2v-fast", "sp2"),
+    ("hunyuan15-t2v-fast", "sp2"),
     *[("hunyuan15-t2v", world) for world in WORLDS], ("hunyuan15-i2v", "sp3"),
     *[(f"{model}-memory", world) for model in ("hunyuan-t2v-cfg", "hunyuan15-t2v") for world in WORLDS],
     ("hunyuan15-i2v-memory", "sp3"),
@@ -127,24 +133,27 @@ MODELS["wan-t2v-plain"] = ("configs/tiny-random.yaml", SMALL)  # the cache rows 
 
 
 def case_argv(config: str, argv: list[str], folder: Path, name: str) -> list[str]:
-    argv = [a.replace("{lora}", str(LORA)).replace("{hunyuan_lora}", str(HUNYUAN_LORA)) for a in argv]
+    argv = [a.replace("{lora}", str(LORA)).replace("{hunyuan_lora}", str(HUNYUAN_LORA))
+            .replace("{hunyuan15_lora}", str(HUNYUAN15_LORA)) for a in argv]
     return ["--config", config, *argv, "--quiet", "--out", str(folder / f"{name}.mp4"),
             "--save-latents", str(folder / f"{name}.safetensors")]
 
 
-# the `{lora}` / `{hunyuan_lora}` of an argv: tiny random LoRA files (tests/_loras.py), written by the `lora` fixture
-LORA = HUNYUAN_LORA = None
+# the `{lora}` / `{hunyuan_lora}` / `{hunyuan15_lora}` of an argv: tiny random LoRA files (tests/_loras.py),
+# written by the `lora` fixture
+LORA = HUNYUAN_LORA = HUNYUAN15_LORA = None
 
 
 @pytest.fixture(scope="module", autouse=True)
 def lora(tmp_path_factory):
-    global LORA, HUNYUAN_LORA
-    from _loras import make_hunyuan_loras, make_loras
+    global LORA, HUNYUAN_LORA, HUNYUAN15_LORA
+    from _loras import make_hunyuan15_lora, make_hunyuan_loras, make_loras
 
     folder = tmp_path_factory.mktemp("lora")
     LORA, HUNYUAN_LORA = make_loras(folder)[0], make_hunyuan_loras(folder / "hunyuan")[0]
+    HUNYUAN15_LORA = make_hunyuan15_lora(folder / "hunyuan15")
     yield LORA
-    LORA = HUNYUAN_LORA = None
+    LORA = HUNYUAN_LORA = HUNYUAN15_LORA = None
 
 
 @pytest.fixture(scope="module")
