@@ -158,6 +158,9 @@ def updates_of(state: dict, metadata: dict | None, label: str) -> dict[str, Upda
         if down is None or up is None or down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
             raise LoraError(f"{label}: {name}: needs lora_A [r, in] and lora_B [out, r] (found "
                             f"{_shape(down)} and {_shape(up)})")
+        bad = next((part for part, t in parts.items() if not t.isfinite().all()), None)
+        if bad is not None:  # it would only surface as NaN latents after the whole render
+            raise LoraError(f"{label}: {name}{bad} holds NaN or infinite values")
         updates[name] = Update(down=down, up=up, bias=parts.get(".lora_B.bias"),
                                scaling=_scaling(name, down.shape[0], settings, label))
     return updates

@@ -165,7 +165,8 @@ def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
     image_checks(cfg, kind, model_dir)
     check_size_fits(cfg, kind)
     if not kind.two_experts:
-        for key, value in (("profile_2", cfg.profile_2), ("sampling.guidance_scale_2", cfg.sampling.guidance_scale_2)):
+        for key, value in (("profile_2", cfg.profile_2), ("sampling.guidance_scale_2", cfg.sampling.guidance_scale_2),
+                           ("memory.experts", cfg.memory.experts)):
             if value is not None:
                 raise UserError(f"{key}: the model at {model_dir} has one transformer (no second expert)")
     profile_2 = None

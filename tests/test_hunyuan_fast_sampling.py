@@ -262,6 +262,17 @@ def _conv_lora(t):
                                                                              None)})
 
 
+def _nan_lora(t, v1):
+    """The v1 diffusers-format LoRA with one NaN in one layer's lora_A."""
+    from safetensors.torch import save_file
+
+    state = load_file(v1[0])
+    key = "transformer.proj_out.lora_A.weight"
+    state[key][0, 0] = float("nan")
+    save_file(state, t / "nan.safetensors")
+    return t / "nan.safetensors"
+
+
 REFUSED = [
     ("v15-lora-on-v1", V1, lambda t, v1, v15: ["--lora", v15], "style.safetensors': not a LoRA for this model: "),
     ("v1-lora-on-v15", V15, lambda t, v1, v15: ["--lora", v1[0]], "style.safetensors': not a LoRA for this model: "),
@@ -271,6 +282,12 @@ REFUSED = [
      "it updates x_embedder.proj, which is not a linear layer"),
     ("expert-on-v1", V1, lambda t, v1, v15: ["--lora", f"{v1[0]}:1:high"], "model.loras[0].expert='high': the model"),
     ("expert-on-v15", V15, lambda t, v1, v15: ["--lora", f"{v15}:1:both"], "model.loras[0].expert='both': the model"),
+    ("nan-lora", V1, lambda t, v1, v15: ["--lora", _nan_lora(t, v1)],
+     "nan.safetensors': proj_out.lora_A.weight holds NaN or infinite values"),
+    ("compile-on-v1", V1, lambda *_: ["--compile", "blocks"],
+     "model.compile=blocks: not built for HunyuanVideo with a FreeLOC profile yet"),
+    ("compile-on-v15", V15, lambda *_: ["--compile", "full"],
+     "model.compile=full: not built for HunyuanVideo 1.5 with a FreeLOC profile yet"),
     ("dpm++-on-v1", V1, lambda *_: ["--scheduler", "dpm++"],
      "sampling.scheduler=dpm++: not for HunyuanVideo: DPMSolverMultistepScheduler takes no custom sigmas"),
     ("first-block-on-v15", V15, lambda *_: ["--cache", "first_block"],
