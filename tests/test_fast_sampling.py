@@ -333,6 +333,7 @@ def test_bad_lora_is_one_line_exit_2(generate, loras, tmp_path, monkeypatch, cap
 @pytest.mark.parametrize("edit, needle", [
     (lambda raw: raw["model"].update(loras=[{"path": "x.safetensors"}]), "model.loras: launch/probe.py probes"),
     (lambda raw: raw["sampling"].update(scheduler="euler"), "sampling.scheduler: launch/probe.py probes"),
+    (lambda raw: raw.update(cache={"name": "first_block"}), "cache: launch/probe.py probes"),  # was: ignored
 ])
 def test_probing_refuses_what_it_does_not_apply(tmp_path, monkeypatch, capsys, edit, needle):
     """launch/probe.py loads the model as shipped: a config with LoRAs or another scheduler is one line, exit 2."""
