@@ -77,6 +77,8 @@ CASES = [
     ("flag-out-dir-alone", lambda t: ["--out-dir", "d"], None, "--out-dir"),
     ("flag-world-size-alone", lambda t: ["--world-size", "2"], None, "--world-size"),
     ("flag-peak-tflops", lambda t: ["--dry-run", "--peak-tflops", "0"], None, "--peak-tflops"),
+    ("lora-scale-huge", lambda t: ["--lora", "x.safetensors:1e30"], None,
+     "model.loras[0].scale=1e+30: must be a number in [-100, 100]"),
     ("flag-gpu-memory-no-dry-run", lambda t: ["--gpu-memory-gb", "1"], None, "--gpu-memory-gb: only with --dry-run"),
     ("memory-experts-one-transformer", lambda t: ["--experts", "offload"], None,
      "memory.experts: the model at"),

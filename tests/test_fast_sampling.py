@@ -315,7 +315,7 @@ def _lora_file(t, tensors, name="x.safetensors"):
      "it updates blocks.7.attn1.to_q, which is not a linear layer of transformer"),
     (lambda t: _lora_file(t, {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 24)}), "",
      "blocks.0.attn1.to_q: needs lora_A [r, in] and lora_B [out, r]"),
-    (lambda t: t / "x.safetensors", ":nan", "model.loras[0].scale=nan: must be a finite number"),
+    (lambda t: t / "x.safetensors", ":nan", "model.loras[0].scale=nan: must be a number in [-100, 100]"),
     (lambda t: t / "x.safetensors", ":abc", "'abc' is neither a scale nor an expert"),
     (lambda t: t / "x.safetensors", ":low", "model.loras[0].expert='low': the model at"),
 ])
