@@ -87,9 +87,9 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
     configs = [with_storyboard(job, model_dir, prompt_flag="prompt" in overrides and options.prompts is None)
                for job in configs]
     cfg = configs[0] if options.prompts is None else cfg
-    for job in configs:  # per-job frames against the world size and the model's positions
-        check_world(job, world, heads)
-        check_length(job, profile, transformer_cfg)
+    # per-job frames against the world size and the model's positions
+    for_each_job(configs, options, lambda job: (check_world(job, world, heads),
+                                                check_length(job, profile, transformer_cfg)))
     resume, finished, loras = None, False, ()
     if not options.dry_run:
         from .models import check_weights_match_config
@@ -99,12 +99,22 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
         check_weights_match_config(model_dir)
         loras = read_loras_of(cfg, model_dir, kind)
         kinds = layer_kinds(profile, profile_2)
-        for job in configs:
-            check_host_memory(job, kinds)
+        for_each_job(configs, options, lambda job: check_host_memory(job, kinds))
         if options.resume and options.prompts is None:
             resume = read_checkpoint(cfg, profile, kind, profile_2)
             finished = resume is None and cfg.output.is_file()
     return Preflight(configs, profile, world, resume, transformer_cfg, finished, kind, profile_2, loras)
+
+
+def for_each_job(configs: list, options: RunOptions, check) -> None:
+    """check(job) for every job; in a queue a UserError names the job (its frames come from the prompts file)."""
+    for i, job in enumerate(configs):
+        try:
+            check(job)
+        except UserError as e:
+            if options.prompts is None:
+                raise
+            raise UserError(f"{options.prompts}: job {i + 1} ({job.output.name}): {e}") from None
 
 
 def read_loras_of(cfg: RenderConfig, model_dir: Path, kind) -> tuple:

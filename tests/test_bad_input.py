@@ -95,6 +95,9 @@ CASES = [
      "p.txt:1: output="),
     ("prompts-absolute", lambda t: ["--prompts", prompts(t, '{"prompt": "x", "output": "/tmp/x.mp4"}')], None,
      "p.txt:1: output="),
+    ("prompts-job-too-long", lambda t: ["--profile", "none",
+                                        "--prompts", prompts(t, "a", '{"prompt": "x", "frames": 4101}')],
+     None, "p.txt: job 2 ("),  # stock RoPE ends at 1024 latent frames; the job is named (was: no job, no file)
     ("prompts-duplicate", lambda t: ["--prompts", prompts(t, "a cat", "A cat!")], None, "p.txt:2: output"),
     ("model-no-index", lambda t: ["--profile", "none"], "model_index.json", "missing model_index.json"),
     ("model-no-vae-config", lambda t: ["--profile", "none"], "vae/config.json", "missing vae/config.json"),
