@@ -135,6 +135,10 @@ def updates_of(state: dict, metadata: dict | None, label: str) -> dict[str, Upda
     odd = next((k for k in state if "lora" not in k), None)
     if odd is not None:  # diffusers' load_lora_weights refuses these too
         raise LoraError(f"{label}: not a LoRA ({odd} is not a LoRA weight)")
+    other = next((k for k in state if not k.startswith(PREFIX)), None)
+    if other is not None and any(k.startswith(PREFIX) for k in state):  # diffusers' loaders drop these silently
+        raise LoraError(f"{label}: also holds LoRA weights of another component ({other}), which the render does "
+                        "not apply (only the transformer's); remove them from the file")
     state = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
     if not state:
         raise LoraError(f"{label}: holds no LoRA weights for the transformer (keys named {PREFIX}...)")
