@@ -97,6 +97,7 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
 
         check_outputs(configs, options.save_latents, queue=options.prompts is not None)
         check_weights_match_config(model_dir)
+        check_timesteps(cfg, model_dir)
         loras = read_loras_of(cfg, model_dir, kind)
         kinds = layer_kinds(profile, profile_2)
         for_each_job(configs, options, lambda job: check_host_memory(job, kinds))
@@ -104,6 +105,25 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
             resume = read_checkpoint(cfg, profile, kind, profile_2)
             finished = resume is None and cfg.output.is_file()
     return Preflight(configs, profile, world, resume, transformer_cfg, finished, kind, profile_2, loras)
+
+
+def check_timesteps(cfg: RenderConfig, model_dir: Path) -> None:
+    """The render's scheduler finds its step by timestep value: integer timesteps that repeat (many steps on a
+    strongly shifted schedule: UniPC from 150 steps at HunyuanVideo's shift 7, 300 at 1.5's 5, 1000 on Wan) make
+    it take a step twice and fail at the last one, after the whole render. Built here from the scheduler config
+    as sampling.set_timesteps builds it; no weights."""
+    from .family import model_family
+    from .schedulers import build_scheduler
+
+    family, steps = model_family(model_dir), cfg.sampling.steps
+    scheduler = build_scheduler(family.load_scheduler(model_dir), cfg.sampling.scheduler, cfg.sampling.shift)
+    sigmas = family.sampling_sigmas(steps)
+    scheduler.set_timesteps(steps) if sigmas is None else scheduler.set_timesteps(sigmas=sigmas)
+    timesteps = scheduler.timesteps.tolist()
+    if len(set(timesteps)) < len(timesteps):
+        raise UserError(f"sampling.steps={steps}: {type(scheduler).__name__} repeats a timestep at this many steps "
+                        f"(shift {cfg.sampling.shift:g}) and cannot step through them (diffusers fails at the last "
+                        "step); use fewer steps, or sampling.scheduler: euler")
 
 
 def for_each_job(configs: list, options: RunOptions, check) -> None:

@@ -297,6 +297,8 @@ REFUSED = [
      "nan.safetensors': proj_out.lora_A.weight holds NaN or infinite values"),
     ("text-encoder-keys", V15, lambda t, v1, v15: ["--lora", _lora_with_text_encoder(t, v15)],
      "also holds LoRA weights of another component (text_encoder.layers.0.mlp.up_proj.lora_A.weight)"),
+    ("unipc-repeated-timesteps", V1, lambda *_: ["--scheduler", "unipc", "--steps", "150"],
+     "sampling.steps=150: UniPCMultistepScheduler repeats a timestep at this many steps (shift 7)"),
     ("compile-on-v1", V1, lambda *_: ["--compile", "blocks"],
      "model.compile=blocks: not built for HunyuanVideo with a FreeLOC profile yet"),
     ("compile-on-v15", V15, lambda *_: ["--compile", "blocks"],
