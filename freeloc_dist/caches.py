@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Mapping
@@ -29,6 +30,9 @@ _CLASSES = {"first_block": "FirstBlockCacheConfig", "mag": "MagCacheConfig", "se
 assert tuple(_CLASSES) == CACHES
 _FROM_RENDER = {"num_inference_steps": "sampling.steps"}  # settings the render gives (MagCache)
 _DTYPES = ("float32", "bfloat16", "float16")
+# every number a cache takes is a threshold, ratio, count, step or timestep (>= 0); these divide a step index
+_AT_LEAST_ONE = {"cache_interval", "spatial_attention_block_skip_range", "temporal_attention_block_skip_range",
+                 "cross_attention_block_skip_range"}
 
 
 def cache_config(section: Mapping | None, steps: int):
@@ -180,5 +184,10 @@ def _setting(where: str, hint, value: Any):
         items = [_setting(f"{where}[{i}]", h, v) for i, (h, v) in enumerate(zip(inner, value))]
         return tuple(items) if origin is tuple else items
     if hint in (bool, int, float, str):
-        return _convert(where, hint, value)  # the config's own scalar rules
+        value = _convert(where, hint, value)  # the config's own scalar rules
+        if hint in (int, float):  # diffusers checks few of these; a bad one ran silently or failed after loading
+            least = 1 if where.rsplit(".", 1)[-1] in _AT_LEAST_ONE else 0
+            if not (math.isfinite(value) and value >= least):
+                _fail(where, value, f"must be a finite number >= {least}")
+        return value
     _fail(where, value, "cannot be set from a config")

@@ -183,6 +183,9 @@ MAX_FPS = 1000
 # difference of the two passes until the latents overflow (1e308 gave NaN latents after every step had run).
 MAX_GUIDANCE = 100.0
 _GUIDANCE_RANGE = f"must be a finite number >= 0 and <= {MAX_GUIDANCE:g}"
+# LoRA scales are about -2 to 4; the update is added `scale` times into the layer, and 1e30 gave NaN latents only
+# after every step had run (a line naming no LoRA)
+MAX_LORA_SCALE = 100.0
 
 # Value checks by dotted path: (predicate, message or message(value)). Types are checked from the hints.
 _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[Any], str]]] = {
@@ -200,7 +203,8 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str | typing.Callable[[An
     "output": (lambda v: v.suffix.lower() == ".mp4", "must be an .mp4 path"),
     "parallel.cfg_degree": (lambda v: v in (1, 2), "must be 1 or 2"),
     "parallel.timeout_s": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
-    "model.loras[].scale": (math.isfinite, "must be a finite number"),
+    "model.loras[].scale": (lambda v: abs(v) <= MAX_LORA_SCALE, f"must be a number in [-{MAX_LORA_SCALE:g}, "
+                                                                   f"{MAX_LORA_SCALE:g}]"),
     "checkpoint.every": (lambda v: v >= 0, "must be >= 0 (0: checkpoint only on preemption)"),
     "cache": (lambda v: v.get("name") in CACHES, f"needs name: one of {', '.join(CACHES)}"),
 }

@@ -135,6 +135,10 @@ def updates_of(state: dict, metadata: dict | None, label: str) -> dict[str, Upda
     odd = next((k for k in state if "lora" not in k), None)
     if odd is not None:  # diffusers' load_lora_weights refuses these too
         raise LoraError(f"{label}: not a LoRA ({odd} is not a LoRA weight)")
+    other = next((k for k in state if not k.startswith(PREFIX)), None)
+    if other is not None and any(k.startswith(PREFIX) for k in state):  # diffusers' loaders drop these silently
+        raise LoraError(f"{label}: also holds LoRA weights of another component ({other}), which the render does "
+                        "not apply (only the transformer's); remove them from the file")
     state = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
     if not state:
         raise LoraError(f"{label}: holds no LoRA weights for the transformer (keys named {PREFIX}...)")
@@ -158,6 +162,9 @@ def updates_of(state: dict, metadata: dict | None, label: str) -> dict[str, Upda
         if down is None or up is None or down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
             raise LoraError(f"{label}: {name}: needs lora_A [r, in] and lora_B [out, r] (found "
                             f"{_shape(down)} and {_shape(up)})")
+        bad = next((part for part, t in parts.items() if not t.isfinite().all()), None)
+        if bad is not None:  # it would only surface as NaN latents after the whole render
+            raise LoraError(f"{label}: {name}{bad} holds NaN or infinite values")
         updates[name] = Update(down=down, up=up, bias=parts.get(".lora_B.bias"),
                                scaling=_scaling(name, down.shape[0], settings, label))
     return updates

@@ -87,9 +87,9 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
     configs = [with_storyboard(job, model_dir, prompt_flag="prompt" in overrides and options.prompts is None)
                for job in configs]
     cfg = configs[0] if options.prompts is None else cfg
-    for job in configs:  # per-job frames against the world size and the model's positions
-        check_world(job, world, heads)
-        check_length(job, profile, transformer_cfg)
+    # per-job frames against the world size and the model's positions
+    for_each_job(configs, options, lambda job: (check_world(job, world, heads),
+                                                check_length(job, profile, transformer_cfg)))
     resume, finished, loras = None, False, ()
     if not options.dry_run:
         from .models import check_weights_match_config
@@ -97,14 +97,44 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
 
         check_outputs(configs, options.save_latents, queue=options.prompts is not None)
         check_weights_match_config(model_dir)
+        check_timesteps(cfg, model_dir)
         loras = read_loras_of(cfg, model_dir, kind)
         kinds = layer_kinds(profile, profile_2)
-        for job in configs:
-            check_host_memory(job, kinds)
+        for_each_job(configs, options, lambda job: check_host_memory(job, kinds))
         if options.resume and options.prompts is None:
             resume = read_checkpoint(cfg, profile, kind, profile_2)
             finished = resume is None and cfg.output.is_file()
     return Preflight(configs, profile, world, resume, transformer_cfg, finished, kind, profile_2, loras)
+
+
+def check_timesteps(cfg: RenderConfig, model_dir: Path) -> None:
+    """The render's scheduler finds its step by timestep value: integer timesteps that repeat (many steps on a
+    strongly shifted schedule: UniPC from 150 steps at HunyuanVideo's shift 7, 300 at 1.5's 5, 1000 on Wan) make
+    it take a step twice and fail at the last one, after the whole render. Built here from the scheduler config
+    as sampling.set_timesteps builds it; no weights."""
+    from .family import model_family
+    from .schedulers import build_scheduler
+
+    family, steps = model_family(model_dir), cfg.sampling.steps
+    scheduler = build_scheduler(family.load_scheduler(model_dir), cfg.sampling.scheduler, cfg.sampling.shift)
+    sigmas = family.sampling_sigmas(steps)
+    scheduler.set_timesteps(steps) if sigmas is None else scheduler.set_timesteps(sigmas=sigmas)
+    timesteps = scheduler.timesteps.tolist()
+    if len(set(timesteps)) < len(timesteps):
+        raise UserError(f"sampling.steps={steps}: {type(scheduler).__name__} repeats a timestep at this many steps "
+                        f"(shift {cfg.sampling.shift:g}) and cannot step through them (diffusers fails at the last "
+                        "step); use fewer steps, or sampling.scheduler: euler")
+
+
+def for_each_job(configs: list, options: RunOptions, check) -> None:
+    """check(job) for every job; in a queue a UserError names the job (its frames come from the prompts file)."""
+    for i, job in enumerate(configs):
+        try:
+            check(job)
+        except UserError as e:
+            if options.prompts is None:
+                raise
+            raise UserError(f"{options.prompts}: job {i + 1} ({job.output.name}): {e}") from None
 
 
 def read_loras_of(cfg: RenderConfig, model_dir: Path, kind) -> tuple:
@@ -165,7 +195,8 @@ def model_kind_checks(cfg: RenderConfig, model_dir: Path, profile):
     image_checks(cfg, kind, model_dir)
     check_size_fits(cfg, kind)
     if not kind.two_experts:
-        for key, value in (("profile_2", cfg.profile_2), ("sampling.guidance_scale_2", cfg.sampling.guidance_scale_2)):
+        for key, value in (("profile_2", cfg.profile_2), ("sampling.guidance_scale_2", cfg.sampling.guidance_scale_2),
+                           ("memory.experts", cfg.memory.experts)):
             if value is not None:
                 raise UserError(f"{key}: the model at {model_dir} has one transformer (no second expert)")
     profile_2 = None

@@ -159,9 +159,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     prod.add_argument("--dry-run", action="store_true",
                       help="print the plan (tokens, memory, FLOPs, bytes, time) without loading weights")
     prod.add_argument("--world-size", type=int, metavar="N", help="with --dry-run: ranks to plan for")
-    prod.add_argument("--gpu-memory-gb", type=float, default=80.0, metavar="GB",
+    prod.add_argument("--gpu-memory-gb", type=float, metavar="GB",
                       help="with --dry-run: memory per device; a plan that does not fit is refused (default 80)")
-    prod.add_argument("--peak-tflops", type=float, default=400.0, metavar="T",
+    prod.add_argument("--peak-tflops", type=float, metavar="T",
                       help="with --dry-run: sustained dense bf16 TFLOP/s per device for the estimate (default 400)")
     prod.add_argument("--quiet", action="store_true", help="errors and the output path only")
     prod.add_argument("--validate-only", action="store_true",
@@ -180,9 +180,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--checkpoint-every={every}: must be >= 0")
     if args.world_size is not None and not (args.dry_run or args.validate_only):
         raise UserError("--world-size: only with --dry-run or --validate-only (torchrun sets the world size)")
-    for flag in ("gpu_memory_gb", "peak_tflops"):
+    for flag, default in (("gpu_memory_gb", 80.0), ("peak_tflops", 400.0)):
         v = getattr(args, flag)
-        if not (math.isfinite(v) and v > 0):
+        if v is None:
+            setattr(args, flag, default)
+        elif not args.dry_run:  # a render never reads them: refused, not silently ignored
+            raise UserError(f"--{flag.replace('_', '-')}: only with --dry-run (it sizes the plan, not a render)")
+        elif not (math.isfinite(v) and v > 0):
             raise UserError(f"--{flag.replace('_', '-')}={v}: must be a positive number")
     return args
 

@@ -315,7 +315,7 @@ def _lora_file(t, tensors, name="x.safetensors"):
      "it updates blocks.7.attn1.to_q, which is not a linear layer of transformer"),
     (lambda t: _lora_file(t, {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(2, 24)}), "",
      "blocks.0.attn1.to_q: needs lora_A [r, in] and lora_B [out, r]"),
-    (lambda t: t / "x.safetensors", ":nan", "model.loras[0].scale=nan: must be a finite number"),
+    (lambda t: t / "x.safetensors", ":nan", "model.loras[0].scale=nan: must be a number in [-100, 100]"),
     (lambda t: t / "x.safetensors", ":abc", "'abc' is neither a scale nor an expert"),
     (lambda t: t / "x.safetensors", ":low", "model.loras[0].expert='low': the model at"),
 ])
@@ -333,6 +333,7 @@ def test_bad_lora_is_one_line_exit_2(generate, loras, tmp_path, monkeypatch, cap
 @pytest.mark.parametrize("edit, needle", [
     (lambda raw: raw["model"].update(loras=[{"path": "x.safetensors"}]), "model.loras: launch/probe.py probes"),
     (lambda raw: raw["sampling"].update(scheduler="euler"), "sampling.scheduler: launch/probe.py probes"),
+    (lambda raw: raw.update(cache={"name": "first_block"}), "cache: launch/probe.py probes"),  # was: ignored
 ])
 def test_probing_refuses_what_it_does_not_apply(tmp_path, monkeypatch, capsys, edit, needle):
     """launch/probe.py loads the model as shipped: a config with LoRAs or another scheduler is one line, exit 2."""

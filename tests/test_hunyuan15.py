@@ -174,6 +174,15 @@ def test_a_guider_the_render_does_not_apply_is_refused(generate, tmp_path, monke
     assert_refused(generate, flags, tmp_path, monkeypatch, capsys, needle)
 
 
+def test_a_guider_config_that_is_not_an_object_is_refused(generate, tmp_path, monkeypatch, capsys):
+    """Valid JSON that is not an object (was: AttributeError traceback, exit 1)."""
+    model = _model_with_guider(tmp_path)
+    (model / "guider" / "guider_config.json").write_text("[1, 2]")
+    config = edited_config(tmp_path, "tiny-random-hunyuan15.yaml", lambda t, raw: raw["model"].update(path=str(model)))
+    assert_refused(generate, ["--config", str(config)], tmp_path, monkeypatch, capsys,
+                   "guider/guider_config.json: expected a JSON object, got list")
+
+
 def test_the_shipped_guider_settings_are_accepted(tmp_path):
     from freeloc_dist.families.hunyuan_video15.loading import check_model_dir
 

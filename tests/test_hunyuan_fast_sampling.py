@@ -258,6 +258,28 @@ def _conv_lora(t):
                                                                              None)})
 
 
+def _nan_lora(t, v1):
+    """The v1 diffusers-format LoRA with one NaN in one layer's lora_A."""
+    from safetensors.torch import save_file
+
+    state = load_file(v1[0])
+    key = "transformer.proj_out.lora_A.weight"
+    state[key][0, 0] = float("nan")
+    save_file(state, t / "nan.safetensors")
+    return t / "nan.safetensors"
+
+
+def _lora_with_text_encoder(t, v15):
+    """The 1.5 LoRA with a text encoder layer's LoRA added (diffusers' loaders drop it silently)."""
+    from safetensors.torch import save_file
+
+    state = load_file(v15)
+    state |= {"text_encoder.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(2, 16),
+              "text_encoder.layers.0.mlp.up_proj.lora_B.weight": torch.zeros(16, 2)}
+    save_file(state, t / "with_te.safetensors")
+    return t / "with_te.safetensors"
+
+
 REFUSED = [
     ("v15-lora-on-v1", V1, lambda t, v1, v15: ["--lora", v15], "style.safetensors': not a LoRA for this model: "),
     ("v1-lora-on-v15", V15, lambda t, v1, v15: ["--lora", v1[0]], "style.safetensors': not a LoRA for this model: "),
@@ -267,6 +289,16 @@ REFUSED = [
      "it updates x_embedder.proj, which is not a linear layer"),
     ("expert-on-v1", V1, lambda t, v1, v15: ["--lora", f"{v1[0]}:1:high"], "model.loras[0].expert='high': the model"),
     ("expert-on-v15", V15, lambda t, v1, v15: ["--lora", f"{v15}:1:both"], "model.loras[0].expert='both': the model"),
+    ("nan-lora", V1, lambda t, v1, v15: ["--lora", _nan_lora(t, v1)],
+     "nan.safetensors': proj_out.lora_A.weight holds NaN or infinite values"),
+    ("text-encoder-keys", V15, lambda t, v1, v15: ["--lora", _lora_with_text_encoder(t, v15)],
+     "also holds LoRA weights of another component (text_encoder.layers.0.mlp.up_proj.lora_A.weight)"),
+    ("unipc-repeated-timesteps", V1, lambda *_: ["--scheduler", "unipc", "--steps", "150"],
+     "sampling.steps=150: UniPCMultistepScheduler repeats a timestep at this many steps (shift 7)"),
+    ("compile-on-v1", V1, lambda *_: ["--compile", "blocks"],
+     "model.compile=blocks: not built for HunyuanVideo with a FreeLOC profile yet"),
+    ("compile-on-v15", V15, lambda *_: ["--compile", "blocks"],
+     "model.compile=blocks: not built for HunyuanVideo 1.5 with a FreeLOC profile yet"),
     ("dpm++-on-v1", V1, lambda *_: ["--scheduler", "dpm++"],
      "sampling.scheduler=dpm++: not for HunyuanVideo: DPMSolverMultistepScheduler takes no custom sigmas"),
     ("first-block-on-v15", V15, lambda *_: ["--cache", "first_block"],

@@ -38,10 +38,11 @@ def _load(config_path: Path, out: Path, probe_config: Path | None, render_overri
 
     cfg = load_render_config(config_path, render_overrides)
     settings = load_probe_settings(probe_config, probe_overrides)
-    for key, value in (("model.loras", list(cfg.model.loras)), ("sampling.scheduler", cfg.sampling.scheduler)):
+    for key, value in (("model.loras", list(cfg.model.loras)), ("sampling.scheduler", cfg.sampling.scheduler),
+                       ("cache", cfg.cache)):
         if value and value != "model":  # probing's trajectories would silently differ from the render's
-            raise UserError(f"{key}: launch/probe.py probes the model as shipped, with its own scheduler; leave "
-                            f"{key} out of the probe's config")
+            raise UserError(f"{key}: launch/probe.py probes the model as shipped (its own scheduler, no LoRA, no "
+                            f"cache); leave {key} out of the probe's config")
     check_output_file(out, "--out")  # nothing is created: the folder is made when the profile is written
     check_model_dir(cfg.model.path)
     try:

@@ -90,6 +90,9 @@ class HunyuanVideoFamily(Family):
         """Settings these one-transformer families refuse (HunyuanVideo 1.5's too)."""
         if cfg.sampling.guidance_scale_2 is not None:
             return f"sampling.guidance_scale_2: {self.title} has one transformer (no second expert)"
+        if cfg.model.compile == "blocks" and cfg.profile is not None:  # fullgraph: dynamo fails on the processor
+            return (f"model.compile=blocks: not built for {self.title} with a FreeLOC profile yet (torch.compile's "
+                    "full graph cannot trace its joint attention processor); use model.compile: full or none")
         return None
 
     def render_inputs(self, components, cfg, geometry, image, device, dtype):

@@ -75,6 +75,8 @@ def check_guider(root: Path, where: str) -> None:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{where}: guider/{GUIDER_CONFIG}: not readable JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: guider/{GUIDER_CONFIG}: expected a JSON object, got {type(config).__name__}")
     name = config.get("_class_name")
     if name != _GUIDER_CLASS:
         raise ConfigError(f"{where}: guider/{GUIDER_CONFIG}: {name!r} is not supported (the render applies "
