@@ -29,6 +29,9 @@ _CLASSES = {"first_block": "FirstBlockCacheConfig", "mag": "MagCacheConfig", "se
             "text_kv": "TextKVCacheConfig"}
 assert tuple(_CLASSES) == CACHES
 _FROM_RENDER = {"num_inference_steps": "sampling.steps"}  # settings the render gives (MagCache)
+# the caches that skip whole transformer calls (the render's "calls skipped" count); the others skip attention
+# layers or text projections inside a call, which that count does not see
+WHOLE_CALL_CACHES = ("first_block", "mag", "sea")
 _DTYPES = ("float32", "bfloat16", "float16")
 # every number a cache takes is a threshold, ratio, count, step or timestep (>= 0); these divide a step index
 _AT_LEAST_ONE = {"cache_interval", "spatial_attention_block_skip_range", "temporal_attention_block_skip_range",
@@ -123,6 +126,14 @@ class RenderCache:
                                                                    tag="cache"))]
         self.last = {"name": self.name, "transformer_calls": counts[0], "skipped": counts[1]}
         return self.last
+
+
+def summary_line(summary: dict) -> str:
+    """The render's log line of RenderCache.summary(): whole calls skipped, and what that count does not see."""
+    line = f"cache {summary['name']}: {summary['skipped']} of {summary['transformer_calls']} transformer calls skipped"
+    if summary["name"] not in WHOLE_CALL_CACHES:
+        line += " (this cache saves work inside calls, which this count does not see)"
+    return line
 
 
 def enable(transformers, section: Mapping | None, steps: int) -> RenderCache | None:

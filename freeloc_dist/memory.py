@@ -42,14 +42,17 @@ def experts_setting(memory) -> str:
 def check_memory(cfg, two_experts: bool | None) -> None:
     """The combinations not supported, one line each, before any weight loads (every rank: same inputs)."""
     m = cfg.memory
-    moves = [what for what, on in (("memory.experts=offload", experts_setting(m) == "offload" and two_experts),
-                                   ("memory.shard_weights=true", m.shard_weights)) if on]
+    offload = "memory.experts=offload" + (" (the default for two experts)" if m.experts is None else "")
+    moves = [(what, fix) for what, on, fix in (
+        (offload, experts_setting(m) == "offload" and two_experts, "memory.experts: resident"),
+        ("memory.shard_weights=true", m.shard_weights, "memory.shard_weights: false")) if on]
     if len(moves) == 2:
         raise UserError("memory.experts=offload with memory.shard_weights=true: not supported together (sharded "
                         "experts already hold 1/sp of their weights each); set memory.experts: resident")
     if moves and cfg.model.compile != "none":
-        raise UserError(f"{moves[0]} with model.compile={cfg.model.compile}: not supported together (compiled "
-                        "graphs are not tested over moved or sharded weights); use model.compile: none")
+        what, fix = moves[0]
+        raise UserError(f"{what} with model.compile={cfg.model.compile}: not supported together (compiled "
+                        f"graphs are not tested over moved or sharded weights); set {fix}, or model.compile: none")
 
 
 def placement(cfg, dims, two_experts: bool) -> Placement:

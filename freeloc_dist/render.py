@@ -256,8 +256,9 @@ def render_one(cfg, options: RunOptions, session: Session, flag, resume, label: 
                     own_frames=own_frames(cfg.latent_frames, dims.sp_degree, dims.sp_rank))
     sample_s = time.perf_counter() - sample_start
     if session.cache is not None:
-        c = session.cache.summary(session.comm)
-        log_fn(f"{label}cache {c['name']}: {c['skipped']} of {c['transformer_calls']} transformer calls skipped")
+        from .caches import summary_line
+
+        log_fn(f"{label}{summary_line(session.cache.summary(session.comm))}")
     if options.report_comm:
         report_comm(session, s.steps)
     if not bool(torch.isfinite(result.latents).all()):  # the same global latents on every rank

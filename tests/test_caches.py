@@ -179,3 +179,15 @@ def test_the_cache_is_in_the_resume_fingerprint():
     a = fingerprint_settings(parse_render_config({**raw, "cache": {"name": "first_block", "threshold": 0.1}}), None)
     b = fingerprint_settings(parse_render_config({**raw, "cache": {"name": "first_block", "threshold": 0.2}}), None)
     assert a["cache"] == {"name": "first_block", "threshold": 0.1} and a["cache"] != b["cache"]
+
+
+def test_the_log_line_says_what_the_skipped_count_sees():
+    """A cache that skips whole calls is counted; one that saves work inside calls (TaylorSeer, pyramid attention
+    broadcast, text K/V) always shows 0 whole calls skipped, and its line says why (was: "0 of 16" alone)."""
+    from freeloc_dist.caches import CACHES, WHOLE_CALL_CACHES, summary_line
+
+    assert set(WHOLE_CALL_CACHES) < set(CACHES)
+    for name in CACHES:
+        line = summary_line({"name": name, "skipped": 0, "transformer_calls": 16})
+        assert line.startswith(f"cache {name}: 0 of 16 transformer calls skipped")
+        assert ("inside calls" in line) == (name not in WHOLE_CALL_CACHES), line

@@ -89,7 +89,15 @@ def test_resume_fingerprint_ignores_memory_settings():
     assert fingerprint_settings(base, None) == fingerprint_settings(moved, None)
 
 
-def test_unsupported_combination_is_refused_before_weights_load(generate, monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("flags, start", [
+    (["--experts", "offload", "--shard-weights", "true"],
+     "error: memory.experts=offload with memory.shard_weights=true: not supported"),
+    # the default the user never set is named as such, with the setting that lifts the refusal
+    (["--compile", "blocks"], "error: memory.experts=offload (the default for two experts) with model.compile=blocks: "
+                              "not supported together"),
+], ids=["offload-sharded", "default-offload-compiled"])
+def test_unsupported_combination_is_refused_before_weights_load(generate, monkeypatch, capsys, tmp_path, flags,
+                                                                start):
     import freeloc_dist.models
 
     def never(*args, **kwargs):
@@ -98,11 +106,12 @@ def test_unsupported_combination_is_refused_before_weights_load(generate, monkey
     monkeypatch.setattr(freeloc_dist.models, "load_components", never)
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    code = generate.main(["--config", str(A14B), "--experts", "offload", "--shard-weights", "true",
-                          "--out", str(tmp_path / "x.mp4")])
+    code = generate.main(["--config", str(A14B), *flags, "--out", str(tmp_path / "x.mp4")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("error: memory.experts=offload with memory.shard_weights=true: not supported")
+    assert err[0].startswith(start), err
+    if "compile" in start:
+        assert err[0].endswith("set memory.experts: resident, or model.compile: none"), err
     assert list(tmp_path.iterdir()) == []
 
 
