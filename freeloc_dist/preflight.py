@@ -80,6 +80,8 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
     from .memory import check_memory
 
     check_memory(cfg, kind.two_experts if kind is not None else None)
+    if transformer_cfg is not None:
+        unused_negative_prompt(cfg, transformer_cfg)
     heads = (transformer_cfg or {}).get("num_attention_heads")
     configs = queue_configs(config_path, cfg, overrides, options)
     from .storyboard import with_storyboard
@@ -105,6 +107,18 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
             resume = read_checkpoint(cfg, profile, kind, profile_2)
             finished = resume is None and cfg.output.is_file()
     return Preflight(configs, profile, world, resume, transformer_cfg, finished, kind, profile_2, loras)
+
+
+def unused_negative_prompt(cfg: RenderConfig, transformer_cfg) -> None:
+    """A negative prompt with guidance settings that run no unconditional pass is not used (a distilled LoRA's
+    guidance 1 on a config that ships one; HunyuanVideo without true CFG): said once, as diffusers' pipelines do
+    not."""
+    from .cli import log
+    from .planner import family_of_config
+
+    if cfg.sampling.negative_prompt and not family_of_config(transformer_cfg).classifier_free(cfg.sampling)[0]:
+        log("warning: sampling.negative_prompt is not used: these guidance settings run no unconditional pass "
+            f"(guidance_scale={cfg.sampling.guidance_scale:g}, true_cfg_scale={cfg.sampling.true_cfg_scale:g})")
 
 
 def check_timesteps(cfg: RenderConfig, model_dir: Path) -> None:

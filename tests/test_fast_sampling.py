@@ -345,3 +345,20 @@ def test_probing_refuses_what_it_does_not_apply(tmp_path, monkeypatch, capsys, e
                                                  "--out", str(tmp_path / "p.yaml")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize("config, flags, said", [
+    ("wan2.1-t2v-1.3b.yaml", ["--guidance-scale", "1"], True),  # the config ships a negative prompt
+    ("wan2.1-t2v-1.3b.yaml", [], False),
+    ("hunyuanvideo-t2v.yaml", ["--negative-prompt", "blurry"], True),  # embedded guidance: no uncond pass
+    ("hunyuanvideo-t2v.yaml", ["--negative-prompt", "blurry", "--true-cfg-scale", "1.5"], False),
+    ("hunyuanvideo-t2v.yaml", [], False),  # no negative prompt
+])
+def test_an_unused_negative_prompt_is_said(generate, capsys, monkeypatch, config, flags, said):
+    """Guidance settings that run no unconditional pass leave the negative prompt unused: one warning (the
+    dry-run's preflight is the render's)."""
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert generate.main(["--config", str(REPO_ROOT / "configs" / config), "--dry-run", *flags]) == 0
+    captured = capsys.readouterr()
+    assert ("warning: sampling.negative_prompt is not used" in captured.out + captured.err) == said
