@@ -35,14 +35,19 @@ def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
     return shapes
 
 
-def config_of(folder: Path) -> dict:
+def json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a component's config); ConfigError naming the file otherwise."""
     try:
-        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"config error: {folder / 'config.json'}: not readable JSON ({type(e).__name__})") from None
+        raise ConfigError(f"config error: {path}: not readable JSON ({type(e).__name__})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config error: {folder / 'config.json'}: expected a JSON object")
+        raise ConfigError(f"config error: {path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def config_of(folder: Path) -> dict:
+    return json_object(folder / "config.json")
 
 
 def scheduler_class(config_path: Path):

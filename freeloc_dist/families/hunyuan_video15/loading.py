@@ -19,7 +19,7 @@ from freeloc_dist.config import ConfigError
 from freeloc_dist.models import Components, resolve_dtype
 
 from ..kind import declared_trained_frames, write_declared_trained_frames
-from ..layout import check_weights_against, has_weights, load_part
+from ..layout import check_weights_against, has_weights, json_object, load_part
 from ..layout import load_scheduler as layout_load_scheduler
 from ..layout import weights_signature as layout_weights_signature
 from .kind import I2V_PIPELINE, T2V_PIPELINE
@@ -71,12 +71,7 @@ def check_guider(root: Path, where: str) -> None:
     path = root / "guider" / GUIDER_CONFIG
     if not path.is_file():
         return
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{where}: guider/{GUIDER_CONFIG}: not readable JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{where}: guider/{GUIDER_CONFIG}: expected a JSON object, got {type(config).__name__}")
+    config = json_object(path)
     name = config.get("_class_name")
     if name != _GUIDER_CLASS:
         raise ConfigError(f"{where}: guider/{GUIDER_CONFIG}: {name!r} is not supported (the render applies "
