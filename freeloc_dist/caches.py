@@ -36,6 +36,9 @@ _DTYPES = ("float32", "bfloat16", "float16")
 # every number a cache takes is a threshold, ratio, count, step or timestep (>= 0); these divide a step index
 _AT_LEAST_ONE = {"cache_interval", "spatial_attention_block_skip_range", "temporal_attention_block_skip_range",
                  "cross_attention_block_skip_range"}
+# timestep bounds: any finite number (a range from -1, or past the schedule's first timestep, covers every step)
+_ANY_FINITE = {"spatial_attention_timestep_skip_range", "temporal_attention_timestep_skip_range",
+               "cross_attention_timestep_skip_range"}
 
 
 def cache_config(section: Mapping | None, steps: int):
@@ -197,8 +200,9 @@ def _setting(where: str, hint, value: Any):
     if hint in (bool, int, float, str):
         value = _convert(where, hint, value)  # the config's own scalar rules
         if hint in (int, float):  # diffusers checks few of these; a bad one ran silently or failed after loading
-            least = 1 if where.rsplit(".", 1)[-1] in _AT_LEAST_ONE else 0
+            name = where.rsplit(".", 1)[-1].split("[")[0]
+            least = 1 if name in _AT_LEAST_ONE else -math.inf if name in _ANY_FINITE else 0
             if not (math.isfinite(value) and value >= least):
-                _fail(where, value, f"must be a finite number >= {least}")
+                _fail(where, value, "must be a finite number" + (f" >= {least}" if math.isfinite(least) else ""))
         return value
     _fail(where, value, "cannot be set from a config")

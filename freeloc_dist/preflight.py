@@ -80,8 +80,6 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
     from .memory import check_memory
 
     check_memory(cfg, kind.two_experts if kind is not None else None)
-    if transformer_cfg is not None:
-        unused_negative_prompt(cfg, transformer_cfg)
     heads = (transformer_cfg or {}).get("num_attention_heads")
     configs = queue_configs(config_path, cfg, overrides, options)
     from .storyboard import with_storyboard
@@ -106,6 +104,8 @@ def preflight(config_path: Path, overrides: Mapping[str, Any], options: RunOptio
         if options.resume and options.prompts is None:
             resume = read_checkpoint(cfg, profile, kind, profile_2)
             finished = resume is None and cfg.output.is_file()
+    if transformer_cfg is not None:  # after every check: a refused render says its one error line only
+        unused_negative_prompt(cfg, transformer_cfg)
     return Preflight(configs, profile, world, resume, transformer_cfg, finished, kind, profile_2, loras)
 
 

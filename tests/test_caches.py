@@ -191,3 +191,16 @@ def test_the_log_line_says_what_the_skipped_count_sees():
         line = summary_line({"name": name, "skipped": 0, "transformer_calls": 16})
         assert line.startswith(f"cache {name}: 0 of 16 transformer calls skipped")
         assert ("inside calls" in line) == (name not in WHOLE_CALL_CACHES), line
+
+
+def test_timestep_ranges_take_any_finite_bound_counts_do_not():
+    """A pyramid attention broadcast range from -1 covers every step (the matrix's PAB row uses [-1, 1001]); a NaN
+    bound, a negative skip count and a zero interval are refused in one line."""
+    pab = {"name": "pyramid_attention_broadcast", "spatial_attention_block_skip_range": 2}
+    got = cache_config({**pab, "spatial_attention_timestep_skip_range": [-1, 1001]}, steps=4)
+    assert got.spatial_attention_timestep_skip_range == (-1, 1001)
+    for bad, needle in (({**pab, "spatial_attention_timestep_skip_range": [float("nan"), 5]}, r"range\[0\]=nan"),
+                        ({**pab, "spatial_attention_block_skip_range": 0}, "must be a finite number >= 1"),
+                        ({"name": "first_block", "threshold": -0.1}, "must be a finite number >= 0")):
+        with pytest.raises(ConfigError, match=needle):
+            cache_config(bad, steps=4)
