@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from .install import FreeLOCHandle, apply_freeloc, check_not_diffusers_parallel
+from .parallel.call_args import call_input, with_input
 from .profile import load_profile
 
 COMPONENTS = ("transformer", "transformer_2")
@@ -155,13 +156,6 @@ def _same(a, b) -> bool:
     return a is b or (a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype)))
 
 
-def _input(args, kwargs, name):
-    """A transformer call's input by name (encoder_hidden_states may come third positionally, as in forward)."""
-    if name == "encoder_hidden_states" and len(args) > 2:
-        return args[2]
-    return kwargs.get(name)
-
-
 class CFGPairing:
     """cfg_degree 2 under a stock pipeline: CFG group 0 computes the cond call's prediction, group 1 the
     uncond one at the same time; the uncond call that follows returns group 1's (exactly what it would
@@ -179,37 +173,31 @@ class CFGPairing:
         if not self.capture.family.pipeline_uses_cfg(self.pipe) or len(texts) < 2:
             return None
         positive, negative = texts
-        if not all(_same(_input(args, kwargs, name), value) for name, value in positive.items()):
+        if not all(_same(call_input(args, kwargs, name), value) for name, value in positive.items()):
             return None
         return negative
 
     def decide(self, args, kwargs):
         """How the engine runs this call: ("cached", the uncond prediction computed at the paired cond call),
         ("pair", the negative text inputs CFG group 1 uses) or ("plain", None)."""
-        from .parallel.engine import _arg
-
         self.capture.transformer_called()
         pending, self.pending = self.pending, None
         if _stateful_hooks(self.engine.transformer):
             return "plain", None
-        hidden_states, timestep = _arg(args, kwargs, 0), _arg(args, kwargs, 1)
+        hidden_states, timestep = call_input(args, kwargs, "hidden_states"), call_input(args, kwargs, "timestep")
         if (pending is not None and _same(hidden_states, pending[0]) and _same(timestep, pending[1])
-                and all(_same(_input(args, kwargs, name), value) for name, value in pending[2].items())):
+                and all(_same(call_input(args, kwargs, name), value) for name, value in pending[2].items())):
             return "cached", pending[3]
         negative = self._negative_for(args, kwargs)
         return ("plain", None) if negative is None else ("pair", negative)
 
     def uncond_inputs(self, args, kwargs, negative):
         """The call's (args, kwargs) with the negative prompt's text inputs, each as the call's own (device, dtype)."""
-        args, kwargs = list(args), dict(kwargs)
         for name, value in negative.items():
-            mine = _input(args, kwargs, name)
+            mine = call_input(args, kwargs, name)
             value = value if value is None or mine is None else value.to(mine.device, mine.dtype)
-            if name == "encoder_hidden_states" and len(args) > 2:
-                args[2] = value
-            else:
-                kwargs[name] = value
-        return tuple(args), kwargs
+            args, kwargs = with_input(args, kwargs, name, value)
+        return args, kwargs
 
     def remember(self, hidden_states, timestep, negative, uncond):
         """After a paired cond call: the uncond call that follows with these inputs gets `uncond`."""

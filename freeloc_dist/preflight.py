@@ -125,14 +125,14 @@ def check_timesteps(cfg: RenderConfig, model_dir: Path) -> None:
     """The render's scheduler finds its step by timestep value: integer timesteps that repeat (many steps on a
     strongly shifted schedule: UniPC from 150 steps at HunyuanVideo's shift 7, 300 at 1.5's 5, 1000 on Wan) make
     it take a step twice and fail at the last one, after the whole render. Built here from the scheduler config
-    as sampling.set_timesteps builds it; no weights."""
+    as the render builds it; no weights."""
     from .family import model_family
+    from .sampling import set_family_timesteps
     from .schedulers import build_scheduler
 
     family, steps = model_family(model_dir), cfg.sampling.steps
     scheduler = build_scheduler(family.load_scheduler(model_dir), cfg.sampling.scheduler, cfg.sampling.shift)
-    sigmas = family.sampling_sigmas(steps)
-    scheduler.set_timesteps(steps) if sigmas is None else scheduler.set_timesteps(sigmas=sigmas)
+    set_family_timesteps(family, scheduler, steps, "cpu")
     timesteps = scheduler.timesteps.tolist()
     if len(set(timesteps)) < len(timesteps):
         raise UserError(f"sampling.steps={steps}: {type(scheduler).__name__} repeats a timestep at this many steps "

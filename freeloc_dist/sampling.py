@@ -119,7 +119,12 @@ def set_timesteps(transformer, scheduler, steps: int, device) -> None:
     """Set `scheduler` to the timesteps the family's pipeline runs for `steps` steps (its own sigmas, if any)."""
     from freeloc_dist.families import family_of
 
-    sigmas = family_of(transformer).sampling_sigmas(steps)  # None: the scheduler's own spacing
+    set_family_timesteps(family_of(transformer), scheduler, steps, device)
+
+
+def set_family_timesteps(family, scheduler, steps: int, device) -> None:
+    """set_timesteps by the model's family (preflight has no transformer: freeloc_dist.preflight.check_timesteps)."""
+    sigmas = family.sampling_sigmas(steps)  # None: the scheduler's own spacing
     if sigmas is None:
         scheduler.set_timesteps(steps, device=device)
     else:

@@ -24,6 +24,7 @@ from ..guidance import combine, runs_uncond
 from ..install import apply_freeloc, remove_freeloc
 from ..plan import LayerPlan
 from .caches import make_global, release
+from .call_args import POSITIONAL, call_input, with_input
 from .comm import Comm
 from .decisions import check_strategy, layer_strategy, ulysses_degree
 from .dims import ParallelDims
@@ -349,21 +350,14 @@ class GlobalCall:
         self.done = False  # GlobalForward answered it (a cached call): nothing left for _leave
 
 
-_NAMES = ("hidden_states", "timestep", "encoder_hidden_states")
-
-
 def _arg(args, kwargs, i):
-    return args[i] if len(args) > i else kwargs.get(_NAMES[i])
+    return call_input(args, kwargs, POSITIONAL[i])
 
 
 def _with_args(args, kwargs, *values):
-    args, kwargs = list(args), dict(kwargs)
-    for i, value in enumerate(values):
-        if len(args) > i:
-            args[i] = value
-        else:
-            kwargs[_NAMES[i]] = value
-    return tuple(args), kwargs
+    for name, value in zip(POSITIONAL, values):
+        args, kwargs = with_input(args, kwargs, name, value)
+    return args, kwargs
 
 
 def _is_video(latents) -> bool:
